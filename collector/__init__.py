@@ -1,0 +1,1 @@
+"""The flowproof collector: inventory, policy engine, planner, dispatcher, flow state and exporters."""

@@ -1,0 +1,62 @@
+"""Errors of the collector and of the offline commands.
+
+    FlowproofError                 anything flowproof raises on purpose
+    ├── InputError                 bad user input: a manifest, an expectation, a flag (exit code 2)
+    └── ConfigurationError         a setting that cannot work (bad flag value, unreadable file)
+
+Failures of probes are results, never exceptions (DESIGN.md); these are for bad input and broken
+infrastructure only. Always chain the cause (`raise InputError(...) from exc`).
+"""
+
+from __future__ import annotations
+
+
+class FlowproofError(Exception):
+    """Base of every error flowproof raises on purpose."""
+
+
+class InputError(FlowproofError):
+    """Bad input, named by where it is: file, line or document, field, and the reason.
+
+    `str()` gives one line a user can act on: ``shop.yaml:12: spec.ingress[0].ports[0].port: 'http_'
+    is not a valid IANA service name``. Several problems found in one read are kept in `problems` so
+    a user can fix them all in one go; nothing is evaluated while any remain.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        document: int | None = None,
+        field: str | None = None,
+        problems: tuple[InputError, ...] = (),
+    ) -> None:
+        self.reason = reason
+        self.file = file
+        self.line = line
+        self.document = document
+        self.field = field
+        self.problems = problems
+        super().__init__(self.render())
+
+    def where(self) -> str:
+        place = self.file or "<input>"
+        if self.line is not None:
+            place += f":{self.line}"
+        elif self.document is not None:
+            place += f" (document {self.document})"
+        return place
+
+    def render(self) -> str:
+        if self.problems:
+            return "\n".join(p.render() for p in self.problems)
+        text = self.where() + ": "
+        if self.field:
+            text += f"{self.field}: "
+        return text + self.reason
+
+
+class ConfigurationError(FlowproofError):
+    """A setting that cannot work; names the flag or variable and why."""

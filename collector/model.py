@@ -1,0 +1,305 @@
+"""The snapshot: small immutable domain types for pods, namespaces, NetworkPolicies and expectations.
+
+Owns the shapes every other part agrees on (DESIGN.md's words) and label-selector matching. It must
+never do I/O or import `kubernetes`, `grpc`, `aiohttp` or protobuf: sources convert into these types
+at the border, once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+Protocol = Literal["TCP", "UDP", "SCTP"]
+PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP", "SCTP")
+Operator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
+Direction = Literal["ingress", "egress"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One matchExpressions entry."""
+
+    key: str
+    operator: Operator
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        present = self.key in labels
+        if self.operator == "In":
+            return present and labels[self.key] in self.values
+        if self.operator == "NotIn":
+            # "NotIn" matches when the key is absent too (apimachinery labels.Requirement).
+            return not present or labels[self.key] not in self.values
+        if self.operator == "Exists":
+            return present
+        return not present
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """A metav1.LabelSelector: the AND of matchLabels and matchExpressions; empty selects everything."""
+
+    match_labels: tuple[tuple[str, str], ...] = ()
+    match_expressions: tuple[Requirement, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.match_labels and not self.match_expressions
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        for key, value in self.match_labels:
+            if labels.get(key) != value:
+                return False
+        return all(req.matches(labels) for req in self.match_expressions)
+
+    def describe(self) -> str:
+        """The selector in kubectl's string form (`app=api,tier in (a,b)`); `{}` selects all."""
+        parts = [f"{k}={v}" for k, v in self.match_labels]
+        for req in self.match_expressions:
+            if req.operator == "Exists":
+                parts.append(req.key)
+            elif req.operator == "DoesNotExist":
+                parts.append(f"!{req.key}")
+            else:
+                op = "in" if req.operator == "In" else "notin"
+                parts.append(f"{req.key} {op} ({','.join(req.values)})")
+        return ",".join(parts) if parts else "{}"
+
+
+@dataclass(frozen=True)
+class ContainerPort:
+    port: int
+    protocol: Protocol = "TCP"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A pod, or a workload's pod template standing for its pods (then `workload` is set)."""
+
+    namespace: str
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ports: tuple[ContainerPort, ...] = ()
+    ips: tuple[str, ...] = ()
+    uid: str = ""
+    node: str = ""
+    host_network: bool = False
+    workload: str | None = None  # "Deployment/api" when the pod comes from a workload template
+    replicas: int = 1  # how many pods a workload template stands for (the lab starts that many)
+    phase: str = "Running"
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def named_port(self, name: str, protocol: Protocol) -> int | None:
+        """The container port number behind `name` for `protocol`, or None."""
+        for cp in self.ports:
+            if cp.name == name and cp.protocol == protocol:
+                return cp.port
+        return None
+
+
+@dataclass(frozen=True)
+class IPBlock:
+    cidr: IPNetwork
+    excepts: tuple[IPNetwork, ...] = ()
+
+    def contains(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        if ip.version != self.cidr.version or ip not in self.cidr:
+            return False
+        return not any(ip in ex for ex in self.excepts)
+
+    def describe(self) -> str:
+        text = str(self.cidr)
+        if self.excepts:
+            text += " except " + ", ".join(str(e) for e in self.excepts)
+        return text
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One entry of a rule's `from` or `to`.
+
+    Exactly one of the forms is set: a pod and/or namespace selector, or an ipBlock. A peer with only
+    `pod_selector` selects pods in the policy's own namespace; with only `namespace_selector`, every
+    pod in the selected namespaces; with both, the selected pods in the selected namespaces.
+    """
+
+    pod_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
+    ip_block: IPBlock | None = None
+
+    def describe(self) -> str:
+        if self.ip_block is not None:
+            return f"ipBlock {self.ip_block.describe()}"
+        parts = []
+        if self.namespace_selector is not None:
+            parts.append(f"namespaceSelector {self.namespace_selector.describe()}")
+        if self.pod_selector is not None:
+            parts.append(f"podSelector {self.pod_selector.describe()}")
+        return " and ".join(parts)
+
+
+@dataclass(frozen=True)
+class PolicyPort:
+    """One entry of a rule's `ports`. `port` None means every port of the protocol."""
+
+    protocol: Protocol = "TCP"
+    port: int | str | None = None
+    end_port: int | None = None
+
+    def describe(self) -> str:
+        if self.port is None:
+            return f"all/{self.protocol}"
+        if self.end_port is not None:
+            return f"{self.port}-{self.end_port}/{self.protocol}"
+        return f"{self.port}/{self.protocol}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ingress or egress rule.
+
+    `peers` is the `from`/`to` list; an empty tuple means the list was absent or empty, which matches
+    every source or destination. `ports` empty likewise matches every port.
+    """
+
+    peers: tuple[Peer, ...] = ()
+    ports: tuple[PolicyPort, ...] = ()
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    namespace: str
+    name: str
+    pod_selector: LabelSelector = LabelSelector()
+    policy_types: tuple[Direction, ...] = ("ingress",)
+    ingress: tuple[Rule, ...] = ()
+    egress: tuple[Rule, ...] = ()
+    source: str = ""  # "file.yaml:12" where it was read, for messages
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+# --- expectations -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PodTarget:
+    """`from`/`to` that selects pods: namespace by name or by selector, pods by selector."""
+
+    namespace: str | None = None
+    namespace_selector: LabelSelector | None = None
+    pod_selector: LabelSelector = LabelSelector()
+
+    def describe(self) -> str:
+        ns = self.namespace or (
+            f"namespaces {self.namespace_selector.describe()}" if self.namespace_selector else "*"
+        )
+        return f"{ns} pods {self.pod_selector.describe()}"
+
+
+@dataclass(frozen=True)
+class ExternalTarget:
+    """`to` beyond the pods: a CIDR, a host name, or the cluster DNS (`dns: cluster`)."""
+
+    cidr: IPNetwork | None = None
+    host: str | None = None
+    dns: str | None = None
+
+    def describe(self) -> str:
+        if self.cidr is not None:
+            return f"cidr {self.cidr}"
+        if self.host is not None:
+            return f"host {self.host}"
+        return f"dns {self.dns}"
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    """A declared port: a number, a range `8000-8080`, or a name resolved on the destination pod."""
+
+    protocol: Protocol = "TCP"
+    port: int | None = None
+    end_port: int | None = None
+    name: str | None = None
+
+    def describe(self) -> str:
+        if self.name is not None:
+            return f"{self.name}/{self.protocol}"
+        if self.end_port is not None:
+            return f"{self.port}-{self.end_port}/{self.protocol}"
+        return f"{self.port}/{self.protocol}"
+
+
+@dataclass(frozen=True)
+class HttpCheck:
+    path: str = "/"
+    expect_status: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class FlowExpectation:
+    """One declared flow of a FlowExpectations document."""
+
+    name: str
+    source: PodTarget
+    destination: PodTarget | ExternalTarget
+    ports: tuple[PortSpec, ...]
+    expect: Literal["allow", "deny"]
+    http: HttpCheck | None = None
+    allow_empty: bool = False  # an expectation that matches no pods is an error unless set
+
+
+@dataclass(frozen=True)
+class Expectations:
+    """A FlowExpectations document (file or custom resource)."""
+
+    namespace: str
+    name: str
+    flows: tuple[FlowExpectation, ...]
+    source: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the engine and planner know about the cluster at one moment."""
+
+    namespaces: Mapping[str, Namespace] = field(default_factory=dict)
+    pods: tuple[Pod, ...] = ()
+    policies: tuple[NetworkPolicy, ...] = ()
+    expectations: tuple[Expectations, ...] = ()
+
+    def namespace_labels(self, name: str) -> Mapping[str, str]:
+        ns = self.namespaces.get(name)
+        if ns is None:
+            return {NAMESPACE_NAME_LABEL: name}
+        return ns.labels
+
+    def pod(self, key: str) -> Pod | None:
+        for pod in self.pods:
+            if pod.key == key:
+                return pod
+        return None

@@ -1,0 +1,232 @@
+"""Reports of flow statuses: a terminal table, JSON, JUnit XML and Markdown for a pull request.
+
+Owns the rendering of report rows, used by the offline `check` and by `verify`. Rows are plain data;
+this module never evaluates policies and never touches the network; writing files is the caller's.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tabulate import tabulate
+
+from collector.checking import FAILING, CheckReport, Status, status_rank
+from collector.engine import endpoint_name
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One concrete flow with its three truths (reality is None offline) and its status."""
+
+    expectation: str
+    flow: str
+    source: str
+    destination: str
+    port: int
+    protocol: str
+    intent: bool
+    model: bool | None
+    reality: str | None
+    status: Status
+    explanation: str
+    details: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "expectation": self.expectation,
+            "flow": self.flow,
+            "from": self.source,
+            "to": self.destination,
+            "port": self.port,
+            "protocol": self.protocol,
+            "intent": "allow" if self.intent else "deny",
+            "model": None if self.model is None else ("allow" if self.model else "deny"),
+            "reality": self.reality,
+            "status": self.status,
+            "explanation": self.explanation,
+        }
+        if self.details is not None:
+            data["model_detail"] = self.details
+        return data
+
+
+def rows_from_check(report: CheckReport) -> list[ReportRow]:
+    rows = []
+    for item in report.checks:
+        verdict = item.verdict
+        rows.append(
+            ReportRow(
+                expectation=item.flow.expectation,
+                flow=item.flow.flow,
+                source=item.flow.source.key,
+                destination=endpoint_name(item.flow.destination),
+                port=item.flow.port,
+                protocol=item.flow.protocol,
+                intent=item.flow.intent,
+                model=None if verdict is None else verdict.allowed,
+                reality=None,
+                status=item.status,
+                explanation=item.detail or (verdict.summary() if verdict else ""),
+                details=verdict.to_dict() if verdict else None,
+            )
+        )
+    return sort_rows(rows)
+
+
+def sort_rows(rows: Iterable[ReportRow]) -> list[ReportRow]:
+    """Worst status first, then by expectation, flow and endpoints."""
+    return sorted(
+        rows,
+        key=lambda r: (
+            status_rank(r.status),
+            r.expectation,
+            r.flow,
+            r.source,
+            r.destination,
+            r.port,
+        ),
+    )
+
+
+def summary_line(rows: Sequence[ReportRow]) -> str:
+    counts = Counter(r.status for r in rows)
+    parts = [f"{counts[s]} {s}" for s in sorted(counts, key=status_rank)]
+    failing = sum(counts[s] for s in FAILING)
+    verdict = "FAIL" if failing else "OK"
+    return f"{verdict}: {len(rows)} flows: " + (", ".join(parts) if parts else "none")
+
+
+def _word(value: bool | None) -> str:
+    return "-" if value is None else ("allow" if value else "deny")
+
+
+def render_table(rows: Sequence[ReportRow], *, with_reality: bool = False, width: int = 60) -> str:
+    headers = ["STATUS", "FLOW", "FROM", "TO", "PORT", "INTENT", "MODEL"]
+    if with_reality:
+        headers.append("REALITY")
+    headers.append("WHY")
+    body = []
+    for r in rows:
+        line = [
+            r.status,
+            f"{r.expectation}/{r.flow}",
+            r.source,
+            r.destination,
+            f"{r.port}/{r.protocol}",
+            "allow" if r.intent else "deny",
+            _word(r.model),
+        ]
+        if with_reality:
+            line.append(r.reality or "-")
+        why = r.explanation if r.status != "PASS" else ""
+        line.append(why if len(why) <= width else why[: width - 1] + "…")
+        body.append(line)
+    table = tabulate(body, headers=headers, tablefmt="simple") if body else "(no flows)"
+    return f"{table}\n\n{summary_line(rows)}"
+
+
+def render_json(rows: Sequence[ReportRow], *, problems: Sequence[str] = ()) -> str:
+    counts = Counter(r.status for r in rows)
+    document = {
+        "summary": {
+            "flows": len(rows),
+            "failed": sum(counts[s] for s in FAILING),
+            "statuses": dict(sorted(counts.items(), key=lambda kv: status_rank(kv[0]))),
+        },
+        "problems": list(problems),
+        "flows": [r.to_dict() for r in rows],
+    }
+    return json.dumps(document, indent=2, sort_keys=False)
+
+
+def render_junit(rows: Sequence[ReportRow], *, name: str = "flowproof") -> str:
+    """JUnit XML: a suite per expectations document, a case per concrete flow."""
+    by_expectation: dict[str, list[ReportRow]] = defaultdict(list)
+    for r in rows:
+        by_expectation[r.expectation].append(r)
+    suites = ET.Element("testsuites", name=name)
+    total_fail = total_err = 0
+    for expectation, items in sorted(by_expectation.items()):
+        failures = sum(1 for r in items if r.status in FAILING)
+        errors = sum(1 for r in items if r.status in ("INCONCLUSIVE", "PENDING", "STALE"))
+        total_fail += failures
+        total_err += errors
+        suite = ET.SubElement(
+            suites,
+            "testsuite",
+            name=expectation,
+            tests=str(len(items)),
+            failures=str(failures),
+            errors=str(errors),
+        )
+        for r in items:
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"{expectation}/{r.flow}",
+                name=f"{r.source} -> {r.destination} {r.port}/{r.protocol}",
+            )
+            text = (
+                f"intent {_word(r.intent)}, model {_word(r.model)}"
+                + (f", reality {r.reality}" if r.reality else "")
+                + f": {r.explanation}"
+            )
+            if r.status in FAILING:
+                ET.SubElement(case, "failure", message=r.status, type=r.status).text = text
+            elif r.status != "PASS":
+                ET.SubElement(case, "error", message=r.status, type=r.status).text = text
+    suites.set("tests", str(len(rows)))
+    suites.set("failures", str(total_fail))
+    suites.set("errors", str(total_err))
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode")
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(
+    rows: Sequence[ReportRow], *, title: str = "flowproof", with_reality: bool = False
+) -> str:
+    """A pull-request comment: the verdict, the failing flows with why, the rest folded."""
+    failing = [r for r in rows if r.status != "PASS"]
+    passing = [r for r in rows if r.status == "PASS"]
+    icon = "❌" if any(r.status in FAILING for r in rows) else "✅"
+    lines = [f"### {icon} {title}", "", summary_line(rows), ""]
+    header = "| status | flow | from | to | port | intent | model |"
+    sep = "|---|---|---|---|---|---|---|"
+    if with_reality:
+        header += " reality |"
+        sep += "---|"
+
+    def row(r: ReportRow, why: bool) -> str:
+        cells = [
+            f"`{r.status}`",
+            _md(f"{r.expectation}/{r.flow}"),
+            r.source,
+            r.destination,
+            f"{r.port}/{r.protocol}",
+            _word(r.intent),
+            _word(r.model),
+        ]
+        if with_reality:
+            cells.append(r.reality or "-")
+        if why:
+            cells.append(_md(r.explanation))
+        return "| " + " | ".join(cells) + " |"
+
+    if failing:
+        lines += [header + " why |", sep + "---|"]
+        lines += [row(r, True) for r in failing]
+        lines.append("")
+    if passing:
+        lines += [f"<details><summary>{len(passing)} passing flows</summary>", "", header, sep]
+        lines += [row(r, False) for r in passing]
+        lines += ["", "</details>"]
+    return "\n".join(lines) + "\n"

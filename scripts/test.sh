@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command of the README: installs what it needs, then lint, types and every test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+echo "== lint and types"
+ruff check .
+ruff format --check .
+mypy
+lint-imports
+
+echo "== tests"
+mkdir -p test-artifacts
+exec pytest -q -p no:cacheprovider --junitxml=test-artifacts/junit.xml "$@"
