@@ -137,6 +137,12 @@ class Engine:
         for policy in snapshot.policies:
             by_namespace[policy.namespace].append(policy)
         self._policies_by_namespace: Mapping[str, Sequence[NetworkPolicy]] = dict(by_namespace)
+        self._has_ip_blocks = any(
+            peer.ip_block is not None
+            for policy in snapshot.policies
+            for rule in policy.ingress + policy.egress
+            for peer in rule.peers
+        )
 
     # -- selection and isolation ------------------------------------------------------------------
 
@@ -333,7 +339,7 @@ class Engine:
         for side, endpoint in (("source", source), ("destination", destination)):
             if not isinstance(endpoint, Pod):
                 continue
-            if not endpoint.ips:
+            if not endpoint.ips and self._has_ip_blocks:
                 notes.append(f"{side} {endpoint.key} has no IP address, so no ipBlock can match it")
             if endpoint.host_network:
                 notes.append(

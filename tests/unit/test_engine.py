@@ -560,7 +560,8 @@ def test_self_traffic_is_explained():
 
 
 def test_pods_without_ip_and_host_network_pods_are_explained():
-    verdict = Engine(make_snapshot(PODS)).evaluate(NO_IP, HOST, 80, "TCP")
+    with_block = make_policy("blocks", "z", ingress=[rule(peer(cidr="10.0.0.0/8"))])
+    verdict = Engine(make_snapshot(PODS, [with_block])).evaluate(NO_IP, HOST, 80, "TCP")
     assert any("no IP" in n for n in verdict.notes)
     assert any("host network" in n for n in verdict.notes)
     assert not verdict.ingress.applies
