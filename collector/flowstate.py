@@ -99,9 +99,8 @@ def flow_status(
     Intent against the model needs no packet: when reality is missing, inconclusive or old, a
     disagreement between them is still a certain POLICY_MISMATCH.
     """
-    if reality is None or reality == "inconclusive" or stale:
-        if intent != model:
-            return "POLICY_MISMATCH"
+    if (reality is None or reality == "inconclusive" or stale) and intent != model:
+        return "POLICY_MISMATCH"
     if reality is None:
         return "PENDING"
     if reality == "inconclusive":
