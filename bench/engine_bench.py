@@ -1,0 +1,143 @@
+"""Engine benchmark: verdicts for every ordered pod pair on one port, 1,000 and 10,000 pods.
+
+Synthetic clusters (bench/synthetic.py: 100 namespaces, 500 policies) are written as YAML and fed to
+`flowproof matrix -o counts` in a fresh process each, measuring wall time and peak RSS; the engine
+alone (snapshot already built) is timed too. With `--nca`, np-guard's network-config-analyzer
+(`nca`, installed for the benchmark only: `pip install network-config-analyzer` into any venv and
+pass `--nca PATH`) reads the same manifests at 1,000 pods, side by side in the same run.
+
+    python -m bench.engine_bench [--sizes 1000 10000] [--nca /path/to/nca] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.synthetic import make_cluster, write_manifests
+
+MEASURE = """
+import json, resource, sys, time
+from pathlib import Path
+t0 = time.perf_counter()
+from flowproof.cli import main
+import io
+out = io.StringIO()
+rc = main(["matrix", "-f", sys.argv[1], "--port", "8080/TCP", "-o", "counts"], stdout=out)
+t1 = time.perf_counter()
+print(json.dumps({"rc": rc, "seconds": t1 - t0,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "counts": json.loads(out.getvalue())}))
+"""
+
+ENGINE_ONLY = """
+import json, sys, time
+from bench.synthetic import make_cluster
+from collector.classes import ClassModel
+snap = make_cluster(int(sys.argv[1]), 100, 500, 7)
+t0 = time.perf_counter()
+model = ClassModel(snap)
+t1 = time.perf_counter()
+counts = model.counts(8080, "TCP")
+t2 = time.perf_counter()
+print(json.dumps({"classes_seconds": t1 - t0, "count_seconds": t2 - t1, "classes": counts.classes}))
+"""
+
+
+def run_json(args: list[str]) -> dict[str, object]:
+    done = subprocess.run(args, capture_output=True, text=True, check=True, timeout=1800)
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def time_command(args: list[str]) -> tuple[float, int]:
+    start = time.perf_counter()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=3600)
+    return time.perf_counter() - start, done.returncode
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--nca", help="path of np-guard's nca executable, for the side-by-side run")
+    parser.add_argument("--nca-size", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fp-bench-") as tmp:
+        for size in args.sizes:
+            directory = Path(tmp) / f"c{size}"
+            write_manifests(make_cluster(size, 100, 500, 7), directory)
+            runs = [
+                run_json([sys.executable, "-c", MEASURE, str(directory)])
+                for _ in range(args.repeat)
+            ]
+            best = min(runs, key=lambda r: float(r["seconds"]))  # type: ignore[arg-type]
+            engine = run_json([sys.executable, "-c", ENGINE_ONLY, str(size)])
+            counts = best["counts"][0]  # type: ignore[index]
+            rows.append(
+                {
+                    "pods": size,
+                    "pairs": counts["pairs"],
+                    "allowed": counts["allowed"],
+                    "denied": counts["denied"],
+                    "classes": counts["classes"],
+                    "cli_seconds_best": round(float(best["seconds"]), 2),  # type: ignore[arg-type]
+                    "cli_seconds_all": [round(float(r["seconds"]), 2) for r in runs],  # type: ignore[arg-type]
+                    "peak_rss_mb": round(max(float(r["rss_mb"]) for r in runs)),  # type: ignore[arg-type]
+                    "engine_seconds": round(
+                        float(engine["classes_seconds"]) + float(engine["count_seconds"]),
+                        2,  # type: ignore[arg-type]
+                    ),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+        if args.nca:
+            directory = Path(tmp) / f"c{args.nca_size}"
+            if not directory.exists():
+                write_manifests(make_cluster(args.nca_size, 100, 500, 7), directory)
+            ours, rc = time_command(
+                [
+                    sys.executable,
+                    "-m",
+                    "flowproof.cli",
+                    "matrix",
+                    "-f",
+                    str(directory),
+                    "--port",
+                    "8080/TCP",
+                    "-o",
+                    "counts",
+                ]
+            )
+            theirs, nca_rc = time_command(
+                [
+                    args.nca,
+                    "--connectivity",
+                    str(directory / "networkpolicies.yaml"),
+                    "--pod_list",
+                    str(directory / "pods.yaml"),
+                    "--ns_list",
+                    str(directory / "namespaces.yaml"),
+                    "--output_format",
+                    "txt",
+                ]
+            )
+            result = {
+                "side_by_side_pods": args.nca_size,
+                "flowproof_seconds": round(ours, 2),
+                "flowproof_rc": rc,
+                "nca_seconds": round(theirs, 2),
+                "nca_rc": nca_rc,
+                "ratio": round(theirs / ours, 1),
+            }
+            print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
