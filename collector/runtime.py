@@ -1,0 +1,339 @@
+"""The collector's runtime: builds every object from the settings and runs the named root tasks.
+
+inventory (manifests or the Kubernetes API) → planner → dispatcher (agents' gRPC streams) → flow
+state, plus the HTTP server (metrics, health, web view, /api/v1, verify). `main(argv)` loads the
+settings (exit 2 when they cannot work) and serves until SIGTERM (exit 0 after a bounded graceful
+stop); if a root task ends or fails on its own, the collector stops and exits 1 so Kubernetes
+restarts it. No module-level mutable state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from collector.changes import ChangeEvent, diff_snapshots
+from collector.dispatching import Dispatcher
+from collector.errors import ConfigurationError
+from collector.flowstate import FlowState, StatusChange
+from collector.model import Snapshot
+from collector.planning import Planner, ProbePodRequest
+from collector.settings import CollectorSettings, load_settings
+from flowproof import __version__
+from flowproof.probes import ProbeResult
+
+log = logging.getLogger("collector")
+
+Clock = Callable[[], float]
+ProbePodManager = Callable[[Sequence[ProbePodRequest]], Awaitable[None]]
+
+
+class Collector:
+    """The live loop of one collector. Use it from one event loop.
+
+    `on_snapshot` takes every new inventory snapshot; results from the dispatcher go to the flow
+    state, which may ask the planner to confirm a failure with a retry; `plan_sender` hands due
+    assignments to the dispatcher. Listeners (`subscribe`) see every status change and result.
+    """
+
+    def __init__(
+        self,
+        settings: CollectorSettings,
+        *,
+        clock: Clock = time.time,
+        probe_pods: ProbePodManager | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        planner_settings = settings.planner()
+        self.planner = Planner(planner_settings)
+        self.state = FlowState(planner_settings, clock=clock)
+        self.dispatcher = Dispatcher(token=settings.token, on_result=self.on_result)
+        self.snapshot: Snapshot | None = None
+        self.generation = 0
+        self.started_at = clock()
+        self._probe_pods = probe_pods
+        self._wake = asyncio.Event()
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._synced = asyncio.Event()
+        self.results_total = 0
+
+    # -- inputs ------------------------------------------------------------------------------------
+
+    async def on_snapshot(self, snapshot: Snapshot, change: ChangeEvent) -> None:
+        """A new inventory snapshot: re-plan what it touched and re-judge intent and model."""
+        now = self.clock()
+        self.snapshot = snapshot
+        self.generation = change.generation
+        update = self.planner.update(snapshot, change, now)
+        changes = self.state.sync(update)
+        self._emit_changes(changes)
+        self._emit("snapshot", {"generation": change.generation, "change": change.describe()})
+        if self._probe_pods is not None:
+            try:
+                await self._probe_pods(update.plan.probe_pods)
+            except Exception:
+                log.exception("probe pods could not be reconciled; flows stay INCONCLUSIVE")
+        self._synced.set()
+        self._wake.set()
+
+    def on_result(self, result: ProbeResult) -> None:
+        """A result from an agent (exactly once per result id)."""
+        self.results_total += 1
+        self.planner.completed(result.assignment_id)
+        effect = self.state.record_result(result)
+        self._emit(
+            "result",
+            {
+                "flow": result.assignment.flow_key,
+                "outcome": str(result.outcome),
+                "latency_seconds": result.latency_seconds,
+                "node": result.node,
+            },
+        )
+        if effect is None:
+            return
+        if effect.retry_attempt is not None:
+            self.planner.retry(effect.flow_key, attempt=effect.retry_attempt)
+        self._emit_changes(effect.changes)
+        self._wake.set()
+
+    # -- listeners ---------------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
+        """Call `listener(kind, data)` for every status change, result and snapshot."""
+        self._listeners.append(listener)
+
+    def _emit_changes(self, changes: Sequence[StatusChange]) -> None:
+        for change in changes:
+            self._emit("status", change.to_dict())
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(kind, data)
+            except Exception:
+                log.exception("listener failed on %s", kind)
+
+    # -- root tasks --------------------------------------------------------------------------------
+
+    async def plan_sender(self, stop: asyncio.Event) -> None:
+        """Hand due assignments to the dispatcher; sleep until the next one is due or a wake-up."""
+        while not stop.is_set():
+            now = self.clock()
+            due = self.planner.due(now)
+            if due:
+                self.dispatcher.submit(due)
+            wake_at = self.planner.next_wakeup(now)
+            timeout = 1.0 if wake_at is None else min(1.0, max(0.0, wake_at - self.clock()))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_first(self._wake, stop), timeout=max(timeout, 0.01))
+
+    async def state_refresher(self, stop: asyncio.Event) -> None:
+        """Re-judge freshness (STALE) on a steady beat."""
+        while not stop.is_set():
+            self._emit_changes(self.state.refresh())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.state_refresh_seconds)
+
+    async def wait_synced(self, timeout_seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._synced.wait(), timeout_seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def wake(self) -> None:
+        self._wake.set()
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+# --- inventory sources ----------------------------------------------------------------------------
+
+
+async def manifest_watcher(collector: Collector, stop: asyncio.Event) -> None:
+    from collector.sources import ManifestSource
+
+    source = ManifestSource(list(collector.settings.manifests), clock=collector.clock)
+    await source.run(collector.on_snapshot, stop)
+
+
+async def kubernetes_watcher(collector: Collector, stop: asyncio.Event) -> None:
+    from collector.kube import InventoryUpdate, KubernetesSource, load_kube_config
+
+    configuration = load_kube_config(collector.settings.kubeconfig or None)
+    previous: list[Snapshot | None] = [None]
+    generation = [0]
+
+    async def on_update(update: InventoryUpdate) -> None:
+        generation[0] += 1
+        change = diff_snapshots(
+            previous[0], update.snapshot, generation=generation[0], at=collector.clock()
+        )
+        previous[0] = update.snapshot
+        await collector.on_snapshot(update.snapshot, change)
+
+    async with KubernetesSource(configuration, on_update=on_update) as source:
+        runner = asyncio.ensure_future(source.run())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (runner, stopper):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+            if runner.done() and not runner.cancelled() and runner.exception() is not None:
+                raise runner.exception()  # type: ignore[misc]
+
+
+# --- HTTP -----------------------------------------------------------------------------------------
+
+
+def build_http_app(collector: Collector) -> web.Application:
+    """Health, readiness, verify, and (when present) the web view, API and metrics."""
+    from collector.verifying import add_verify_routes
+
+    app: web.Application
+    try:
+        from collector.web import build_web_app
+    except ImportError:
+        app = web.Application()
+    else:
+        app = build_web_app(collector=collector)
+    add_verify_routes(app, collector)
+    if not any(r.resource and r.resource.canonical == "/healthz" for r in app.router.routes()):
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"ok": True, "version": __version__})
+
+        async def readyz(_: web.Request) -> web.Response:
+            ready = collector.snapshot is not None
+            return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+    return app
+
+
+# --- serving --------------------------------------------------------------------------------------
+
+
+async def serve(
+    settings: CollectorSettings,
+    stop: asyncio.Event | None = None,
+    *,
+    started: Callable[[Collector, int, int], None] | None = None,
+    probe_pods: ProbePodManager | None = None,
+) -> int:
+    """Run until `stop` is set (or a signal sets it); 0 after a graceful stop, 1 after a failure.
+
+    `started(collector, grpc_port, http_port)` is called once both servers listen.
+    """
+    own_stop = stop is None
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if own_stop:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    if probe_pods is None and settings.probe_pods == "lab":
+        probe_pods = _lab_probe_pods(settings)
+    collector = Collector(settings, probe_pods=probe_pods)
+    grpc_port = await collector.dispatcher.start(f"{settings.listen_address}:{settings.grpc_port}")
+    runner = web.AppRunner(build_http_app(collector), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.listen_address, settings.http_port)
+    await site.start()
+    http_port = _bound_port(site)
+    log.info("collector serving: grpc %d, http %d", grpc_port, http_port)
+    if started is not None:
+        started(collector, grpc_port, http_port)
+    watcher = manifest_watcher if settings.source == "manifests" else kubernetes_watcher
+    roots: dict[str, Coroutine[Any, Any, None]] = {
+        "inventory_watcher": watcher(collector, stop),
+        "plan_sender": collector.plan_sender(stop),
+        "state_refresher": collector.state_refresher(stop),
+    }
+    tasks = {asyncio.create_task(coro, name=name): name for name, coro in roots.items()}
+    failed = False
+    stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    try:
+        waited: set[asyncio.Future[Any]] = {*tasks, stopper}
+        done, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is stopper:
+                continue
+            failed = True
+            name = task.get_name() if isinstance(task, asyncio.Task) else "?"
+            if task.exception() is not None:
+                log.error("root task %s failed", name, exc_info=task.exception())
+            else:
+                log.error("root task %s ended on its own", name)
+    finally:
+        stop.set()
+        stopper.cancel()
+        grace = settings.shutdown_grace_seconds
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await collector.dispatcher.stop(min(grace, 1.0))
+        await runner.cleanup()
+    log.info("collector stopped%s", " after a failure" if failed else "")
+    return 1 if failed else 0
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server  # aiohttp keeps the asyncio server here; the port may be 0 until bound
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else 0
+
+
+def _lab_probe_pods(settings: CollectorSettings) -> ProbePodManager:
+    async def reconcile(requests: Sequence[ProbePodRequest]) -> None:
+        from lab.probepods import reconcile_probe_pods
+
+        await asyncio.to_thread(
+            reconcile_probe_pods, settings.lab_name, settings.lab_state_dir, list(requests)
+        )
+
+    return reconcile
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the collector until SIGTERM; the process exit code."""
+    try:
+        settings = load_settings(sys.argv[1:] if argv is None else argv, os.environ)
+    except ConfigurationError as exc:
+        print(f"flowproof collector: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log.info("flowproof collector %s starting: %s", __version__, settings.describe())
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""The collector's settings: one documented frozen dataclass, loaded from flags and environment.
+
+A field `foo_bar` is set by `--foo-bar` or `FLOWPROOF_FOO_BAR` (the flag wins); the token comes
+only from `FLOWPROOF_TOKEN` or a file (`--token-file`, `FLOWPROOF_TOKEN_FILE`). `load_settings`
+validates everything at start; the runtime logs the result once. This module starts nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from collector.errors import ConfigurationError
+from collector.planning import PlannerSettings
+from flowproof import settings as loader
+
+ENV_PREFIX = "FLOWPROOF_"
+SOURCES = ("kubernetes", "manifests")
+PROBE_POD_MODES = ("off", "lab")
+
+
+@dataclass(frozen=True)
+class CollectorSettings:
+    source: str = "kubernetes"
+    """Where the cluster comes from: `kubernetes` (list/watch the API) or `manifests` (files)."""
+    manifests: tuple[str, ...] = ()
+    """Manifest files or directories for `--source manifests` (comma-separated in the env)."""
+    kubeconfig: str = ""
+    """Kubeconfig path; empty: $KUBECONFIG, then in-cluster config, then ~/.kube/config."""
+    listen_address: str = "0.0.0.0"
+    """Address both servers bind to."""
+    grpc_port: int = 9443
+    """Port of the agents' gRPC stream and the gRPC health service (0 picks a free one)."""
+    http_port: int = 8080
+    """Port of /metrics, /healthz, /readyz, the web view and /api/v1 (0 picks a free one)."""
+    token: str = field(default="", repr=False)
+    """Shared secret agents must present (`authorization: Bearer ...`)."""
+    probe_timeout_seconds: float = 2.0
+    """How long a probe waits for an answer; no answer within it is a TIMEOUT (dropped)."""
+    interval_seconds: float = 10.0
+    """The steady cadence: every flow is probed again about this often."""
+    freshness_seconds: float = 30.0
+    """A flow whose last result is older than this is STALE."""
+    drift_sample_size: int = 20
+    """Undeclared pod pairs probed to catch enforcement drift."""
+    max_pairs_per_flow: int = 16
+    """A declared flow with at most this many pod pairs has every pair probed."""
+    cluster_dns_ip: str = "10.96.0.10"
+    """The cluster DNS service address that `dns: cluster` flows query."""
+    probe_pods: str = "off"
+    """Who creates probe pods for flows whose `from` matches no running pod: `off` or `lab`."""
+    lab_name: str = "fp"
+    """With `--probe-pods lab`: the lab to create them in."""
+    lab_state_dir: str = "/var/lib/flowproof/lab"
+    """With `--probe-pods lab`: the lab's state directory."""
+    state_refresh_seconds: float = 1.0
+    """How often staleness is re-evaluated and feedback-latency samples are collected."""
+    shutdown_grace_seconds: float = 5.0
+    """On SIGTERM: how long to let streams and HTTP requests finish."""
+    log_level: str = "INFO"
+    """Python logging level name."""
+
+    def validate(self) -> None:
+        """Raise ConfigurationError naming the setting that cannot work, and why."""
+        problems = []
+        if self.source not in SOURCES:
+            problems.append(f"source: {self.source!r} is not one of {', '.join(SOURCES)}")
+        if self.source == "manifests" and not self.manifests:
+            problems.append("manifests: --source manifests needs at least one path")
+        if self.probe_pods not in PROBE_POD_MODES:
+            problems.append(
+                f"probe_pods: {self.probe_pods!r} is not one of {', '.join(PROBE_POD_MODES)}"
+            )
+        for name in ("grpc_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"{name}: {getattr(self, name)} is outside 0-65535")
+        if not self.token:
+            problems.append("token: required (FLOWPROOF_TOKEN or --token-file)")
+        try:
+            ipaddress.ip_address(self.cluster_dns_ip)
+        except ValueError:
+            problems.append(f"cluster_dns_ip: {self.cluster_dns_ip!r} is not an IP address")
+        if self.state_refresh_seconds <= 0:
+            problems.append("state_refresh_seconds: must be positive")
+        try:
+            self.planner()
+        except ConfigurationError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ConfigurationError("; ".join(problems))
+
+    def planner(self) -> PlannerSettings:
+        return PlannerSettings(
+            probe_timeout_seconds=self.probe_timeout_seconds,
+            interval_seconds=self.interval_seconds,
+            freshness_seconds=self.freshness_seconds,
+            drift_sample_size=self.drift_sample_size,
+            max_pairs_per_flow=self.max_pairs_per_flow,
+            cluster_dns_ip=self.cluster_dns_ip,
+        )
+
+    def describe(self) -> str:
+        return loader.describe(self, secrets=("token",))
+
+
+def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> CollectorSettings:
+    """Settings from flags, then environment, then defaults; validated."""
+    try:
+        settings = loader.load(
+            CollectorSettings,
+            argv,
+            environ,
+            prog="flowproof collector",
+            description="The flowproof collector: inventory, engine, planner, agents' streams.",
+            env_prefix=ENV_PREFIX,
+            secrets={"token": "FLOWPROOF_TOKEN"},
+        )
+    except loader.SettingsError as exc:
+        raise ConfigurationError(str(exc)) from exc
+    settings.validate()
+    return settings

@@ -1,0 +1,92 @@
+"""Collector settings: flags beat environment beat defaults; bad values are named; the token stays secret."""
+
+from __future__ import annotations
+
+import pytest
+
+from collector.errors import ConfigurationError
+from collector.settings import CollectorSettings, load_settings
+
+
+def test_defaults_with_a_token_from_the_environment():
+    settings = load_settings([], {"FLOWPROOF_TOKEN": "s3cret"})
+    assert settings == CollectorSettings(token="s3cret")
+    assert "s3cret" not in settings.describe()
+    assert "token=***" in settings.describe()
+
+
+def test_flag_beats_environment_and_types_are_converted():
+    settings = load_settings(
+        ["--grpc-port", "7000", "--probe-timeout-seconds", "0.5"],
+        {"FLOWPROOF_TOKEN": "t", "FLOWPROOF_GRPC_PORT": "6000", "FLOWPROOF_HTTP_PORT": "0"},
+    )
+    assert settings.grpc_port == 7000
+    assert settings.http_port == 0
+    assert settings.probe_timeout_seconds == 0.5
+
+
+def test_manifest_paths_from_the_environment_are_comma_separated(tmp_path):
+    settings = load_settings(
+        ["--source", "manifests"],
+        {"FLOWPROOF_TOKEN": "t", "FLOWPROOF_MANIFESTS": f"{tmp_path}/a, {tmp_path}/b"},
+    )
+    assert settings.manifests == (f"{tmp_path}/a", f"{tmp_path}/b")
+
+
+def test_token_from_a_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("from-file\n")
+    assert load_settings(["--token-file", str(path)], {}).token == "from-file"
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        pytest.param([], {}, "token: required", id="the token is required"),
+        pytest.param(
+            ["--source", "etcd"],
+            {"FLOWPROOF_TOKEN": "t"},
+            "source: 'etcd'",
+            id="an unknown source is named",
+        ),
+        pytest.param(
+            ["--source", "manifests"],
+            {"FLOWPROOF_TOKEN": "t"},
+            "manifests:",
+            id="manifests need paths",
+        ),
+        pytest.param(
+            ["--grpc-port", "x"],
+            {"FLOWPROOF_TOKEN": "t"},
+            "grpc_port: 'x' is not a number",
+            id="a port must be a number",
+        ),
+        pytest.param(
+            ["--grpc-port", "70000"],
+            {"FLOWPROOF_TOKEN": "t"},
+            "outside 0-65535",
+            id="a port must fit",
+        ),
+        pytest.param(
+            ["--cluster-dns-ip", "dns"],
+            {"FLOWPROOF_TOKEN": "t"},
+            "cluster_dns_ip",
+            id="the DNS address must be an IP",
+        ),
+        pytest.param(
+            ["--freshness-seconds", "1"],
+            {"FLOWPROOF_TOKEN": "t"},
+            "freshness_seconds",
+            id="freshness must exceed the cadence",
+        ),
+        pytest.param(
+            ["--token-file", "/nonexistent/token"],
+            {},
+            "token file",
+            id="an unreadable token file is named",
+        ),
+    ],
+)
+def test_bad_settings_are_named(argv, environ, message):
+    with pytest.raises(ConfigurationError, match=message):
+        load_settings(argv, environ)
