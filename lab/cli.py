@@ -1,0 +1,247 @@
+"""`flowproof lab …` (and `python -m lab …`): the lab's command line.
+
+Owns parsing the lab's flags and printing what each command did. Exit codes: 0 done, 1 the lab
+could not do it (LabError), 2 bad input (the InputError's text on stderr; nothing was changed).
+It never changes the lab except through lab/lifecycle.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from collector.errors import ConfigurationError, InputError
+from lab.config import DEFAULT_NAME, DEFAULT_STATE_DIR, LabSettings
+from lab.errors import LabError
+from lab.lifecycle import FAULT_MODES, ChangeReport, Lab, read_manifests
+
+NAME_ENV = "FLOWPROOF_LAB_NAME"
+STATE_DIR_ENV = "FLOWPROOF_LAB_STATE_DIR"
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # On the top parser the defaults apply; on subcommands SUPPRESS keeps a value given earlier.
+    default_name = os.environ.get(NAME_ENV, DEFAULT_NAME) if top else argparse.SUPPRESS
+    default_dir = (
+        os.environ.get(STATE_DIR_ENV, str(DEFAULT_STATE_DIR)) if top else argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--name",
+        default=default_name,
+        help=f"lab name: 1-8 lowercase letters and digits (default {DEFAULT_NAME}, or ${NAME_ENV})",
+    )
+    parser.add_argument(
+        "--state-dir",
+        default=default_dir,
+        help=f"where labs keep their state (default {DEFAULT_STATE_DIR}, or ${STATE_DIR_ENV})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowproof lab",
+        description="A cluster in network namespaces on this host, with NetworkPolicies enforced "
+        "by nftables (needs root).",
+    )
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    _common(common, top=False)
+
+    up = sub.add_parser("up", parents=[common], help="build a lab from manifests")
+    up.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="manifest file or directory (repeatable)",
+    )
+    defaults = LabSettings()
+    up.add_argument("--nodes", type=int, default=defaults.nodes, help="number of nodes (default 3)")
+    up.add_argument(
+        "--pod-cidr", default=defaults.pod_cidr, help="pod range; node N gets its N-th /24"
+    )
+    up.add_argument("--service-cidr", default=defaults.service_cidr)
+    up.add_argument("--dns-ip", default=defaults.dns_service_ip, help="the cluster DNS address")
+    up.add_argument("--fabric-cidr", default=defaults.fabric_cidr, help="node interconnect range")
+    up.add_argument(
+        "--cgroup-driver",
+        choices=("systemd", "cgroupfs"),
+        default="systemd",
+        help="kubelet cgroup layout of the pods (default systemd)",
+    )
+    up.add_argument(
+        "--owner-pid",
+        type=int,
+        default=0,
+        help="take the lab down when this process ends (CI jobs, test runs)",
+    )
+    up.add_argument(
+        "--cgroup-root", default="", help="cgroup hierarchy to use (default: the cgroup v2 mount)"
+    )
+
+    apply = sub.add_parser("apply", parents=[common], help="create or update objects")
+    apply.add_argument("-f", "--filename", action="append", required=True, metavar="PATH")
+    apply.add_argument(
+        "--prune", action="store_true", help="also delete every object the files do not declare"
+    )
+
+    delete = sub.add_parser("delete", parents=[common], help="delete the objects in the files")
+    delete.add_argument("-f", "--filename", action="append", required=True, metavar="PATH")
+
+    label = sub.add_parser("label", parents=[common], help="change labels (key=value, key-)")
+    label.add_argument("kind", choices=("pod", "pods", "namespace", "namespaces", "ns"))
+    label.add_argument("target", help="NAMESPACE/POD for a pod, NAME for a namespace")
+    label.add_argument("changes", nargs="+", metavar="LABEL", help="key=value sets, key- removes")
+
+    status = sub.add_parser("status", parents=[common], help="nodes, pods, policies, enforcement")
+    status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    fault = sub.add_parser(
+        "fault",
+        parents=[common],
+        help="make enforcement deviate on purpose",
+        description="modes: ignore-policy NS/NAME, lag SECONDS, reject, "
+        "ignore-named-ports, ignore-endport, clear",
+    )
+    fault.add_argument("mode", choices=FAULT_MODES)
+    fault.add_argument("args", nargs="*")
+
+    sub.add_parser("down", parents=[common], help="remove everything the lab created")
+    return parser
+
+
+def _print_report(report: ChangeReport) -> None:
+    for line in report.lines():
+        print(line)
+
+
+def _settings(args: argparse.Namespace) -> LabSettings:
+    return LabSettings(
+        name=args.name,
+        nodes=args.nodes,
+        pod_cidr=args.pod_cidr,
+        service_cidr=args.service_cidr,
+        dns_service_ip=args.dns_ip,
+        fabric_cidr=args.fabric_cidr,
+        cgroup_driver=args.cgroup_driver,
+        cgroup_root=args.cgroup_root,
+        owner_pid=args.owner_pid,
+    )
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    from tabulate import tabulate
+
+    print(
+        f"lab {data['name']} ({data['phase']}): {len(data['nodes'])} nodes, "
+        f"{len(data['pods'])} pods, "
+        f"{len(data['policies'])} policies; enforcement generation {data['generation']} "
+        f"(kernel: {data['enforcedGeneration']})"
+    )
+    print(f"faults: {', '.join(data['faults']) or 'none'}")
+    for pending in data["pending"]:
+        print(
+            f"pending: generation {pending['generation']} due in {pending['dueInSeconds']}s "
+            f"({pending['pods']} pods)"
+        )
+    print()
+    print(
+        tabulate(
+            [(n["name"], n["netns"], n["podCIDR"], n["address"], n["pods"]) for n in data["nodes"]],
+            headers=["NODE", "NETNS", "POD CIDR", "ADDRESS", "PODS"],
+        )
+    )
+    print()
+    rows = []
+    for pod in data["pods"]:
+        iso = "/".join(
+            x for x, on in (("in", pod["ingressIsolated"]), ("eg", pod["egressIsolated"])) if on
+        )
+        rows.append(
+            (
+                pod["key"],
+                pod["node"],
+                pod["ip"],
+                "yes" if pod["running"] else "NO",
+                iso or "-",
+                ",".join(f"{k}={v}" for k, v in sorted(pod["labels"].items())),
+            )
+        )
+    print(tabulate(rows, headers=["POD", "NODE", "IP", "RUNNING", "ISOLATED", "LABELS"]))
+    print()
+    print("policies: " + (", ".join(data["policies"]) or "none"))
+    print(f"cluster DNS {data['dns']['service']} -> {', '.join(data['dns']['pods']) or 'nobody'}")
+    print(f"outside ({data['outside']['netns']}): {', '.join(data['outside']['ips'])}")
+    print(f"cluster manifests: {data['clusterDir']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    lab = Lab(args.name, args.state_dir)
+    command = args.command
+    if command == "up":
+        report = lab.up(read_manifests(args.filename), _settings(args))
+        _print_report(report)
+        status = lab.status()
+        print(
+            f"lab {lab.name} is up in {report.seconds:.1f}s: {len(status['nodes'])} nodes, "
+            f"{len(status['pods'])} pods; cluster manifests in {status['clusterDir']}"
+        )
+        return 0
+    if command == "apply":
+        _print_report(lab.apply(read_manifests(args.filename), prune=args.prune))
+        return 0
+    if command == "delete":
+        _print_report(lab.delete(read_manifests(args.filename)))
+        return 0
+    if command == "label":
+        if args.kind in ("pod", "pods"):
+            if args.target.count("/") != 1:
+                raise InputError(f"{args.target!r} is not NAMESPACE/POD", field="pod")
+            _print_report(lab.label_pod(args.target, args.changes))
+        else:
+            _print_report(lab.label_namespace(args.target, args.changes))
+        return 0
+    if command == "status":
+        data = lab.status()
+        if args.output == "json":
+            print(json.dumps(data, indent=2, sort_keys=True))
+        else:
+            _print_status(data)
+        return 0
+    if command == "fault":
+        _print_report(lab.fault(args.mode, args.args))
+        return 0
+    if command == "down":
+        removed = lab.down()
+        print(f"lab {lab.name} is down: removed {', '.join(removed)}, its cgroups and processes")
+        return 0
+    raise AssertionError(command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `lab` with `argv` (without the program name); the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error (argparse printed it)
+        return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="lab: %(levelname)s: %(message)s")
+    try:
+        return run(args)
+    except InputError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except (LabError, ConfigurationError) as exc:
+        print(f"lab: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lab: interrupted", file=sys.stderr)
+        return 1
