@@ -114,6 +114,19 @@ def main() -> int:
                     "counts",
                 ]
             )
+            # nca answers every port at once: also time flowproof on every declared port.
+            ours_all, rc_all = time_command(
+                [
+                    sys.executable,
+                    "-m",
+                    "flowproof.cli",
+                    "matrix",
+                    "-f",
+                    str(directory),
+                    "-o",
+                    "counts",
+                ]
+            )
             theirs, nca_rc = time_command(
                 [
                     args.nca,
@@ -134,6 +147,9 @@ def main() -> int:
                 "nca_seconds": round(theirs, 2),
                 "nca_rc": nca_rc,
                 "ratio": round(theirs / ours, 1),
+                "flowproof_all_ports_seconds": round(ours_all, 2),
+                "flowproof_all_ports_rc": rc_all,
+                "ratio_all_ports": round(theirs / ours_all, 1),
             }
             print(json.dumps(result), flush=True)
     return 0
