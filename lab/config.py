@@ -7,8 +7,11 @@ touches the system. Every name carries the lab name, so two labs never collide.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
 import re
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -58,9 +61,10 @@ class LabSettings:
     """The cluster DNS address; each pod DNATs it to a DNS pod."""
     fabric_cidr: str = "10.253.0.0/24"
     """Point-to-point /30 links between the fabric router and each node (and the outside)."""
-    outside_cidr: str = "203.0.113.0/24"
-    """The "internet": a documentation range routed to the outside namespace."""
-    outside_ips: tuple[str, ...] = ("203.0.113.10", "203.0.113.11", "203.0.113.12")
+    outside_cidr: str = "198.51.100.0/24"
+    """The "internet": a documentation range routed to the outside namespace (TEST-NET-2; the
+    other two documentation ranges are often used by sandboxes and CI hosts themselves)."""
+    outside_ips: tuple[str, ...] = ("198.51.100.10", "198.51.100.11", "198.51.100.12")
     """Addresses of the outside namespace, each answering TCP/HTTP 80, 443 and UDP 53, 123."""
     cluster_domain: str = "cluster.local"
     """The DNS suffix of pod and service names."""
@@ -134,6 +138,14 @@ class LabSettings:
             for other_flag, other in networks[i + 1 :]:
                 if net.overlaps(other):
                     raise InputError(f"{net} overlaps {other_flag} {other}", field=flag)
+        for flag, net in networks:
+            for used, what in host_networks():
+                if net.overlaps(used):
+                    raise InputError(
+                        f"{net} overlaps {used}, which this host uses ({what}); blackholing it "
+                        "would cut the host off: choose another range",
+                        field=flag,
+                    )
         return self
 
     @property
@@ -148,6 +160,48 @@ class LabSettings:
 _DOCUMENTATION = tuple(
     ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
 )
+
+
+def host_networks() -> list[tuple[ipaddress.IPv4Network, str]]:
+    """IPv4 networks the host itself routes or resolves through (not default, not blackholes).
+
+    A lab blackholes its ranges in the root namespace; a range the host already uses (its own
+    subnet, a route, its DNS server) must never be one of them.
+    """
+    found: list[tuple[ipaddress.IPv4Network, str]] = []
+    try:
+        done = subprocess.run(
+            ["ip", "-j", "-4", "route", "show", "table", "all"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        routes = json.loads(done.stdout or "[]")
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        routes = []
+    for route in routes:
+        dst = route.get("dst", "")
+        if route.get("type") in ("blackhole", "local", "broadcast") or dst in ("default", ""):
+            continue
+        try:
+            net = ipaddress.ip_network(dst if "/" in dst else f"{dst}/32", strict=False)
+        except ValueError:
+            continue
+        if isinstance(net, ipaddress.IPv4Network) and not net.is_loopback:
+            found.append((net, f"route via {route.get('dev', '?')}"))
+    try:
+        with open("/etc/resolv.conf", encoding="utf-8") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    with contextlib.suppress(ValueError):
+                        addr = ipaddress.ip_address(parts[1])
+                        if addr.version == 4 and not addr.is_loopback:
+                            found.append((ipaddress.IPv4Network(f"{addr}/32"), "its DNS server"))
+    except OSError:
+        pass
+    return found
 
 
 def _is_documentation(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:

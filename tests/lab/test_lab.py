@@ -158,7 +158,7 @@ def test_host_network_pods_share_the_node_namespace_and_are_never_isolated(
     assert (host.ip, host.netns) == ("10.244.2.1", lab.state().settings.names.node_netns(2))
     assert host.key not in lab.state().desired, "a hostNetwork pod got its own table"
     assert (
-        run(fetch(lab, "x/h", "203.0.113.10", 80, send=b"GET / HTTP/1.0\r\n\r\n"))[0] == "CONNECTED"
+        run(fetch(lab, "x/h", "198.51.100.10", 80, send=b"GET / HTTP/1.0\r\n\r\n"))[0] == "CONNECTED"
     )
     assert matrix(lab, ["x/a", "x/h"], 80)[("x/a", "x/h")] is False, "a's egress is isolated"
 
@@ -344,7 +344,7 @@ def test_cluster_dns_answers_and_default_deny_egress_breaks_it(make_lab: MakeLab
     assert run(
         resolve(lab, "shop/api-0", f"{dashed}.shop.pod.cluster.local", protocol="TCP")
     ).addresses == (web.ip,)
-    assert run(resolve(lab, "shop/web", "outside.example")).addresses == ("203.0.113.10",)
+    assert run(resolve(lab, "shop/web", "outside.example")).addresses == ("198.51.100.10",)
     assert run(resolve(lab, "shop/web", "nothing.shop.svc.cluster.local")).rcode == "NXDOMAIN"
 
     lab.apply(manifests_from(policies=[deny_all("shop", egress=True)]))
@@ -390,14 +390,14 @@ def test_dns_runs_in_the_manifests_kube_dns_pods_when_there_are_some(make_lab: M
 def test_the_outside_answers_and_egress_ipblocks_with_excepts_hold(make_lab: MakeLab) -> None:
     lab = make_lab(manifests_from([pod("x", "a")]))
     status, body = run(
-        fetch(lab, "x/a", "203.0.113.11", 443, send=b"GET / HTTP/1.1\r\nHost: o\r\n\r\n")
+        fetch(lab, "x/a", "198.51.100.11", 443, send=b"GET / HTTP/1.1\r\nHost: o\r\n\r\n")
     )
     assert (
         status == "CONNECTED"
         and body.startswith(b"HTTP/1.1 200 OK")
         and body.endswith(b"outside\n")
     )
-    assert run(fetch(lab, "x/a", "203.0.113.12", 123, "UDP", send=b"t"))[0] == "CONNECTED"
+    assert run(fetch(lab, "x/a", "198.51.100.12", 123, "UDP", send=b"t"))[0] == "CONNECTED"
     policy = NetworkPolicy(
         namespace="x",
         name="internet",
@@ -408,8 +408,8 @@ def test_the_outside_answers_and_egress_ipblocks_with_excepts_hold(make_lab: Mak
                 peers=(
                     Peer(
                         ip_block=IPBlock(
-                            cidr=ipaddress.ip_network("203.0.113.0/24"),
-                            excepts=(ipaddress.ip_network("203.0.113.11/32"),),
+                            cidr=ipaddress.ip_network("198.51.100.0/24"),
+                            excepts=(ipaddress.ip_network("198.51.100.11/32"),),
                         )
                     ),
                 )
@@ -418,9 +418,9 @@ def test_the_outside_answers_and_egress_ipblocks_with_excepts_hold(make_lab: Mak
     )
     lab.apply(manifests_from(policies=[policy]))
     seen = run(
-        probe_matrix(lab, [("x/a", "203.0.113.10"), ("x/a", "203.0.113.11")], 80, "TCP", TIMEOUT)
+        probe_matrix(lab, [("x/a", "198.51.100.10"), ("x/a", "198.51.100.11")], 80, "TCP", TIMEOUT)
     )
-    assert seen == {("x/a", "203.0.113.10"): True, ("x/a", "203.0.113.11"): False}
+    assert seen == {("x/a", "198.51.100.10"): True, ("x/a", "198.51.100.11"): False}
 
 
 # --- faults -------------------------------------------------------------------------------------
