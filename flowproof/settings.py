@@ -148,9 +148,9 @@ def load(
 
 
 def describe(settings: object, *, secrets: Sequence[str] = ()) -> str:
-    """One line for the start-up log: every setting, secrets masked."""
-    parts = []
-    for f in dataclasses.fields(settings):  # type: ignore[arg-type]
-        value = getattr(settings, f.name)
-        parts.append(f"{f.name}={'***' if f.name in secrets and value else value}")
-    return " ".join(parts)
+    """One line for the start-up log: every setting but the secrets."""
+    return " ".join(
+        f"{f.name}={getattr(settings, f.name)}"
+        for f in dataclasses.fields(settings)  # type: ignore[arg-type]
+        if f.name not in secrets
+    )

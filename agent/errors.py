@@ -1,0 +1,34 @@
+"""Errors of the agent.
+
+    AgentError                     anything the agent raises on purpose
+    ├── ConfigurationError         a setting that cannot work (bad flag, unreadable token): exit 2
+    ├── NamespaceError             a pod's network namespace cannot be entered
+    │   └── PodNotFound            no process of the pod runs on this node (gone, or elsewhere)
+    └── NetnsThreadBroken          the socket helper thread could not return to its namespace:
+                                   the agent stops, as sockets made there would be misplaced
+
+A probe that fails is a result (`Outcome.ERROR` with the reason), never an exception;
+`NamespaceError` becomes such a result at the probing edge. Always chain the cause.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ConfigurationError(AgentError):
+    """A setting that cannot work; names the flag or variable and why."""
+
+
+class NamespaceError(AgentError):
+    """A pod's network namespace cannot be found or entered."""
+
+
+class PodNotFound(NamespaceError):
+    """No running process of the pod on this node: it is gone, not started yet, or elsewhere."""
+
+
+class NetnsThreadBroken(AgentError):
+    """The helper thread failed to return to its own network namespace; fatal for the agent."""

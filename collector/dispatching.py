@@ -1,0 +1,592 @@
+"""The dispatcher: the collector's gRPC server, one stream per agent, each result delivered once.
+
+Assignments are queued per node and sent to the agent on the source pod's node when it is connected,
+at most as many at a time as the agent accepts (`max_in_flight` in its hello). An assignment with a
+responder first asks the agent on the destination's node to open one, then goes to the source's
+agent with the responder's report attached to its result. When a stream drops, what was sent on it
+without a result is queued again, unless the agent says in its next hello that it still holds it.
+Results are acked by id and delivered to `on_result` at most once per result id and once per
+assignment id, so a reconnect of either side never loses or double-counts one. The stream needs
+`authorization: Bearer <token>`; the standard gRPC health service is served beside it (no token).
+Only this module and flowproof.convert touch the contract's messages on the collector side.
+
+    dispatcher = Dispatcher(token=..., on_result=flow_state.record)
+    port = await dispatcher.start("0.0.0.0:7070")
+    dispatcher.submit(assignments)        # from the planner, on the event loop
+    dispatcher.agents()                   # who is connected, for metrics and `verify`
+    await dispatcher.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import itertools
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from flowproof import __version__, convert
+from flowproof.probes import (
+    PROTOCOL_VERSION,
+    AgentCapabilities,
+    AgentHello,
+    Assignment,
+    HelloAck,
+    ProbeResult,
+    ResponderReport,
+    ResponderRequest,
+    ResponderState,
+)
+from flowproof.v1 import agent_pb2 as pb
+from flowproof.v1 import agent_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "flowproof.v1.AgentService"
+
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+)
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """A connected agent, as `Dispatcher.agents()` reports it."""
+
+    node: str
+    agent_version: str
+    protocol_version: int
+    capabilities: AgentCapabilities
+    instance_id: str
+    peer: str
+    connected_at: float
+    """Wall clock, seconds since the epoch."""
+    last_seen_at: float
+    """Wall clock of the last message from the agent."""
+    assignments_in_flight: int
+    assignments_queued: int
+    results_dropped_total: int
+    """Results the agent had to drop from its buffer since it started (from its heartbeat)."""
+
+
+_State = Literal["awaiting_responder", "queued", "sent"]
+
+
+@dataclass
+class _Pending:
+    assignment: Assignment
+    sequence: int
+    state: _State
+    session: _Session | None = None
+    responder: ResponderReport | None = None
+    responder_timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False)
+class _Session:
+    hello: AgentHello
+    peer: str
+    connected_at: float
+    last_seen: float
+    last_seen_at: float
+    max_in_flight: int
+    in_flight: set[str] = field(default_factory=set)
+    control: deque[pb.CollectorMessage] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+    results_dropped_total: int = 0
+
+    @property
+    def node(self) -> str:
+        return self.hello.node_name
+
+    def poke(self) -> None:
+        self.wake.set()
+
+
+class _Ledger:
+    """Result ids and assignment ids already delivered (bounded, oldest forgotten first)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._results: OrderedDict[str, None] = OrderedDict()
+        self._assignments: OrderedDict[str, None] = OrderedDict()
+
+    def has_result(self, result_id: str) -> bool:
+        return result_id in self._results
+
+    def has_assignment(self, assignment_id: str) -> bool:
+        return assignment_id in self._assignments
+
+    def add_result(self, result_id: str) -> None:
+        self._add(self._results, result_id)
+
+    def add_assignment(self, assignment_id: str) -> None:
+        self._add(self._assignments, assignment_id)
+
+    def _add(self, table: OrderedDict[str, None], key: str) -> None:
+        table[key] = None
+        if len(table) > self._capacity:
+            table.popitem(last=False)
+
+
+class Dispatcher:
+    """The collector's side of the agent streams. Use it from one event loop.
+
+    `on_result(result)` is called exactly once per result (and at most once per assignment), on the
+    event loop, with `result.responder` set when the assignment asked for a responder. It must not
+    block; an exception it raises is logged and the result still counts as delivered.
+    """
+
+    def __init__(
+        self,
+        *,
+        token: str,
+        on_result: Callable[[ProbeResult], None],
+        heartbeat_interval_seconds: float = 5.0,
+        silent_heartbeats_before_drop: int = 3,
+        responder_wait_seconds: float = 2.0,
+        responder_margin_seconds: float = 10.0,
+        hello_timeout_seconds: float = 10.0,
+        batch_size: int = 256,
+        default_max_in_flight: int = 256,
+        ledger_size: int = 100_000,
+        collector_version: str = __version__,
+    ) -> None:
+        if not token:
+            raise ValueError("the dispatcher needs a non-empty token")
+        self._expected_auth = f"Bearer {token}".encode()
+        self._on_result = on_result
+        self._heartbeat_interval = heartbeat_interval_seconds
+        self._silence_limit = heartbeat_interval_seconds * silent_heartbeats_before_drop
+        self._responder_wait = responder_wait_seconds
+        self._responder_margin = responder_margin_seconds
+        self._hello_timeout = hello_timeout_seconds
+        self._batch_size = batch_size
+        self._default_max_in_flight = default_max_in_flight
+        self._collector_version = collector_version
+        self._ledger = _Ledger(ledger_size)
+        self._pending: dict[str, _Pending] = {}
+        self._queues: dict[str, deque[str]] = {}
+        self._responder_queues: dict[str, deque[ResponderRequest]] = {}
+        self._sessions: dict[str, _Session] = {}
+        self._sequence = itertools.count()
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self.delivered_total = 0
+        """Results handed to on_result so far."""
+        self.duplicates_total = 0
+        """Results received again (after a reconnect) and dropped as already delivered."""
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, address: str = "127.0.0.1:0") -> int:
+        """Serve on `address` (host:port, port 0 picks one); returns the bound port.
+
+        Can be called again after `stop()`: queued assignments and the delivery ledger are kept,
+        so a restarted server resumes where it stopped.
+        """
+        if self._server is not None:
+            raise RuntimeError("the dispatcher is already serving")
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(_Servicer(self), server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        self._server = server
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("dispatcher listening on port %d", port)
+        return port
+
+    async def stop(self, grace_seconds: float = 1.0) -> None:
+        """Stop serving: end every stream (agents reconnect to the next server) and the server."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        for session in list(self._sessions.values()):
+            self._end_session(session, "collector stopping")
+        await server.stop(grace_seconds)
+
+    # --- API for the collector -----------------------------------------------------------------
+
+    def submit(self, assignments: Iterable[Assignment]) -> None:
+        """Queue assignments for the agents on their source nodes; ids already known are ignored."""
+        touched: set[str] = set()
+        for a in assignments:
+            if a.id in self._pending or self._ledger.has_assignment(a.id):
+                log.debug("assignment %s submitted twice; ignored", a.id)
+                continue
+            pending = _Pending(assignment=a, sequence=next(self._sequence), state="queued")
+            self._pending[a.id] = pending
+            if a.responder is not None:
+                pending.state = "awaiting_responder"
+                request = ResponderRequest(
+                    assignment_id=a.id,
+                    pod=a.responder.pod,
+                    port=a.port,
+                    protocol=a.protocol,
+                    ttl_seconds=a.timeout_seconds + self._responder_wait + self._responder_margin,
+                )
+                self._responder_queues.setdefault(a.responder.node, deque()).append(request)
+                loop = asyncio.get_running_loop()
+                pending.responder_timer = loop.call_later(
+                    self._responder_wait, self._responder_timed_out, a.id
+                )
+                touched.add(a.responder.node)
+            else:
+                self._queues.setdefault(a.source_node, deque()).append(a.id)
+                touched.add(a.source_node)
+        for node in touched:
+            self._poke(node)
+
+    def cancel(self, assignment_ids: Iterable[str]) -> None:
+        """Forget assignments: queued ones are never sent, running ones are stopped (no result)."""
+        for aid in assignment_ids:
+            pending = self._pending.pop(aid, None)
+            self._ledger.add_assignment(aid)
+            if pending is None:
+                continue
+            if pending.responder_timer is not None:
+                pending.responder_timer.cancel()
+            if pending.session is not None and pending.state == "sent":
+                pending.session.in_flight.discard(aid)
+                self._send_cancel(pending.session.node, aid)
+            if pending.assignment.responder is not None:
+                self._send_cancel(pending.assignment.responder.node, aid)
+
+    def agents(self) -> list[AgentInfo]:
+        """The connected agents, by node name."""
+        now_wall = time.time()
+        infos = []
+        for node, s in sorted(self._sessions.items()):
+            infos.append(
+                AgentInfo(
+                    node=node,
+                    agent_version=s.hello.agent_version,
+                    protocol_version=s.hello.protocol_version,
+                    capabilities=s.hello.capabilities,
+                    instance_id=s.hello.instance_id,
+                    peer=s.peer,
+                    connected_at=s.connected_at,
+                    last_seen_at=min(s.last_seen_at, now_wall),
+                    assignments_in_flight=len(s.in_flight),
+                    assignments_queued=self._queued_count(node),
+                    results_dropped_total=s.results_dropped_total,
+                )
+            )
+        return infos
+
+    def pending_count(self) -> int:
+        """Assignments submitted and not yet answered or cancelled."""
+        return len(self._pending)
+
+    # --- streams -------------------------------------------------------------------------------
+
+    async def _connect(
+        self,
+        requests: AsyncIterator[pb.AgentMessage],
+        context: grpc.aio.ServicerContext[pb.AgentMessage, pb.CollectorMessage],
+    ) -> AsyncGenerator[pb.CollectorMessage, None]:
+        auth = dict(context.invocation_metadata() or ()).get("authorization", "")
+        auth_bytes = auth.encode() if isinstance(auth, str) else auth
+        if not hmac.compare_digest(auth_bytes, self._expected_auth):
+            log.warning("refused a stream from %s: bad or missing token", context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing token")
+        try:
+            async with asyncio.timeout(self._hello_timeout):
+                first = await anext(aiter(requests))
+        except (TimeoutError, StopAsyncIteration):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a hello first")
+        if first.WhichOneof("body") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a hello first")
+        try:
+            hello = convert.hello_from_proto(first.hello)
+        except convert.ContractError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if hello.protocol_version != PROTOCOL_VERSION:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"collector speaks protocol {PROTOCOL_VERSION}, agent {hello.protocol_version}",
+            )
+        session = self._open_session(hello, context.peer())
+        reader = asyncio.create_task(
+            self._read(session, requests), name=f"agent_reader {hello.node_name}"
+        )
+        try:
+            ack = HelloAck(
+                protocol_version=PROTOCOL_VERSION,
+                collector_version=self._collector_version,
+                heartbeat_interval_seconds=self._heartbeat_interval,
+            )
+            yield pb.CollectorMessage(hello_ack=convert.hello_ack_to_proto(ack))
+            while not session.closed:
+                messages = self._outgoing(session)
+                if messages:
+                    for msg in messages:
+                        yield msg
+                    continue
+                if reader.done():
+                    break
+                session.wake.clear()
+                silent_for = time.monotonic() - session.last_seen
+                if silent_for > self._silence_limit:
+                    log.warning(
+                        "agent on %s silent for %.1f s; dropping its stream",
+                        session.node,
+                        silent_for,
+                    )
+                    break
+                try:
+                    async with asyncio.timeout(self._heartbeat_interval):
+                        await session.wake.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            self._end_session(session, "stream ended")
+
+    async def _read(self, session: _Session, requests: AsyncIterator[pb.AgentMessage]) -> None:
+        try:
+            async for msg in requests:
+                session.last_seen = time.monotonic()
+                session.last_seen_at = time.time()
+                which = msg.WhichOneof("body")
+                if which == "results":
+                    self._take_results(session, msg.results.results)
+                elif which == "heartbeat":
+                    session.results_dropped_total = msg.heartbeat.results_dropped_total
+                elif which == "responder_reports":
+                    for report in msg.responder_reports.reports:
+                        self._take_responder_report(session, report)
+                else:
+                    log.warning("agent on %s sent an unexpected %s", session.node, which)
+        except grpc.aio.AioRpcError as exc:
+            log.info("stream from %s broke: %s", session.node, exc.code().name)
+        finally:
+            session.poke()
+
+    def _open_session(self, hello: AgentHello, peer: str) -> _Session:
+        old = self._sessions.get(hello.node_name)
+        if old is not None:
+            self._end_session(old, "replaced by a new stream from the same node")
+        session = _Session(
+            hello=hello,
+            peer=peer,
+            connected_at=time.time(),
+            last_seen=time.monotonic(),
+            last_seen_at=time.time(),
+            max_in_flight=hello.capabilities.max_in_flight or self._default_max_in_flight,
+        )
+        self._sessions[hello.node_name] = session
+        held = 0
+        for aid in hello.known_assignment_ids:
+            pending = self._pending.get(aid)
+            if (
+                pending is not None
+                and pending.assignment.source_node == hello.node_name
+                and pending.state in ("queued", "sent")
+            ):
+                pending.state = "sent"
+                pending.session = session
+                session.in_flight.add(aid)
+                held += 1
+        log.info(
+            "agent %s on %s connected from %s (still holds %d assignments)",
+            hello.agent_version,
+            hello.node_name,
+            peer,
+            held,
+        )
+        return session
+
+    def _end_session(self, session: _Session, why: str) -> None:
+        """Close a session; what it had in flight goes back to the front of its node's queue."""
+        if session.closed:
+            return
+        session.closed = True
+        session.poke()
+        if self._sessions.get(session.node) is session:
+            del self._sessions[session.node]
+        back = sorted(
+            (p for aid in session.in_flight if (p := self._pending.get(aid)) is not None),
+            key=lambda p: p.sequence,
+        )
+        queue = self._queues.setdefault(session.node, deque())
+        for pending in reversed(back):
+            pending.state = "queued"
+            pending.session = None
+            queue.appendleft(pending.assignment.id)
+        session.in_flight.clear()
+        log.info(
+            "agent on %s disconnected (%s); %d assignments re-queued", session.node, why, len(back)
+        )
+
+    def _outgoing(self, session: _Session) -> list[pb.CollectorMessage]:
+        """What to send now: control messages, responder requests, and assignments up to credit."""
+        messages = list(session.control)
+        session.control.clear()
+        requests = self._responder_queues.get(session.node)
+        if requests:
+            batch: list[pb.ResponderRequest] = []
+            while requests and len(batch) < self._batch_size:
+                req = requests.popleft()
+                pending = self._pending.get(req.assignment_id)
+                if pending is not None and pending.state == "awaiting_responder":
+                    batch.append(convert.responder_request_to_proto(req))
+            if batch:
+                messages.append(
+                    pb.CollectorMessage(responder_requests=pb.ResponderRequestBatch(requests=batch))
+                )
+        queue = self._queues.get(session.node)
+        credit = session.max_in_flight - len(session.in_flight)
+        if queue and credit > 0:
+            assignments: list[pb.Assignment] = []
+            while queue and len(assignments) < min(credit, self._batch_size):
+                aid = queue.popleft()
+                pending = self._pending.get(aid)
+                if pending is None or pending.state != "queued":
+                    continue  # answered or cancelled while queued
+                pending.state = "sent"
+                pending.session = session
+                session.in_flight.add(aid)
+                assignments.append(convert.assignment_to_proto(pending.assignment))
+            if assignments:
+                messages.append(
+                    pb.CollectorMessage(assignments=pb.AssignmentBatch(assignments=assignments))
+                )
+        return messages
+
+    # --- results and responders ----------------------------------------------------------------
+
+    def _take_results(self, session: _Session, results: Iterable[pb.ProbeResult]) -> None:
+        acked: list[str] = []
+        for msg in results:
+            acked.append(msg.id)
+            if self._ledger.has_result(msg.id):
+                self.duplicates_total += 1
+                continue
+            self._ledger.add_result(msg.id)
+            try:
+                result = convert.result_from_proto(msg)
+            except convert.ContractError as exc:
+                log.error("agent on %s sent a malformed result: %s", session.node, exc)
+                continue
+            aid = result.assignment_id
+            if self._ledger.has_assignment(aid):
+                self.duplicates_total += 1
+                continue  # answered already (or cancelled)
+            self._ledger.add_assignment(aid)
+            pending = self._pending.pop(aid, None)
+            if pending is not None:
+                if pending.session is not None:
+                    pending.session.in_flight.discard(aid)
+                if pending.responder_timer is not None:
+                    pending.responder_timer.cancel()
+                if pending.assignment.responder is not None:
+                    self._send_cancel(pending.assignment.responder.node, aid)
+                result = dataclasses.replace(result, responder=pending.responder)
+            self.delivered_total += 1
+            try:
+                self._on_result(result)
+            except Exception:
+                log.exception("on_result failed for result %s", result.id)
+        if acked:
+            session.control.append(pb.CollectorMessage(result_ack=pb.ResultAck(result_ids=acked)))
+            session.poke()
+
+    def _take_responder_report(self, session: _Session, msg: pb.ResponderReport) -> None:
+        try:
+            report = convert.responder_report_from_proto(msg)
+        except convert.ContractError as exc:
+            log.error("agent on %s sent a malformed responder report: %s", session.node, exc)
+            return
+        pending = self._pending.get(report.assignment_id)
+        if pending is None:
+            if report.state is ResponderState.OPENED:  # its assignment ended meanwhile
+                self._send_cancel(session.node, report.assignment_id)
+            return
+        if pending.state != "awaiting_responder":
+            return  # gave up waiting; the probe went ahead without it
+        self._responder_ready(pending, report)
+
+    def _responder_timed_out(self, assignment_id: str) -> None:
+        pending = self._pending.get(assignment_id)
+        if pending is None or pending.state != "awaiting_responder":
+            return
+        spec = pending.assignment.responder
+        node = spec.node if spec is not None else "?"
+        report = ResponderReport(
+            assignment_id=assignment_id,
+            state=ResponderState.UNAVAILABLE,
+            detail=f"no responder report from the agent on {node} "
+            f"within {self._responder_wait:g} s",
+        )
+        self._responder_ready(pending, report)
+
+    def _responder_ready(self, pending: _Pending, report: ResponderReport) -> None:
+        if pending.responder_timer is not None:
+            pending.responder_timer.cancel()
+            pending.responder_timer = None
+        pending.responder = report
+        pending.state = "queued"
+        node = pending.assignment.source_node
+        self._queues.setdefault(node, deque()).append(pending.assignment.id)
+        self._poke(node)
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _send_cancel(self, node: str, assignment_id: str) -> None:
+        session = self._sessions.get(node)
+        if session is None:
+            return  # the agent's own bound closes a responder; a probe result is dropped
+        session.control.append(
+            pb.CollectorMessage(cancel=pb.Cancel(assignment_ids=[assignment_id]))
+        )
+        session.poke()
+
+    def _poke(self, node: str) -> None:
+        session = self._sessions.get(node)
+        if session is not None:
+            session.poke()
+
+    def _queued_count(self, node: str) -> int:
+        queue = self._queues.get(node, ())
+        return sum(1 for aid in queue if (p := self._pending.get(aid)) and p.state == "queued")
+
+
+class _Servicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[pb.AgentMessage],
+        context: grpc.aio.ServicerContext[pb.AgentMessage, pb.CollectorMessage],
+    ) -> AsyncIterator[pb.CollectorMessage]:
+        stream = self._dispatcher._connect(request_iterator, context)
+        try:
+            async for msg in stream:
+                yield msg
+        finally:
+            await stream.aclose()
