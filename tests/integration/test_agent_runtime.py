@@ -138,9 +138,11 @@ async def test_health_follows_the_stream_and_metrics_are_served(tmp_path: Path) 
             assert loop.time() < deadline, "readiness never turned SERVING"
             await asyncio.sleep(0.1)
         assert await status("") == health_pb2.HealthCheckResponse.SERVING
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
-                text = await resp.text()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp,
+        ):
+            text = await resp.text()
         assert "flowproof_agent_collector_connected 1.0" in text
         assert 'flowproof_agent_build_info{node="node-h"' in text
         await dispatcher.stop(grace_seconds=0)  # the stream drops: readiness must follow

@@ -158,7 +158,8 @@ def test_host_network_pods_share_the_node_namespace_and_are_never_isolated(
     assert (host.ip, host.netns) == ("10.244.2.1", lab.state().settings.names.node_netns(2))
     assert host.key not in lab.state().desired, "a hostNetwork pod got its own table"
     assert (
-        run(fetch(lab, "x/h", "198.51.100.10", 80, send=b"GET / HTTP/1.0\r\n\r\n"))[0] == "CONNECTED"
+        run(fetch(lab, "x/h", "198.51.100.10", 80, send=b"GET / HTTP/1.0\r\n\r\n"))[0]
+        == "CONNECTED"
     )
     assert matrix(lab, ["x/a", "x/h"], 80)[("x/a", "x/h")] is False, "a's egress is isolated"
 
