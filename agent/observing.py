@@ -16,7 +16,7 @@ import grpc.aio
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from flowproof import __version__
 from flowproof.probes import ProbeResult
@@ -60,11 +60,12 @@ class AgentMetrics:
             "Results kept until the collector acknowledges them.",
             registry=self.registry,
         )
-        self.dropped = Gauge(
-            "flowproof_agent_results_dropped_total",
+        self.dropped = Counter(
+            "flowproof_agent_results_dropped",
             "Results dropped because the buffer was full (oldest first).",
             registry=self.registry,
         )
+        self._dropped_seen = 0
         info = Gauge(
             "flowproof_agent_build_info",
             "Build of the agent; always 1.",
@@ -72,6 +73,12 @@ class AgentMetrics:
             registry=self.registry,
         )
         info.labels(version=__version__, node=node).set(1)
+
+    def dropped_so_far(self, total: int) -> None:
+        """Advance the dropped-results counter to the buffer's running total."""
+        if total > self._dropped_seen:
+            self.dropped.inc(total - self._dropped_seen)
+            self._dropped_seen = total
 
     def observe(self, result: ProbeResult) -> None:
         protocol = str(result.assignment.kind)
@@ -117,7 +124,8 @@ async def serve_metrics(
         if callable(refresh):
             refresh()
         return web.Response(
-            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=generate_latest(metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4},
         )
 
     app = web.Application()

@@ -100,7 +100,7 @@ async def serve(settings: AgentSettings, stop: asyncio.Event | None = None) -> i
         metrics.connected.set(1 if link.connected.is_set() else 0)
         metrics.in_flight.set(link.in_flight)
         metrics.buffered.set(len(link.outbox))
-        metrics.dropped.set(link.outbox.dropped_total)
+        metrics.dropped_so_far(link.outbox.dropped_total)
 
     roots: dict[str, Coroutine[Any, Any, None]] = {"collector_link": link.run(stop)}
     if settings.health_port:

