@@ -1,10 +1,11 @@
 """KubernetesSource: the cluster, listed and watched, as immutable snapshots and exact changes.
 
-Owns client configuration (kubeconfig or in-cluster), list+watch of pods, namespaces, NetworkPolicies
-and FlowExpectations (resourceVersions, bookmarks, 410 -> relist, backoff, resync), the store and
-the FlowExpectations status patch. The only module that imports `kubernetes`: the blocking client
-runs in worker threads, never on the event loop, and API objects become model objects here, once.
-A malformed object is logged once and left out; nothing in an object can stop the loop.
+Owns client configuration (kubeconfig or in-cluster), list+watch of pods, namespaces, NetworkPolicies,
+FlowExpectations and (opt-in) labelled ConfigMaps of expectations (resourceVersions, bookmarks, 410
+-> relist, backoff, resync), the store, the FlowExpectations status patch, and KubeClient (probe
+pods: create, list, delete). The only module that imports `kubernetes`: the blocking client runs in
+worker threads, never on the event loop, and API objects become model objects here, once. A
+malformed object is logged once and left out; nothing in an object can stop the loop.
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ from kubernetes.config import kube_config
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 
-from collector.errors import ConfigurationError, InputError
+from collector.errors import ConfigurationError, FlowproofError, InputError
 from collector.expectations import expectations_from_dict
 from collector.inventory import (
+    LineFinder,
     Where,
+    describe_type,
     namespace_from_dict,
     pod_from_dict,
     policy_from_dict,
@@ -51,9 +54,10 @@ from collector.model import Expectations, Namespace, NetworkPolicy, Pod, Snapsho
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-ObjectKind = Literal["Namespace", "Pod", "NetworkPolicy", "FlowExpectations"]
+ObjectKind = Literal["Namespace", "Pod", "NetworkPolicy", "FlowExpectations", "ConfigMap"]
 Action = Literal["added", "modified", "deleted"]
-_Model = Namespace | Pod | NetworkPolicy | Expectations
+KubeConfiguration = Configuration
+"""The client configuration `load_kube_config` returns (for annotations outside this module)."""
 
 SERVICE_TOKEN_PATH: Final = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 SERVICE_CA_PATH: Final = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
@@ -62,6 +66,9 @@ FLOWEXPECTATIONS_VERSION: Final = "v1alpha1"
 FLOWEXPECTATIONS_PLURAL: Final = "flowexpectations"
 TERMINATING_PHASE: Final = "Terminating"
 """`Pod.phase` of a pod whose deletion has begun (metadata.deletionTimestamp is set)."""
+EXPECTATIONS_CONFIGMAP_LABEL: Final = "flowproof.dev/expectations"
+"""A ConfigMap labelled with this (value "true") holds FlowExpectations documents in its data."""
+EXPECTATIONS_CONFIGMAP_SELECTOR: Final = f"{EXPECTATIONS_CONFIGMAP_LABEL}=true"
 
 _GONE: Final = 410
 _SHORT_WATCH_SECONDS: Final = 1.0  # a watch that ends sooner with no event is a failure (client-go)
@@ -136,10 +143,15 @@ class KubeSourceSettings:
     list_page_size: int = 500
     """Objects per list page (`limit`); the continue token fetches the rest."""
     missing_crd_retry_seconds: float = 60.0
-    """When the API does not serve FlowExpectations (CRD not installed), look again this often;
-    meanwhile the snapshot has no expectations from the cluster."""
+    """When the API does not serve FlowExpectations (CRD not installed), or refuses to list them
+    or the expectations ConfigMaps (RBAC), look again this often; meanwhile the snapshot has no
+    expectations from there (the rest syncs without waiting)."""
     stop_timeout_seconds: float = 5.0
     """How long stopping waits for worker threads to leave their requests."""
+    expectations_configmaps: bool = False
+    """Also list and watch ConfigMaps labelled `flowproof.dev/expectations=true` (every
+    namespace) and read each data value as FlowExpectations documents, for teams that cannot
+    install the CRD. Needs list and watch on ConfigMaps."""
 
     def __post_init__(self) -> None:
         positive = (
@@ -207,6 +219,37 @@ class InventoryUpdate:
 OnUpdate = Callable[[InventoryUpdate], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class ConfigMapExpectations:
+    """The FlowExpectations documents of one labelled ConfigMap that could be read, in the
+    order of its data keys."""
+
+    expectations: tuple[Expectations, ...]
+
+
+@dataclass(frozen=True)
+class ExpectationsObject:
+    """A FlowExpectations custom resource as the API holds it: what its status is written for."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    flows: int
+    """How many entries spec.flows has (also when the object could not be read)."""
+    problem: str | None
+    """Why the object is left out of the snapshot; None when it is in."""
+    status: Mapping[str, Any]
+    """Its status as last read from the API."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+_Model = Namespace | Pod | NetworkPolicy | Expectations | ConfigMapExpectations
+
+
 # --- conversion (the one place API objects become model objects) ----------------------------------
 
 
@@ -222,18 +265,25 @@ _RESOURCES: Final[tuple[_Resource, ...]] = (
     _Resource("Pod", "pods", namespaced=True),
     _Resource("NetworkPolicy", "networkpolicies", namespaced=True),
     _Resource("FlowExpectations", FLOWEXPECTATIONS_PLURAL, namespaced=True),
+    _Resource("ConfigMap", "configmaps", namespaced=True),
 )
+_OPTIONAL: Final = frozenset({"FlowExpectations", "ConfigMap"})
+"""Resources whose absence (no CRD, no RBAC) leaves the snapshot without them, never waiting."""
 _KIND_ORDER: Final = {r.kind: i for i, r in enumerate(_RESOURCES)}
 _BY_KIND: Final = {r.kind: r for r in _RESOURCES}
 
 
 @dataclass(frozen=True)
 class _Converted:
-    """An API object read into the model; `value` None with `problem` set if it could not be."""
+    """An API object read into the model; `value` None with `problem` set if it could not be.
+
+    A ConfigMap may have both: the documents that could be read, and why the others could not.
+    """
 
     key: str
     value: _Model | None
     problem: str | None = None
+    object: ExpectationsObject | None = None  # FlowExpectations only
 
 
 def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -267,6 +317,8 @@ def _convert(resource_kind: ObjectKind, obj: Mapping[str, Any]) -> _Converted:
     key = _key_text(namespace, name)
     if not name or (resource.namespaced and not namespace):
         return _Converted(key or "<unnamed>", None, "metadata.name/namespace missing")
+    if resource.kind == "ConfigMap":
+        return _configmap_expectations(namespace, name, obj)
     path = (
         f"namespaces/{namespace}/{resource.plural}/{name}"
         if namespace
@@ -294,11 +346,133 @@ def _convert(resource_kind: ObjectKind, obj: Mapping[str, Any]) -> _Converted:
             document.setdefault("kind", "FlowExpectations")
             value = expectations_from_dict(document, where)
     except InputError as exc:
-        return _Converted(key, None, str(exc))
+        return _with_object(resource, obj, _Converted(key, None, str(exc)))
     except Exception as exc:  # a converter bug on odd input must not stop the inventory
         log.exception("reading %s %s failed", resource.kind, key)
-        return _Converted(key, None, f"could not be read: {exc!r}")
-    return _Converted(key, value)
+        return _with_object(resource, obj, _Converted(key, None, f"could not be read: {exc!r}"))
+    return _with_object(resource, obj, _Converted(key, value))
+
+
+def _with_object(resource: _Resource, obj: Mapping[str, Any], item: _Converted) -> _Converted:
+    """`item` with the ExpectationsObject of a FlowExpectations custom resource."""
+    if resource.kind != "FlowExpectations":
+        return item
+    namespace, name = _object_key(resource, obj)
+    meta = _metadata(obj)
+    spec = obj.get("spec")
+    flows = spec.get("flows") if isinstance(spec, Mapping) else None
+    status = obj.get("status")
+    generation = meta.get("generation")
+    found = ExpectationsObject(
+        namespace=namespace,
+        name=name,
+        uid=str(meta.get("uid") or ""),
+        generation=generation if isinstance(generation, int) else 0,
+        flows=len(flows) if isinstance(flows, list) else 0,
+        problem=item.problem,
+        status=status if isinstance(status, Mapping) else {},
+    )
+    return dataclasses.replace(item, object=found)
+
+
+def _yaml_documents(text: str) -> Iterator[tuple[int, int, object]]:
+    """(index from 1, first line, value) of each YAML document in `text`; raises YAMLError."""
+    loader = yaml.SafeLoader(text)
+    try:
+        index = 0
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                return
+            index += 1
+            yield index, node.start_mark.line + 1, loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(file: str, exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = file if mark is None else f"{file}:{mark.line + 1}"
+        reason = " ".join(p for p in (exc.context, exc.problem) if p) or "broken YAML"
+        return f"{where}: invalid YAML: {reason}"
+    return f"{file}: invalid YAML: {exc}"
+
+
+def _configmap_expectations(namespace: str, name: str, obj: Mapping[str, Any]) -> _Converted:
+    """The FlowExpectations documents in a labelled ConfigMap's data values; never raises.
+
+    Each document is read as a FlowExpectations custom resource would be, in the ConfigMap's
+    namespace (a document may leave metadata.namespace out; naming another one is an error). A
+    document that cannot be read is skipped, named by ConfigMap, key, line and field.
+    """
+    key = _key_text(namespace, name)
+    data = obj.get("data")
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        return _Converted(key, None, f"data must be a mapping, not {describe_type(data)}")
+    documents: list[Expectations] = []
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for data_key in sorted(data, key=str):
+        file = f"api:namespaces/{namespace}/configmaps/{name}/data/{data_key}"
+        text = data[data_key]
+        if not isinstance(text, str):
+            problems.append(f"{file}: must be a string, not {describe_type(text)}")
+            continue
+        try:
+            parsed = list(_yaml_documents(text))
+        except yaml.YAMLError as exc:
+            problems.append(_yaml_problem(file, exc))
+            continue
+        lines = LineFinder(text.encode())
+        for index, line, document in parsed:
+            if document is None:
+                continue
+            where = Where(file=file, document=index, start_line=line, lines=lines)
+            if not isinstance(document, Mapping):
+                problems.append(
+                    f"{where.source}: a FlowExpectations document must be a mapping, not "
+                    f"{describe_type(document)}"
+                )
+                continue
+            meta = document.get("metadata")
+            if isinstance(meta, Mapping):
+                given = meta.get("namespace")
+                if given not in (None, "", namespace):
+                    problems.append(
+                        str(
+                            where.error(
+                                ("metadata", "namespace"),
+                                f"{given!r} is not the ConfigMap's namespace {namespace!r}: a "
+                                "ConfigMap declares expectations for its own namespace only",
+                            )
+                        )
+                    )
+                    continue
+                document = {**document, "metadata": {**meta, "namespace": namespace}}
+            try:
+                expectations = expectations_from_dict(document, where)
+            except InputError as exc:
+                problems.append(str(exc))
+                continue
+            except Exception as exc:  # a converter bug on odd input must not stop the inventory
+                log.exception("reading %s failed", where.source)
+                problems.append(f"{where.source}: could not be read: {exc!r}")
+                continue
+            if expectations.key in seen:
+                problems.append(
+                    f"{where.source}: FlowExpectations {expectations.key} is already declared at "
+                    f"{seen[expectations.key]}; this document is skipped"
+                )
+                continue
+            seen[expectations.key] = where.source
+            documents.append(expectations)
+    problem = "\n".join(problems) or None
+    if not documents and problem is not None:
+        return _Converted(key, None, problem)
+    return _Converted(key, ConfigMapExpectations(tuple(documents)), problem)
 
 
 def _changed_fields(old: _Model, new: _Model) -> frozenset[str]:
@@ -380,7 +554,7 @@ class _ResourceState:
     resource_version: str | None = None
     lists: int = 0
     watches: int = 0
-    crd_missing: bool = False
+    unavailable: bool = False  # an optional resource the API does not serve or lets us read
 
 
 @dataclass
@@ -414,17 +588,23 @@ class KubernetesSource:
         self._core = CoreV1Api(self._api)
         self._networking = NetworkingV1Api(self._api)
         self._custom = CustomObjectsApi(self._api)
+        self._resources = tuple(
+            r for r in _RESOURCES if r.kind != "ConfigMap" or self.settings.expectations_configmaps
+        )
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=len(_RESOURCES) + 4, thread_name_prefix="kube-inventory"
+            max_workers=len(self._resources) + 4, thread_name_prefix="kube-inventory"
         )
         self._in_flight: set[concurrent.futures.Future[Any]] = set()
         self._in_flight_lock = threading.Lock()
         self._stopping = _Stopping()
-        self._states = {r.kind: _ResourceState(r) for r in _RESOURCES}
+        self._states = {r.kind: _ResourceState(r) for r in self._resources}
         self._inbox: asyncio.Queue[_Replace | _Event] = asyncio.Queue()
         self._store: dict[ObjectKind, dict[str, _Model]] = {r.kind: {} for r in _RESOURCES}
+        self._objects: dict[str, ExpectationsObject] = {}
         self._listed: set[ObjectKind] = set()
         self._problems: dict[tuple[ObjectKind, str], str] = {}
+        self._shadowed: dict[str, str] = {}  # ConfigMap key -> why some of its documents are not in
+        self._status_failures: dict[str, str] = {}  # FlowExpectations key -> why its patch failed
         self._snapshot = Snapshot()
         self._synced = asyncio.Event()
         self._running = False
@@ -443,8 +623,19 @@ class KubernetesSource:
 
     @property
     def problems(self) -> Mapping[str, str]:
-        """Objects left out because they could not be read: `"Kind ns/name"` -> why."""
-        return {f"{kind} {key}": why for (kind, key), why in sorted(self._problems.items())}
+        """Objects (or, for ConfigMaps, documents) left out because they could not be read or
+        are declared twice: `"Kind ns/name"` -> why."""
+        found = {f"{kind} {key}": why for (kind, key), why in sorted(self._problems.items())}
+        for key, why in sorted(self._shadowed.items()):
+            name = f"ConfigMap {key}"
+            found[name] = f"{found[name]}\n{why}" if name in found else why
+        return found
+
+    def expectation_objects(self) -> Mapping[str, ExpectationsObject]:
+        """Every FlowExpectations custom resource the source knows ("ns/name" -> object), also
+        those left out of the snapshot (with their problem). Its uid and generation are those of
+        the latest snapshot once it is published: both change together, between two awaits."""
+        return dict(self._objects)
 
     async def wait_synced(self) -> Snapshot:
         """The first complete snapshot, once every resource has been listed."""
@@ -473,8 +664,8 @@ class KubernetesSource:
     ) -> bool:
         """Merge-patch the `/status` subresource of a FlowExpectations object.
 
-        Returns False (and logs why) when the object is gone or the API refused; never raises
-        for the API's answer.
+        Returns False (and logs why, once per object and reason) when the object is gone or the
+        API refused; never raises for the API's answer.
         """
         body = {"status": dict(status)}
 
@@ -496,16 +687,16 @@ class KubernetesSource:
             finally:
                 answer.release_conn()
 
+        key = _key_text(namespace, name)
         try:
             await self._in_thread(patch)
         except _TRANSIENT as exc:
-            log.warning(
-                "cannot update the status of FlowExpectations %s/%s: %s",
-                namespace,
-                name,
-                _describe(exc),
-            )
+            why = _describe(exc)
+            if self._status_failures.get(key) != why:  # once per distinct reason
+                log.warning("cannot update the status of FlowExpectations %s: %s", key, why)
+                self._status_failures[key] = why
             return False
+        self._status_failures.pop(key, None)
         return True
 
     async def aclose(self) -> None:
@@ -581,6 +772,11 @@ class KubernetesSource:
             return self._core.list_namespace
         if resource.kind == "NetworkPolicy":
             return self._networking.list_network_policy_for_all_namespaces
+        if resource.kind == "ConfigMap":
+            return functools.partial(
+                self._core.list_config_map_for_all_namespaces,
+                label_selector=EXPECTATIONS_CONFIGMAP_SELECTOR,
+            )
         return functools.partial(
             self._custom.list_cluster_custom_object,
             FLOWEXPECTATIONS_GROUP,
@@ -700,17 +896,17 @@ class KubernetesSource:
                 try:
                     items, version = await self._in_thread(self._list_blocking, resource)
                 except ApiException as exc:
-                    if exc.status == 404 and resource.kind == "FlowExpectations":
-                        await self._crd_missing(state)
+                    if exc.status in (403, 404) and resource.kind in _OPTIONAL:
+                        await self._unavailable(state, exc)
                         continue
                     await self._pause(backoff, f"listing {resource.plural} failed", exc)
                     continue
                 except _TRANSIENT as exc:
                     await self._pause(backoff, f"listing {resource.plural} failed", exc)
                     continue
-                if state.crd_missing:
-                    log.info("the API serves FlowExpectations now")
-                    state.crd_missing = False
+                if state.unavailable:
+                    log.info("%s can be listed now", resource.plural)
+                    state.unavailable = False
                 self._inbox.put_nowait(_Replace(resource.kind, items))
                 state.resource_version = version or None
                 state.lists += 1
@@ -756,17 +952,23 @@ class KubernetesSource:
         )
         await asyncio.sleep(delay)
 
-    async def _crd_missing(self, state: _ResourceState) -> None:
-        if not state.crd_missing:
+    async def _unavailable(self, state: _ResourceState, exc: ApiException) -> None:
+        """An optional resource that cannot be listed: none of it, and look again later."""
+        if not state.unavailable:
+            if state.resource.kind == "FlowExpectations" and exc.status == 404:
+                why = (
+                    f"the API does not serve {FLOWEXPECTATIONS_PLURAL}.{FLOWEXPECTATIONS_GROUP}/"
+                    f"{FLOWEXPECTATIONS_VERSION} (is the CRD installed?)"
+                )
+            else:
+                why = f"listing {state.resource.plural} was refused ({_describe(exc)})"
             log.warning(
-                "the API does not serve %s.%s/%s (is the CRD installed?); no expectations from "
-                "the cluster, looking again every %.0f s",
-                FLOWEXPECTATIONS_PLURAL,
-                FLOWEXPECTATIONS_GROUP,
-                FLOWEXPECTATIONS_VERSION,
+                "%s; no expectations from %s, looking again every %.0f s",
+                why,
+                state.resource.plural,
                 self.settings.missing_crd_retry_seconds,
             )
-            state.crd_missing = True
+            state.unavailable = True
         state.resource_version = None
         self._inbox.put_nowait(_Replace(state.resource.kind, ()))
         await asyncio.sleep(self.settings.missing_crd_retry_seconds)
@@ -784,7 +986,7 @@ class KubernetesSource:
                 else:
                     self._apply_event(entry, before)
             if not self._synced.is_set():
-                if len(self._listed) == len(_RESOURCES):
+                if len(self._listed) == len(self._resources):
                     await self._publish(InventoryUpdate(self._build_snapshot(), initial=True))
                     self._synced.set()
                 continue
@@ -809,6 +1011,10 @@ class KubernetesSource:
                 del self._problems[(kind, key)]
         self._store[entry.kind] = new
         self._listed.add(entry.kind)
+        if entry.kind == "FlowExpectations":
+            self._objects = {
+                item.key: item.object for item in entry.items if item.object is not None
+            }
 
     def _apply_event(
         self, entry: _Event, before: dict[tuple[ObjectKind, str], _Model | None]
@@ -816,6 +1022,11 @@ class KubernetesSource:
         store = self._store[entry.kind]
         key = entry.item.key
         before.setdefault((entry.kind, key), store.get(key))
+        if entry.kind == "FlowExpectations":
+            if entry.deleted or entry.item.object is None:
+                self._objects.pop(key, None)
+            else:
+                self._objects[key] = entry.item.object
         if entry.deleted:
             store.pop(key, None)
             self._problems.pop((entry.kind, key), None)
@@ -826,14 +1037,19 @@ class KubernetesSource:
             store.pop(key, None)  # its current state is not understood; an old one would mislead
 
     def _readable(self, kind: ObjectKind, item: _Converted) -> bool:
-        """True if the item has a value; else log its problem, once per distinct problem."""
+        """True if the item has a value; log its problem, once per distinct problem."""
         if item.problem is None:
             self._problems.pop((kind, item.key), None)
-            return True
+            return item.value is not None
         if self._problems.get((kind, item.key)) != item.problem:
-            log.warning("%s %s is left out of the snapshot: %s", kind, item.key, item.problem)
+            if item.value is None:
+                log.warning("%s %s is left out of the snapshot: %s", kind, item.key, item.problem)
+            else:
+                log.warning(
+                    "%s %s: documents left out of the snapshot:\n%s", kind, item.key, item.problem
+                )
             self._problems[(kind, item.key)] = item.problem
-        return False
+        return item.value is not None
 
     def _changes(
         self, before: Mapping[tuple[ObjectKind, str], _Model | None]
@@ -862,19 +1078,241 @@ class KubernetesSource:
             return [store[key] for key in sorted(store)]
 
         namespaces = [n for n in ordered("Namespace") if isinstance(n, Namespace)]
+        expectations = [e for e in ordered("FlowExpectations") if isinstance(e, Expectations)]
+        taken = {e.key: e.source for e in expectations}
+        shadowed: dict[str, list[str]] = {}
+        configmaps = self._store["ConfigMap"]
+        for key in sorted(configmaps):
+            held = configmaps[key]
+            assert isinstance(held, ConfigMapExpectations)
+            for document in held.expectations:
+                if document.key in taken:
+                    shadowed.setdefault(key, []).append(
+                        f"{document.source}: FlowExpectations {document.key} is already declared "
+                        f"by {taken[document.key]}; this document is skipped"
+                    )
+                    continue
+                taken[document.key] = document.source
+                expectations.append(document)
+        self._note_shadowed({key: "\n".join(why) for key, why in shadowed.items()})
         return Snapshot(
             namespaces={n.name: n for n in namespaces},
             pods=tuple(p for p in ordered("Pod") if isinstance(p, Pod)),
             policies=tuple(p for p in ordered("NetworkPolicy") if isinstance(p, NetworkPolicy)),
-            expectations=tuple(
-                e for e in ordered("FlowExpectations") if isinstance(e, Expectations)
-            ),
+            expectations=tuple(expectations),
         )
+
+    def _note_shadowed(self, shadowed: dict[str, str]) -> None:
+        """Log each ConfigMap whose documents are declared elsewhere already, once per reason."""
+        for key, why in shadowed.items():
+            if self._shadowed.get(key) != why:
+                log.warning("ConfigMap %s: documents left out of the snapshot:\n%s", key, why)
+        self._shadowed = shadowed
 
     async def _publish(self, update: InventoryUpdate) -> None:
         self._snapshot = update.snapshot
         if self._on_update is not None:
             await self._on_update(update)
+
+
+# --- direct requests (probe pods, owners) ---------------------------------------------------------
+
+
+class KubeApiError(FlowproofError):
+    """A request the API refused (`status` is its HTTP status) or that got no answer (None)."""
+
+    def __init__(self, what: str, status: int | None, reason: str) -> None:
+        self.what = what
+        self.status = status
+        self.reason = reason
+        super().__init__(f"{what}: {reason}")
+
+
+@dataclass(frozen=True)
+class PodSummary:
+    """What the collector needs to know of a pod it manages."""
+
+    namespace: str
+    name: str
+    uid: str
+    labels: Mapping[str, str]
+    terminating: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+OwnerKind = Literal["Namespace", "FlowExpectations"]
+
+
+class KubeClient:
+    """Single requests for the objects the collector itself manages (probe pods) and for the
+    owners it names in them. The blocking client runs in this object's worker threads; a refused
+    or failed request raises KubeApiError, never the client's exceptions.
+
+    Use: `async with KubeClient(load_kube_config(...)) as client:`.
+    """
+
+    def __init__(
+        self,
+        configuration: Configuration,
+        *,
+        request_timeout_seconds: float = 30.0,
+        list_page_size: int = 500,
+    ) -> None:
+        self._api = ApiClient(configuration)
+        self._core = CoreV1Api(self._api)
+        self._custom = CustomObjectsApi(self._api)
+        self._timeout = (request_timeout_seconds, request_timeout_seconds)
+        self._page_size = list_page_size
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="kube-client"
+        )
+
+    async def list_pods(self, label_selector: str) -> list[PodSummary]:
+        """The pods of every namespace that `label_selector` selects."""
+
+        def run() -> list[PodSummary]:
+            pods: list[PodSummary] = []
+            token: str | None = None
+            while True:
+                body = self._json(
+                    self._core.list_pod_for_all_namespaces(
+                        label_selector=label_selector,
+                        limit=self._page_size,
+                        _continue=token,
+                        _preload_content=False,
+                        _request_timeout=self._timeout,
+                    )
+                )
+                items = body.get("items")
+                for item in items if isinstance(items, list) else ():
+                    if isinstance(item, Mapping):
+                        pods.append(_pod_summary(item))
+                token = _metadata(body).get("continue") or None
+                if token is None:
+                    return pods
+
+        return await self._call(f"listing pods ({label_selector})", run)
+
+    async def create_pod(
+        self, namespace: str, body: Mapping[str, Any]
+    ) -> Literal["created", "exists"]:
+        """Create a pod from `body` (as sent); "exists" when one of that name is there already."""
+        name = _metadata(body).get("name")
+
+        def run() -> Literal["created", "exists"]:
+            try:
+                self._json(
+                    self._core.create_namespaced_pod(
+                        namespace,
+                        cast(Any, dict(body)),  # a dict is sent as it is
+                        _preload_content=False,
+                        _request_timeout=self._timeout,
+                    )
+                )
+            except ApiException as exc:
+                if exc.status == 409:
+                    return "exists"
+                raise
+            return "created"
+
+        return await self._call(f"creating pod {namespace}/{name}", run)
+
+    async def delete_pod(
+        self, namespace: str, name: str, *, uid: str | None = None
+    ) -> Literal["deleted", "gone"]:
+        """Delete a pod (only the one with `uid`, if given); "gone" when there is none."""
+        options: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions"}
+        if uid:
+            options["preconditions"] = {"uid": uid}
+
+        def run() -> Literal["deleted", "gone"]:
+            try:
+                self._json(
+                    self._core.delete_namespaced_pod(
+                        name,
+                        namespace,
+                        body=cast(Any, options),
+                        _preload_content=False,
+                        _request_timeout=self._timeout,
+                    )
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    return "gone"
+                raise
+            return "deleted"
+
+        return await self._call(f"deleting pod {namespace}/{name}", run)
+
+    async def uid_of(self, kind: OwnerKind, namespace: str, name: str) -> str | None:
+        """The uid of a Namespace (`namespace` "") or a FlowExpectations; None if there is none."""
+
+        def run() -> str | None:
+            response: object
+            try:
+                if kind == "Namespace":
+                    response = self._core.read_namespace(
+                        name, _preload_content=False, _request_timeout=self._timeout
+                    )
+                else:
+                    response = self._custom.get_namespaced_custom_object(
+                        FLOWEXPECTATIONS_GROUP,
+                        FLOWEXPECTATIONS_VERSION,
+                        namespace,
+                        FLOWEXPECTATIONS_PLURAL,
+                        name,
+                        _preload_content=False,
+                        _request_timeout=self._timeout,
+                    )
+                uid = _metadata(self._json(response)).get("uid")
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            return uid if isinstance(uid, str) and uid else None
+
+        return await self._call(f"reading {kind} {_key_text(namespace, name)}", run)
+
+    async def aclose(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._api.close()  # type: ignore[no-untyped-call]
+
+    async def __aenter__(self) -> KubeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @staticmethod
+    def _json(response: object) -> Mapping[str, Any]:
+        answer = cast(urllib3.BaseHTTPResponse, response)
+        try:
+            return _read_json(answer)
+        finally:
+            answer.release_conn()
+
+    async def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.wrap_future(self._pool.submit(fn))
+        except ApiException as exc:
+            raise KubeApiError(what, exc.status, _describe(exc)) from exc
+        except (urllib3.exceptions.HTTPError, OSError, _StreamError, ConfigException) as exc:
+            raise KubeApiError(what, None, _describe(exc)) from exc
+
+
+def _pod_summary(obj: Mapping[str, Any]) -> PodSummary:
+    meta = _metadata(obj)
+    labels = meta.get("labels")
+    return PodSummary(
+        namespace=str(meta.get("namespace") or ""),
+        name=str(meta.get("name") or ""),
+        uid=str(meta.get("uid") or ""),
+        labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else {},
+        terminating=bool(meta.get("deletionTimestamp")),
+    )
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ validates everything at start; the runtime logs the result once. This module sta
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -17,7 +18,8 @@ from flowproof import settings as loader
 
 ENV_PREFIX = "FLOWPROOF_"
 SOURCES = ("kubernetes", "manifests")
-PROBE_POD_MODES = ("off", "lab")
+PROBE_POD_MODES = ("off", "lab", "kubernetes")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,24 @@ class CollectorSettings:
     cluster_dns_ip: str = "10.96.0.10"
     """The cluster DNS service address that `dns: cluster` flows query."""
     probe_pods: str = "off"
-    """Who creates probe pods for flows whose `from` matches no running pod: `off` or `lab`."""
+    """Who creates probe pods for flows whose `from` matches no running pod: `off`, `lab`, or
+    `kubernetes` (the collector, through the API, in `probe_pod_namespaces` only)."""
+    probe_pod_namespaces: tuple[str, ...] = ()
+    """With `--probe-pods kubernetes`: the only namespaces probe pods may be created in
+    (comma-separated in the env); a flow that needs one elsewhere stays INCONCLUSIVE."""
+    probe_pod_image: str = "registry.k8s.io/pause:3.10"
+    """With `--probe-pods kubernetes`: the image of a probe pod's one container (it only has to
+    keep running; the agent probes from the pod's network namespace)."""
     lab_name: str = "fp"
     """With `--probe-pods lab`: the lab to create them in."""
     lab_state_dir: str = "/var/lib/flowproof/lab"
     """With `--probe-pods lab`: the lab's state directory."""
+    expectations_configmaps: bool = False
+    """With `--source kubernetes`: also read expectations from ConfigMaps labelled
+    `flowproof.dev/expectations=true` in every namespace (needs list/watch on ConfigMaps)."""
+    status_interval_seconds: float = 15.0
+    """With `--source kubernetes`: write each FlowExpectations' status this often (and soon after
+    a status changes), only when it changed; 0 writes none."""
     state_refresh_seconds: float = 1.0
     """How often staleness is re-evaluated and feedback-latency samples are collected."""
     shutdown_grace_seconds: float = 5.0
@@ -72,6 +87,20 @@ class CollectorSettings:
             problems.append(
                 f"probe_pods: {self.probe_pods!r} is not one of {', '.join(PROBE_POD_MODES)}"
             )
+        if self.probe_pods == "kubernetes":
+            if self.source != "kubernetes":
+                problems.append("probe_pods: `kubernetes` needs --source kubernetes")
+            if not self.probe_pod_namespaces:
+                problems.append(
+                    "probe_pod_namespaces: --probe-pods kubernetes needs at least one namespace"
+                )
+            if not self.probe_pod_image.strip() or any(c.isspace() for c in self.probe_pod_image):
+                problems.append(f"probe_pod_image: {self.probe_pod_image!r} is not an image name")
+        for namespace in self.probe_pod_namespaces:
+            if not _DNS_LABEL.fullmatch(namespace):
+                problems.append(f"probe_pod_namespaces: {namespace!r} is not a namespace name")
+        if self.status_interval_seconds < 0:
+            problems.append("status_interval_seconds: must be 0 (no status) or more")
         for name in ("grpc_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name}: {getattr(self, name)} is outside 0-65535")

@@ -1,10 +1,12 @@
 """A fake Kubernetes API server that speaks the real list/watch wire protocol, for tests only.
 
 Owns an aiohttp app on 127.0.0.1 (port 0, its own thread and event loop) holding pods, namespaces,
-networking.k8s.io/v1 NetworkPolicies and flowproof.dev/v1alpha1 FlowExpectations under one global
-resourceVersion counter: paged lists, chunked `?watch=true` streams (history replay, bookmarks,
-timeoutSeconds, `410 Gone` as HTTP status or ERROR event), merge-patch of `/status`, bearer-token
-auth and TLS. Test controls change objects, expire history, drop connections and slow responses.
+ConfigMaps, networking.k8s.io/v1 NetworkPolicies and flowproof.dev/v1alpha1 FlowExpectations under
+one global resourceVersion counter: paged lists, chunked `?watch=true` streams (history replay,
+bookmarks, timeoutSeconds, `410 Gone` as HTTP status or ERROR event), `labelSelector` on lists and
+watches, GET of one object, POST (create) and DELETE of pods, merge-patch of `/status`, bearer-token
+auth and TLS. Test controls change objects, expire history, drop connections, slow responses and
+forbid paths.
 It is never used outside tests and never listens anywhere but 127.0.0.1.
 """
 
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import re
 import ssl
 import threading
 import time
@@ -58,6 +61,7 @@ RESOURCES: Final[Mapping[str, ResourceType]] = {
     for r in (
         ResourceType("pods", "Pod", "", "v1", namespaced=True),
         ResourceType("namespaces", "Namespace", "", "v1", namespaced=False),
+        ResourceType("configmaps", "ConfigMap", "", "v1", namespaced=True),
         ResourceType(
             "networkpolicies", "NetworkPolicy", "networking.k8s.io", "v1", namespaced=True
         ),
@@ -108,6 +112,92 @@ def merge_patch(target: object, patch: object) -> object:
     return result
 
 
+Selector = Callable[[Mapping[str, str]], bool]
+_SET_REQUIREMENT: Final = re.compile(r"([^\s!=,()]+)\s+(in|notin)\s+\(([^()]*)\)")
+_EQUALITY_REQUIREMENT: Final = re.compile(r"([^\s!=,()]+)\s*(==|=|!=)\s*([^\s!=,()]*)")
+_KEY: Final = re.compile(r"[^\s!=,()]+")
+
+
+def parse_label_selector(text: str) -> Selector:
+    """A `labelSelector` query parameter as the API server reads it: requirements joined by
+    commas, each `k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k` or `!k`.
+    Raises ValueError on anything else."""
+    requirements: list[tuple[str, str, frozenset[str]]] = []  # (key, operator, values)
+    for raw in _split_requirements(text):
+        requirement = raw.strip()
+        if found := _SET_REQUIREMENT.fullmatch(requirement):
+            key, operator, listed = found.groups()
+            values = frozenset(v.strip() for v in listed.split(",") if v.strip())
+            requirements.append((key, operator, values))
+        elif found := _EQUALITY_REQUIREMENT.fullmatch(requirement):
+            key, operator, value = found.groups()
+            requirements.append((key, "notin" if operator == "!=" else "in", frozenset({value})))
+        elif requirement.startswith("!") and _KEY.fullmatch(requirement[1:].strip()):
+            requirements.append((requirement[1:].strip(), "!", frozenset()))
+        elif _KEY.fullmatch(requirement):
+            requirements.append((requirement, "exists", frozenset()))
+        else:
+            raise ValueError(f"unable to parse requirement {requirement!r}")
+
+    def matches(labels: Mapping[str, str]) -> bool:
+        for key, operator, values in requirements:
+            present = key in labels
+            if operator == "exists" and not present:
+                return False
+            if operator == "!" and present:
+                return False
+            if operator == "in" and labels.get(key) not in values:
+                return False
+            if operator == "notin" and present and labels[key] in values:
+                return False
+        return True
+
+    return matches
+
+
+def _split_requirements(text: str) -> list[str]:
+    """Split at the commas that are not inside a value list."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def labels_of(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    return labels if isinstance(labels, Mapping) else {}
+
+
+def _as_seen(event: Obj, old: Obj | None, selector: Selector | None) -> Obj | None:
+    """The event as a watch with `selector` sees it (the API server's cacher): an update that
+    makes an object match is ADDED, one that makes it stop matching is DELETED (carrying the
+    previous content at the new resourceVersion), anything else that does not match is not sent."""
+    if selector is None or event["type"] not in ("ADDED", "MODIFIED", "DELETED"):
+        return event
+    obj = event["object"]
+    matches = selector(labels_of(obj))
+    if event["type"] != "MODIFIED" or old is None:
+        return event if matches else None
+    matched = selector(labels_of(old))
+    if matches and matched:
+        return event
+    if matches:
+        return {"type": "ADDED", "object": obj}
+    if matched:
+        previous = copy.deepcopy(old)
+        previous["metadata"]["resourceVersion"] = obj["metadata"]["resourceVersion"]
+        return {"type": "DELETED", "object": previous}
+    return None
+
+
 @dataclass(frozen=True)
 class RequestRecord:
     """One request the fake served (controls excluded): method, path and query."""
@@ -133,6 +223,7 @@ class _Watcher:
     namespace: str | None
     bookmarks: bool
     request: web.Request
+    selector: Selector | None = None
     queue: asyncio.Queue[Obj | None] = field(default_factory=asyncio.Queue)
 
 
@@ -142,6 +233,7 @@ class _History:
     plural: str
     namespace: str
     event: Obj
+    old: Obj | None = None  # the object before a MODIFIED event (for label selectors)
 
 
 _END: Final = None  # queue sentinel: end the watch stream cleanly
@@ -171,6 +263,8 @@ class FakeApiServer:
         in a 200 stream (what the API server does) or an HTTP 410 response."""
         self.requests: list[RequestRecord] = []
         self.patches: list[tuple[str, str, Obj]] = []  # (content type, path, body)
+        self.creations: list[tuple[str, Obj]] = []  # (path, body) of every POST, as received
+        self.deletions: list[tuple[str, Obj | None]] = []  # (path, body) of every DELETE
 
         self._objects: dict[str, dict[tuple[str, str], Obj]] = {p: {} for p in RESOURCES}
         self._rv = 1
@@ -180,6 +274,7 @@ class FakeApiServer:
         self._watchers: set[_Watcher] = set()
         self._in_flight: dict[int, web.Request] = {}
         self._failures: list[tuple[int, str | None]] = []  # (status, path substring)
+        self._forbidden: list[tuple[str, str | None]] = []  # (path substring, method or None)
         self._gate: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -391,6 +486,11 @@ class FakeApiServer:
         """Answer the next `count` requests (whose path contains `path_contains`) with `status`."""
         self._control(lambda: self._failures.extend([(status, path_contains)] * count))
 
+    def forbid(self, path_contains: str, *, method: str | None = None) -> None:
+        """From now on, answer 403 Forbidden (as RBAC does) to every request whose path contains
+        `path_contains` (and whose method is `method`, if given)."""
+        self._control(lambda: self._forbidden.append((path_contains, method)))
+
     def install_crd(self) -> None:
         self._control(lambda: setattr(self, "crd_installed", True))
 
@@ -439,13 +539,18 @@ class FakeApiServer:
         self._rv += 1
         return str(self._rv)
 
-    def _record(self, resource: ResourceType, event_type: EventType, obj: Obj) -> None:
+    def _record(
+        self, resource: ResourceType, event_type: EventType, obj: Obj, old: Obj | None = None
+    ) -> None:
         event = {"type": event_type, "object": copy.deepcopy(obj)}
         namespace = str(obj["metadata"].get("namespace", ""))
-        self._history.append(_History(self._rv, resource.plural, namespace, event))
+        old = copy.deepcopy(old)
+        self._history.append(_History(self._rv, resource.plural, namespace, event, old))
         for watcher in self._watchers:
             if watcher.resource is resource and watcher.namespace in (None, namespace):
-                watcher.queue.put_nowait(event)
+                seen = _as_seen(event, old, watcher.selector)
+                if seen is not None:
+                    watcher.queue.put_nowait(seen)
 
     def _create(self, obj: Obj) -> Obj:
         resource = resource_of(str(obj.get("kind")))
@@ -490,7 +595,7 @@ class FakeApiServer:
         meta["resourceVersion"] = self._next_rv()
         self._objects[resource.plural][key] = obj
         if not silent:
-            self._record(resource, "MODIFIED", obj)
+            self._record(resource, "MODIFIED", obj, old)
         return copy.deepcopy(obj)
 
     def _delete(self, resource: ResourceType, namespace: str, name: str) -> Obj:
@@ -537,6 +642,14 @@ class FakeApiServer:
             if contains is None or contains in path:
                 del self._failures[i]
                 return _error(status, "InternalError", f"injected failure {status}")
+        for contains, method in self._forbidden:
+            if contains in path and method in (None, request.method):
+                return _error(
+                    403,
+                    "Forbidden",
+                    f'{request.method} {path} is forbidden: User "system:serviceaccount:'
+                    'flowproof:flowproof-collector" cannot do this',
+                )
 
         route = _parse_path(path)
         if route is None:
@@ -547,25 +660,38 @@ class FakeApiServer:
         if resource.kind == "FlowExpectations" and not self.crd_installed:
             return _error(404, "NotFound", "the server could not find the requested resource")
 
+        selector: Selector | None = None
+        if request.query.get("labelSelector"):
+            try:
+                selector = parse_label_selector(request.query["labelSelector"])
+            except ValueError as exc:
+                return _error(400, "BadRequest", f"labelSelector: {exc}")
         if request.method == "GET" and name is None:
             if request.query.get("watch") in ("true", "1"):
-                return await self._watch(request, resource, namespace)
-            return self._list(request, resource, namespace)
+                return await self._watch(request, resource, namespace, selector)
+            return self._list(request, resource, namespace, selector)
         if request.method == "GET" and name is not None and subresource is None:
             found = self._objects[resource.plural].get((namespace or "", name))
             if found is None:
                 return _error(404, "NotFound", f'{resource.plural} "{name}" not found')
             return web.json_response(found)
+        if request.method == "POST" and name is None:
+            return await self._post(request, resource, namespace)
+        if request.method == "DELETE" and name is not None and subresource is None:
+            return await self._delete_request(request, resource, namespace or "", name)
         if request.method == "PATCH" and name is not None and subresource == "status":
             return await self._patch_status(request, resource, namespace or "", name)
         return _error(405, "MethodNotAllowed", f"{request.method} {path} is not served by the fake")
 
     def _list(
-        self, request: web.Request, resource: ResourceType, namespace: str | None
+        self,
+        request: web.Request,
+        resource: ResourceType,
+        namespace: str | None,
+        selector: Selector | None,
     ) -> web.StreamResponse:
-        for unsupported in ("labelSelector", "fieldSelector"):
-            if request.query.get(unsupported):
-                return _error(400, "BadRequest", f"the fake API does not support {unsupported}")
+        if request.query.get("fieldSelector"):
+            return _error(400, "BadRequest", "the fake API does not support fieldSelector")
         token = request.query.get("continue")
         if token:
             found = self._continues.pop(token, None)
@@ -583,7 +709,8 @@ class FakeApiServer:
             remaining = [
                 copy.deepcopy(obj)
                 for (ns, _), obj in sorted(self._objects[resource.plural].items())
-                if namespace is None or ns == namespace
+                if (namespace is None or ns == namespace)
+                and (selector is None or selector(labels_of(obj)))
             ]
             if resource.builtin:
                 for obj in remaining:
@@ -608,7 +735,11 @@ class FakeApiServer:
         )
 
     async def _watch(
-        self, request: web.Request, resource: ResourceType, namespace: str | None
+        self,
+        request: web.Request,
+        resource: ResourceType,
+        namespace: str | None,
+        selector: Selector | None,
     ) -> web.StreamResponse:
         rv_text = request.query.get("resourceVersion", "")
         try:
@@ -624,7 +755,8 @@ class FakeApiServer:
             initial = [
                 {"type": "ADDED", "object": copy.deepcopy(obj)}
                 for (ns, _), obj in sorted(self._objects[resource.plural].items())
-                if namespace is None or ns == namespace
+                if (namespace is None or ns == namespace)
+                and (selector is None or selector(labels_of(obj)))
             ]
         else:
             try:
@@ -634,18 +766,19 @@ class FakeApiServer:
             if since < self._compacted_rv:
                 gone = True
             else:
-                initial = [
-                    h.event
+                replayed = (
+                    _as_seen(h.event, h.old, selector)
                     for h in self._history
                     if h.rv > since
                     and h.plural == resource.plural
                     and namespace in (None, h.namespace)
-                ]
+                )
+                initial = [event for event in replayed if event is not None]
         if gone and self.gone_as == "http":
             return web.json_response(self._gone_status(resource, rv_text), status=410)
 
         # Registered before anything is awaited: no change can slip between replay and live.
-        watcher = _Watcher(resource, namespace, bookmarks, request)
+        watcher = _Watcher(resource, namespace, bookmarks, request, selector)
         if not gone:
             self._watchers.add(watcher)
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
@@ -666,6 +799,72 @@ class FakeApiServer:
         finally:
             self._watchers.discard(watcher)
         return response
+
+    async def _post(
+        self, request: web.Request, resource: ResourceType, namespace: str | None
+    ) -> web.StreamResponse:
+        """Create an object (the API's POST to the collection)."""
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return _error(400, "BadRequest", "the body is not JSON")
+        self.creations.append((request.path, copy.deepcopy(body)))
+        if not isinstance(body, dict):
+            return _error(400, "BadRequest", "the body is not an object")
+        meta = body.setdefault("metadata", {})
+        body.setdefault("kind", resource.kind)
+        if body.get("kind") != resource.kind:
+            return _error(
+                400, "BadRequest", f"kind {body.get('kind')!r} posted to {resource.plural}"
+            )
+        if resource.namespaced:
+            if namespace is None:
+                return _error(405, "MethodNotAllowed", "create a namespaced object in a namespace")
+            given = meta.get("namespace")
+            if given not in (None, "", namespace):
+                return _error(
+                    400,
+                    "BadRequest",
+                    "the namespace of the provided object does not match the namespace sent on "
+                    "the request",
+                )
+            meta["namespace"] = namespace
+            if ("", namespace) not in self._objects["namespaces"]:
+                return _error(404, "NotFound", f'namespaces "{namespace}" not found')
+        if not meta.get("name"):
+            return _error(422, "Invalid", "metadata.name: Required value: name is required")
+        if self._key(resource, meta) in self._objects[resource.plural]:
+            return _error(
+                409, "AlreadyExists", f'{resource.plural} "{meta["name"]}" already exists'
+            )
+        for server_owned in ("uid", "resourceVersion", "creationTimestamp", "generation"):
+            meta.pop(server_owned, None)
+        return web.json_response(self._create(body), status=201)
+
+    async def _delete_request(
+        self, request: web.Request, resource: ResourceType, namespace: str, name: str
+    ) -> web.StreamResponse:
+        """Delete one object (at once: the fake has no kubelet to wait for)."""
+        raw = await request.read()
+        try:
+            options = json.loads(raw) if raw else None
+        except ValueError:
+            return _error(400, "BadRequest", "the body is not JSON")
+        self.deletions.append((request.path, copy.deepcopy(options)))
+        key = (namespace if resource.namespaced else "", name)
+        found = self._objects[resource.plural].get(key)
+        if found is None:
+            return _error(404, "NotFound", f'{resource.plural} "{name}" not found')
+        preconditions = options.get("preconditions") if isinstance(options, dict) else None
+        wanted = preconditions.get("uid") if isinstance(preconditions, dict) else None
+        if wanted and wanted != found["metadata"]["uid"]:
+            return _error(
+                409,
+                "Conflict",
+                f"Precondition failed: UID in precondition: {wanted}, UID in object meta: "
+                f"{found['metadata']['uid']}",
+            )
+        return web.json_response(self._delete(resource, namespace, name))
 
     async def _patch_status(
         self, request: web.Request, resource: ResourceType, namespace: str, name: str
@@ -697,7 +896,7 @@ class FakeApiServer:
             new.pop("status", None)
         new["metadata"]["resourceVersion"] = self._next_rv()
         self._objects[resource.plural][key] = new
-        self._record(resource, "MODIFIED", new)
+        self._record(resource, "MODIFIED", new, old)
         return web.json_response(new)
 
 

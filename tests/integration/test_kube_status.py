@@ -1,0 +1,406 @@
+"""FlowExpectations status: the collector's verdicts written to `/status` through the real client.
+
+A real Collector is fed by a KubernetesSource over the fake API server (as the runtime feeds it);
+probe results are handed to it as an agent's would be. `expectations_status` is also tested on its
+own, table-style.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector.changes import diff_snapshots
+from collector.checking import Status
+from collector.cluster import (
+    MAX_STATUS_FAILURES,
+    expectations_status,
+    status_patch,
+    status_publisher,
+)
+from collector.flowstate import DeclaredStatus
+from collector.kube import (
+    ExpectationsObject,
+    InventoryUpdate,
+    KubernetesSource,
+    KubeSourceSettings,
+    load_kube_config,
+)
+from collector.model import Snapshot
+from collector.runtime import Collector
+from collector.settings import CollectorSettings
+from flowproof.probes import Outcome, ProbeResult
+from tests.fakeapi import FakeApiServer
+from tests.fakeapi.builders import (
+    TOKEN,
+    kubeconfig_for,
+    make_expectations,
+    make_flow,
+    make_namespace,
+    make_pod,
+    make_policy,
+)
+
+NOW = 1_800_000_000.0
+NOW_TEXT = "2027-01-15T08:00:00Z"
+STATUS_PATH = "/apis/flowproof.dev/v1alpha1/namespaces/shop/flowexpectations/{}/status"
+ZERO = {
+    "PASS": 0,
+    "REQUIRED_BLOCKED": 0,
+    "FORBIDDEN_OPEN": 0,
+    "POLICY_MISMATCH": 0,
+    "ENFORCEMENT_DRIFT": 0,
+    "INCONCLUSIVE": 0,
+    "PENDING": 0,
+    "STALE": 0,
+}
+
+
+async def eventually(condition: Callable[[], object], within: float = 3.0) -> None:
+    async with asyncio.timeout(within):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def server() -> Iterator[FakeApiServer]:
+    with FakeApiServer(token=TOKEN) as fake:
+        fake.create(make_namespace("shop"))
+        fake.create(make_pod("web", labels={"app": "web"}, ip="10.244.1.10"))
+        fake.create(make_pod("api", labels={"app": "api"}, ip="10.244.1.11"))
+        fake.create(make_policy("api-ingress"))  # web -> api 8080 is allowed
+        yield fake
+
+
+@pytest.fixture
+def kubeconfig(tmp_path: Path, server: FakeApiServer) -> str:
+    return kubeconfig_for(tmp_path / "kubeconfig", server.url)
+
+
+@dataclass
+class Loop:
+    collector: Collector
+    source: KubernetesSource
+    publisher: asyncio.Task[None]
+    stop: asyncio.Event
+
+
+@contextlib.asynccontextmanager
+async def publishing(kubeconfig: str, *, interval: float) -> AsyncIterator[Loop]:
+    """A collector fed by a source, its status publisher running (debounce 50 ms)."""
+    collector = Collector(
+        CollectorSettings(token="t", status_interval_seconds=interval), clock=lambda: NOW
+    )
+    previous: list[Snapshot | None] = [None]
+    generation = [0]
+
+    async def on_update(update: InventoryUpdate) -> None:
+        generation[0] += 1
+        change = diff_snapshots(previous[0], update.snapshot, generation=generation[0], at=NOW)
+        previous[0] = update.snapshot
+        await collector.on_snapshot(update.snapshot, change)
+
+    stop = asyncio.Event()
+    async with KubernetesSource(
+        load_kube_config(kubeconfig),
+        settings=KubeSourceSettings(backoff_initial_seconds=0.05, backoff_max_seconds=0.2),
+        on_update=on_update,
+    ) as source:
+        runner = asyncio.create_task(source.run())
+        publisher = asyncio.create_task(
+            status_publisher(collector, source, stop, debounce_seconds=0.05)
+        )
+        try:
+            await asyncio.wait_for(source.wait_synced(), 5)
+            yield Loop(collector, source, publisher, stop)
+        finally:
+            stop.set()
+            await asyncio.wait_for(publisher, 5)
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+
+def status_of(server: FakeApiServer, name: str) -> dict[str, Any]:
+    found = server.get("FlowExpectations", "shop", name)
+    assert found is not None
+    return dict(found.get("status") or {})
+
+
+def patches_of(server: FakeApiServer, name: str) -> list[dict[str, Any]]:
+    return [body["status"] for _, path, body in server.patches if path == STATUS_PATH.format(name)]
+
+
+def attempts(server: FakeApiServer, name: str) -> int:
+    """PATCH requests for the object's status, answered or refused."""
+    path = STATUS_PATH.format(name)
+    return sum(1 for r in list(server.requests) if r.method == "PATCH" and r.path == path)
+
+
+def probe_everything(collector: Collector, outcome: Outcome) -> None:
+    """Every due assignment comes back with `outcome`, as an agent would report it."""
+    for i, assignment in enumerate(collector.planner.due(NOW + 3600)):
+        collector.on_result(
+            ProbeResult(
+                id=f"r-{assignment.id}-{i}",
+                assignment=assignment,
+                outcome=outcome,
+                latency_seconds=0.001,
+                node="node-1",
+                started_at=NOW,
+            )
+        )
+
+
+# --- through the API ------------------------------------------------------------------------------
+
+
+async def test_status_is_written_per_object_and_follows_its_flows(
+    server: FakeApiServer, kubeconfig: str
+) -> None:
+    server.create(make_expectations("shop-flows"))
+    server.create(make_expectations("wrong-flows", flows=[make_flow("web-not-api", expect="deny")]))
+    async with publishing(kubeconfig, interval=60) as loop:
+        await eventually(
+            lambda: status_of(server, "shop-flows") and status_of(server, "wrong-flows")
+        )
+        assert status_of(server, "shop-flows") == {
+            "observedGeneration": 1,
+            "flows": 1,
+            "failing": 0,
+            "counts": {**ZERO, "PENDING": 1},
+            "failures": [],
+        }
+        [first] = patches_of(server, "shop-flows")
+        assert first["lastVerified"] is None and first["problem"] is None, (
+            "fields the status does not have are removed by the merge patch"
+        )
+        wrong = status_of(server, "wrong-flows")
+        assert wrong["failing"] == 1
+        assert wrong["counts"] == {**ZERO, "POLICY_MISMATCH": 1}
+        [failure] = wrong["failures"]
+        assert failure["name"] == "web-not-api" and failure["status"] == "POLICY_MISMATCH"
+        assert "intent deny" in failure["reason"]
+
+        probe_everything(loop.collector, Outcome.CONNECTED)  # a status change: written soon
+        await eventually(lambda: status_of(server, "shop-flows")["counts"]["PASS"] == 1)
+        assert status_of(server, "shop-flows") == {
+            "observedGeneration": 1,
+            "lastVerified": NOW_TEXT,
+            "flows": 1,
+            "failing": 0,
+            "counts": {**ZERO, "PASS": 1},
+            "failures": [],
+        }
+
+        server.update(make_expectations("shop-flows", flows=[make_flow(port="9090/TCP")]))
+        await eventually(lambda: status_of(server, "shop-flows")["observedGeneration"] == 2)
+        changed = status_of(server, "shop-flows")
+        assert changed["counts"] == {**ZERO, "POLICY_MISMATCH": 1}
+        assert changed["failures"][0]["status"] == "POLICY_MISMATCH"
+        assert "lastVerified" not in changed, "a flow waiting for its first probe has none"
+
+
+async def test_an_unchanged_status_is_not_written_again(
+    server: FakeApiServer, kubeconfig: str
+) -> None:
+    server.create(make_expectations("shop-flows"))
+    async with publishing(kubeconfig, interval=0.05) as loop:
+        await eventually(lambda: len(patches_of(server, "shop-flows")) == 1)
+        written = status_of(server, "shop-flows")
+        await asyncio.sleep(0.5)  # ten intervals
+        assert len(patches_of(server, "shop-flows")) == 1
+        assert loop.source.snapshot is loop.collector.snapshot, (
+            "our own status write is no new snapshot"
+        )
+
+        # A restarted collector finds the status in place and writes nothing either.
+        again = asyncio.Event()
+        restarted = asyncio.create_task(
+            status_publisher(loop.collector, loop.source, again, debounce_seconds=0.05)
+        )
+        await asyncio.sleep(0.3)
+        again.set()
+        await asyncio.wait_for(restarted, 5)
+        assert len(patches_of(server, "shop-flows")) == 1
+        assert status_of(server, "shop-flows") == written
+
+
+async def test_a_rejected_object_gets_a_problem_that_goes_when_it_is_fixed(
+    server: FakeApiServer, kubeconfig: str
+) -> None:
+    broken = make_expectations("shop-flows")
+    broken["spec"]["flows"][0]["from"] = {
+        "namespace": "shop",
+        "namespaceSelector": {"matchLabels": {"team": "shop"}},
+    }
+    server.create(broken)
+    async with publishing(kubeconfig, interval=0.1):
+        await eventually(lambda: "problem" in status_of(server, "shop-flows"))
+        status = status_of(server, "shop-flows")
+        assert "namespaceSelector" in status["problem"]
+        assert status["flows"] == 1 and status["failing"] == 0
+        assert status["counts"] == ZERO
+
+        server.update(make_expectations("shop-flows"))
+        await eventually(lambda: "problem" not in status_of(server, "shop-flows"))
+        assert patches_of(server, "shop-flows")[-1]["problem"] is None
+        assert status_of(server, "shop-flows")["counts"] == {**ZERO, "PENDING": 1}
+
+
+async def test_api_errors_never_end_the_publisher(
+    server: FakeApiServer, kubeconfig: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="collector.kube")
+    server.create(make_expectations("shop-flows"))
+    server.fail_next(2, status=500, path_contains="/status")
+    async with publishing(kubeconfig, interval=0.05) as loop:
+        await eventually(lambda: status_of(server, "shop-flows"))
+        assert attempts(server, "shop-flows") == 3, "two refused, the third written"
+        server.forbid("/status")
+        server.update(make_expectations("shop-flows", flows=[make_flow(port="9090/TCP")]))
+        await eventually(lambda: attempts(server, "shop-flows") >= 6)
+        assert not loop.publisher.done()
+        assert status_of(server, "shop-flows")["observedGeneration"] == 1
+    refused = [r.getMessage() for r in caplog.records if "403" in r.getMessage()]
+    assert len(refused) == 1, "a persistent refusal is logged once"
+    assert "shop/shop-flows" in refused[0]
+
+
+# --- the status of one object ---------------------------------------------------------------------
+
+
+def obj(*, flows: int = 2, problem: str | None = None) -> ExpectationsObject:
+    return ExpectationsObject(
+        namespace="shop",
+        name="shop-flows",
+        uid="u-1",
+        generation=3,
+        flows=flows,
+        problem=problem,
+        status={},
+    )
+
+
+def declared(
+    flow: str, status: Status, *, verified: float | None = NOW, pairs: int = 1, reason: str = "r"
+) -> DeclaredStatus:
+    return DeclaredStatus(
+        expectation="shop/shop-flows",
+        namespace="shop",
+        flow=flow,
+        intent=True,
+        status=status,
+        reason=reason,
+        counts={status: pairs} if pairs else {},
+        pairs_covered=pairs,
+        pairs_total=pairs,
+        observed_allowed=0,
+        observed_denied=0,
+        last_verified_at=verified if pairs else None,
+    )
+
+
+STATUS_CASES = [
+    pytest.param(
+        obj(),
+        [declared("a", "PASS", verified=NOW), declared("b", "PASS", verified=NOW + 60)],
+        {"lastVerified": NOW_TEXT, "failing": 0, "counts": {**ZERO, "PASS": 2}, "failures": []},
+        id="lastVerified is the oldest last verification among the flows",
+    ),
+    pytest.param(
+        obj(),
+        [declared("a", "PASS"), declared("b", "PENDING", verified=None)],
+        {"failing": 0, "counts": {**ZERO, "PASS": 1, "PENDING": 1}, "failures": []},
+        id="no lastVerified while a flow waits for its first probe",
+    ),
+    pytest.param(
+        obj(),
+        [declared("a", "PASS"), declared("b", "PASS", pairs=0)],
+        {"lastVerified": NOW_TEXT, "failing": 0, "counts": {**ZERO, "PASS": 2}, "failures": []},
+        id="a flow that matches no pod (allowEmpty) does not hold lastVerified back",
+    ),
+    pytest.param(
+        obj(flows=3),
+        [
+            declared("a", "INCONCLUSIVE", verified=None, reason="no agent on node-1"),
+            declared("b", "FORBIDDEN_OPEN", reason="declared deny"),
+            declared("c", "STALE"),
+        ],
+        {
+            "failing": 1,
+            "counts": {**ZERO, "INCONCLUSIVE": 1, "FORBIDDEN_OPEN": 1, "STALE": 1},
+            "failures": [
+                {
+                    "name": "b",
+                    "status": "FORBIDDEN_OPEN",
+                    "reason": "declared deny",
+                    "lastVerified": NOW_TEXT,
+                },
+                {"name": "a", "status": "INCONCLUSIVE", "reason": "no agent on node-1"},
+            ],
+        },
+        id="failures are the failing and inconclusive flows, worst first",
+    ),
+    pytest.param(
+        obj(flows=2),
+        [],
+        {"failing": 0, "counts": {**ZERO, "PENDING": 2}, "failures": []},
+        id="flows not planned yet count as PENDING",
+    ),
+    pytest.param(
+        obj(flows=4, problem="api:x: spec.flows[0].from: namespace and namespaceSelector"),
+        [declared("a", "PASS")],
+        {
+            "failing": 0,
+            "counts": ZERO,
+            "failures": [],
+            "problem": "api:x: spec.flows[0].from: namespace and namespaceSelector",
+        },
+        id="a rejected object has its problem and no verdicts",
+    ),
+]
+
+
+@pytest.mark.parametrize(("held", "flows", "expected"), STATUS_CASES)
+def test_the_status_of_one_object(
+    held: ExpectationsObject, flows: list[DeclaredStatus], expected: dict[str, Any]
+) -> None:
+    status = expectations_status(held, flows)
+    assert status == {"observedGeneration": 3, "flows": held.flows, **expected}
+
+
+def test_failures_are_capped_and_counts_keep_the_totals() -> None:
+    flows = [declared(f"f{i:03}", "REQUIRED_BLOCKED") for i in range(150)]
+    flows.append(declared("z-worst", "REQUIRED_BLOCKED"))
+    status = expectations_status(obj(flows=151), flows)
+    assert len(status["failures"]) == MAX_STATUS_FAILURES
+    assert status["failures"][0]["name"] == "f000"
+    assert status["counts"]["REQUIRED_BLOCKED"] == status["failing"] == 151
+
+
+def test_a_long_reason_is_shortened() -> None:
+    status = expectations_status(obj(flows=1), [declared("a", "INCONCLUSIVE", reason="x" * 5000)])
+    assert len(status["failures"][0]["reason"]) == 1000
+
+
+def test_the_patch_removes_what_the_status_no_longer_has() -> None:
+    patch = status_patch({"flows": 1}, {"flows": 2, "problem": "p", "someoneElse": 1})
+    assert patch == {
+        "flows": 1,
+        "observedGeneration": None,
+        "lastVerified": None,
+        "failing": None,
+        "counts": None,
+        "failures": None,
+        "problem": None,
+        "someoneElse": None,
+    }
