@@ -32,6 +32,7 @@ from collector.model import (
     Rule,
     Snapshot,
 )
+from lab.cluster import policy_manifest
 
 TEAMS = ("payments", "search", "identity", "checkout", "platform", "data")
 ENVS = ("prod", "staging", "dev")
@@ -96,7 +97,7 @@ def write_manifests(snapshot: Snapshot, directory: Path) -> None:
         directory / "namespaces.yaml", [_namespace_doc(ns) for ns in snapshot.namespaces.values()]
     )
     _dump(directory / "pods.yaml", [_pod_doc(pod) for pod in snapshot.pods])
-    _dump(directory / "networkpolicies.yaml", [_policy_doc(p) for p in snapshot.policies])
+    _dump(directory / "networkpolicies.yaml", [policy_manifest(p) for p in snapshot.policies])
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -353,71 +354,6 @@ def _pod_doc(pod: Pod) -> dict[str, Any]:
     if pod.uid:
         metadata["uid"] = pod.uid
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec, "status": status}
-
-
-def _selector_doc(selector: LabelSelector) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    if selector.match_labels:
-        doc["matchLabels"] = dict(selector.match_labels)
-    if selector.match_expressions:
-        doc["matchExpressions"] = [
-            {
-                "key": r.key,
-                "operator": r.operator,
-                **({"values": list(r.values)} if r.values else {}),
-            }
-            for r in selector.match_expressions
-        ]
-    return doc
-
-
-def _peer_doc(peer: Peer) -> dict[str, Any]:
-    if peer.ip_block is not None:
-        block: dict[str, Any] = {"cidr": str(peer.ip_block.cidr)}
-        if peer.ip_block.excepts:
-            block["except"] = [str(e) for e in peer.ip_block.excepts]
-        return {"ipBlock": block}
-    doc: dict[str, Any] = {}
-    if peer.pod_selector is not None:
-        doc["podSelector"] = _selector_doc(peer.pod_selector)
-    if peer.namespace_selector is not None:
-        doc["namespaceSelector"] = _selector_doc(peer.namespace_selector)
-    return doc
-
-
-def _port_doc(port: PolicyPort) -> dict[str, Any]:
-    doc: dict[str, Any] = {"protocol": port.protocol}
-    if port.port is not None:
-        doc["port"] = port.port
-    if port.end_port is not None:
-        doc["endPort"] = port.end_port
-    return doc
-
-
-def _rule_doc(rule: Rule, peers_key: str) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    if rule.peers:
-        doc[peers_key] = [_peer_doc(p) for p in rule.peers]
-    if rule.ports:
-        doc["ports"] = [_port_doc(p) for p in rule.ports]
-    return doc
-
-
-def _policy_doc(policy: NetworkPolicy) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "podSelector": _selector_doc(policy.pod_selector),
-        "policyTypes": [t.capitalize() for t in policy.policy_types],
-    }
-    if "ingress" in policy.policy_types or policy.ingress:
-        spec["ingress"] = [_rule_doc(r, "from") for r in policy.ingress]
-    if "egress" in policy.policy_types or policy.egress:
-        spec["egress"] = [_rule_doc(r, "to") for r in policy.egress]
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"name": policy.name, "namespace": policy.namespace},
-        "spec": spec,
-    }
 
 
 def _dump(path: Path, docs: list[dict[str, Any]]) -> None:
