@@ -25,8 +25,9 @@ from collector.changes import ChangeEvent, diff_snapshots
 from collector.dispatching import Dispatcher
 from collector.errors import ConfigurationError
 from collector.flowstate import FlowState, StatusChange
+from collector.metrics import CollectorMetrics, LoopStatus
 from collector.model import Snapshot
-from collector.planning import Planner, ProbePodRequest
+from collector.planning import Plan, Planner, ProbePodRequest, is_probe_pod, is_running
 from collector.settings import CollectorSettings, load_settings
 from flowproof import __version__
 from flowproof.probes import ProbeResult
@@ -62,10 +63,13 @@ class Collector:
         self.generation = 0
         self.started_at = clock()
         self._probe_pods = probe_pods
+        self._probe_pod_keys: frozenset[str] | None = None  # what the manager was last told
         self._wake = asyncio.Event()
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._synced = asyncio.Event()
         self.results_total = 0
+        self.results_unplanned_total = 0
+        self.metrics: CollectorMetrics | None = None
 
     # -- inputs ------------------------------------------------------------------------------------
 
@@ -79,17 +83,25 @@ class Collector:
         self._emit_changes(changes)
         self._emit("snapshot", {"generation": change.generation, "change": change.describe()})
         if self._probe_pods is not None:
-            try:
-                await self._probe_pods(update.plan.probe_pods)
-            except Exception:
-                log.exception("probe pods could not be reconciled; flows stay INCONCLUSIVE")
+            needed = needed_probe_pods(update.plan)
+            keys = frozenset(r.key for r in needed)
+            if keys != self._probe_pod_keys:  # the manager is asked only when the set changes
+                try:
+                    await self._probe_pods(needed)
+                    self._probe_pod_keys = keys
+                except Exception:
+                    log.exception("probe pods could not be reconciled; flows stay INCONCLUSIVE")
         self._synced.set()
         self._wake.set()
 
     def on_result(self, result: ProbeResult) -> None:
         """A result from an agent (exactly once per result id)."""
         self.results_total += 1
-        self.planner.completed(result.assignment_id)
+        if self.planner.completed(result.assignment_id) is None:
+            # Issued by an earlier collector (a restart) or given up on: delivered, not lost.
+            self.results_unplanned_total += 1
+        if self.metrics is not None:
+            self.metrics.observe_result(result)
         effect = self.state.record_result(result)
         self._emit(
             "result",
@@ -107,6 +119,11 @@ class Collector:
         self._emit_changes(effect.changes)
         self._wake.set()
 
+    @property
+    def manages_probe_pods(self) -> bool:
+        """Whether someone creates the probe pods the plan requests (then they are worth a wait)."""
+        return self._probe_pods is not None
+
     # -- listeners ---------------------------------------------------------------------------------
 
     def subscribe(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
@@ -115,7 +132,8 @@ class Collector:
 
     def _emit_changes(self, changes: Sequence[StatusChange]) -> None:
         for change in changes:
-            self._emit("status", change.to_dict())
+            # StatusChange.to_dict() does not name its flow: the listeners need the key.
+            self._emit("status", {"key": change.flow_key, **change.to_dict()})
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         for listener in self._listeners:
@@ -143,6 +161,9 @@ class Collector:
         """Re-judge freshness (STALE) on a steady beat."""
         while not stop.is_set():
             self._emit_changes(self.state.refresh())
+            samples = self.state.take_latency_samples()
+            if self.metrics is not None:
+                self.metrics.observe_latency(samples)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.state_refresh_seconds)
 
@@ -155,6 +176,23 @@ class Collector:
 
     def wake(self) -> None:
         self._wake.set()
+
+
+def needed_probe_pods(plan: Plan) -> list[ProbePodRequest]:
+    """Every probe pod the plan needs: those it requests and those it already probes from.
+
+    `plan.probe_pods` holds only the ones not running yet; a running probe pod that still stands
+    for a flow's `from` must be kept, so the manager can delete exactly the rest.
+    """
+    requests = {r.key: r for r in plan.probe_pods}
+    for flow in plan.flows.values():
+        source = flow.source
+        if flow.kind != "declared" or not is_probe_pod(source) or not is_running(source):
+            continue
+        request = ProbePodRequest(source.namespace, tuple(sorted(source.labels.items())))
+        if request.key == source.key:  # one made from a request (not someone else's pod)
+            requests.setdefault(request.key, request)
+    return [requests[key] for key in sorted(requests)]
 
 
 async def _first(*events: asyncio.Event) -> None:
@@ -208,29 +246,46 @@ async def kubernetes_watcher(collector: Collector, stop: asyncio.Event) -> None:
 # --- HTTP -----------------------------------------------------------------------------------------
 
 
+def loop_status(collector: Collector) -> LoopStatus:
+    """The loop numbers only the runtime knows (for /metrics and the web view)."""
+    stats = collector.planner.stats
+    return LoopStatus(
+        agent_nodes=frozenset(a.node for a in collector.dispatcher.agents()),
+        assignments_queued=collector.dispatcher.pending_count(),
+        assignments_in_flight=collector.planner.in_flight,
+        assignments_issued_total=stats.issued_total,
+        assignment_retries_total=stats.retries_total,
+        assignments_lost_total=stats.lost_total,
+        assignments_rate_limited_total=stats.rate_limited_total,
+    )
+
+
 def build_http_app(collector: Collector) -> web.Application:
-    """Health, readiness, verify, and (when present) the web view, API and metrics."""
+    """Health, readiness, verify, the web view, the JSON API and /metrics."""
+    from prometheus_client import CollectorRegistry
+
     from collector.verifying import add_verify_routes
+    from collector.web import Broadcaster, StateView, build_web_app
 
-    app: web.Application
-    try:
-        from collector.web import build_web_app
-    except ImportError:
-        app = web.Application()
-    else:
-        app = build_web_app(collector=collector)
+    def status() -> LoopStatus:
+        return loop_status(collector)
+
+    metrics = CollectorMetrics(CollectorRegistry(), state=collector.state, loop_status=status)
+    broadcaster = Broadcaster()
+    collector.subscribe(broadcaster.publish)
+    collector.metrics = metrics
+    app = build_web_app(
+        state_view=StateView(
+            state=collector.state,
+            loop_status=status,
+            agents=collector.dispatcher.agents,
+            ready=lambda: collector.snapshot is not None,
+            generation=lambda: collector.generation,
+        ),
+        metrics=metrics,
+        broadcaster=broadcaster,
+    )
     add_verify_routes(app, collector)
-    if not any(r.resource and r.resource.canonical == "/healthz" for r in app.router.routes()):
-
-        async def healthz(_: web.Request) -> web.Response:
-            return web.json_response({"ok": True, "version": __version__})
-
-        async def readyz(_: web.Request) -> web.Response:
-            ready = collector.snapshot is not None
-            return web.json_response({"ready": ready}, status=200 if ready else 503)
-
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
     return app
 
 

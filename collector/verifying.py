@@ -1,9 +1,9 @@
 """`flowproof verify`: run every expectation now against a running collector and report.
 
-The collector side (`add_verify_routes`) serves `POST /api/v1/verify`: it waits for the inventory
-and for an agent on every node that sources a flow, probes every declared flow at once, waits until
-each has a settled result of a probe started after the request (or the timeout), and answers with
-the rows. The client side (`main`) prints a table grouped by status, writes JUnit, JSON and
+The collector side (`add_verify_routes`) serves `POST /api/v1/verify`: it waits for the inventory,
+for the probe pods the plan requests and for an agent on every node that sources a flow, probes
+every declared flow at once, waits until each has a settled result of a probe started after the
+request (or the timeout), and answers with the rows. The client side (`main`) prints a table grouped by status, writes JUnit, JSON and
 Markdown, and exits 0 when every expectation holds, 1 when any fails, 2 when it could not decide.
 """
 
@@ -51,7 +51,45 @@ def add_verify_routes(app: web.Application, collector: Collector) -> None:
             return web.json_response({"error": 'body must be {"timeout_seconds": N}'}, status=400)
         return web.json_response(await run_verification(collector, timeout))
 
+    async def loop_counters(_: web.Request) -> web.Response:
+        return web.json_response(loop_counters_of(collector))
+
     app.router.add_post("/api/v1/verify", verify)
+    app.router.add_get("/api/v1/debug/loop", loop_counters)
+
+
+def loop_counters_of(collector: Collector) -> dict[str, Any]:
+    """Read-only counters of the loop: results delivered once, duplicates dropped, agents.
+
+    The lab tests use them to prove that restarting an agent or the collector loses no result and
+    counts none twice.
+    """
+    stats = collector.planner.stats
+    dispatcher = collector.dispatcher
+    return {
+        "generation": collector.generation,
+        "results_total": collector.results_total,
+        "results_unplanned_total": collector.results_unplanned_total,
+        "delivered_total": dispatcher.delivered_total,
+        "duplicates_total": dispatcher.duplicates_total,
+        "pending": dispatcher.pending_count(),
+        "in_flight": collector.planner.in_flight,
+        "issued_total": stats.issued_total,
+        "retries_total": stats.retries_total,
+        "lost_total": stats.lost_total,
+        "rate_limited_total": stats.rate_limited_total,
+        "started_at": collector.started_at,
+        "agents": [
+            {
+                "node": a.node,
+                "instance_id": a.instance_id,
+                "connected_at": a.connected_at,
+                "in_flight": a.assignments_in_flight,
+                "results_dropped_total": a.results_dropped_total,
+            }
+            for a in dispatcher.agents()
+        ],
+    }
 
 
 async def run_verification(collector: Collector, timeout_seconds: float) -> dict[str, Any]:
@@ -60,6 +98,7 @@ async def run_verification(collector: Collector, timeout_seconds: float) -> dict
     deadline = time.monotonic() + timeout
     if not await collector.wait_synced(max(0.0, deadline - time.monotonic())):
         return _undecided(collector, "the collector has no inventory yet")
+    starting = await _wait_for_probe_pods(collector, deadline)
     missing = await _wait_for_agents(collector, deadline)
     since = collector.clock()
     queued = collector.planner.expedite()
@@ -70,6 +109,8 @@ async def run_verification(collector: Collector, timeout_seconds: float) -> dict
         waiting = collector.state.awaiting(since)
     rows = [r.to_dict() for r in sort_rows(collector.state.report_rows())]
     reasons = []
+    if starting:
+        reasons.append("probe pod(s) not running yet: " + ", ".join(sorted(starting)))
     if missing:
         reasons.append("no agent connected on node(s) " + ", ".join(sorted(missing)))
     if waiting:
@@ -82,6 +123,21 @@ async def run_verification(collector: Collector, timeout_seconds: float) -> dict
         "agents": [a.node for a in collector.dispatcher.agents()],
         "rows": rows,
     }
+
+
+async def _wait_for_probe_pods(collector: Collector, deadline: float) -> set[str]:
+    """Wait until the probe pods the plan requests run (when someone makes them); the missing.
+
+    Until then the flows they stand for cannot be probed: verifying them now would report them
+    INCONCLUSIVE although their probe pod is a moment away.
+    """
+    while True:
+        if not collector.manages_probe_pods:
+            return set()
+        requested = {r.key for r in collector.planner.plan.probe_pods}
+        if not requested or time.monotonic() >= deadline:
+            return requested
+        await asyncio.sleep(0.1)
 
 
 async def _wait_for_agents(collector: Collector, deadline: float) -> set[str]:

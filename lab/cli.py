@@ -2,7 +2,7 @@
 
 Owns parsing the lab's flags and printing what each command did. Exit codes: 0 done, 1 the lab
 could not do it (LabError), 2 bad input (the InputError's text on stderr; nothing was changed).
-It never changes the lab except through lab/lifecycle.py.
+It never changes the lab except through lab/lifecycle.py (`lab test`: lab/testing.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collector.errors import ConfigurationError, InputError
 from lab.config import DEFAULT_NAME, DEFAULT_STATE_DIR, LabSettings
 from lab.errors import LabError
 from lab.lifecycle import FAULT_MODES, ChangeReport, Lab, read_manifests
+from lab.loop import LoopSettings
 
 NAME_ENV = "FLOWPROOF_LAB_NAME"
 STATE_DIR_ENV = "FLOWPROOF_LAB_STATE_DIR"
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--cgroup-root", default="", help="cgroup hierarchy to use (default: the cgroup v2 mount)"
     )
+    _loop_flags(up)
 
     apply = sub.add_parser("apply", parents=[common], help="create or update objects")
     apply.add_argument("-f", "--filename", action="append", required=True, metavar="PATH")
@@ -114,7 +116,91 @@ def build_parser() -> argparse.ArgumentParser:
     fault.add_argument("args", nargs="*")
 
     sub.add_parser("down", parents=[common], help="remove everything the lab created")
+
+    loop = sub.add_parser(
+        "loop",
+        parents=[common],
+        help="start, stop or restart the collector and agents",
+        description="COMPONENT: collector, agents, all, or a node name (its agent). "
+        "stop kills by recorded pid; start and restart wait until they are connected.",
+    )
+    loop.add_argument("action", choices=("start", "stop", "restart"))
+    loop.add_argument("component", nargs="?", default="all", metavar="COMPONENT")
+
+    test = sub.add_parser(
+        "test",
+        parents=[common],
+        help="up, verify, down in one command (real packets in CI, no cluster)",
+        description="Build a lab of its own from the manifests and expectations, run "
+        "`flowproof verify --once` against it, and take it down (also on failure or Ctrl-C). "
+        "Exit code: verify's (0 every expectation holds, 1 one fails, 2 undecided).",
+    )
+    test.add_argument("-f", "--filename", action="append", required=True, metavar="PATH", nargs="+")
+    test.add_argument(
+        "-e",
+        "--expectations",
+        action="append",
+        default=[],
+        metavar="PATH",
+        nargs="+",
+        help="FlowExpectations files (also read from the manifests)",
+    )
+    test.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
+    test.add_argument("--json", dest="json_file", metavar="FILE", help="write JSON here")
+    test.add_argument("--markdown", metavar="FILE", help="write Markdown here")
+    test.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds verify waits for results (default 60)"
+    )
+    test.add_argument(
+        "--nodes", type=int, default=defaults.nodes, help="number of nodes (default 3)"
+    )
+    _loop_flags(test, with_switch=False)
     return parser
+
+
+def _loop_flags(parser: argparse.ArgumentParser, *, with_switch: bool = True) -> None:
+    loop = LoopSettings()
+    if with_switch:
+        parser.add_argument(
+            "--no-loop", action="store_true", help="no collector and agents (the lab alone)"
+        )
+    parser.add_argument(
+        "--probe-timeout-seconds",
+        type=float,
+        default=loop.probe_timeout_seconds,
+        help=f"the loop's probe timeout: no answer within it is a drop (default "
+        f"{loop.probe_timeout_seconds:g})",
+    )
+    parser.add_argument(
+        "--interval-seconds",
+        type=float,
+        default=loop.interval_seconds,
+        help=f"the loop's cadence: each flow is probed about this often (default "
+        f"{loop.interval_seconds:g})",
+    )
+    parser.add_argument(
+        "--freshness-seconds",
+        type=float,
+        default=loop.freshness_seconds,
+        help=f"a result older than this is STALE (default {loop.freshness_seconds:g})",
+    )
+    parser.add_argument(
+        "--drift-sample-size",
+        type=int,
+        default=loop.drift_sample_size,
+        help=f"undeclared pod pairs probed to catch drift (default {loop.drift_sample_size})",
+    )
+
+
+def _loop_settings(args: argparse.Namespace) -> LoopSettings | None:
+    if getattr(args, "no_loop", False):
+        return None
+    return LoopSettings(
+        probe_timeout_seconds=args.probe_timeout_seconds,
+        interval_seconds=args.interval_seconds,
+        freshness_seconds=args.freshness_seconds,
+        drift_sample_size=args.drift_sample_size,
+    ).validate()
 
 
 def _print_report(report: ChangeReport) -> None:
@@ -180,20 +266,53 @@ def _print_status(data: dict[str, Any]) -> None:
     print(f"cluster DNS {data['dns']['service']} -> {', '.join(data['dns']['pods']) or 'nobody'}")
     print(f"outside ({data['outside']['netns']}): {', '.join(data['outside']['ips'])}")
     print(f"cluster manifests: {data['clusterDir']}")
+    loop = data.get("loop")
+    if loop is None:
+        print("loop: none (started with --no-loop)")
+        return
+    collector = loop["collector"]
+    state = f"pid {collector['pid']}" if collector["running"] else "NOT RUNNING"
+    print(f"collector: {loop['url']} (grpc {loop['grpcAddress']}, {state})")
+    agents = [
+        f"{a['node']} (pid {a['pid']})" if a["running"] else f"{a['node']} (NOT RUNNING)"
+        for a in loop["agents"]
+    ]
+    print("agents: " + ", ".join(agents))
 
 
 def run(args: argparse.Namespace) -> int:
     lab = Lab(args.name, args.state_dir)
     command = args.command
     if command == "up":
-        report = lab.up(read_manifests(args.filename), _settings(args))
+        loop = _loop_settings(args)
+        report = lab.up(read_manifests(args.filename), _settings(args), loop)
         _print_report(report)
         status = lab.status()
         print(
             f"lab {lab.name} is up in {report.seconds:.1f}s: {len(status['nodes'])} nodes, "
             f"{len(status['pods'])} pods; cluster manifests in {status['clusterDir']}"
         )
+        if status["loop"] is not None:
+            print(
+                f"collector {status['loop']['url']}, an agent on every node; "
+                f"`{_verify_command(lab, args)}` proves every expectation"
+            )
         return 0
+    if command == "loop":
+        if args.action == "stop":
+            roles = lab.loop_stop(args.component)
+            print("stopped: " + (", ".join(roles) or "nothing was running"))
+        elif args.action == "start":
+            roles = lab.loop_start(args.component)
+            print("started: " + (", ".join(roles) or "everything was running"))
+        else:
+            roles = lab.loop_restart(args.component)
+            print("restarted: " + ", ".join(roles))
+        return 0
+    if command == "test":
+        from lab.testing import run_lab_test
+
+        return run_lab_test(args)
     if command == "apply":
         _print_report(lab.apply(read_manifests(args.filename), prune=args.prune))
         return 0
@@ -223,6 +342,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"lab {lab.name} is down: removed {', '.join(removed)}, its cgroups and processes")
         return 0
     raise AssertionError(command)
+
+
+def _verify_command(lab: Lab, args: argparse.Namespace) -> str:
+    """The `flowproof verify` command line that finds this lab's collector with no flags."""
+    env = []
+    if lab.name != os.environ.get(NAME_ENV, DEFAULT_NAME):
+        env.append(f"{NAME_ENV}={lab.name}")
+    if str(args.state_dir) != os.environ.get(STATE_DIR_ENV, str(DEFAULT_STATE_DIR)):
+        env.append(f"{STATE_DIR_ENV}={args.state_dir}")
+    return " ".join([*env, "flowproof verify --once"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -349,6 +349,9 @@ def pod_manifest(pod: PodRecord, host_ip: str) -> dict[str, Any]:
     spec: dict[str, Any] = {"nodeName": Names.node_name(pod.node), "containers": [container]}
     if pod.host_network:
         spec["hostNetwork"] = True
+    # A probe pod (flowproof.dev/probe-pod) is never Ready, so no Service would send it traffic.
+    ready = pod.labels.get("flowproof.dev/probe-pod") != "true"
+    conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -359,8 +362,9 @@ def pod_manifest(pod: PodRecord, host_ip: str) -> dict[str, Any]:
             "hostIP": host_ip,
             "podIP": pod.ip,
             "podIPs": [{"ip": pod.ip}],
+            "conditions": conditions,
             "containerStatuses": [
-                {"name": "app", "containerID": f"containerd://{pod.container_id}", "ready": True}
+                {"name": "app", "containerID": f"containerd://{pod.container_id}", "ready": ready}
             ],
         },
     }

@@ -1,9 +1,10 @@
-"""A lab's life: up, apply, delete, label, fault, status, down — each one locked state change.
+"""A lab's life: up, apply, delete, label, fault, loop, status, down — each one locked state change.
 
 Owns the order of every change: validate everything first (bad input changes nothing), record each
-object in the state BEFORE creating it, create, enforce, then rewrite the cluster files the
-collector reads. `Lab` is also what the prober needs (pod key -> namespace path and address).
-It must never leave an object it created unrecorded, nor remove one it did not record.
+object in the state BEFORE creating it, create, enforce, start the pods' processes, then rewrite
+the cluster files the collector reads; the loop (collector and agents, lab/loop.py) and the probe
+pods the collector asks for. `Lab` is also what the prober needs (pod key -> namespace path and
+address). It must never leave an object it created unrecorded, nor remove one it did not record.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 from collector.errors import InputError
 from collector.inventory import Where, label_key_problem, label_value_problem, policy_from_dict
 from collector.model import NAMESPACE_NAME_LABEL, NetworkPolicy
+from lab import loop as looping
 from lab import network, supervisor, system
 from lab.cluster import (
     Manifests,
@@ -40,14 +42,23 @@ from lab.cluster import (
     pod_manifest,
     policy_manifest,
 )
-from lab.config import DEFAULT_NAME, DEFAULT_STATE_DIR, AddressPlan, LabSettings, check_name
+from lab.config import (
+    DEFAULT_NAME,
+    DEFAULT_STATE_DIR,
+    AddressPlan,
+    LabSettings,
+    Names,
+    check_name,
+)
 from lab.enforcement import EnforcementInput, compile_rulesets, digest, isolation, transaction
 from lab.errors import LabError, LabExistsError, NoSuchLabError
+from lab.loop import LoopSettings
 from lab.podserver import ServerSpec
 from lab.state import (
     Faults,
     LabPaths,
     LabState,
+    LoopRecord,
     PendingApply,
     PodRecord,
     ProcessRecord,
@@ -60,6 +71,13 @@ log = logging.getLogger(__name__)
 ROUTE_METRIC_BASE = 4200
 OUTSIDE_KEY = "outside"
 FAULT_MODES = ("ignore-policy", "lag", "reject", "ignore-named-ports", "ignore-endport", "clear")
+PROBE_POD_LABEL = "flowproof.dev/probe-pod"  # as collector.planning: the lab runs them on request
+PROBE_POD_PREFIX = "flowproof-probe-"
+
+
+def is_lab_probe_pod(name: str, labels: Mapping[str, str]) -> bool:
+    """A probe pod the lab made on the collector's request (by its name and label)."""
+    return name.startswith(PROBE_POD_PREFIX) and labels.get(PROBE_POD_LABEL) == "true"
 
 
 @dataclass
@@ -264,10 +282,21 @@ class Lab:
 
     # --- up --------------------------------------------------------------------------------------
 
-    def up(self, manifests: Manifests, settings: LabSettings | None = None) -> ChangeReport:
-        """Build the lab; LabExistsError when it is already there (nothing is changed then)."""
+    def up(
+        self,
+        manifests: Manifests,
+        settings: LabSettings | None = None,
+        loop: LoopSettings | None = None,
+    ) -> ChangeReport:
+        """Build the lab; LabExistsError when it is already there (nothing is changed then).
+
+        With `loop` it also starts the loop (a collector and one agent per node) and returns once
+        every agent is connected.
+        """
         started = time.monotonic()
         settings = dataclasses.replace(settings or LabSettings(), name=self.name).validate()
+        if loop is not None:
+            loop.validate()
         system.require_root()
         if settings.owner_pid and not settings.owner_start:
             start = system.process_start(settings.owner_pid)
@@ -334,10 +363,17 @@ class Lab:
                 self.paths.save(state)
                 self._create_pods(state, records)
                 self._enforce(state, report)
-                self._write_cluster(state)
+                self._write_dns(state)
                 self._start_servers(state, [*records, None])
+                self._write_cluster(state)  # a pod is listed once its process runs
                 state.phase = "up"
                 self.paths.save(state)
+                if loop is not None:
+                    self._start_loop(state, loop)
+                    report.notes.append(
+                        f"loop: collector {state.loop.url if state.loop else '?'}, "
+                        f"{settings.nodes} agents connected"
+                    )
             except BaseException:
                 problems = self._teardown(state)
                 if not problems:
@@ -475,7 +511,196 @@ class Lab:
             },
             "outside": {"netns": names.outside_netns, "ips": list(settings.outside_ips)},
             "routes": [f"blackhole {r.dst} metric {r.metric}" for r in state.routes],
+            "loop": self._loop_status(state),
         }
+
+    def _loop_status(self, state: LabState) -> dict[str, Any] | None:
+        if state.loop is None:
+            return None
+        processes = {p.role: p for p in state.processes if looping.is_loop_role(p.role)}
+
+        def describe(role: str) -> dict[str, Any]:
+            process = processes.get(role)
+            return {
+                "pid": process.pid if process else None,
+                "running": bool(process and system.is_running(process)),
+            }
+
+        return {
+            "url": state.loop.url,
+            "grpcAddress": f"{looping.LOOPBACK}:{state.loop.grpc_port}",
+            "tokenFile": state.loop.token_file,
+            "settings": state.loop.settings,
+            "collector": describe(looping.COLLECTOR_ROLE),
+            "agents": [
+                {"node": node, **describe(looping.agent_role(node))}
+                for node in self._node_names(state)
+            ],
+        }
+
+    # --- the loop: collector and agents ----------------------------------------------------------
+
+    @staticmethod
+    def _node_names(state: LabState) -> list[str]:
+        return [Names.node_name(n) for n in range(1, state.settings.nodes + 1)]
+
+    def _loop_targets(self, state: LabState, component: str) -> list[str]:
+        """Roles named by `component`: collector, agents, all, or a node name (its agent)."""
+        nodes = self._node_names(state)
+        if component == "collector":
+            return [looping.COLLECTOR_ROLE]
+        if component == "agents":
+            return [looping.agent_role(n) for n in nodes]
+        if component == "all":
+            return [looping.COLLECTOR_ROLE, *(looping.agent_role(n) for n in nodes)]
+        node = component.removeprefix("agent ").removeprefix("agent/")
+        if node in nodes:
+            return [looping.agent_role(node)]
+        raise InputError(
+            f"{component!r} is not collector, agents, all or a node ({', '.join(nodes)})",
+            field="component",
+        )
+
+    def _start_loop(self, state: LabState, settings: LoopSettings) -> None:
+        """First start of the loop (`up`): token, ports, collector, then the agents."""
+        looping.write_token(self.paths.token_file)
+        http_port, grpc_port = looping.free_ports(2)
+        state.loop = LoopRecord(
+            http_port=http_port,
+            grpc_port=grpc_port,
+            token_file=str(self.paths.token_file),
+            settings=settings.to_dict(),
+        )
+        self.paths.save(state)
+        self._start_roles(state, self._loop_targets(state, "all"))
+
+    def _start_roles(self, state: LabState, roles: Sequence[str]) -> list[str]:
+        """Start the loop processes in `roles` that are not running; wait until they are ready."""
+        loop = state.loop
+        if loop is None:
+            raise LabError(f"lab {self.name} runs no loop (it was started with --no-loop)")
+        settings = LoopSettings.from_dict(loop.settings)
+        running = {
+            p.role: p
+            for p in state.processes
+            if looping.is_loop_role(p.role) and system.is_running(p)
+        }
+        socket = self._supervisor_socket(state)
+        env = looping.child_environment()
+        cgroup = state.settings.names.infra_cgroup(state.settings.cgroup_driver)
+        started: list[str] = []
+
+        def start(role: str, argv: list[str], log_name: str) -> ProcessRecord:
+            state.processes = [p for p in state.processes if p.role != role]
+            process = supervisor.exec_process(
+                socket, role, argv, cgroup, str(self.paths.log_dir / log_name), env
+            )
+            state.processes.append(process)
+            self.paths.save(state)
+            started.append(role)
+            return process
+
+        collector = running.get(looping.COLLECTOR_ROLE)
+        if looping.COLLECTOR_ROLE in roles and collector is None:
+            argv = looping.collector_argv(
+                self.name, self.paths.state_dir, self.paths.cluster_file, loop, settings
+            )
+            collector = start(looping.COLLECTOR_ROLE, argv, "collector.log")
+        # Ready means every agent that runs is connected (after a collector restart too).
+        agents: list[tuple[str, ProcessRecord]] = []
+        for node in self._node_names(state):
+            role = looping.agent_role(node)
+            if role in roles and role not in running:
+                argv = looping.agent_argv(node, loop, settings)
+                agents.append((node, start(role, argv, f"agent-{node}.log")))
+            elif role in running:
+                agents.append((node, running[role]))
+        if started:
+            looping.wait_ready(
+                loop, collector, agents, self.paths.log_dir, settings.ready_timeout_seconds
+            )
+        return started
+
+    def _stop_roles(self, state: LabState, roles: Sequence[str]) -> list[str]:
+        """Stop the loop processes in `roles` by recorded pid; the roles that were running."""
+        targets = [p for p in state.processes if p.role in roles]
+        was_running = [p.role for p in targets if system.is_running(p)]
+        left = system.stop_processes(targets)
+        if left:
+            raise LabError("could not stop " + ", ".join(f"{p.role} ({p.pid})" for p in left))
+        state.processes = [p for p in state.processes if p.role not in roles]
+        self.paths.save(state)
+        return was_running
+
+    def loop_start(self, component: str = "all") -> list[str]:
+        """Start the loop processes `component` names that are not running; the roles started."""
+        with self._changing() as state:
+            return self._start_roles(state, self._loop_targets(state, component))
+
+    def loop_stop(self, component: str = "all") -> list[str]:
+        """Stop (SIGKILL, by recorded pid) what `component` names; the roles that were running."""
+        with self._changing() as state:
+            if state.loop is None:
+                raise LabError(f"lab {self.name} runs no loop (it was started with --no-loop)")
+            return self._stop_roles(state, self._loop_targets(state, component))
+
+    def loop_restart(self, component: str = "all") -> list[str]:
+        """Stop, then start again (same ports and token); the roles started."""
+        with self._changing() as state:
+            if state.loop is None:
+                raise LabError(f"lab {self.name} runs no loop (it was started with --no-loop)")
+            roles = self._loop_targets(state, component)
+            self._stop_roles(state, roles)
+            return self._start_roles(state, roles)
+
+    def loop_processes(self) -> dict[str, ProcessRecord]:
+        """The recorded loop processes by role (`collector`, `agent node-1`, ...)."""
+        return {p.role: p for p in self.state().processes if looping.is_loop_role(p.role)}
+
+    # --- probe pods (on the collector's request) --------------------------------------------------
+
+    def reconcile_probe_pods(self, requests: Sequence[Any]) -> ChangeReport | None:
+        """Run exactly the requested probe pods (objects with `namespace`, `name`, `labels`).
+
+        A probe pod is a pod like any other (namespace, cgroup, a process with no listener,
+        written to the cluster file) that is never Ready and never a destination. Those no longer
+        requested are deleted. None when nothing had to change (then the lock is not taken).
+        """
+        wanted = {f"{r.namespace}/{r.name}": r for r in requests}
+        for key, request in wanted.items():
+            if not is_lab_probe_pod(request.name, dict(request.labels)):
+                raise InputError(f"{key} is not a probe pod request", field="probe pods")
+
+        def current(state: LabState) -> dict[str, PodRecord]:
+            return {r.key: r for r in state.pods if is_lab_probe_pod(r.name, r.labels)}
+
+        def settled(state: LabState) -> bool:
+            have = current(state)
+            return set(have) == set(wanted) and all(
+                r.server is not None and system.is_running(r.server) for r in have.values()
+            )
+
+        if settled(self.state()):
+            return None
+        with self._changing() as state:
+            if settled(state):
+                return None
+            desired = _current(state)
+            for key in current(state):
+                if key not in wanted:
+                    del desired.pods[key]
+            for key, request in wanted.items():
+                desired.pods.setdefault(
+                    key,
+                    PodSpec(
+                        namespace=request.namespace,
+                        name=request.name,
+                        labels=dict(request.labels),
+                        ports=(),
+                    ),
+                )
+            _ensure_namespaces(desired)
+            return self._reconcile(state, desired)
 
     # --- down ------------------------------------------------------------------------------------
 
@@ -648,8 +873,13 @@ class Lab:
         except LabError as exc:
             log.warning("lagged enforcement may be late: %s", exc)
 
+    def _write_dns(self, state: LabState) -> None:
+        """Rewrite the cluster DNS zone (before new servers start: a DNS pod reads it)."""
+        records = dns_records(state.pods, state.settings)
+        write_atomically(self.paths.dns_records, json.dumps(records, sort_keys=True))
+
     def _write_cluster(self, state: LabState) -> None:
-        """Rewrite the manifests the collector reads, and the DNS zone, atomically."""
+        """Rewrite the manifests the collector reads, atomically."""
         plan = AddressPlan(state.settings)
         docs: list[dict[str, Any]] = [
             namespace_manifest(name, labels) for name, labels in sorted(state.namespaces.items())
@@ -667,8 +897,6 @@ class Lab:
         )
         text += "".join(f"---\n{json.dumps(doc)}\n" for doc in docs)
         write_atomically(self.paths.cluster_file, text)
-        records = dns_records(state.pods, state.settings)
-        write_atomically(self.paths.dns_records, json.dumps(records, sort_keys=True))
 
     def _reconcile(self, state: LabState, desired: Desired) -> ChangeReport:
         """Make the lab match `desired`: everything is checked before the first change."""
@@ -717,7 +945,7 @@ class Lab:
         self._remove_pods(state, remove)
         self._create_pods(state, new_records)
         self._enforce(state, report)
-        self._write_cluster(state)
+        self._write_dns(state)
         restart = [
             r
             for r in keep.values()
@@ -728,6 +956,7 @@ class Lab:
         if restart:
             system.stop_processes([r.server for r in restart if r.server is not None])
         self._start_servers(state, [*new_records, *restart])
+        self._write_cluster(state)  # a pod is listed once its process runs (as kubelet reports)
         report.created = [f"{r.key} ({r.ip} on node-{r.node})" for r in new_records]
         report.deleted = sorted(removed - {r.key for r in new_records})
         report.restarted = sorted(r.key for r in restart)
@@ -741,8 +970,11 @@ class Lab:
         if self.paths.root.exists():
             state.phase = "down"
             self.paths.save(state)
-        sup = next((p for p in state.processes if p.role == "supervisor"), None)
         me = os.getpid()  # the supervisor itself runs this when its owner is gone
+        # The loop first: no agent probes and no collector asks for probe pods while pods go.
+        loop = [p for p in state.processes if looping.is_loop_role(p.role) and p.pid != me]
+        problems += [f"process {p.pid} ({p.role})" for p in system.stop_processes(loop)]
+        sup = next((p for p in state.processes if p.role == "supervisor"), None)
         if sup is not None and sup.pid != me and system.is_running(sup):
             with contextlib.suppress(LabError):
                 supervisor.request(
@@ -870,6 +1102,10 @@ def _merged(state: LabState, manifests: Manifests, *, prune: bool) -> Desired:
     specs = concrete_pods(manifests.pods, state.settings)
     if prune:
         desired = Desired(namespaces={}, pods={}, policies={}, expectations={})
+        # Probe pods belong to the collector's requests, not to the manifests.
+        desired.pods = {
+            k: s for k, s in previous.pods.items() if is_lab_probe_pod(s.name, s.labels)
+        }
     else:
         desired = _current(state)
         workloads = {(p.namespace, p.workload) for p in manifests.pods if p.workload}

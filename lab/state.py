@@ -144,6 +144,24 @@ class Faults:
 
 
 @dataclass
+class LoopRecord:
+    """The lab's loop: a collector on loopback ports and one agent per node (see lab/loop.py).
+
+    `settings` is the LoopSettings it was started with (as a dict); the processes themselves are
+    in `LabState.processes` with roles `collector` and `agent node-N`.
+    """
+
+    http_port: int
+    grpc_port: int
+    token_file: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+@dataclass
 class PendingApply:
     """Rulesets computed at a change, to be enforced at `due` (the lag fault)."""
 
@@ -175,6 +193,7 @@ class LabState:
     pending: list[PendingApply] = field(default_factory=list)
     next_index: int = 1
     applier: ProcessRecord | None = None
+    loop: LoopRecord | None = None
 
     def pod(self, key: str) -> PodRecord | None:
         for pod in self.pods:
@@ -197,6 +216,7 @@ class LabState:
         if version != STATE_VERSION:
             raise LabError(f"state format {version!r} is not {STATE_VERSION}: remove it by hand")
         applier = data.get("applier")
+        loop = data.get("loop")
         return cls(
             settings=LabSettings.from_dict(data["settings"]),
             phase=data.get("phase", "building"),
@@ -217,6 +237,7 @@ class LabState:
             pending=[PendingApply(**p) for p in data.get("pending", [])],
             next_index=int(data.get("next_index", 1)),
             applier=ProcessRecord(**applier) if applier else None,
+            loop=LoopRecord(**loop) if loop else None,
         )
 
 
@@ -270,6 +291,11 @@ class LabPaths:
     def nft_dir(self) -> Path:
         return self.root / "nft"
 
+    @property
+    def token_file(self) -> Path:
+        """The loop's shared token (mode 0600): agents and the collector read it from here."""
+        return self.root / "token"
+
     def exists(self) -> bool:
         return self.state_file.exists()
 
@@ -298,3 +324,24 @@ class LabPaths:
             yield
         finally:
             os.close(fd)
+
+
+def collector_url(name: str, state_dir: str | os.PathLike[str]) -> str | None:
+    """`http://127.0.0.1:<port>` of the collector of a running lab, or None.
+
+    None when there is no such lab, it has no loop, or its collector process is not running.
+    (`flowproof verify` calls this to find the lab's collector without flags.) Reads only.
+    """
+    from lab.system import is_running
+
+    paths = LabPaths(Path(state_dir), name)
+    try:
+        state = paths.load()
+    except (LabError, ValueError, OSError):
+        return None
+    if state.loop is None or state.phase != "up":
+        return None
+    collector = next((p for p in state.processes if p.role == "collector"), None)
+    if collector is None or not is_running(collector):
+        return None
+    return state.loop.url

@@ -5,7 +5,8 @@ joins the pod's cgroup, enters the pod's network namespace and serves (lab/podse
 their parent, it reaps them (so a dead pod leaves no zombie), and it enforces lagged changes when
 they fall due (the `lag` fault). It answers newline-delimited JSON requests on a unix socket in
 the lab's state directory and exits by itself when that directory is gone. It never starts
-anything a lab command did not ask for.
+anything a lab command did not ask for. It also forks and execs the lab's loop processes (the
+collector and one agent per node) when asked, and reaps them like the servers.
 """
 
 from __future__ import annotations
@@ -112,6 +113,33 @@ def start_processes(path: str, specs: Sequence[ProcessSpec]) -> dict[str, Proces
         item["key"]: ProcessRecord(pid=item["pid"], start=item["start"], role=f"pod {item['key']}")
         for item in reply["started"]
     }
+
+
+def exec_process(
+    path: str,
+    role: str,
+    argv: Sequence[str],
+    cgroup: str,
+    log_file: str,
+    env: dict[str, str] | None = None,
+) -> ProcessRecord:
+    """Have the supervisor fork and exec `argv` (a loop process: the collector or an agent).
+
+    The child joins `cgroup`, writes to `log_file` and gets `env` (the supervisor's own when None);
+    the supervisor reaps it. Returns at once: readiness is the caller's business.
+    """
+    reply = request(
+        path,
+        {
+            "op": "exec",
+            "role": role,
+            "argv": list(argv),
+            "cgroup": cgroup,
+            "log_file": log_file,
+            "env": env,
+        },
+    )
+    return ProcessRecord(pid=int(reply["pid"]), start=int(reply["start"]), role=role)
 
 
 def spawn(
@@ -230,6 +258,38 @@ class Supervisor:
         finally:
             os._exit(code)
 
+    def execute(self, message: dict[str, Any], inherited: Sequence[int] = ()) -> dict[str, Any]:
+        """Fork and exec one loop process (collector, agent); its pid and start time."""
+        argv = [str(a) for a in message["argv"]]
+        env = message.get("env")
+        role = str(message["role"])
+        pid = os.fork()
+        if pid == 0:
+            code = 127
+            try:
+                self.listener.close()
+                for fd in inherited:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                fd = os.open(message["log_file"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.close(fd)
+                join_cgroup(self.cgroup_root, message["cgroup"])
+                os.execve(argv[0], argv, env if env is not None else dict(os.environ))
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        self.children[pid] = role
+        start = process_start(pid)
+        if start is None:
+            return {"ok": False, "error": f"{role} (pid {pid}) exited at once"}
+        log.info("started %s (pid %d): %s", role, pid, " ".join(argv))
+        return {"ok": True, "pid": pid, "start": start}
+
     def start(self, specs: list[ProcessSpec], inherited: Sequence[int] = ()) -> dict[str, Any]:
         pending: dict[int, tuple[int, ProcessSpec]] = {}
         started: list[dict[str, Any]] = []
@@ -295,6 +355,8 @@ class Supervisor:
             if op == "start":
                 specs = [ProcessSpec.from_dict(p) for p in message["processes"]]
                 reply = self.start(specs, inherited=[conn.fileno()])
+            elif op == "exec":
+                reply = self.execute(message, inherited=[conn.fileno()])
             elif op == "ping":
                 reply = {"ok": True, "children": len(self.children)}
             elif op == "wake":

@@ -1,0 +1,257 @@
+"""The lab's loop: one collector and one agent per lab node, run by the lab's supervisor.
+
+Owns the loop's settings, the per-lab random token (0600 in the state directory), the free
+loopback ports, the command lines of the collector (`--source manifests` on the lab's cluster
+file, `--probe-pods lab`) and of the agents (node name = the lab's node name, /proc), and the
+wait until they are ready. Everything listens on 127.0.0.1 only. It never starts a process except
+through the supervisor, and never stops one except by its recorded pid and start time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from collector.errors import InputError
+from lab.errors import LabError
+from lab.state import LoopRecord, ProcessRecord
+
+LOOPBACK = "127.0.0.1"
+COLLECTOR_ROLE = "collector"
+AGENT_ROLE_PREFIX = "agent "
+JITTER_FRACTION = 0.2  # the planner's default: freshness must exceed interval × (1 + jitter)
+
+
+def agent_role(node_name: str) -> str:
+    """The recorded role of the agent on `node_name` (`agent node-2`)."""
+    return AGENT_ROLE_PREFIX + node_name
+
+
+def is_loop_role(role: str) -> bool:
+    return role == COLLECTOR_ROLE or role.startswith(AGENT_ROLE_PREFIX)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the lab runs its collector and agents (`lab up` flags; stored in the lab's state)."""
+
+    probe_timeout_seconds: float = 1.0
+    """A probe with no answer within this is a TIMEOUT (a drop): short, the lab is one host."""
+    interval_seconds: float = 5.0
+    """The steady cadence: every flow is probed again about this often."""
+    freshness_seconds: float = 15.0
+    """A flow whose last result is older than this is STALE."""
+    drift_sample_size: int = 20
+    """Undeclared pod pairs probed to catch enforcement drift."""
+    ready_timeout_seconds: float = 30.0
+    """How long `lab up` waits for the collector to serve and every agent to connect."""
+    log_level: str = "INFO"
+    """Log level of the collector and the agents (their logs: <state-dir>/<name>/logs/)."""
+
+    def validate(self) -> LoopSettings:
+        """The settings, or InputError naming the flag that cannot work."""
+        for name in ("probe_timeout_seconds", "interval_seconds", "ready_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise InputError("must be positive", field="--" + name.replace("_", "-"))
+        if self.drift_sample_size < 0:
+            raise InputError("must not be negative", field="--drift-sample-size")
+        gap = self.interval_seconds * (1 + JITTER_FRACTION) + self.probe_timeout_seconds
+        if self.freshness_seconds <= gap:
+            raise InputError(
+                f"must exceed interval × {1 + JITTER_FRACTION:g} + probe timeout = {gap:g}",
+                field="--freshness-seconds",
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoopSettings:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# --- files, ports, command lines ------------------------------------------------------------------
+
+
+def write_token(path: Path) -> None:
+    """A fresh random token in `path`, readable by root only (mode 0600 from the start)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_urlsafe(32) + "\n")
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports free on the loopback address right now."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.bind((LOOPBACK, 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def child_environment() -> dict[str, str]:
+    """The loop processes' environment: ours without FLOWPROOF_* (flags say everything), and
+    the directory holding the `lab`, `agent` and `collector` packages on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWPROOF_")}
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [root, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root)]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def collector_argv(
+    lab_name: str, state_dir: Path, cluster_file: Path, record: LoopRecord, settings: LoopSettings
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "flowproof.cli",
+        "collector",
+        "--source",
+        "manifests",
+        "--manifests",
+        str(cluster_file),
+        "--listen-address",
+        LOOPBACK,
+        "--grpc-port",
+        str(record.grpc_port),
+        "--http-port",
+        str(record.http_port),
+        "--token-file",
+        record.token_file,
+        "--probe-pods",
+        "lab",
+        "--lab-name",
+        lab_name,
+        "--lab-state-dir",
+        str(state_dir),
+        "--probe-timeout-seconds",
+        f"{settings.probe_timeout_seconds:g}",
+        "--interval-seconds",
+        f"{settings.interval_seconds:g}",
+        "--freshness-seconds",
+        f"{settings.freshness_seconds:g}",
+        "--drift-sample-size",
+        str(settings.drift_sample_size),
+        "--log-level",
+        settings.log_level,
+    ]
+
+
+def agent_argv(node_name: str, record: LoopRecord, settings: LoopSettings) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "agent",
+        "--node-name",
+        node_name,
+        "--collector-address",
+        f"{LOOPBACK}:{record.grpc_port}",
+        "--token-file",
+        record.token_file,
+        "--proc-root",
+        "/proc",
+        # Several agents share the host's loopback: their own endpoints stay off in the lab.
+        "--listen-address",
+        LOOPBACK,
+        "--health-port",
+        "0",
+        "--metrics-port",
+        "0",
+        # One host, one collector: come back quickly after a collector restart.
+        "--reconnect-initial-seconds",
+        "0.2",
+        "--reconnect-max-seconds",
+        "2",
+        "--log-level",
+        settings.log_level,
+    ]
+
+
+# --- readiness ------------------------------------------------------------------------------------
+
+
+def get_json(url: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    """GET a JSON document from the loopback collector; None when it does not answer (yet)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = json.loads(response.read())
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def connected_nodes(record: LoopRecord) -> set[str] | None:
+    """Nodes with an agent connected to the collector, or None when it does not answer."""
+    data = get_json(f"{record.url}/api/v1/debug/loop")
+    if data is None:
+        return None
+    return {str(a.get("node")) for a in data.get("agents", [])}
+
+
+def wait_ready(
+    record: LoopRecord,
+    collector: ProcessRecord | None,
+    agents: Sequence[tuple[str, ProcessRecord]],
+    logs: Path,
+    timeout_seconds: float,
+) -> None:
+    """Wait until the collector answers and every agent in `agents` is connected; else LabError
+    naming what did not come up, with the tail of its log."""
+    from lab.system import is_running
+
+    deadline = time.monotonic() + timeout_seconds
+    wanted = {node for node, _ in agents}
+    while True:
+        if collector is not None and not is_running(collector):
+            raise LabError(
+                f"the lab's collector exited; {logs / 'collector.log'}:\n"
+                + log_tail(logs / "collector.log")
+            )
+        for node, process in agents:
+            if not is_running(process):
+                log = logs / f"agent-{node}.log"
+                raise LabError(f"the agent on {node} exited; {log}:\n" + log_tail(log))
+        nodes = connected_nodes(record)
+        if nodes is not None and wanted <= nodes:
+            return
+        if time.monotonic() > deadline:
+            missing = (
+                "the collector does not answer"
+                if nodes is None
+                else ("no agent connected on " + ", ".join(sorted(wanted - nodes)))
+            )
+            raise LabError(
+                f"the lab's loop is not ready after {timeout_seconds:g}s: {missing}; logs in {logs}"
+            )
+        time.sleep(0.05)
