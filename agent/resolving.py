@@ -102,8 +102,9 @@ class PodResolver:
 
     `resolve()` is async: a cache hit is checked with one stat of the namespace file at most every
     `recheck_seconds` (entering the namespace checks its inode again), a miss scans /proc in a
-    worker thread (one scan serves every caller waiting at that moment), and a uid seen missing is
-    not rescanned for `miss_retry_seconds`.
+    worker thread (one scan serves every caller waiting at that moment), and a uid that a scan
+    found missing is not rescanned for `miss_retry_seconds` (a uid never looked for always is, so
+    a pod that just started is found at once).
     """
 
     def __init__(
@@ -120,7 +121,7 @@ class PodResolver:
         self._checked: dict[str, float] = {}
         self._monotonic = monotonic
         self._cache: dict[str, PodNetns] = {}
-        self._last_scan_at = float("-inf")
+        self._missing: dict[str, float] = {}  # uid -> when a scan last found it missing
         self._scan: asyncio.Task[dict[str, PodNetns]] | None = None
 
     async def resolve(self, uid: str) -> PodNetns:
@@ -131,12 +132,14 @@ class PodResolver:
             return hit
         if uid in self._cache:
             self.forget(uid)
-        elif self._monotonic() - self._last_scan_at < self._miss_retry_seconds:
+        elif self._monotonic() - self._missing.get(uid, float("-inf")) < self._miss_retry_seconds:
             raise PodNotFound(f"pod {uid} has no running container on this node")
         found = await self._rescan()
         entry = found.get(uid)
         if entry is None:
+            self._missing[uid] = self._monotonic()
             raise PodNotFound(f"pod {uid} has no running container on this node")
+        self._missing.pop(uid, None)
         return entry
 
     def cached(self, uid: str) -> PodNetns | None:
@@ -177,8 +180,11 @@ class PodResolver:
         try:
             found = await asyncio.to_thread(self.scan)
             self._cache = found
-            self._last_scan_at = self._monotonic()
-            self._checked = dict.fromkeys(found, self._last_scan_at)
+            scanned_at = self._monotonic()
+            self._checked = dict.fromkeys(found, scanned_at)
+            # Forget misses long past, so the table stays as small as the pods recently asked for.
+            horizon = scanned_at - 10 * self._miss_retry_seconds
+            self._missing = {u: t for u, t in self._missing.items() if t >= horizon}
             return found
         finally:
             self._scan = None

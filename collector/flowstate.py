@@ -103,10 +103,10 @@ def flow_status(
         return "POLICY_MISMATCH"
     if reality is None:
         return "PENDING"
+    if stale:  # an old answer, inconclusive or not, says nothing about now
+        return "STALE"
     if reality == "inconclusive":
         return "INCONCLUSIVE"
-    if stale:
-        return "STALE"
     observed = reality == "allow"
     if model == observed:
         if intent == model:

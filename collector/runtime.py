@@ -34,6 +34,8 @@ from flowproof.probes import ProbeResult
 
 log = logging.getLogger("collector")
 
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+
 Clock = Callable[[], float]
 ProbePodManager = Callable[[Sequence[ProbePodRequest]], Awaitable[None]]
 
@@ -189,7 +191,9 @@ def needed_probe_pods(plan: Plan) -> list[ProbePodRequest]:
         source = flow.source
         if flow.kind != "declared" or not is_probe_pod(source) or not is_running(source):
             continue
-        request = ProbePodRequest(source.namespace, tuple(sorted(source.labels.items())))
+        # A cluster probe pod also carries the managed-by label, which no request asks for.
+        labels = {k: v for k, v in source.labels.items() if k != MANAGED_BY_LABEL}
+        request = ProbePodRequest(source.namespace, tuple(sorted(labels.items())))
         if request.key == source.key:  # one made from a request (not someone else's pod)
             requests.setdefault(request.key, request)
     return [requests[key] for key in sorted(requests)]
@@ -215,6 +219,8 @@ async def manifest_watcher(collector: Collector, stop: asyncio.Event) -> None:
 
 
 async def kubernetes_watcher(collector: Collector, stop: asyncio.Event) -> None:
+    """List/watch the cluster, feed the collector, and publish FlowExpectations status."""
+    from collector.cluster import kube_source_settings, status_publisher
     from collector.kube import InventoryUpdate, KubernetesSource, load_kube_config
 
     configuration = load_kube_config(collector.settings.kubeconfig or None)
@@ -229,18 +235,23 @@ async def kubernetes_watcher(collector: Collector, stop: asyncio.Event) -> None:
         previous[0] = update.snapshot
         await collector.on_snapshot(update.snapshot, change)
 
-    async with KubernetesSource(configuration, on_update=on_update) as source:
+    async with KubernetesSource(
+        configuration, settings=kube_source_settings(collector.settings), on_update=on_update
+    ) as source:
         runner = asyncio.ensure_future(source.run())
+        publisher = asyncio.ensure_future(status_publisher(collector, source, stop))
         stopper = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({runner, publisher, stopper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (runner, stopper):
+            for task in (runner, publisher, stopper):
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-            if runner.done() and not runner.cancelled() and runner.exception() is not None:
-                raise runner.exception()  # type: ignore[misc]
+            for task in (runner, publisher):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            for task in (runner, publisher):
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
 
 
 # --- HTTP -----------------------------------------------------------------------------------------
@@ -309,9 +320,25 @@ async def serve(
     if own_stop:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    cluster_probe_pods = None
     if probe_pods is None and settings.probe_pods == "lab":
         probe_pods = _lab_probe_pods(settings)
+    elif probe_pods is None and settings.probe_pods == "kubernetes":
+        from collector.cluster import kubernetes_probe_pods
+        from collector.kube import load_kube_config
+
+        try:
+            configuration = load_kube_config(settings.kubeconfig or None)
+        except ConfigurationError as exc:
+            log.error("probe pods need the Kubernetes API: %s", exc)
+            return 2
+        cluster_probe_pods = kubernetes_probe_pods(configuration, settings)
+        probe_pods = cluster_probe_pods
     collector = Collector(settings, probe_pods=probe_pods)
+    if cluster_probe_pods is not None:
+        from collector.cluster import expectations_needing
+
+        cluster_probe_pods.needed_by = expectations_needing(collector)
     grpc_port = await collector.dispatcher.start(f"{settings.listen_address}:{settings.grpc_port}")
     runner = web.AppRunner(build_http_app(collector), access_log=None)
     await runner.setup()
@@ -327,6 +354,8 @@ async def serve(
         "plan_sender": collector.plan_sender(stop),
         "state_refresher": collector.state_refresher(stop),
     }
+    if cluster_probe_pods is not None:
+        roots["probe_pod_manager"] = cluster_probe_pods.run(stop)
     tasks = {asyncio.create_task(coro, name=name): name for name, coro in roots.items()}
     failed = False
     stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())

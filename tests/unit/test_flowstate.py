@@ -71,10 +71,10 @@ def expected_status(
     usable = reality in ("allow", "deny") and not stale
     if not usable and intent != model:
         return "POLICY_MISMATCH"
-    if reality == "inconclusive":
-        return "INCONCLUSIVE"
     if reality is not None and stale:
         return "STALE"
+    if reality == "inconclusive":
+        return "INCONCLUSIVE"
     return table[(intent, model, reality)]
 
 

@@ -236,3 +236,14 @@ async def test_one_scan_serves_every_waiter_and_survives_a_cancelled_one(proc: F
 async def test_an_unreadable_proc_root_finds_nothing(tmp_path: Path) -> None:
     with pytest.raises(PodNotFound):
         await PodResolver(str(tmp_path / "missing")).resolve(UID)
+
+
+async def test_a_uid_never_looked_for_is_scanned_for_at_once(proc: FakeProc) -> None:
+    """A miss of one pod must not hide a pod that just started: misses are remembered per uid."""
+    now = [0.0]
+    resolver = PodResolver(str(proc.root), miss_retry_seconds=1.0, monotonic=lambda: now[0])
+    other = "0f0e0d0c-0000-4000-8000-000000000001"
+    with pytest.raises(PodNotFound):
+        await resolver.resolve(other)
+    proc.add(4242, v2(LAYOUTS["containerd systemd"][0]), "pod")
+    assert (await resolver.resolve(UID)).pid == 4242  # no wait behind the other uid's miss
