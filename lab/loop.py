@@ -46,8 +46,9 @@ def is_loop_role(role: str) -> bool:
 class LoopSettings:
     """How the lab runs its collector and agents (`lab up` flags; stored in the lab's state)."""
 
-    probe_timeout_seconds: float = 1.0
-    """A probe with no answer within this is a TIMEOUT (a drop): short, the lab is one host."""
+    probe_timeout_seconds: float = 0.5
+    """A probe with no answer within this is a TIMEOUT (a drop): short, the lab is one host
+    (round trips take microseconds), so a break shows within two timeouts (probe and retry)."""
     interval_seconds: float = 5.0
     """The steady cadence: every flow is probed again about this often."""
     freshness_seconds: float = 15.0
