@@ -551,31 +551,80 @@ def _listener() -> Iterator[socket.socket]:
         server.close()
 
 
-def test_the_agent_readiness_probe_tells_a_connected_agent_from_a_disconnected_one() -> None:
+async def test_the_agent_probes_match_its_health_service(token_file: Path) -> None:
+    """The DaemonSet's gRPC probes ask a real agent, started with the manifest's settings, on the
+    port and service it serves: liveness while it runs, readiness only while its stream is up."""
+    import asyncio
+    import dataclasses
+
+    import grpc.aio
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from agent.observing import READINESS_SERVICE
+    from agent.runtime import serve as serve_agent
+    from agent.settings import load_settings
+    from collector.dispatching import Dispatcher
+
     c = container(render("base"), "DaemonSet", "flowproof-agent")
-    interpreter, flag, script = c["readinessProbe"]["exec"]["command"]
-    dockerfile = (ROOT / "Dockerfile.agent").read_text(encoding="utf-8")
-    venv = interpreter.removesuffix("/bin/python")
-    assert f"install-venv.sh /src /wheels {venv}\n" in dockerfile
-    assert f"COPY --from=builder {venv} {venv}" in dockerfile
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    ready, alive = c["readinessProbe"]["grpc"], c["livenessProbe"]["grpc"]
+    assert ready["port"] == alive["port"] == ports["health"]
+    assert ready["service"] == READINESS_SERVICE
+    assert alive.get("service", "") == ""
+    settings = load_settings(_argv(c, token_file), _environment(c, {"spec.nodeName": "node-1"}))
+    assert (settings.health_port, settings.metrics_port) == (ports["health"], ports["metrics"])
 
-    def probe(port: int) -> int:
-        env = {"FLOWPROOF_COLLECTOR": f"flowproof-collector:{port}", "PATH": os.environ["PATH"]}
-        return subprocess.run(
-            [sys.executable, flag, script], env=env, timeout=30, check=False
-        ).returncode
+    dispatcher = Dispatcher(token=settings.token, on_result=lambda _: None)
+    port = await dispatcher.start("127.0.0.1:0")
+    health_port = _free_port()
+    stop = asyncio.Event()
+    agent = asyncio.create_task(
+        serve_agent(
+            dataclasses.replace(
+                settings,
+                collector_address=f"127.0.0.1:{port}",
+                listen_address="127.0.0.1",
+                health_port=health_port,
+                metrics_port=0,
+            ),
+            stop,
+        )
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{health_port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
 
-    with _listener() as server:
-        port = server.getsockname()[1]
-        assert probe(port) == 1, "nothing connected yet"
-        client = socket.create_connection(("127.0.0.1", port))
-        accepted, _ = server.accept()
+    async def status(service: str) -> int:
         try:
-            assert probe(port) == 0
-        finally:
-            client.close()
-            accepted.close()
-    assert probe(port) == 1
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+        except grpc.aio.AioRpcError:
+            return -1
+        return int(reply.status)
+
+    async def until(service: str, serving_wanted: bool) -> None:
+        for _ in range(300):
+            if (await status(service) == serving) is serving_wanted:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{service or 'liveness'} never became serving={serving_wanted}")
+
+    try:
+        await until(READINESS_SERVICE, True)
+        assert await status(alive.get("service", "")) == serving
+        await dispatcher.stop(grace_seconds=0)  # the stream goes: not ready, still alive
+        await until(READINESS_SERVICE, False)
+        assert await status(alive.get("service", "")) == serving
+    finally:
+        stop.set()
+        await asyncio.wait_for(agent, 30)
+        await channel.close()
+        await dispatcher.stop(grace_seconds=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def test_a_collector_started_from_the_manifest_answers_every_probe(token_file: Path) -> None:
