@@ -10,6 +10,7 @@ through the supervisor, and never stops one except by its recorded pid and start
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import secrets
@@ -199,7 +200,7 @@ def get_json(url: str, timeout: float = 2.0) -> dict[str, Any] | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = json.loads(response.read())
-    except (OSError, ValueError, urllib.error.URLError):
+    except (OSError, ValueError, http.client.HTTPException):  # URLError is an OSError
         return None
     return data if isinstance(data, dict) else None
 
