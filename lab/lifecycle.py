@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,7 +327,11 @@ class Lab:
             load_policies(state)  # the stored form must read back
 
             names, plan = settings.names, AddressPlan(settings)
-            metric = system.free_metric(plan.blackholes, ROUTE_METRIC_BASE)
+            # Start from a metric of the lab's own (from its name), so labs brought up at the same
+            # moment by different processes do not both pick the lowest free one.
+            metric = system.free_metric(
+                plan.blackholes, ROUTE_METRIC_BASE + zlib.crc32(self.name.encode()) % 60000
+            )
             state.routes = [RouteRecord(dst=dst, metric=metric) for dst in plan.blackholes]
             state.netns = network.infra_netns(settings)
             state.cgroups = [names.cgroup_top(settings.cgroup_driver)]
