@@ -71,7 +71,10 @@ def reality_of(
             mismatch = f"HTTP {result.http_status}, expected {wanted}"
         return Reality("allow", f"HTTP {result.http_status}", mismatch)
     if outcome is Outcome.TIMEOUT:
-        return Reality("deny", f"no answer within {result.assignment.timeout_seconds:g} s{detail}")
+        # The agent's detail already says "no answer within N s"; say it once.
+        return Reality(
+            "deny", result.detail or f"no answer within {result.assignment.timeout_seconds:g} s"
+        )
     if outcome is Outcome.UNREACHABLE:
         return Reality("deny", f"unreachable{detail}")
     if outcome is Outcome.REFUSED:
