@@ -32,12 +32,12 @@ from typing import Any
 import pytest
 import yaml
 from labtools import assert_nothing_left, lab_unavailable, unique_name
+from test_loop import BREAKS, DECLARED, LOOP, SHOP
 
 from collector.runtime import Collector, serve
 from collector.settings import CollectorSettings
 from lab.config import LabSettings, Names
 from lab.lifecycle import Lab, read_manifests
-from lab.loop import LoopSettings
 from tests.fakeapi import FakeApiServer
 from tests.fakeapi.builders import TOKEN as API_TOKEN
 from tests.fakeapi.builders import kubeconfig_for
@@ -45,24 +45,8 @@ from tests.fakeapi.builders import kubeconfig_for
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
-SHOP = REPO / "examples" / "shop"
-BREAK = REPO / "examples" / "breaks" / "db-ingress-only-batch.yaml"
-DECLARED = {
-    "api-dns",
-    "api-to-db",
-    "api-to-payments",
-    "batch-not-to-api",
-    "batch-to-db",
-    "frontend-not-to-db",
-    "frontend-not-to-outside",
-    "frontend-to-api",
-    "monitoring-not-to-db",
-    "monitoring-scrapes-api",
-}
-# The same cadence for both collectors (as tests/lab/test_loop.py): probe timeout 1 s.
-LOOP = LoopSettings(
-    probe_timeout_seconds=1.0, interval_seconds=2.0, freshness_seconds=6.0, drift_sample_size=10
-)
+BREAK = BREAKS / "db-ingress-only-batch.yaml"
+# The same cadence for both collectors as tests/lab/test_loop.py (probe timeout 1 s).
 # Every truth of a row but its explanation text (in the lab, realities are deterministic too).
 COMPARED = (
     "expectation",
