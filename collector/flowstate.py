@@ -41,6 +41,7 @@ from collector.reporting import ReportRow
 from flowproof.probes import Outcome, ProbeResult, ResponderState
 
 RealityVerdict = Literal["allow", "deny", "inconclusive"]
+_RANK: dict[Status, int] = {status: rank for rank, status in enumerate(STATUS_ORDER)}
 
 NOTHING_LISTENS = "refused and nothing known to listen: cannot tell reject from refuse"
 MAX_PENDING_CHANGES = 16
@@ -469,19 +470,45 @@ class FlowState:
         return Counter(r.status for r in self.flows(kind))
 
     def declared(self) -> list[DeclaredStatus]:
-        """Every declared flow with its aggregate status, in plan order."""
+        """Every declared flow with its aggregate status, in plan order.
+
+        One pass over each declared flow's records: `/metrics` calls this on every scrape.
+        """
+        flows = self._flows
         out: list[DeclaredStatus] = []
         for plan in self._declared:
-            records = [self._flows[k] for k in plan.keys if k in self._flows]
-            status = worst(r.status for r in records)
+            counts: dict[Status, int] = {}
+            status: Status | None = None
+            best = len(STATUS_ORDER)
+            reason = ""
+            allowed = denied = 0
+            oldest = math.inf
+            unverified = False
+            seen = 0
+            for key in plan.keys:
+                record = flows.get(key)
+                if record is None:
+                    continue
+                seen += 1
+                current = record.status
+                counts[current] = counts.get(current, 0) + 1
+                rank = _RANK[current]
+                if rank < best:  # the first record of the worst status gives the reason
+                    best, status, reason = rank, current, record.reason
+                result = record.current
+                if result is None:
+                    unverified = True
+                    continue
+                if result.reality.verdict == "allow":
+                    allowed += 1
+                elif result.reality.verdict == "deny":
+                    denied += 1
+                oldest = min(oldest, result.received_at)
             if status is None:
                 if plan.problems:
                     status, reason = "INCONCLUSIVE", "; ".join(plan.problems)
                 else:
                     status, reason = "PASS", "matches no pod (allowEmpty)"
-            else:
-                reason = next(r.reason for r in records if r.status == status)
-            verified = [r.last_verified_at for r in records]
             out.append(
                 DeclaredStatus(
                     expectation=plan.expectation,
@@ -490,20 +517,12 @@ class FlowState:
                     intent=plan.intent,
                     status=status,
                     reason=reason,
-                    counts=dict(Counter(r.status for r in records)),
+                    counts=counts,
                     pairs_covered=plan.pairs_covered,
                     pairs_total=plan.pairs_total,
-                    observed_allowed=sum(
-                        1 for r in records if r.reality and r.reality.verdict == "allow"
-                    ),
-                    observed_denied=sum(
-                        1 for r in records if r.reality and r.reality.verdict == "deny"
-                    ),
-                    last_verified_at=(
-                        None
-                        if not verified or any(v is None for v in verified)
-                        else min(v for v in verified if v is not None)
-                    ),
+                    observed_allowed=allowed,
+                    observed_denied=denied,
+                    last_verified_at=None if unverified or not seen else oldest,
                 )
             )
         return out
