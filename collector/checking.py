@@ -212,6 +212,35 @@ def resolve(
     return flows, problems
 
 
+def _host_checks(
+    snapshot: Snapshot, document: Expectations, flow: FlowExpectation
+) -> list[FlowCheck]:
+    """A `to: {host: ...}` flow offline: INCONCLUSIVE per source pod and port, never an error.
+
+    The host's addresses are known only when it is resolved at probe time, so no ipBlock can be
+    matched against it here; the live loop decides these flows.
+    """
+    assert isinstance(flow.destination, ExternalTarget)
+    host = flow.destination.host or ""
+    detail = f"host {host} is resolved when probed; offline its addresses are unknown"
+    checks = []
+    for source in select_pods(snapshot, flow.source, document.namespace):
+        for spec in flow.ports:
+            if spec.port is None:
+                continue
+            item = ConcreteFlow(
+                expectation=document.key,
+                flow=flow.name,
+                source=source,
+                destination=host,
+                port=spec.port,
+                protocol=spec.protocol,
+                intent=flow.expect == "allow",
+            )
+            checks.append(FlowCheck(item, None, "INCONCLUSIVE", detail))
+    return checks
+
+
 def model_status(intent: bool, model_allowed: bool) -> Status:
     """Offline status: intent against the model."""
     return "PASS" if intent == model_allowed else "POLICY_MISMATCH"
@@ -235,6 +264,9 @@ def check(
     problems: list[str] = []
     for document in documents:
         for flow in document.flows:
+            if isinstance(flow.destination, ExternalTarget) and flow.destination.host:
+                checks.extend(_host_checks(snapshot, document, flow))
+                continue
             concrete, flow_problems = resolve(
                 snapshot, document, flow, cluster_dns_ip=cluster_dns_ip
             )
