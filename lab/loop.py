@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import secrets
 import socket
 import sys
@@ -99,17 +100,27 @@ def write_token(path: Path) -> None:
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports free on the loopback address right now."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind((LOOPBACK, 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """`count` distinct TCP ports free on the loopback address right now.
+
+    Drawn below the kernel's ephemeral range (32768 and up), where other processes' `bind(0)`
+    and outgoing connections never land, so the ports are still free when the loop binds them
+    a moment later (the lab keeps them across restarts of its collector).
+    """
+    rng = random.SystemRandom()
+    ports: list[int] = []
+    for _ in range(2000):
+        if len(ports) == count:
+            return ports
+        candidate = rng.randrange(20000, 32000)
+        if candidate in ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOOPBACK, candidate))
+            except OSError:
+                continue
+        ports.append(candidate)
+    raise LabError(f"no {count} free loopback ports between 20000 and 32000")
 
 
 def child_environment() -> dict[str, str]:
