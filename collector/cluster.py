@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from collector.checking import FAILING, STATUS_ORDER, Status, status_rank
 from collector.flowstate import DeclaredStatus
@@ -30,15 +30,17 @@ from collector.kube import (
     KubeSourceSettings,
     PodSummary,
 )
-from collector.planning import PROBE_POD_LABEL, PROBE_POD_PREFIX, ProbePodRequest
+from collector.planning import (
+    MANAGED_BY_LABEL,
+    PROBE_POD_LABEL,
+    PROBE_POD_PREFIX,
+    ProbePodRequest,
+)
+from collector.runtime import Collector, first_of
 from collector.settings import CollectorSettings
-
-if TYPE_CHECKING:
-    from collector.runtime import Collector
 
 log = logging.getLogger(__name__)
 
-MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "flowproof"
 NEVER_READY_CONDITION: Final = "flowproof.dev/never-ready"
 """The readiness gate of every probe pod: nobody sets this condition, so the pod is never Ready
@@ -232,7 +234,7 @@ class KubernetesProbePods:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
-                        await _first(self._wake, stop)
+                        await first_of(self._wake, stop)
                 if stop.is_set():
                     break
                 self._wake.clear()
@@ -509,7 +511,7 @@ async def status_publisher(
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, due - loop.time())):
-                await _first(changed, stop)
+                await first_of(changed, stop)
         if stop.is_set():
             return
         if changed.is_set() and loop.time() < due:
@@ -562,13 +564,3 @@ async def publish_statuses(
 def kube_source_settings(settings: CollectorSettings) -> KubeSourceSettings:
     """The Kubernetes source's settings for these collector settings."""
     return KubeSourceSettings(expectations_configmaps=settings.expectations_configmaps)
-
-
-async def _first(*events: asyncio.Event) -> None:
-    """Return when any of `events` is set."""
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()

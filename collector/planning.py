@@ -63,6 +63,8 @@ FlowKind = Literal["declared", "drift"]
 PROBE_POD_LABEL = "flowproof.dev/probe-pod"
 """Carried by every probe pod (value "true"): the planner uses such pods only as sources."""
 PROBE_POD_PREFIX = "flowproof-probe-"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+"""Set on the probe pods a collector creates in a cluster (value "flowproof"); no request asks for it."""
 DRIFT_EXPECTATION = "(drift sample)"
 
 

@@ -27,14 +27,19 @@ from collector.errors import ConfigurationError
 from collector.flowstate import FlowState, StatusChange
 from collector.metrics import CollectorMetrics, LoopStatus
 from collector.model import Snapshot
-from collector.planning import Plan, Planner, ProbePodRequest, is_probe_pod, is_running
+from collector.planning import (
+    MANAGED_BY_LABEL,
+    Plan,
+    Planner,
+    ProbePodRequest,
+    is_probe_pod,
+    is_running,
+)
 from collector.settings import CollectorSettings, load_settings
 from flowproof import __version__
 from flowproof.probes import ProbeResult
 
 log = logging.getLogger("collector")
-
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 
 Clock = Callable[[], float]
 ProbePodManager = Callable[[Sequence[ProbePodRequest]], Awaitable[None]]
@@ -157,7 +162,7 @@ class Collector:
             timeout = 1.0 if wake_at is None else min(1.0, max(0.0, wake_at - self.clock()))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_first(self._wake, stop), timeout=max(timeout, 0.01))
+                await asyncio.wait_for(first_of(self._wake, stop), timeout=max(timeout, 0.01))
 
     async def state_refresher(self, stop: asyncio.Event) -> None:
         """Re-judge freshness (STALE) on a steady beat."""
@@ -199,13 +204,14 @@ def needed_probe_pods(plan: Plan) -> list[ProbePodRequest]:
     return [requests[key] for key in sorted(requests)]
 
 
-async def _first(*events: asyncio.Event) -> None:
+async def first_of(*events: asyncio.Event) -> None:
+    """Return when any of `events` is set."""
     waiters = [asyncio.ensure_future(e.wait()) for e in events]
     try:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for w in waiters:
-            w.cancel()
+        for waiter in waiters:
+            waiter.cancel()
 
 
 # --- inventory sources ----------------------------------------------------------------------------

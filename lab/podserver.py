@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import functools
 import logging
 import os
@@ -23,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
+
+from agent.netns import sctp_supported
 
 log = logging.getLogger("lab.podserver")
 
@@ -80,18 +81,6 @@ class ServerSpec:
             host=str(data.get("host") or "0.0.0.0"),
             udp_hosts=strs("udp_hosts"),
         )
-
-
-def sctp_supported() -> bool:
-    """Can this kernel open an SCTP socket? (errno 93, EPROTONOSUPPORT: no SCTP module)."""
-    try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
-    except OSError as exc:
-        if exc.errno in (errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT, errno.EAFNOSUPPORT):
-            return False
-        raise
-    sock.close()
-    return True
 
 
 def _http_response(name: str, status: int = 200, reason: str = "OK") -> bytes:

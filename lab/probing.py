@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from lab.podserver import sctp_supported
+from agent.netns import sctp_supported
 from lab.system import setns
 
 Outcome = Literal["CONNECTED", "REFUSED", "TIMEOUT", "UNREACHABLE", "ERROR"]

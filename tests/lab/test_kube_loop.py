@@ -22,9 +22,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 from labtools import assert_nothing_left, lab_unavailable, unique_name
-from test_loop import BREAKS, DECLARED, LOOP, SHOP
+from test_loop import BREAKS, DECLARED, LOOP, SHOP, post_verify, statuses, table, wait_for
 
 from collector.runtime import Collector, serve
 from collector.settings import CollectorSettings
@@ -209,49 +208,8 @@ def get_json(url: str) -> dict[str, Any]:
     return data
 
 
-def post_verify(url: str, timeout: float = 15.0) -> dict[str, Any]:
-    """`POST /api/v1/verify`: probe every declared flow now; the answer once all are settled."""
-    request = urllib.request.Request(
-        f"{url}/api/v1/verify",
-        data=json.dumps({"timeout_seconds": timeout}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=timeout + 30) as response:
-        answer: dict[str, Any] = json.loads(response.read())
-    return answer
-
-
 def rows_of(answer: dict[str, Any]) -> list[tuple[Any, ...]]:
     return sorted(tuple(r[k] for k in COMPARED) for r in answer["rows"])
-
-
-def table(answer: dict[str, Any]) -> str:
-    return "\n".join(
-        f"{r['status']:18} {r['flow']:24} {r['from']} -> {r['to']} {r['port']}/{r['protocol']} "
-        f"reality={r.get('reality')}" + ("" if r["status"] == "PASS" else f" ({r['explanation']})")
-        for r in answer["rows"]
-    )
-
-
-def statuses(answer: dict[str, Any]) -> dict[str, set[str]]:
-    """Declared flow name -> the statuses of its concrete flows."""
-    found: dict[str, set[str]] = {}
-    for row in answer["rows"]:
-        found.setdefault(row["flow"], set()).add(row["status"])
-    return found
-
-
-def wait_for(condition: Callable[[], Any], seconds: float, what: str | Callable[[], str]) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = what if isinstance(what, str) else what()
-            raise AssertionError(f"timed out after {seconds:g}s waiting for {text}")
-        time.sleep(0.1)
 
 
 def cluster_objects(lab: Lab) -> list[dict[str, Any]]:

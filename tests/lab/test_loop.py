@@ -107,10 +107,12 @@ def url(lab: Lab) -> str:
     return loop.url
 
 
-def post_verify(lab: Lab, timeout: float = 15.0) -> dict[str, Any]:
-    """`POST /api/v1/verify`: probe every declared flow now; the answer once all are settled."""
+def post_verify(lab: Lab | str, timeout: float = 15.0) -> dict[str, Any]:
+    """`POST /api/v1/verify` to a lab's collector (or a collector URL): probe every declared
+    flow now; the answer once all are settled."""
+    base = lab if isinstance(lab, str) else url(lab)
     request = urllib.request.Request(
-        f"{url(lab)}/api/v1/verify",
+        f"{base}/api/v1/verify",
         data=json.dumps({"timeout_seconds": timeout}).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
