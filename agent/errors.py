@@ -1,10 +1,11 @@
 """Errors of the agent.
 
-    AgentError                     anything the agent raises on purpose
+    FlowproofError (flowproof.errors)
     ├── ConfigurationError         a setting that cannot work (bad flag, unreadable token): exit 2
-    ├── NamespaceError             a pod's network namespace cannot be entered
-    │   └── PodNotFound            no process of the pod runs on this node (gone, or elsewhere)
-    └── NetnsThreadBroken          the socket helper thread could not return to its namespace:
+    └── AgentError                 anything else the agent raises on purpose
+        ├── NamespaceError             a pod's network namespace cannot be entered
+        │   └── PodNotFound        no process of the pod runs on this node (gone, or elsewhere)
+        └── NetnsThreadBroken      the socket helper thread could not return to its namespace:
                                    the agent stops, as sockets made there would be misplaced
 
 A probe that fails is a result (`Outcome.ERROR` with the reason), never an exception;
@@ -13,13 +14,11 @@ A probe that fails is a result (`Outcome.ERROR` with the reason), never an excep
 
 from __future__ import annotations
 
-
-class AgentError(Exception):
-    """Base of every error the agent raises on purpose."""
+from flowproof.errors import FlowproofError
 
 
-class ConfigurationError(AgentError):
-    """A setting that cannot work; names the flag or variable and why."""
+class AgentError(FlowproofError):
+    """Base of the agent's own errors (settings errors are flowproof.errors.ConfigurationError)."""
 
 
 class NamespaceError(AgentError):

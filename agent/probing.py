@@ -19,12 +19,11 @@ import os
 import secrets
 import socket
 import struct
-import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import dns.exception
@@ -36,6 +35,7 @@ import yarl
 from agent.errors import NamespaceError, NetnsThreadBroken, PodNotFound
 from agent.netns import NetnsSockets, NetnsTarget, SocketSpec
 from agent.resolving import PodResolver
+from flowproof.aio import SYSTEM_CLOCK, Clock
 from flowproof.probes import Assignment, Outcome, ProbeKind, ProbeResult, ip_version
 
 log = logging.getLogger(__name__)
@@ -50,19 +50,6 @@ RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 probing leaves no TIME_WAIT sockets holding the pod's ephemeral ports (and costs less)."""
 
 _UNREACHABLE_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPERM, errno.EACCES}
-
-
-class Clock(Protocol):
-    def monotonic(self) -> float: ...
-    def time(self) -> float: ...
-
-
-class SystemClock:
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def time(self) -> float:
-        return time.time()
 
 
 def classify_os_error(exc: OSError) -> Outcome:
@@ -161,7 +148,7 @@ class Prober:
         self._resolver = resolver
         self._sockets = sockets
         self._max_concurrency = max_concurrency
-        self._clock = clock or SystemClock()
+        self._clock = clock or SYSTEM_CLOCK
         self._limiter = DestinationRateLimiter(
             destination_rate_per_second, destination_burst, self._clock
         )

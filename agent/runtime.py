@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from agent.errors import ConfigurationError
 from agent.netns import NetnsSockets, sctp_supported
 from agent.observing import AgentMetrics, serve_health, serve_metrics
 from agent.probing import Prober
@@ -25,6 +21,7 @@ from agent.responders import Responders
 from agent.settings import AgentSettings, load_settings
 from agent.streaming import CollectorLink
 from flowproof import __version__
+from flowproof.aio import run_root_tasks, run_service, stop_event
 from flowproof.probes import AgentCapabilities, ProbeKind
 
 log = logging.getLogger("agent")
@@ -32,17 +29,7 @@ log = logging.getLogger("agent")
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent until SIGTERM; the process exit code."""
-    try:
-        settings = load_settings(sys.argv[1:] if argv is None else argv, os.environ)
-    except ConfigurationError as exc:
-        print(f"flowproof agent: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    log.info("flowproof agent %s starting: %s", __version__, settings.describe())
-    return asyncio.run(serve(settings))
+    return run_service("agent", argv, load_settings, serve, log)
 
 
 async def serve(settings: AgentSettings, stop: asyncio.Event | None = None) -> int:
@@ -50,12 +37,11 @@ async def serve(settings: AgentSettings, stop: asyncio.Event | None = None) -> i
 
     Signal handlers are installed only when no `stop` is given (tests pass their own).
     """
-    own_stop = stop is None
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    if own_stop:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    with stop_event(stop) as stopping:
+        return await _serve(settings, stopping)
+
+
+async def _serve(settings: AgentSettings, stop: asyncio.Event) -> int:
     sctp = sctp_supported()
     if not sctp:
         log.info("kernel has no SCTP module: SCTP probes report ERROR")
@@ -112,46 +98,8 @@ async def serve(settings: AgentSettings, stop: asyncio.Event | None = None) -> i
             settings.listen_address, settings.metrics_port, metrics, refresh_gauges, stop
         )
     try:
-        return await _run_roots(roots, stop, grace_seconds=settings.shutdown_grace_seconds + 5)
+        return await run_root_tasks(
+            roots, stop, grace_seconds=settings.shutdown_grace_seconds + 5, logger=log
+        )
     finally:
         sockets.close()
-        if own_stop:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-
-
-async def _run_roots(
-    roots: dict[str, Coroutine[Any, Any, None]], stop: asyncio.Event, grace_seconds: float = 30.0
-) -> int:
-    """Run the named root tasks until `stop` is set or one of them ends; the exit code.
-
-    A root task that ends or fails before `stop` is a failure (1): the others are asked to stop.
-    After `stop`, every root task gets `grace_seconds` to drain and return; one that fails or
-    overruns makes it a failure too.
-    """
-    tasks = {asyncio.create_task(coro, name=name): name for name, coro in roots.items()}
-    for task in tasks:
-        task.add_done_callback(_log_failure)
-    stopper = asyncio.create_task(stop.wait(), name="stop_signal")
-    try:
-        waiting: set[asyncio.Future[Any]] = {*tasks, stopper}
-        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        failed = [t for t in tasks if t in done and not stop.is_set()]
-        if failed:
-            log.error("root task %s ended; stopping", ", ".join(tasks[t] for t in failed))
-        stop.set()  # the graceful path: every root task drains and returns
-        _, overran = await asyncio.wait(tasks, timeout=grace_seconds)
-        if overran:
-            log.error("root task %s did not stop in time", ", ".join(tasks[t] for t in overran))
-        broken = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
-        return 1 if failed or overran or broken else 0
-    finally:
-        stopper.cancel()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(stopper, *tasks, return_exceptions=True)
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("root task %s failed", task.get_name(), exc_info=task.exception())

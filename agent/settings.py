@@ -12,8 +12,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from agent.errors import ConfigurationError
 from flowproof import settings as loader
+from flowproof.errors import ConfigurationError
 
 ENV_PREFIX = "FLOWPROOF_AGENT_"
 

@@ -18,7 +18,6 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import grpc
 import grpc.aio
@@ -28,6 +27,7 @@ from agent.probing import Prober
 from agent.responders import Responders
 from agent.settings import AgentSettings
 from flowproof import convert
+from flowproof.aio import Backoff
 from flowproof.probes import (
     PROTOCOL_VERSION,
     AgentCapabilities,
@@ -120,24 +120,6 @@ class ResultOutbox:
         return set(self._assignments)
 
 
-@dataclass
-class Backoff:
-    """Exponential backoff, full jitter: attempt n waits uniform(0, min(max, initial * 2**n))."""
-
-    initial_seconds: float
-    max_seconds: float
-    rng: random.Random
-    attempt: int = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self.max_seconds, self.initial_seconds * (2 ** min(self.attempt, 30)))
-        self.attempt += 1
-        return self.rng.uniform(0, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 class CollectorLink:
     """The agent's side of the stream; `run()` is the agent's root task."""
 
@@ -162,7 +144,7 @@ class CollectorLink:
         self._backoff = Backoff(
             settings.reconnect_initial_seconds,
             settings.reconnect_max_seconds,
-            rng or random.Random(),
+            rng=rng or random.Random(),
         )
         self.outbox = ResultOutbox(settings.result_buffer_size)
         self._probes: dict[str, pb.Assignment] = {}

@@ -38,7 +38,7 @@ print(json.dumps({"rc": rc, "seconds": t1 - t0,
 ENGINE_ONLY = """
 import json, sys, time
 from bench.synthetic import make_cluster
-from collector.classes import ClassModel
+from collector.core.classes import ClassModel
 snap = make_cluster(int(sys.argv[1]), 100, 500, 7)
 t0 = time.perf_counter()
 model = ClassModel(snap)

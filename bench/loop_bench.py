@@ -151,7 +151,7 @@ def table(samples: list[Sample], timeout: float) -> str:
 
 
 async def run(changes: int, nodes: int, probe_timeout_seconds: float) -> int:
-    loop_settings = LoopSettings(probe_timeout_seconds=probe_timeout_seconds)
+    loop_settings = LoopSettings.with_planner(probe_timeout_seconds=probe_timeout_seconds)
     state_dir = Path(tempfile.mkdtemp(prefix="flowproof-loop-bench-"))
     lab = Lab("lb" + secrets.token_hex(3), state_dir)
     print(f"building lab {lab.name} (shop example, {nodes} nodes, collector and agents)")
@@ -191,7 +191,7 @@ async def run(changes: int, nodes: int, probe_timeout_seconds: float) -> int:
                     f"{sample.first_verdict_seconds:.2f}s, status {sample.status_seconds:.2f}s"
                 )
         print()
-        print(table(samples, loop_settings.probe_timeout_seconds))
+        print(table(samples, loop_settings.planner.probe_timeout_seconds))
         return 0
     finally:
         if reader is not None:
@@ -211,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--probe-timeout-seconds",
         type=float,
-        default=LoopSettings().probe_timeout_seconds,
+        default=LoopSettings().planner.probe_timeout_seconds,
         help="the lab's probe timeout (default: the lab's, 1 s)",
     )
     args = parser.parse_args(argv)

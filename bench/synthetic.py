@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from collector.model import (
+from collector.core.model import (
     NAMESPACE_NAME_LABEL,
     ContainerPort,
     Direction,

@@ -27,8 +27,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from collector.metrics import CollectorMetrics, LoopStatus
-from collector.web import Broadcaster, StateView, build_web_app
+from collector.core.views import LoopStatus
+from collector.metrics import CollectorMetrics
+from collector.web.app import StateView, build_web_app
+from collector.web.events import Broadcaster
 from tests.e2e_support.samples import SampleLoop, large_snapshot
 
 CHROMIUM_ARGS = [
@@ -106,7 +108,7 @@ async def browser_bench(verdicts: int) -> dict[str, Any]:
     broadcaster = Broadcaster()
     # 100 declared flows of 2 sources × 5 destinations: 1,000 concrete flows (plus the drift sample).
     snapshot = large_snapshot(namespaces=2, workloads=10, flows_per_namespace=50)
-    loop = SampleLoop(snapshot, listener=broadcaster.publish)
+    loop = SampleLoop(snapshot, listener=broadcaster.on_loop_event)
     loop.probe_all()
     runner, base = await serve(loop, broadcaster)
     result: dict[str, Any] = {"concrete_flows": len(loop.state.flows())}

@@ -17,8 +17,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from collector.checking import FAILING, STATUS_ORDER, Status, status_rank
-from collector.flowstate import DeclaredStatus
+from collector.core.flowstate import DeclaredStatus
+from collector.core.probepods import (
+    MANAGED_BY_LABEL,
+    PROBE_POD_LABEL,
+    PROBE_POD_PREFIX,
+    ProbePodRequest,
+)
+from collector.core.statuses import FAILING, STATUS_ORDER, Status, status_rank
 from collector.kube import (
     FLOWEXPECTATIONS_GROUP,
     FLOWEXPECTATIONS_VERSION,
@@ -30,14 +36,9 @@ from collector.kube import (
     KubeSourceSettings,
     PodSummary,
 )
-from collector.planning import (
-    MANAGED_BY_LABEL,
-    PROBE_POD_LABEL,
-    PROBE_POD_PREFIX,
-    ProbePodRequest,
-)
-from collector.runtime import Collector, first_of
+from collector.loop import Collector, LoopEvent, SnapshotApplied, StatusChanged
 from collector.settings import CollectorSettings
+from flowproof.aio import first_of
 
 log = logging.getLogger(__name__)
 
@@ -501,8 +502,8 @@ async def status_publisher(
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
 
-    def listener(kind: str, _: dict[str, Any]) -> None:
-        if kind in ("status", "snapshot"):
+    def listener(event: LoopEvent) -> None:
+        if isinstance(event, StatusChanged | SnapshotApplied):
             changed.set()
 
     collector.subscribe(listener)

@@ -39,17 +39,12 @@ from kubernetes.config import kube_config
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 
-from collector.errors import ConfigurationError, FlowproofError, InputError
-from collector.expectations import expectations_from_dict
-from collector.inventory import (
-    LineFinder,
-    Where,
-    describe_type,
-    namespace_from_dict,
-    pod_from_dict,
-    policy_from_dict,
-)
-from collector.model import Expectations, Namespace, NetworkPolicy, Pod, Snapshot
+from collector.core.model import Expectations, Namespace, NetworkPolicy, Pod, Snapshot
+from collector.reading.expectations import expectations_from_configmap, expectations_from_dict
+from collector.reading.fields import Where
+from collector.reading.objects import namespace_from_dict, pod_from_dict, policy_from_dict
+from flowproof.aio import Backoff
+from flowproof.errors import ConfigurationError, FlowproofError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -375,135 +370,20 @@ def _with_object(resource: _Resource, obj: Mapping[str, Any], item: _Converted) 
     return dataclasses.replace(item, object=found)
 
 
-def _yaml_documents(text: str) -> Iterator[tuple[int, int, object]]:
-    """(index from 1, first line, value) of each YAML document in `text`; raises YAMLError."""
-    loader = yaml.SafeLoader(text)
-    try:
-        index = 0
-        while loader.check_node():
-            node = loader.get_node()
-            if node is None:
-                return
-            index += 1
-            yield index, node.start_mark.line + 1, loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _yaml_problem(file: str, exc: yaml.YAMLError) -> str:
-    if isinstance(exc, yaml.MarkedYAMLError):
-        mark = exc.problem_mark or exc.context_mark
-        where = file if mark is None else f"{file}:{mark.line + 1}"
-        reason = " ".join(p for p in (exc.context, exc.problem) if p) or "broken YAML"
-        return f"{where}: invalid YAML: {reason}"
-    return f"{file}: invalid YAML: {exc}"
-
-
 def _configmap_expectations(namespace: str, name: str, obj: Mapping[str, Any]) -> _Converted:
-    """The FlowExpectations documents in a labelled ConfigMap's data values; never raises.
-
-    Each document is read as a FlowExpectations custom resource would be, in the ConfigMap's
-    namespace (a document may leave metadata.namespace out; naming another one is an error). A
-    document that cannot be read is skipped, named by ConfigMap, key, line and field.
-    """
+    """The FlowExpectations documents in a labelled ConfigMap (collector.reading.expectations)."""
     key = _key_text(namespace, name)
-    data = obj.get("data")
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        return _Converted(key, None, f"data must be a mapping, not {describe_type(data)}")
-    documents: list[Expectations] = []
-    problems: list[str] = []
-    seen: dict[str, str] = {}
-    for data_key in sorted(data, key=str):
-        file = f"api:namespaces/{namespace}/configmaps/{name}/data/{data_key}"
-        text = data[data_key]
-        if not isinstance(text, str):
-            problems.append(f"{file}: must be a string, not {describe_type(text)}")
-            continue
-        try:
-            parsed = list(_yaml_documents(text))
-        except yaml.YAMLError as exc:
-            problems.append(_yaml_problem(file, exc))
-            continue
-        lines = LineFinder(text.encode())
-        for index, line, document in parsed:
-            if document is None:
-                continue
-            where = Where(file=file, document=index, start_line=line, lines=lines)
-            if not isinstance(document, Mapping):
-                problems.append(
-                    f"{where.source}: a FlowExpectations document must be a mapping, not "
-                    f"{describe_type(document)}"
-                )
-                continue
-            meta = document.get("metadata")
-            if isinstance(meta, Mapping):
-                given = meta.get("namespace")
-                if given not in (None, "", namespace):
-                    problems.append(
-                        str(
-                            where.error(
-                                ("metadata", "namespace"),
-                                f"{given!r} is not the ConfigMap's namespace {namespace!r}: a "
-                                "ConfigMap declares expectations for its own namespace only",
-                            )
-                        )
-                    )
-                    continue
-                document = {**document, "metadata": {**meta, "namespace": namespace}}
-            try:
-                expectations = expectations_from_dict(document, where)
-            except InputError as exc:
-                problems.append(str(exc))
-                continue
-            except Exception as exc:  # a converter bug on odd input must not stop the inventory
-                log.exception("reading %s failed", where.source)
-                problems.append(f"{where.source}: could not be read: {exc!r}")
-                continue
-            if expectations.key in seen:
-                problems.append(
-                    f"{where.source}: FlowExpectations {expectations.key} is already declared at "
-                    f"{seen[expectations.key]}; this document is skipped"
-                )
-                continue
-            seen[expectations.key] = where.source
-            documents.append(expectations)
+    documents, problems = expectations_from_configmap(namespace, name, obj.get("data"))
     problem = "\n".join(problems) or None
     if not documents and problem is not None:
         return _Converted(key, None, problem)
-    return _Converted(key, ConfigMapExpectations(tuple(documents)), problem)
+    return _Converted(key, ConfigMapExpectations(documents), problem)
 
 
 def _changed_fields(old: _Model, new: _Model) -> frozenset[str]:
     return frozenset(
         f.name for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)
     )
-
-
-# --- backoff --------------------------------------------------------------------------------------
-
-
-class Backoff:
-    """Exponential backoff with jitter: initial, 2x, 4x ... up to a maximum, each minus up to
-    `jitter` of itself at random."""
-
-    def __init__(
-        self, initial: float, maximum: float, jitter: float, rng: random.Random | None = None
-    ) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self.jitter = jitter
-        self.failures = 0
-        self._rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        base = min(self.maximum, self.initial * 2.0 ** min(self.failures, 62))
-        self.failures += 1
-        return base * (1.0 - self.jitter * self._rng.random())
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 # --- the source -----------------------------------------------------------------------------------
@@ -948,7 +828,7 @@ class KubernetesSource:
             what,
             f": {_describe(exc)}" if exc is not None else "",
             delay,
-            backoff.failures,
+            backoff.attempt,
         )
         await asyncio.sleep(delay)
 

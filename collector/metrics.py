@@ -22,8 +22,10 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from collector.checking import STATUS_ORDER, Status
-from collector.flowstate import DeclaredStatus, FlowState, LatencySample
+from collector.core.flowstate import DeclaredStatus, FlowState, LatencySample
+from collector.core.statuses import STATUS_ORDER, Status
+from collector.core.views import LoopStatus, compliance_ratio, nodes_needing_agents
+from collector.loop import LatencyMeasured, LoopEvent, ResultRecorded
 from flowproof import __version__
 from flowproof.probes import Outcome, ProbeKind, ProbeResult
 
@@ -52,53 +54,6 @@ FEEDBACK_BUCKETS: tuple[float, ...] = (
 
 FLOW_LABELS = ("expectation", "flow", "namespace")
 """The labels of every per-declared-flow series, in exposition (sorted) order."""
-
-
-@dataclass(frozen=True)
-class LoopStatus:
-    """Numbers about the loop that only the runtime knows, read at every scrape.
-
-    `agent_nodes` are the nodes with a connected agent. `assignments_queued` are assignments
-    handed to the dispatcher and not yet sent to an agent (waiting for the agent, its capacity or a
-    responder); `assignments_in_flight` were issued and have no result yet. The `*_total` fields are
-    the planner's counters (`PlannerStats`), exported as counters.
-    """
-
-    agent_nodes: frozenset[str] = frozenset()
-    assignments_queued: int = 0
-    assignments_in_flight: int = 0
-    assignments_issued_total: int = 0
-    assignment_retries_total: int = 0
-    assignments_lost_total: int = 0
-    assignments_rate_limited_total: int = 0
-
-
-def nodes_needing_agents(state: FlowState) -> frozenset[str]:
-    """Nodes that must run an agent for the plan: sources of a probe, or hosts of a responder."""
-    nodes: set[str] = set()
-    for record in state.flows():
-        template = record.planned.template
-        if template is None:
-            continue
-        nodes.add(template.source_node)
-        if template.responder is not None:
-            nodes.add(template.responder.node)
-    nodes.discard("")
-    return frozenset(nodes)
-
-
-def compliance_ratio(declared: Iterable[DeclaredStatus]) -> dict[str, float]:
-    """Per namespace: declared flows proven as declared (PASS) over all declared flows there.
-
-    A flow that is pending, stale or inconclusive is not proven, so it counts against the ratio.
-    """
-    total: Counter[str] = Counter()
-    passing: Counter[str] = Counter()
-    for item in declared:
-        total[item.namespace] += 1
-        if item.status == "PASS":
-            passing[item.namespace] += 1
-    return {namespace: passing[namespace] / count for namespace, count in total.items()}
 
 
 def _number(value: float) -> str:
@@ -356,10 +311,12 @@ def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
 class CollectorMetrics:
     """All `flowproof_` metrics of the collector, registered in `registry`.
 
-    The runtime calls `observe_result(result)` for every probe result it receives and
-    `observe_latency(state.take_latency_samples())` on its refresh beat; everything else is read
-    from `state` and `loop_status()` at scrape time. Use it from one event loop.
+    It subscribes to the collector's events (`on_loop_event`: every result and the feedback
+    latencies measured); everything else is read from `state` and `loop_status()` at scrape time.
+    Use it from one event loop.
     """
+
+    content_type = CONTENT_TYPE
 
     def __init__(
         self,
@@ -403,6 +360,13 @@ class CollectorMetrics:
         self.flow_state = FlowStateCollector(state, loop_status)
         registry.register(self.flow_state)
 
+    def on_loop_event(self, event: LoopEvent) -> None:
+        """Count what a loop event carries (results and feedback latencies)."""
+        if isinstance(event, ResultRecorded):
+            self.observe_result(event.result)
+        elif isinstance(event, LatencyMeasured):
+            self.observe_latency(event.samples)
+
     def observe_result(self, result: ProbeResult) -> None:
         """Count one probe result and its duration."""
         protocol = str(result.assignment.kind)
@@ -432,11 +396,4 @@ class CollectorMetrics:
         return head + self.flow_state.render_flows(view.declared).encode()
 
 
-__all__ = [
-    "CONTENT_TYPE",
-    "CollectorMetrics",
-    "FlowStateCollector",
-    "LoopStatus",
-    "compliance_ratio",
-    "nodes_needing_agents",
-]
+__all__ = ["CONTENT_TYPE", "CollectorMetrics", "FlowStateCollector"]

@@ -7,14 +7,13 @@ validates everything at start; the runtime logs the result once. This module sta
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from collector.errors import ConfigurationError
-from collector.planning import PlannerSettings
+from collector.core.settings import PlannerSettings
 from flowproof import settings as loader
+from flowproof.errors import ConfigurationError
 
 ENV_PREFIX = "FLOWPROOF_"
 SOURCES = ("kubernetes", "manifests")
@@ -38,18 +37,9 @@ class CollectorSettings:
     """Port of /metrics, /healthz, /readyz, the web view and /api/v1 (0 picks a free one)."""
     token: str = field(default="", repr=False)
     """Shared secret agents must present (`authorization: Bearer ...`)."""
-    probe_timeout_seconds: float = 2.0
-    """How long a probe waits for an answer; no answer within it is a TIMEOUT (dropped)."""
-    interval_seconds: float = 10.0
-    """The steady cadence: every flow is probed again about this often."""
-    freshness_seconds: float = 30.0
-    """A flow whose last result is older than this is STALE."""
-    drift_sample_size: int = 20
-    """Undeclared pod pairs probed to catch enforcement drift."""
-    max_pairs_per_flow: int = 16
-    """A declared flow with at most this many pod pairs has every pair probed."""
-    cluster_dns_ip: str = "10.96.0.10"
-    """The cluster DNS service address that `dns: cluster` flows query."""
+    planner: PlannerSettings = field(default_factory=PlannerSettings)
+    """How the loop plans, schedules and judges probes; each of its fields is a flag of its own
+    (`--interval-seconds`, `--freshness-seconds`, ...)."""
     probe_pods: str = "off"
     """Who creates probe pods for flows whose `from` matches no running pod: `off`, `lab`, or
     `kubernetes` (the collector, through the API, in `probe_pod_namespaces` only)."""
@@ -106,28 +96,10 @@ class CollectorSettings:
                 problems.append(f"{name}: {getattr(self, name)} is outside 0-65535")
         if not self.token:
             problems.append("token: required (FLOWPROOF_TOKEN or --token-file)")
-        try:
-            ipaddress.ip_address(self.cluster_dns_ip)
-        except ValueError:
-            problems.append(f"cluster_dns_ip: {self.cluster_dns_ip!r} is not an IP address")
         if self.state_refresh_seconds <= 0:
             problems.append("state_refresh_seconds: must be positive")
-        try:
-            self.planner()
-        except ConfigurationError as exc:
-            problems.append(str(exc))
         if problems:
             raise ConfigurationError("; ".join(problems))
-
-    def planner(self) -> PlannerSettings:
-        return PlannerSettings(
-            probe_timeout_seconds=self.probe_timeout_seconds,
-            interval_seconds=self.interval_seconds,
-            freshness_seconds=self.freshness_seconds,
-            drift_sample_size=self.drift_sample_size,
-            max_pairs_per_flow=self.max_pairs_per_flow,
-            cluster_dns_ip=self.cluster_dns_ip,
-        )
 
     def describe(self) -> str:
         return loader.describe(self, secrets=("token",))

@@ -13,18 +13,17 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from collector.changes import ChangeEvent, diff_snapshots
-from collector.errors import InputError
-from collector.inventory import load_snapshot
-from collector.model import Snapshot
+from collector.core.changes import ChangeEvent, diff_snapshots
+from collector.core.model import Snapshot
+from collector.reading.manifests import load_snapshot
+from flowproof.aio import SYSTEM_CLOCK, Clock
+from flowproof.errors import InputError
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 Loader = Callable[[Sequence[str | os.PathLike[str]]], Snapshot]
 Consumer = Callable[[Snapshot, ChangeEvent], Awaitable[None]]
 FileStat = tuple[int, int, int, int]  # device, inode, mtime in ns, size
@@ -68,7 +67,7 @@ class ManifestSource:
         self,
         paths: Sequence[str | os.PathLike[str]],
         *,
-        clock: Clock = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         poll_interval_seconds: float = 0.2,
         loader: Loader = load_snapshot,
     ) -> None:
@@ -88,7 +87,7 @@ class ManifestSource:
 
     def poll(self) -> tuple[Snapshot, ChangeEvent] | None:
         """Re-read the manifests if they changed; the new snapshot and its change, or None."""
-        observed = self.clock()
+        observed = self.clock.time()
         previous_poll, self._last_poll = self._last_poll, observed
         current = fingerprint(self.paths)
         if current == self._fingerprint:

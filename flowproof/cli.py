@@ -1,32 +1,59 @@
-"""The `flowproof` command line: offline `matrix`, `check`, `explain`, and the service entry points.
+"""The front door: the `flowproof` command line, offline `matrix`, `check`, `explain`, and the rest.
 
 Owns argument parsing and output for the offline commands, and hands `lab`, `agent`, `collector`
-and `verify` to their packages. Exit codes: 0 ok, 1 a violation (or failure), 2 bad input or
-a verdict that could not be reached. It never evaluates policies itself: that is collector.engine.
+and `verify` to their packages, composing what only the top may join: the lab's probe pods for
+the collector, the verify client for `lab test`. Exit codes: 0 ok, 1 a violation (or failure), 2 bad input or
+a verdict that could not be reached. It never evaluates policies itself: that is collector.core.engine.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from flowproof import __version__
+from agent import runtime as agent_runtime
+from collector import runtime as collector_runtime
+from collector.core.checking import check, is_ip, parse_port
+from collector.core.classes import ClassModel
+from collector.core.engine import Engine, endpoint_name
+from collector.core.model import Pod
+from collector.core.reporting import (
+    render_json,
+    render_junit,
+    render_markdown,
+    render_table,
+    rows_from_check,
+)
+from collector.core.resolving import DEFAULT_CLUSTER_DNS_IP
+from collector.reading.manifests import load_snapshot
+from flowproof import __version__, verifying
+from flowproof.errors import FlowproofError, InputError
+from flowproof.labtest import run_lab_test
+from lab import cli as lab_cli
+from lab.probepods import lab_probe_pods
 
 EXIT_OK, EXIT_VIOLATION, EXIT_INPUT = 0, 1, 2
-DELEGATED = {
-    "lab": (
-        "lab.cli",
-        "main",
-        "the local lab: up, apply, delete, label, fault, status, down, test",
-    ),
-    "agent": ("agent.runtime", "main", "run the node agent"),
-    "collector": ("collector.runtime", "main", "run the collector"),
-    "verify": ("collector.verifying", "main", "run every expectation now against a collector"),
+
+
+def run_collector(argv: list[str]) -> int:
+    """The collector, with the lab's probe pods on offer (`--probe-pods lab`)."""
+    return collector_runtime.main(argv, providers={"lab": lab_probe_pods})
+
+
+def run_lab(argv: list[str]) -> int:
+    """The lab's command line, with `lab test` run here (it needs the verify client)."""
+    return lab_cli.main(argv, test=run_lab_test)
+
+
+DELEGATED: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "lab": (run_lab, "the local lab: up, apply, delete, label, fault, status, down, test"),
+    "agent": (agent_runtime.main, "run the node agent"),
+    "collector": (run_collector, "run the collector"),
+    "verify": (verifying.main, "run every expectation now against a collector"),
 }
 
 
@@ -92,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--markdown", metavar="FILE", help="also write Markdown here")
     check.add_argument(
         "--cluster-dns-ip",
-        default="10.96.0.10",
+        default=DEFAULT_CLUSTER_DNS_IP,
         help="address of the cluster DNS when no kube-dns pod is in the manifests",
     )
 
@@ -103,20 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--port", required=True, metavar="PORT/PROTO")
     explain.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
-    for name, (_, _, text) in DELEGATED.items():
+    for name, (_, text) in DELEGATED.items():
         delegated = sub.add_parser(name, help=text, add_help=False)
         delegated.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> int:
-    from collector.errors import FlowproofError
 
     args_list = list(sys.argv[1:] if argv is None else argv)
     out = stdout or sys.stdout
     if args_list and args_list[0] in DELEGATED:
-        module, func, _ = DELEGATED[args_list[0]]
-        entry: Callable[[list[str]], int] = getattr(importlib.import_module(module), func)
+        entry, _ = DELEGATED[args_list[0]]
         return entry(args_list[1:])
     args = build_parser().parse_args(args_list)
     commands: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
@@ -135,8 +160,6 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
 
 
 def _ports(args: argparse.Namespace, snapshot: Any) -> list[tuple[int, str]]:
-    from collector.checking import parse_port
-    from collector.errors import InputError
 
     ports: list[tuple[int, str]]
 
@@ -155,9 +178,6 @@ def _ports(args: argparse.Namespace, snapshot: Any) -> list[tuple[int, str]]:
 
 
 def cmd_matrix(args: argparse.Namespace, out: TextIO) -> int:
-    from collector.classes import ClassModel
-    from collector.engine import Engine
-    from collector.inventory import load_snapshot
 
     snapshot = load_snapshot(_paths(args.files))
     ports = _ports(args, snapshot)
@@ -238,22 +258,11 @@ def render_matrix_table(engine: Any, pods: list[Any], ports: list[tuple[int, str
 
 
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
-    from collector.checking import check
-    from collector.inventory import load_snapshot
-    from collector.reporting import (
-        render_json,
-        render_junit,
-        render_markdown,
-        render_table,
-        rows_from_check,
-    )
 
     manifest_paths = _paths(args.files)
     expectation_paths = _paths(args.expectations)
     snapshot = load_snapshot(manifest_paths + expectation_paths)
     if not snapshot.expectations:
-        from collector.errors import InputError
-
         raise InputError(
             "no FlowExpectations found in "
             + ", ".join(expectation_paths or manifest_paths)
@@ -283,11 +292,6 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
-    from collector.checking import is_ip, parse_port
-    from collector.engine import Engine
-    from collector.errors import InputError
-    from collector.inventory import load_snapshot
-    from collector.model import Pod
 
     snapshot = load_snapshot(_paths(args.files))
 
@@ -322,7 +326,6 @@ def cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def explain_text(verdict: Any, source: Any, destination: Any, port: int, protocol: str) -> str:
-    from collector.engine import endpoint_name
 
     name_src, name_dst = endpoint_name(source), endpoint_name(destination)
     lines = [

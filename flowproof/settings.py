@@ -64,19 +64,46 @@ def _convert(name: str, raw: str, kind: Any) -> Any:
     return raw
 
 
+def _nested(f: dataclasses.Field[Any]) -> type | None:
+    """The settings class a field composes (a dataclass default), or None for a plain value."""
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return type(value)
+    return None
+
+
+def flat_fields(cls: type) -> list[tuple[type, dataclasses.Field[Any]]]:
+    """Every plain field of `cls` with the class declaring it; composed settings (a field whose
+    default is another settings dataclass) contribute their own fields, under their own names."""
+    out: list[tuple[type, dataclasses.Field[Any]]] = []
+    for f in dataclasses.fields(cls):
+        inner = _nested(f)
+        if inner is None:
+            out.append((cls, f))
+        else:
+            out += flat_fields(inner)
+    names = [f.name for _, f in out]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise TypeError(f"{cls.__name__}: settings named twice: {', '.join(clashes)}")
+    return out
+
+
 def build_parser(
     cls: type, *, prog: str, description: str, secrets: Sequence[str] = ()
 ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
+    docs: dict[type, dict[str, str]] = {}
+    for owner, f in flat_fields(cls):
         if f.name in secrets:
             continue
+        text = docs.setdefault(owner, field_docs(owner)).get(f.name, "")
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
-            help=f"{docs.get(f.name, '')} (default: {_default_text(f)})",
+            help=f"{text} (default: {_default_text(f)})",
         )
     for name in secrets:
         parser.add_argument(
@@ -120,7 +147,7 @@ def load(
     parser = build_parser(cls, prog=prog, description=description, secrets=list(secrets))
     args = parser.parse_args(list(argv))
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for _, f in flat_fields(cls):
         if f.name in secrets:
             continue
         raw = getattr(args, f.name)
@@ -142,15 +169,30 @@ def load(
         else:
             values[name] = environ.get(variable, "").strip()
     try:
-        return cls(**values)
+        return _build(cls, values)
     except TypeError as exc:
         raise SettingsError(str(exc)) from exc
 
 
+def _build(cls: type[T], values: Mapping[str, Any]) -> T:
+    """`cls` from flat values: each composed settings class built from its own fields."""
+    own: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        inner = _nested(f)
+        if inner is not None:
+            own[f.name] = _build(inner, values)
+        elif f.name in values:
+            own[f.name] = values[f.name]
+    return cls(**own)
+
+
 def describe(settings: object, *, secrets: Sequence[str] = ()) -> str:
     """One line for the start-up log: every setting but the secrets."""
-    return " ".join(
-        f"{f.name}={getattr(settings, f.name)}"
-        for f in dataclasses.fields(settings)  # type: ignore[arg-type]
-        if f.name not in secrets
-    )
+    parts = []
+    for f in dataclasses.fields(settings):  # type: ignore[arg-type]
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            parts.append(describe(value, secrets=secrets))
+        elif f.name not in secrets:
+            parts.append(f"{f.name}={value}")
+    return " ".join(parts)

@@ -2,7 +2,7 @@
 
 Owns parsing the lab's flags and printing what each command did. Exit codes: 0 done, 1 the lab
 could not do it (LabError), 2 bad input (the InputError's text on stderr; nothing was changed).
-It never changes the lab except through lab/lifecycle.py (`lab test`: lab/testing.py).
+It never changes the lab except through lab/lifecycle.py (`lab test`: flowproof/labtest.py).
 """
 
 from __future__ import annotations
@@ -12,17 +12,23 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
 
-from collector.errors import ConfigurationError, InputError
+from tabulate import tabulate
+
+from flowproof.errors import ConfigurationError, InputError
 from lab.config import DEFAULT_NAME, DEFAULT_STATE_DIR, LabSettings
 from lab.errors import LabError
-from lab.lifecycle import FAULT_MODES, ChangeReport, Lab, read_manifests
+from lab.faults import FAULT_MODES
+from lab.lifecycle import Lab, read_manifests
 from lab.loop import LoopSettings
+from lab.report import ChangeReport
 
 NAME_ENV = "FLOWPROOF_LAB_NAME"
 STATE_DIR_ENV = "FLOWPROOF_LAB_STATE_DIR"
+
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -53,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     _common(common, top=False)
+    _add_up(sub, common)
+    _add_changes(sub, common)
+    _add_test(sub, common)
+    return parser
 
+
+def _add_up(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     up = sub.add_parser("up", parents=[common], help="build a lab from manifests")
     up.add_argument(
         "-f",
@@ -88,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _loop_flags(up)
 
+
+def _add_changes(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     apply = sub.add_parser("apply", parents=[common], help="create or update objects")
     apply.add_argument("-f", "--filename", action="append", required=True, metavar="PATH")
     apply.add_argument(
@@ -127,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("action", choices=("start", "stop", "restart"))
     loop.add_argument("component", nargs="?", default="all", metavar="COMPONENT")
 
+
+def _add_test(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     test = sub.add_parser(
         "test",
         parents=[common],
@@ -152,14 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, help="seconds verify waits for results (default 60)"
     )
     test.add_argument(
-        "--nodes", type=int, default=defaults.nodes, help="number of nodes (default 3)"
+        "--nodes", type=int, default=LabSettings().nodes, help="number of nodes (default 3)"
     )
     _loop_flags(test, with_switch=False)
-    return parser
 
 
 def _loop_flags(parser: argparse.ArgumentParser, *, with_switch: bool = True) -> None:
-    loop = LoopSettings()
+    loop = LoopSettings().planner
     if with_switch:
         parser.add_argument(
             "--no-loop", action="store_true", help="no collector and agents (the lab alone)"
@@ -195,7 +210,7 @@ def _loop_flags(parser: argparse.ArgumentParser, *, with_switch: bool = True) ->
 def _loop_settings(args: argparse.Namespace) -> LoopSettings | None:
     if getattr(args, "no_loop", False):
         return None
-    return LoopSettings(
+    return LoopSettings.with_planner(
         probe_timeout_seconds=args.probe_timeout_seconds,
         interval_seconds=args.interval_seconds,
         freshness_seconds=args.freshness_seconds,
@@ -223,8 +238,6 @@ def _settings(args: argparse.Namespace) -> LabSettings:
 
 
 def _print_status(data: dict[str, Any]) -> None:
-    from tabulate import tabulate
-
     print(
         f"lab {data['name']} ({data['phase']}): {len(data['nodes'])} nodes, "
         f"{len(data['pods'])} pods, "
@@ -280,39 +293,21 @@ def _print_status(data: dict[str, Any]) -> None:
     print("agents: " + ", ".join(agents))
 
 
-def run(args: argparse.Namespace) -> int:
+LabTest = Callable[[argparse.Namespace], int]
+"""Runs `lab test` (flowproof.labtest: it needs the verify client, which sits above the lab)."""
+
+
+def run(args: argparse.Namespace, test: LabTest | None = None) -> int:
     lab = Lab(args.name, args.state_dir)
     command = args.command
     if command == "up":
-        loop = _loop_settings(args)
-        report = lab.up(read_manifests(args.filename), _settings(args), loop)
-        _print_report(report)
-        status = lab.status()
-        print(
-            f"lab {lab.name} is up in {report.seconds:.1f}s: {len(status['nodes'])} nodes, "
-            f"{len(status['pods'])} pods; cluster manifests in {status['clusterDir']}"
-        )
-        if status["loop"] is not None:
-            print(
-                f"collector {status['loop']['url']}, an agent on every node; "
-                f"`{_verify_command(lab, args)}` proves every expectation"
-            )
-        return 0
+        return _run_up(lab, args)
     if command == "loop":
-        if args.action == "stop":
-            roles = lab.loop_stop(args.component)
-            print("stopped: " + (", ".join(roles) or "nothing was running"))
-        elif args.action == "start":
-            roles = lab.loop_start(args.component)
-            print("started: " + (", ".join(roles) or "everything was running"))
-        else:
-            roles = lab.loop_restart(args.component)
-            print("restarted: " + ", ".join(roles))
-        return 0
+        return _run_loop(lab, args)
     if command == "test":
-        from lab.testing import run_lab_test
-
-        return run_lab_test(args)
+        if test is None:
+            raise LabError("`lab test` runs from the front door: use `flowproof lab test`")
+        return test(args)
     if command == "apply":
         _print_report(lab.apply(read_manifests(args.filename), prune=args.prune))
         return 0
@@ -344,6 +339,36 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(command)
 
 
+def _run_up(lab: Lab, args: argparse.Namespace) -> int:
+    loop = _loop_settings(args)
+    report = lab.up(read_manifests(args.filename), _settings(args), loop)
+    _print_report(report)
+    status = lab.status()
+    print(
+        f"lab {lab.name} is up in {report.seconds:.1f}s: {len(status['nodes'])} nodes, "
+        f"{len(status['pods'])} pods; cluster manifests in {status['clusterDir']}"
+    )
+    if status["loop"] is not None:
+        print(
+            f"collector {status['loop']['url']}, an agent on every node; "
+            f"`{_verify_command(lab, args)}` proves every expectation"
+        )
+    return 0
+
+
+def _run_loop(lab: Lab, args: argparse.Namespace) -> int:
+    if args.action == "stop":
+        roles = lab.loop_stop(args.component)
+        print("stopped: " + (", ".join(roles) or "nothing was running"))
+    elif args.action == "start":
+        roles = lab.loop_start(args.component)
+        print("started: " + (", ".join(roles) or "everything was running"))
+    else:
+        roles = lab.loop_restart(args.component)
+        print("restarted: " + ", ".join(roles))
+    return 0
+
+
 def _verify_command(lab: Lab, args: argparse.Namespace) -> str:
     """The `flowproof verify` command line that finds this lab's collector with no flags."""
     env = []
@@ -354,7 +379,7 @@ def _verify_command(lab: Lab, args: argparse.Namespace) -> str:
     return " ".join([*env, "flowproof verify --once"])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, test: LabTest | None = None) -> int:
     """Run `lab` with `argv` (without the program name); the exit code."""
     parser = build_parser()
     try:
@@ -364,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="lab: %(levelname)s: %(message)s")
     try:
-        return run(args)
+        return run(args, test)
     except InputError as exc:
         print(str(exc), file=sys.stderr)
         return 2

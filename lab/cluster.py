@@ -15,9 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector.errors import InputError
-from collector.inventory import synthetic_uid
-from collector.model import (
+from collector.core.model import (
     NAMESPACE_NAME_LABEL,
     ContainerPort,
     LabelSelector,
@@ -28,6 +26,9 @@ from collector.model import (
     PolicyPort,
     Rule,
 )
+from collector.core.probepods import PROBE_POD_LABEL
+from collector.reading.objects import synthetic_uid
+from flowproof.errors import InputError
 from lab.config import AddressPlan, LabSettings, Names
 from lab.state import PodRecord
 
@@ -350,7 +351,7 @@ def pod_manifest(pod: PodRecord, host_ip: str) -> dict[str, Any]:
     if pod.host_network:
         spec["hostNetwork"] = True
     # A probe pod (flowproof.dev/probe-pod) is never Ready, so no Service would send it traffic.
-    ready = pod.labels.get("flowproof.dev/probe-pod") != "true"
+    ready = pod.labels.get(PROBE_POD_LABEL) != "true"
     conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
     return {
         "apiVersion": "v1",

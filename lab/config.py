@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from collector.errors import InputError
+from collector.core.resolving import DEFAULT_CLUSTER_DNS_IP
+from flowproof.errors import InputError
 
 CgroupDriver = Literal["systemd", "cgroupfs"]
 
@@ -57,7 +58,7 @@ class LabSettings:
     """Prefix length of each node's pod range."""
     service_cidr: str = "10.96.0.0/16"
     """The service network (blackholed in the host); holds the cluster DNS address."""
-    dns_service_ip: str = "10.96.0.10"
+    dns_service_ip: str = DEFAULT_CLUSTER_DNS_IP
     """The cluster DNS address; each pod DNATs it to a DNS pod."""
     fabric_cidr: str = "10.253.0.0/24"
     """Point-to-point /30 links between the fabric router and each node (and the outside)."""

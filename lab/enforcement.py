@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from collector.model import (
+from collector.core.model import (
     NAMESPACE_NAME_LABEL,
     NetworkPolicy,
     Peer,
@@ -23,6 +23,7 @@ from collector.model import (
     Protocol,
     Rule,
 )
+from collector.core.resolving import DEFAULT_CLUSTER_DNS_IP
 from lab.config import NFT_TABLE
 from lab.state import Faults
 
@@ -38,7 +39,7 @@ class EnforcementInput:
     namespaces: Mapping[str, Mapping[str, str]]  # namespace name -> labels
     policies: Sequence[NetworkPolicy]
     faults: Faults = field(default_factory=Faults)
-    dns_service_ip: str = "10.96.0.10"
+    dns_service_ip: str = DEFAULT_CLUSTER_DNS_IP
     dns_backends: Sequence[str] = ()  # addresses of the pods running the cluster DNS
 
 
@@ -155,12 +156,10 @@ class _Compiler:
 
     # --- rules -----------------------------------------------------------------------------------
 
-    def rule_lines(
-        self, subject: Pod, policy: NetworkPolicy, rule: Rule, direction: str, index: int
-    ) -> list[str]:
-        addr = "saddr" if direction == "ingress" else "daddr"
-        comment = f"comment {_quote(f'{policy.key} {direction}[{index}]')}"
-        # Address groups: (address match, pods at those addresses for egress named ports)
+    def address_groups(
+        self, policy: NetworkPolicy, rule: Rule, addr: str
+    ) -> list[tuple[str, list[Pod]]]:
+        """The rule's peers as (address match, pods at those addresses for egress named ports)."""
         groups: list[tuple[str, list[Pod]]] = []
         if not rule.peers:
             groups.append(("", list(self.pods)))
@@ -188,7 +187,13 @@ class _Compiler:
                     list(pod_peers.values()),
                 )
             )
+        return groups
 
+    def rule_lines(
+        self, subject: Pod, policy: NetworkPolicy, rule: Rule, direction: str, index: int
+    ) -> list[str]:
+        comment = f"comment {_quote(f'{policy.key} {direction}[{index}]')}"
+        groups = self.address_groups(policy, rule, "saddr" if direction == "ingress" else "daddr")
         lines: list[str] = []
         if not rule.ports:
             for match, _ in groups:

@@ -1,6 +1,6 @@
 """Errors of the lab.
 
-    FlowproofError (collector.errors)
+    FlowproofError (flowproof.errors)
     ├── InputError               bad manifests, labels or flags (exit 2); nothing was changed
     └── LabError                 the lab cannot do what was asked (exit 1)
         ├── LabExistsError       `up` on a lab that is already there
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from collector.errors import FlowproofError
+from flowproof.errors import FlowproofError
 
 
 class LabError(FlowproofError):

@@ -10,6 +10,7 @@ through the supervisor, and never stops one except by its recorded pid and start
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import json
 import os
@@ -25,14 +26,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from collector.errors import InputError
+from collector.core.settings import PlannerSettings
+from flowproof.errors import ConfigurationError, InputError
 from lab.errors import LabError
 from lab.state import LoopRecord, ProcessRecord
+from lab.system import is_running
 
 LOOPBACK = "127.0.0.1"
 COLLECTOR_ROLE = "collector"
 AGENT_ROLE_PREFIX = "agent "
-JITTER_FRACTION = 0.2  # the planner's default: freshness must exceed interval × (1 + jitter)
 
 
 def agent_role(node_name: str) -> str:
@@ -44,37 +46,37 @@ def is_loop_role(role: str) -> bool:
     return role == COLLECTOR_ROLE or role.startswith(AGENT_ROLE_PREFIX)
 
 
+LAB_PLANNER = PlannerSettings(
+    probe_timeout_seconds=0.5, interval_seconds=5.0, freshness_seconds=15.0
+)
+"""The loop as the lab runs it: a probe timeout short enough that a break shows within two
+timeouts (probe and retry; round trips on one host take microseconds), a 5 s cadence."""
+
+
 @dataclass(frozen=True)
 class LoopSettings:
     """How the lab runs its collector and agents (`lab up` flags; stored in the lab's state)."""
 
-    probe_timeout_seconds: float = 0.5
-    """A probe with no answer within this is a TIMEOUT (a drop): short, the lab is one host
-    (round trips take microseconds), so a break shows within two timeouts (probe and retry)."""
-    interval_seconds: float = 5.0
-    """The steady cadence: every flow is probed again about this often."""
-    freshness_seconds: float = 15.0
-    """A flow whose last result is older than this is STALE."""
-    drift_sample_size: int = 20
-    """Undeclared pod pairs probed to catch enforcement drift."""
+    planner: PlannerSettings = LAB_PLANNER
+    """How the lab's collector plans, schedules and judges probes (every field is passed on)."""
     ready_timeout_seconds: float = 30.0
     """How long `lab up` waits for the collector to serve and every agent to connect."""
     log_level: str = "INFO"
     """Log level of the collector and the agents (their logs: <state-dir>/<name>/logs/)."""
 
+    @classmethod
+    def with_planner(cls, **planner: Any) -> LoopSettings:
+        """The lab's loop with some planner settings changed; InputError names a bad flag."""
+        try:
+            return cls(planner=dataclasses.replace(LAB_PLANNER, **planner)).validate()
+        except ConfigurationError as exc:
+            names = [n for n in planner if n in str(exc)] or list(planner)
+            raise InputError(str(exc), field="--" + names[0].replace("_", "-")) from exc
+
     def validate(self) -> LoopSettings:
         """The settings, or InputError naming the flag that cannot work."""
-        for name in ("probe_timeout_seconds", "interval_seconds", "ready_timeout_seconds"):
-            if not getattr(self, name) > 0:
-                raise InputError("must be positive", field="--" + name.replace("_", "-"))
-        if self.drift_sample_size < 0:
-            raise InputError("must not be negative", field="--drift-sample-size")
-        gap = self.interval_seconds * (1 + JITTER_FRACTION) + self.probe_timeout_seconds
-        if self.freshness_seconds <= gap:
-            raise InputError(
-                f"must exceed interval × {1 + JITTER_FRACTION:g} + probe timeout = {gap:g}",
-                field="--freshness-seconds",
-            )
+        if not self.ready_timeout_seconds > 0:
+            raise InputError("must be positive", field="--ready-timeout-seconds")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,8 +84,16 @@ class LoopSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoopSettings:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        planner_fields = {f.name for f in fields(PlannerSettings)}
+        nested = data.get("planner")
+        # A lab recorded before the settings were composed keeps its planner fields flat.
+        source = nested if isinstance(nested, dict) else data
+        planner = {k: v for k, v in source.items() if k in planner_fields}
+        own = {f.name for f in fields(cls)} - {"planner"}
+        return cls(
+            planner=dataclasses.replace(LAB_PLANNER, **planner),
+            **{k: v for k, v in data.items() if k in own},
+        )
 
 
 # --- files, ports, command lines ------------------------------------------------------------------
@@ -160,17 +170,22 @@ def collector_argv(
         lab_name,
         "--lab-state-dir",
         str(state_dir),
-        "--probe-timeout-seconds",
-        f"{settings.probe_timeout_seconds:g}",
-        "--interval-seconds",
-        f"{settings.interval_seconds:g}",
-        "--freshness-seconds",
-        f"{settings.freshness_seconds:g}",
-        "--drift-sample-size",
-        str(settings.drift_sample_size),
+        *planner_flags(settings.planner),
         "--log-level",
         settings.log_level,
     ]
+
+
+def planner_flags(planner: PlannerSettings) -> list[str]:
+    """The collector flags that give it exactly these planner settings."""
+    flags: list[str] = []
+    for f in fields(planner):
+        value = getattr(planner, f.name)
+        flags += [
+            "--" + f.name.replace("_", "-"),
+            f"{value:g}" if isinstance(value, float) else str(value),
+        ]
+    return flags
 
 
 def agent_argv(node_name: str, record: LoopRecord, settings: LoopSettings) -> list[str]:
@@ -241,8 +256,6 @@ def wait_ready(
 ) -> None:
     """Wait until the collector answers and every agent in `agents` is connected; else LabError
     naming what did not come up, with the tail of its log."""
-    from lab.system import is_running
-
     deadline = time.monotonic() + timeout_seconds
     wanted = {node for node, _ in agents}
     while True:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from agent.netns import sctp_supported
+from lab import dnsserver
 
 log = logging.getLogger("lab.podserver")
 
@@ -136,8 +137,6 @@ async def start(spec: ServerSpec) -> list[object]:
     servers: list[object] = []
     dns_ports = {53} if spec.dns_records else set()
     if spec.dns_records:
-        from lab import dnsserver
-
         try:
             servers += await dnsserver.start(spec.dns_records, spec.host)
         except OSError as exc:

@@ -19,6 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import dns.message
+import dns.rcode
+import dns.rdatatype
+
 from agent.netns import sctp_supported
 from lab.system import setns
 
@@ -229,10 +233,6 @@ async def resolve(
     timeout: float = 1.0,  # noqa: ASYNC109
 ) -> DnsAnswer:
     """Ask the cluster DNS (or `server`) for `name`'s A records from inside `source`."""
-    import dns.message
-    import dns.rcode
-    import dns.rdatatype
-
     query = dns.message.make_query(name, dns.rdatatype.A)
     wire = query.to_wire()
     if protocol == "TCP":

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collector.model import ContainerPort, Pod, Protocol
+from collector.core.model import ContainerPort, Pod, Protocol
 from lab.config import LabSettings, Names
 from lab.errors import LabError, NoSuchLabError
+from lab.system import is_running
 
 STATE_VERSION = 1
 
@@ -332,8 +333,6 @@ def collector_url(name: str, state_dir: str | os.PathLike[str]) -> str | None:
     None when there is no such lab, it has no loop, or its collector process is not running.
     (`flowproof verify` calls this to find the lab's collector without flags.) Reads only.
     """
-    from lab.system import is_running
-
     paths = LabPaths(Path(state_dir), name)
     try:
         state = paths.load()

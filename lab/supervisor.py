@@ -1,17 +1,20 @@
 """The lab's process supervisor (its "kubelet"): starts, reaps and outlives the pod servers.
 
-One detached process per lab. It preloads the pod server and forks one child per pod: the child
-joins the pod's cgroup, enters the pod's network namespace and serves (lab/podserver.py). Being
-their parent, it reaps them (so a dead pod leaves no zombie), and it enforces lagged changes when
-they fall due (the `lag` fault). It answers newline-delimited JSON requests on a unix socket in
-the lab's state directory and exits by itself when that directory is gone. It never starts
-anything a lab command did not ask for. It also forks and execs the lab's loop processes (the
-collector and one agent per node) when asked, and reaps them like the servers.
+One detached process per lab. It preloads the pod server (and the cluster DNS with it) and forks
+one child per pod: the child joins the pod's cgroup, enters the pod's network namespace and
+serves (lab/podserver.py). Being their parent, it reaps them (so a dead pod leaves no zombie),
+and it enforces lagged changes when they fall due (the `lag` fault). It answers newline-delimited
+JSON requests on a unix socket in the lab's state directory (the client side is
+lab/processes.py) and exits by itself when that directory is gone. It never starts anything a
+lab command did not ask for. It also forks and execs the lab's loop processes (the collector and
+one agent per node) when asked, and reaps them like the servers. Every pod server is a fork of
+it, so it imports only what it runs: no manifest reading, no policy compiling.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -24,168 +27,23 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lab import podserver
+from lab.applying import apply_due
 from lab.errors import LabError
-from lab.state import LabState, ProcessRecord
+from lab.processes import ProcessSpec, socket_path
+from lab.state import LabPaths, LabState
 from lab.system import join_cgroup, netns_path, process_start, setns
+from lab.teardown import down, teardown
 
 log = logging.getLogger("lab.supervisor")
 
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 READY_TIMEOUT_SECONDS = 15.0
-REQUEST_TIMEOUT_SECONDS = 60.0
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-@dataclass(frozen=True)
-class ProcessSpec:
-    """One server to start: where it runs and what it serves."""
-
-    key: str
-    netns: str
-    cgroup: str  # relative to the cgroup root
-    server: podserver.ServerSpec
-    log_file: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "netns": self.netns,
-            "cgroup": self.cgroup,
-            "server": self.server.to_dict(),
-            "log_file": self.log_file,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ProcessSpec:
-        return cls(
-            key=data["key"],
-            netns=data["netns"],
-            cgroup=data["cgroup"],
-            server=podserver.ServerSpec.from_dict(data["server"]),
-            log_file=data["log_file"],
-        )
-
-
-# --- the client side (lab commands) --------------------------------------------------------------
-
-
-def socket_path(lab_root: Path) -> str:
-    return str(lab_root / "supervisor.sock")
-
-
-def request(
-    path: str, message: dict[str, Any], timeout: float = REQUEST_TIMEOUT_SECONDS
-) -> dict[str, Any]:
-    """Send one request, return the reply; LabError when the supervisor cannot be reached."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(json.dumps(message).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError as exc:
-        raise LabError(f"the lab's supervisor does not answer on {path}: {exc}") from exc
-    if not data:
-        raise LabError(f"the lab's supervisor closed {path} without an answer")
-    reply: dict[str, Any] = json.loads(data)
-    if not reply.get("ok"):
-        raise LabError(f"the lab's supervisor: {reply.get('error', 'failed')}")
-    return reply
-
-
-def start_processes(path: str, specs: Sequence[ProcessSpec]) -> dict[str, ProcessRecord]:
-    """Start servers through the supervisor; their process records by key (ready when returned)."""
-    if not specs:
-        return {}
-    reply = request(path, {"op": "start", "processes": [s.to_dict() for s in specs]})
-    return {
-        item["key"]: ProcessRecord(pid=item["pid"], start=item["start"], role=f"pod {item['key']}")
-        for item in reply["started"]
-    }
-
-
-def exec_process(
-    path: str,
-    role: str,
-    argv: Sequence[str],
-    cgroup: str,
-    log_file: str,
-    env: dict[str, str] | None = None,
-) -> ProcessRecord:
-    """Have the supervisor fork and exec `argv` (a loop process: the collector or an agent).
-
-    The child joins `cgroup`, writes to `log_file` and gets `env` (the supervisor's own when None);
-    the supervisor reaps it. Returns at once: readiness is the caller's business.
-    """
-    reply = request(
-        path,
-        {
-            "op": "exec",
-            "role": role,
-            "argv": list(argv),
-            "cgroup": cgroup,
-            "log_file": log_file,
-            "env": env,
-        },
-    )
-    return ProcessRecord(pid=int(reply["pid"]), start=int(reply["start"]), role=role)
-
-
-def spawn(
-    state_dir: Path,
-    name: str,
-    cgroup_root: str,
-    cgroup: str,
-    log_file: str,
-    owner: tuple[int, int] = (0, 0),
-) -> ProcessRecord:
-    """Start the lab's supervisor, detached; returns once it listens.
-
-    With an `owner` (pid, start time) the supervisor takes the whole lab down when that process
-    is gone, so a test run that is killed leaves nothing behind.
-    """
-    argv = [
-        sys.executable,
-        "-m",
-        "lab.supervisor",
-        "--state-dir",
-        str(state_dir),
-        "--name",
-        name,
-        "--cgroup-root",
-        cgroup_root,
-        "--cgroup",
-        cgroup,
-        "--log-file",
-        log_file,
-        "--owner",
-        f"{owner[0]}:{owner[1]}",
-    ]
-    from lab.system import run
-
-    out = run(argv).strip()
-    try:
-        pid = int(out.splitlines()[-1])
-    except (ValueError, IndexError) as exc:
-        raise LabError(f"the lab's supervisor did not start: {out!r}") from exc
-    start = process_start(pid)
-    if start is None:
-        raise LabError(f"the lab's supervisor (pid {pid}) exited at once; see {log_file}")
-    return ProcessRecord(pid=pid, start=start, role="supervisor")
-
-
-# --- the supervisor process ----------------------------------------------------------------------
 
 
 class Supervisor:
@@ -222,23 +80,21 @@ class Supervisor:
             key = self.children.pop(pid, "?")
             log.info("%s (pid %d) exited with status %d", key, pid, status)
 
+    def _forked(self, inherited: Sequence[int]) -> None:
+        """In a forked child: drop the supervisor's sockets and pipes and its signal handling."""
+        self.listener.close()
+        for fd in inherited:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     def _child(self, spec: ProcessSpec, ready: int, inherited: Sequence[int]) -> None:
         """In the forked child: become the pod's server. Never returns."""
         code = 1
         try:
-            self.listener.close()
-            for fd in inherited:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            fd = os.open(spec.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.close(fd)
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.close(null)
+            self._forked(inherited)
+            _redirect(spec.log_file, 0o644, stdin=True)
             join_cgroup(self.cgroup_root, spec.cgroup)
             ns = os.open(netns_path(spec.netns), os.O_RDONLY | os.O_CLOEXEC)
             setns(ns)
@@ -247,8 +103,6 @@ class Supervisor:
             logging.basicConfig(
                 level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
             )
-            import asyncio
-
             asyncio.run(podserver.serve(spec.server, ready))
             code = 0
         except BaseException:
@@ -267,16 +121,8 @@ class Supervisor:
         if pid == 0:
             code = 127
             try:
-                self.listener.close()
-                for fd in inherited:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                fd = os.open(message["log_file"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                os.close(fd)
+                self._forked(inherited)
+                _redirect(message["log_file"], 0o600, stdin=False)
                 join_cgroup(self.cgroup_root, message["cgroup"])
                 os.execve(argv[0], argv, env if env is not None else dict(os.environ))
             except BaseException:
@@ -378,8 +224,6 @@ class Supervisor:
 
     def lagged_work(self) -> None:
         """Apply lagged enforcement that has fallen due (needs the lab lock: never waits for it)."""
-        from lab.lifecycle import apply_due
-
         try:
             self.next_due = apply_due(self.state_dir, self.name)
         except Exception:
@@ -404,16 +248,14 @@ class Supervisor:
 
     def abandon(self, reason: str) -> None:
         """Take the whole lab down (not only the pods): nobody else will."""
-        from lab.lifecycle import Lab
-
         log.warning("%s: taking lab %s down", reason, self.name)
         join_cgroup(self.cgroup_root, "")  # out of the lab's cgroups, which are about to go
         self.shutdown()
-        lab = Lab(self.name, self.state_dir)
-        if lab.exists():
-            lab.down()
+        paths = LabPaths(self.state_dir, self.name)
+        if paths.exists():
+            down(paths)
         elif self.known is not None and self.known.phase != "down":
-            problems = lab._teardown(self.known)
+            problems = teardown(paths, self.known)
             if problems:
                 log.error("could not remove: %s", "; ".join(problems))
 
@@ -464,18 +306,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(pid)
         return 0
-    # The detached supervisor.
     os.close(r)
+    _detached(args, owner, w)
+
+
+def _detached(args: argparse.Namespace, owner: tuple[int, int], ready: int) -> NoReturn:
+    """In the forked child: become the detached supervisor, tell `ready`, run. Never returns."""
     code = 1
     try:
         os.setsid()
-        fd = os.open(args.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.close(null)
+        _redirect(args.log_file, 0o644, stdin=True)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         join_cgroup(args.cgroup_root, args.cgroup)
         _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -489,10 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         listener.listen(16)
         # SIGCHLD must not be ignored (children would not be waitable); reaping is polled.
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        os.write(w, b"ok\n")
-        os.close(w)
-        with contextlib.suppress(ImportError):  # preloaded once for the DNS pods' children
-            import dns.message  # noqa: F401
+        os.write(ready, b"ok\n")
+        os.close(ready)
         supervisor = Supervisor(args.state_dir, args.name, args.cgroup_root, listener, owner)
         log.info("supervisor of lab %s listening on %s", args.name, path)
         supervisor.run()
@@ -500,9 +338,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException:
         traceback.print_exc()
         with contextlib.suppress(OSError):
-            os.write(w, b"error: see " + args.log_file.encode() + b"\n")
+            os.write(ready, b"error: see " + args.log_file.encode() + b"\n")
     finally:
         os._exit(code)
+
+
+def _redirect(log_file: str, mode: int, *, stdin: bool) -> None:
+    """Send stdout and stderr to the end of `log_file` (`stdin`: and read stdin from /dev/null)."""
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, mode)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    if stdin:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
 
 
 if __name__ == "__main__":

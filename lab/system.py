@@ -22,9 +22,9 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from lab.errors import CommandError, LabError
-from lab.state import ProcessRecord
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,19 @@ CLONE_NEWNET = 0x40000000
 PARALLEL = 8
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class RecordedProcess(Protocol):
+    """A process as the lab records it (lab.state.ProcessRecord): pid and start time."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def start(self) -> int: ...  # field 22 of /proc/PID/stat
+
+
+Recorded = TypeVar("Recorded", bound=RecordedProcess)
 
 
 def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
@@ -302,14 +315,7 @@ def process_start(pid: int) -> int | None:
     return None if fields is None else int(fields[19])
 
 
-def record_process(pid: int, role: str) -> ProcessRecord:
-    start = process_start(pid)
-    if start is None:
-        raise LabError(f"{role} (pid {pid}) exited at once; see the lab's logs")
-    return ProcessRecord(pid=pid, start=start, role=role)
-
-
-def is_running(record: ProcessRecord) -> bool:
+def is_running(record: RecordedProcess) -> bool:
     """Is the recorded process still the same, live process (not a zombie, not a recycled pid)?"""
     fields = _stat(record.pid)
     return fields is not None and int(fields[19]) == record.start and fields[0] not in ("Z", "X")
@@ -320,7 +326,7 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def stop_processes(records: Iterable[ProcessRecord], timeout: float = 3.0) -> list[ProcessRecord]:
+def stop_processes(records: Iterable[Recorded], timeout: float = 3.0) -> list[Recorded]:
     """SIGKILL the recorded processes that are still theirs; those still running after `timeout`."""
     targets = [r for r in records if is_running(r)]
     for record in targets:

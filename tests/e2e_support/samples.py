@@ -3,20 +3,19 @@
 `SampleLoop` wires the real planner and flow state on a snapshot and answers every planned probe
 with a real `ProbeResult` whose outcome a simulated network decides (by default it enforces the
 model exactly: allowed -> CONNECTED, denied -> TIMEOUT). Retries that confirm a failing result are
-answered at once. Every status change and result is handed to `listener(kind, data)` the way the
+answered at once. Every status change and result is handed to `listener(event)` (collector.loop's events) the way the
 runtime publishes them. Nothing here sends a packet: addresses are data only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from collector.changes import diff_snapshots
-from collector.flowstate import FlowState, StatusChange
-from collector.model import (
+from collector.core.changes import diff_snapshots
+from collector.core.flowstate import FlowState, StatusChange
+from collector.core.model import (
     ContainerPort,
     Expectations,
     ExternalTarget,
@@ -33,10 +32,13 @@ from collector.model import (
     Rule,
     Snapshot,
 )
-from collector.planning import PlannedFlow, Planner, PlannerSettings
+from collector.core.planning import PlannedFlow
+from collector.core.scheduling import Planner
+from collector.core.settings import PlannerSettings
+from collector.loop import Listener, LoopEvent, ResultRecorded, SnapshotApplied, StatusChanged
+from flowproof.aio import SYSTEM_CLOCK, Clock
 from flowproof.probes import Outcome, ProbeResult
 
-Listener = Callable[[str, Mapping[str, Any]], None]
 SAMPLE_SETTINGS = PlannerSettings(drift_sample_size=4, freshness_seconds=3600.0)
 
 
@@ -236,7 +238,7 @@ class SampleLoop:
         snapshot: Snapshot | None = None,
         *,
         settings: PlannerSettings = SAMPLE_SETTINGS,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         listener: Listener | None = None,
         network: Callable[[PlannedFlow], Outcome] = enforcing,
     ) -> None:
@@ -251,24 +253,24 @@ class SampleLoop:
         self._sequence = 0
         self.apply(snapshot if snapshot is not None else shop_snapshot())
 
-    def _emit(self, kind: str, data: Mapping[str, Any]) -> None:
+    def _emit(self, event: LoopEvent) -> None:
         if self.listener is not None:
-            self.listener(kind, data)
+            self.listener(event)
 
     def _emit_changes(self, changes: Iterable[StatusChange]) -> None:
         for change in changes:
-            self._emit("status", {"flow": change.flow_key, **change.to_dict()})
+            self._emit(StatusChanged(change))
 
     def apply(self, snapshot: Snapshot) -> list[StatusChange]:
         """A new snapshot: re-plan and re-judge, as the runtime does."""
         self.generation += 1
-        now = self.clock()
+        now = self.clock.time()
         change = diff_snapshots(self.snapshot, snapshot, generation=self.generation, at=now)
         update = self.planner.update(snapshot, change, now)
         self.snapshot = snapshot
         changes = self.state.sync(update)
         self._emit_changes(changes)
-        self._emit("snapshot", {"generation": self.generation, "change": change.describe()})
+        self._emit(SnapshotApplied(self.generation, change.describe()))
         return changes
 
     def answer(
@@ -280,7 +282,7 @@ class SampleLoop:
         assignment = dataclasses.replace(
             planned.template, id=f"sample-{self._sequence}", attempt=attempt
         )
-        started = self.clock()
+        started = self.clock.time()
         outcome = outcome if outcome is not None else self.network(planned)
         result = ProbeResult(
             id=f"result-{self._sequence}",
@@ -293,15 +295,7 @@ class SampleLoop:
             started_at=started,
         )
         self.results.append(result)
-        self._emit(
-            "result",
-            {
-                "flow": planned.key,
-                "outcome": str(outcome),
-                "latency_seconds": result.latency_seconds,
-                "node": result.node,
-            },
-        )
+        self._emit(ResultRecorded(result))
         effect = self.state.record_result(result)
         if effect is None:
             return []

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.runtime import _run_roots
 from collector.dispatching import Dispatcher
+from flowproof.aio import run_root_tasks
 from flowproof.probes import ProbeResult
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,7 +91,7 @@ async def test_root_tasks(behaviour: str, code: int) -> None:
         drained.append("steady")  # the graceful path: a root task returns after stop
 
     roots = {"other": other(), "steady": steady()}
-    assert await asyncio.wait_for(_run_roots(roots, stop, grace_seconds=0.5), 5) == code
+    assert await asyncio.wait_for(run_root_tasks(roots, stop, grace_seconds=0.5), 5) == code
     assert drained == ["steady"]
 
 

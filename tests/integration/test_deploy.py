@@ -473,8 +473,9 @@ def _environment(c: Mapping[str, Any], field_values: Mapping[str, str]) -> dict[
 
 
 def _argv(c: Mapping[str, Any], token_file: Path) -> list[str]:
-    """The container's args after the subcommand, with the token path pointing at a real file."""
-    args = [a.replace(f"{TOKEN_DIR}/token", str(token_file)) for a in c["args"][1:]]
+    """The container's args (the image runs the service itself), with the token path pointing at a
+    real file."""
+    args = [a.replace(f"{TOKEN_DIR}/token", str(token_file)) for a in c["args"]]
     return args
 
 
@@ -503,7 +504,7 @@ def test_the_collector_manifest_is_accepted_by_the_collector_settings(token_file
 
     docs = render("base")
     c = container(docs, "Deployment", "flowproof-collector")
-    assert c["args"][0] == "collector"
+    assert c["image"].startswith("flowproof/collector:")
     settings = load_settings(_argv(c, token_file), _environment(c, {}))
     assert settings.source == "kubernetes"
     assert settings.token == "a-test-token"
@@ -519,7 +520,7 @@ def test_the_agent_manifest_is_accepted_by_the_agent_settings(token_file: Path) 
 
     docs = render("base")
     c = container(docs, "DaemonSet", "flowproof-agent")
-    assert c["args"][0] == "agent"
+    assert c["image"].startswith("flowproof/agent:")
     env = _environment(c, {"spec.nodeName": "node-a"})
     settings = load_settings(_argv(c, token_file), env)
     assert settings.node_name == "node-a"

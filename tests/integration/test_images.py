@@ -77,8 +77,8 @@ def test_the_image_is_multi_stage_on_a_pinned_slim_base(name: str) -> None:
     final = instructions[[i for i, (w, _) in enumerate(instructions) if w == "FROM"][-1] :]
     assert ("COPY", "--from=builder /opt/flowproof /opt/flowproof") in final
     assert not [rest for w, rest in final if w == "RUN"], "the runtime stage installs nothing"
-    assert ("ENTRYPOINT", '["flowproof"]') in final
-    assert ("CMD", f'["{name}"]') in final
+    assert ("ENTRYPOINT", f'["python", "-m", "{name}"]') in final, "the service itself"
+    assert not [rest for w, rest in final if w == "CMD"], "its flags come from the manifests"
 
 
 def test_the_collector_runs_as_nonroot_and_the_agent_as_root_for_a_stated_reason() -> None:

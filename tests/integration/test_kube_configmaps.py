@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from collector.core.model import Snapshot
 from collector.kube import InventoryUpdate, KubernetesSource, KubeSourceSettings, load_kube_config
-from collector.model import Snapshot
 from tests.fakeapi import FakeApiServer
 from tests.fakeapi.builders import (
     TOKEN,

@@ -16,12 +16,14 @@ from typing import Any
 
 import pytest
 
-from collector.changes import diff_snapshots
 from collector.cluster import (
     KubernetesProbePods,
     expectations_needing,
     kubernetes_probe_pods,
 )
+from collector.core.changes import diff_snapshots
+from collector.core.model import Snapshot
+from collector.core.probepods import ProbePodRequest
 from collector.kube import (
     InventoryUpdate,
     KubeClient,
@@ -29,9 +31,7 @@ from collector.kube import (
     KubeSourceSettings,
     load_kube_config,
 )
-from collector.model import Snapshot
-from collector.planning import ProbePodRequest
-from collector.runtime import Collector
+from collector.loop import Collector
 from collector.settings import CollectorSettings
 from flowproof.probes import SourceKind
 from tests.fakeapi import FakeApiServer
@@ -415,7 +415,9 @@ async def test_the_collector_creates_probes_from_and_deletes_a_probe_pod(
     previous: list[Snapshot | None] = [None]
 
     async def on_update(update: InventoryUpdate) -> None:
-        change = diff_snapshots(previous[0], update.snapshot, generation=1, at=collector.clock())
+        change = diff_snapshots(
+            previous[0], update.snapshot, generation=1, at=collector.clock.time()
+        )
         previous[0] = update.snapshot
         await collector.on_snapshot(update.snapshot, change)
 

@@ -23,16 +23,16 @@ import aiohttp
 import pytest
 import trustme
 
-from collector.errors import ConfigurationError
+from collector.core.model import NAMESPACE_NAME_LABEL, ContainerPort, Snapshot
 from collector.kube import (
-    Backoff,
     InventoryUpdate,
     KubernetesSource,
     KubeSourceSettings,
     ObjectChange,
     load_kube_config,
 )
-from collector.model import NAMESPACE_NAME_LABEL, ContainerPort, Snapshot
+from flowproof.aio import Backoff
+from flowproof.errors import ConfigurationError
 from tests.fakeapi import FakeApiServer
 
 TOKEN = "fake-sa-token"

@@ -17,15 +17,16 @@ from typing import Any
 
 import pytest
 
-from collector.changes import diff_snapshots
-from collector.checking import Status
 from collector.cluster import (
     MAX_STATUS_FAILURES,
     expectations_status,
     status_patch,
     status_publisher,
 )
-from collector.flowstate import DeclaredStatus
+from collector.core.changes import diff_snapshots
+from collector.core.flowstate import DeclaredStatus
+from collector.core.model import Snapshot
+from collector.core.statuses import Status
 from collector.kube import (
     ExpectationsObject,
     InventoryUpdate,
@@ -33,8 +34,7 @@ from collector.kube import (
     KubeSourceSettings,
     load_kube_config,
 )
-from collector.model import Snapshot
-from collector.runtime import Collector
+from collector.loop import Collector
 from collector.settings import CollectorSettings
 from flowproof.probes import Outcome, ProbeResult
 from tests.fakeapi import FakeApiServer
@@ -47,6 +47,7 @@ from tests.fakeapi.builders import (
     make_pod,
     make_policy,
 )
+from tests.support.clock import ManualClock
 
 NOW = 1_800_000_000.0
 NOW_TEXT = "2027-01-15T08:00:00Z"
@@ -98,7 +99,7 @@ class Loop:
 async def publishing(kubeconfig: str, *, interval: float) -> AsyncIterator[Loop]:
     """A collector fed by a source, its status publisher running (debounce 50 ms)."""
     collector = Collector(
-        CollectorSettings(token="t", status_interval_seconds=interval), clock=lambda: NOW
+        CollectorSettings(token="t", status_interval_seconds=interval), clock=ManualClock(NOW)
     )
     previous: list[Snapshot | None] = [None]
     generation = [0]

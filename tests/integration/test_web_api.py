@@ -24,9 +24,11 @@ from prometheus_client import CollectorRegistry
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from collector.core.views import LoopStatus, workload_of
 from collector.dispatching import AgentInfo
-from collector.metrics import CollectorMetrics, LoopStatus
-from collector.web import WEBUI, Broadcaster, StateView, build_web_app, load_openapi, workload_of
+from collector.metrics import CollectorMetrics
+from collector.web.app import WEBUI, StateView, build_web_app, load_openapi
+from collector.web.events import Broadcaster
 from flowproof.probes import AgentCapabilities, ProbeKind
 from tests.e2e_support.samples import SampleLoop, shop_snapshot, without
 
@@ -65,7 +67,7 @@ class Served:
 @pytest.fixture
 async def served() -> AsyncIterator[Served]:
     broadcaster = Broadcaster()
-    loop = SampleLoop(listener=broadcaster.publish)
+    loop = SampleLoop(listener=broadcaster.on_loop_event)
     loop.probe_all()
     loop.apply(without(shop_snapshot(), "frontend-to-api"))
     loop.probe_all()
@@ -240,8 +242,8 @@ async def test_one_declared_flow_explains_itself(served: Served, path: str) -> N
     assert len(flows) == 4
     first = flows[0]
     assert first["intent"] == "allow"
-    assert first["model"]["allowed"] is False
-    assert first["model"]["explanation"]["ingress"]["policies"] == [
+    assert first["model"] == "deny"
+    assert first["explanation"]["ingress"]["policies"] == [
         "shop/default-deny",
         "shop/monitoring-to-api",
     ]
@@ -260,7 +262,7 @@ async def test_one_concrete_flow_and_a_drift_sample_by_key(served: Served) -> No
     detail = await served.json(f"/api/v1/flows/{quote(key, safe='')}")
     conforms(detail, "FlowDetail")
     assert [f["key"] for f in detail["flows"]] == [key]
-    assert detail["flows"][0]["model"]["deciding"] == [
+    assert detail["flows"][0]["explanation"]["deciding"] == [
         "shop/api-to-db ingress[0] (from[0] podSelector app=api; ports[0] 5432/TCP)"
     ]
     assert detail["declared"]["id"] == "shop/shop/api-to-db"
@@ -325,7 +327,7 @@ async def test_agents_and_the_nodes_that_need_them(served: Served) -> None:
     ],
 )
 def test_workload_of_a_pod(name: str, labels: dict[str, str], workload: str) -> None:
-    from collector.model import Pod
+    from collector.core.model import Pod
 
     assert workload_of(Pod(namespace="x", name=name, labels=labels)) == workload
 

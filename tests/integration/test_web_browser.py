@@ -15,8 +15,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from collector.metrics import CollectorMetrics, LoopStatus
-from collector.web import Broadcaster, StateView, build_web_app
+from collector.core.views import LoopStatus
+from collector.metrics import CollectorMetrics
+from collector.web.app import StateView, build_web_app
+from collector.web.events import Broadcaster
 from tests.e2e_support.samples import SampleLoop, large_snapshot, shop_snapshot, without
 
 playwright_api = pytest.importorskip(
@@ -68,7 +70,7 @@ async def view() -> AsyncIterator[View]:
     if not HAVE_CHROMIUM:
         pytest.skip("needs chromium: apt-get install -y chromium")
     broadcaster = Broadcaster()
-    loop = SampleLoop(listener=broadcaster.publish)
+    loop = SampleLoop(listener=broadcaster.on_loop_event)
     loop.probe_all()
     state_view = StateView(
         state=loop.state,

@@ -20,9 +20,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from collector.metrics import CollectorMetrics, LoopStatus
-from collector.model import LabelSelector, NetworkPolicy, Peer, Rule
-from collector.web import Broadcaster, StateView, build_web_app
+from collector.core.model import LabelSelector, NetworkPolicy, Peer, Rule
+from collector.core.views import LoopStatus
+from collector.metrics import CollectorMetrics
+from collector.web.app import StateView, build_web_app
+from collector.web.events import Broadcaster
 from tests.e2e_support.dashboards import panel_queries
 from tests.e2e_support.monitoring import Alertmanager, Prometheus, WebhookReceiver, short_rules
 from tests.e2e_support.samples import SampleLoop, shop_snapshot, without
@@ -57,7 +59,7 @@ class Stack:
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    loop = SampleLoop(listener=Broadcaster().publish)
+    loop = SampleLoop(listener=Broadcaster().on_loop_event)
     metrics = CollectorMetrics(
         CollectorRegistry(),
         state=loop.state,

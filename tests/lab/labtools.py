@@ -19,9 +19,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from collector.model import ContainerPort, Pod
 from lab.state import LabState
 from lab.system import is_running
+from tests.support.builders import pod
+
+__all__ = ["assert_nothing_left", "lab_unavailable", "leftovers", "pod", "run", "unique_name"]
 
 T = TypeVar("T")
 SESSION = "t" + secrets.token_hex(2)
@@ -52,23 +54,6 @@ def unique_name() -> str:
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
-
-
-def pod(
-    namespace: str,
-    name: str,
-    labels: dict[str, str] | None = None,
-    ports: tuple[tuple[int, str, str | None], ...] = ((80, "TCP", "web"), (81, "UDP", "echo")),
-    **kwargs: Any,
-) -> Pod:
-    """A pod for a test lab; ports as (number, protocol, name)."""
-    return Pod(
-        namespace=namespace,
-        name=name,
-        labels=labels or {"app": name},
-        ports=tuple(ContainerPort(port=p, protocol=proto, name=n) for p, proto, n in ports),  # type: ignore[arg-type]
-        **kwargs,
-    )
 
 
 # --- the leftover check ---------------------------------------------------------------------------

@@ -33,7 +33,8 @@ import yaml
 from labtools import assert_nothing_left, lab_unavailable, unique_name
 from test_loop import BREAKS, DECLARED, LOOP, SHOP, post_verify, statuses, table, wait_for
 
-from collector.runtime import Collector, serve
+from collector.loop import Collector
+from collector.runtime import serve
 from collector.settings import CollectorSettings
 from lab.config import LabSettings, Names
 from lab.lifecycle import Lab, read_manifests
@@ -50,13 +51,14 @@ BREAK = BREAKS / "db-ingress-only-batch.yaml"
 COMPARED = (
     "expectation",
     "flow",
-    "from",
-    "to",
+    "source",
+    "destination",
     "port",
     "protocol",
     "intent",
     "model",
     "reality",
+    "observed",
     "status",
 )
 # The kinds the Kubernetes source lists and watches, in the order a cluster would hold them.
@@ -107,10 +109,7 @@ def kube_loop(kubeconfig: str, nodes: list[str], logs: Path) -> Iterator[KubeLoo
         grpc_port=0,
         http_port=0,
         token=token,
-        probe_timeout_seconds=LOOP.probe_timeout_seconds,
-        interval_seconds=LOOP.interval_seconds,
-        freshness_seconds=LOOP.freshness_seconds,
-        drift_sample_size=LOOP.drift_sample_size,
+        planner=LOOP.planner,
         status_interval_seconds=1.0,
         shutdown_grace_seconds=2.0,
     )

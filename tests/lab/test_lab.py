@@ -20,10 +20,8 @@ import pytest
 import yaml
 from labtools import assert_nothing_left, lab_unavailable, leftovers, pod, run, unique_name
 
-from collector.checking import check
-from collector.errors import InputError
-from collector.inventory import load_snapshot
-from collector.model import (
+from collector.core.checking import check
+from collector.core.model import (
     IPBlock,
     LabelSelector,
     NetworkPolicy,
@@ -32,6 +30,8 @@ from collector.model import (
     PolicyPort,
     Rule,
 )
+from collector.reading.manifests import load_snapshot
+from flowproof.errors import InputError
 from lab import system
 from lab.cli import main
 from lab.errors import LabExistsError

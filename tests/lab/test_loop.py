@@ -54,7 +54,7 @@ DECLARED = (
     "monitoring-scrapes-api",
 )
 # Fast enough for tests: a flow is probed every ~2 s and STALE 6 s after its last result.
-LOOP = LoopSettings(
+LOOP = LoopSettings.with_planner(
     probe_timeout_seconds=1.0, interval_seconds=2.0, freshness_seconds=6.0, drift_sample_size=10
 )
 
@@ -134,8 +134,9 @@ def counters(lab: Lab) -> dict[str, Any]:
 
 def table(answer: dict[str, Any]) -> str:
     return "\n".join(
-        f"{r['status']:18} {r['flow']:24} {r['from']} -> {r['to']} {r['port']}/{r['protocol']} "
-        f"reality={r.get('reality')}" + ("" if r["status"] == "PASS" else f" ({r['explanation']})")
+        f"{r['status']:18} {r['flow']:24} {r['source']} -> {r['destination']} "
+        f"{r['port']}/{r['protocol']} reality={reality_of(r)}"
+        + ("" if r["status"] == "PASS" else f" ({r['reason']})")
         for r in answer["rows"]
     )
 
@@ -155,8 +156,15 @@ def assert_statuses(answer: dict[str, Any], **expected: str) -> None:
     assert statuses(answer) == {flow: {status} for flow, status in wanted.items()}, table(answer)
 
 
+def reality_of(row: dict[str, Any]) -> str:
+    """`allow (CONNECTED)`: a row's reality with the outcome that gave it."""
+    if row.get("reality") is None:
+        return "None"
+    return f"{row['reality']} ({row['observed']})"
+
+
 def realities(answer: dict[str, Any], flow: str) -> set[str]:
-    return {str(r.get("reality")) for r in answer["rows"] if r["flow"] == flow}
+    return {reality_of(r) for r in answer["rows"] if r["flow"] == flow}
 
 
 def wait_for(condition: Callable[[], Any], seconds: float, what: str | Callable[[], str]) -> Any:
@@ -429,7 +437,7 @@ def test_drop_and_reject_both_read_as_deny_but_a_refusal_with_no_listener_does_n
     assert realities(rejected, "frontend-not-to-outside") == {"inconclusive (REFUSED)"}
     outside = [r for r in rejected["rows"] if r["flow"] == "frontend-not-to-outside"]
     assert {r["status"] for r in outside} == {"INCONCLUSIVE"}
-    assert all("nothing known to listen" in r["explanation"] for r in outside), table(rejected)
+    assert all("nothing known to listen" in r["reason"] for r in outside), table(rejected)
 
 
 # --- INCONCLUSIVE, STALE --------------------------------------------------------------------------
@@ -444,7 +452,7 @@ def test_a_source_pod_that_is_gone_makes_its_flows_inconclusive(lab: Lab) -> Non
     answer = post_verify(lab)
     assert_statuses(answer, batch_to_db="INCONCLUSIVE", batch_not_to_api="INCONCLUSIVE")
     rows = [r for r in answer["rows"] if r["flow"] == "batch-to-db"]
-    assert {r["reality"] for r in rows} == {"inconclusive (ERROR)"}, table(answer)
+    assert {reality_of(r) for r in rows} == {"inconclusive (ERROR)"}, table(answer)
 
 
 def test_a_stopped_agent_makes_its_flows_stale_and_verify_exits_2(lab: Lab) -> None:
@@ -452,7 +460,7 @@ def test_a_stopped_agent_makes_its_flows_stale_and_verify_exits_2(lab: Lab) -> N
     sourced_there = {
         r["flow"]
         for r in post_verify(lab)["rows"]
-        if node_of(lab, r["from"]) == node and r["flow"] in DECLARED
+        if node_of(lab, r["source"]) == node and r["flow"] in DECLARED
     }
     assert sourced_there
     assert lab.loop_stop(node) == [f"agent {node}"]
@@ -470,7 +478,7 @@ def test_a_stopped_agent_makes_its_flows_stale_and_verify_exits_2(lab: Lab) -> N
 
     wait_for(
         stale,
-        LOOP.freshness_seconds + 5,
+        LOOP.planner.freshness_seconds + 5,
         lambda: f"flows sourced on {node} to be STALE, the others PASS: {seen[0]}",
     )
     done = flowproof("verify", "--once", "--timeout", "3", env=lab_env(lab))
@@ -623,7 +631,7 @@ def test_a_flow_whose_from_matches_no_running_pod_is_probed_from_a_probe_pod(
         records = get(lab, f"/api/v1/flows/shop/canary/{flow}")["flows"]
         assert records
         for record in records:
-            assert record["from"] in made
+            assert record["source"] in made
             assert record["results"][-1]["sourceKind"] == "PROBE_POD"
             assert record["results"][-1]["reality"] == reality
     # Flows from real pods say so too.

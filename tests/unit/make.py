@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 
-from collector.model import (
+from collector.core.model import (
     NAMESPACE_NAME_LABEL,
     ContainerPort,
     IPBlock,

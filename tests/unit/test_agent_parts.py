@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigurationError
 from agent.probing import DestinationRateLimiter, classify_os_error
 from agent.settings import AgentSettings, load_settings
-from agent.streaming import Backoff, ResultOutbox
+from agent.streaming import ResultOutbox
 from flowproof import convert
+from flowproof.aio import Backoff
+from flowproof.errors import ConfigurationError
 from flowproof.probes import Assignment, Outcome, PodRef, ProbeKind, ProbeResult
 from flowproof.v1 import agent_pb2 as pb
+from tests.support.clock import ManualClock
 
 
 def result(i: int) -> pb.ProbeResult:
@@ -63,19 +65,8 @@ def test_backoff_grows_exponentially_with_full_jitter_and_resets() -> None:
     assert backoff.next_delay() <= 0.5
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return self.now
-
-
 def test_rate_limit_allows_a_burst_then_spaces_probes_per_destination() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     limiter = DestinationRateLimiter(rate_per_second=10, burst=3, clock=clock)
     waits = [limiter.reserve("10.0.0.1") for _ in range(5)]
     assert waits == pytest.approx([0, 0, 0, 0.1, 0.2])

@@ -9,9 +9,10 @@ import pytest
 from make import make_policy, peer, port, rule, sel
 from test_planning import cluster, flow, running
 
-from collector.changes import ChangeEvent, FlowFacts, diff_snapshots, touched_flows
-from collector.model import Expectations, Namespace, PodTarget, Snapshot
-from collector.planning import Planner, PlannerSettings
+from collector.core.changes import ChangeEvent, FlowFacts, diff_snapshots, touched_flows
+from collector.core.model import Expectations, Namespace, PodTarget, Snapshot
+from collector.core.scheduling import Planner
+from collector.core.settings import PlannerSettings
 
 FE = running("shop/fe", {"app": "frontend"}, ports=())
 API = running("shop/api", {"app": "api"})

@@ -1,7 +1,7 @@
 """The FlowExpectations CRD: generated from the file format's schema, structural, and equivalent to it.
 
 The CRD file must be exactly what scripts/gen-crd.py makes from
-collector/schemas/flowexpectations.schema.json (so it can never drift from the file format), must
+collector/reading/schemas/flowexpectations.schema.json (so it can never drift from the file format), must
 obey the structural-schema rules the API server enforces, and must accept and reject the same
 documents as the file format's schema, except for unknown fields (a CRD prunes them, and
 `kubectl apply` rejects them through server-side field validation).
@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from collector import kube
-from collector.checking import FAILING, Status
-from collector.expectations import schema as file_schema
+from collector.core.statuses import FAILING, Status
+from collector.reading.expectations import schema as file_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "deploy" / "crds" / "flowexpectations.yaml"

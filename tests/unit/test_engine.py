@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from make import make_pod, make_policy, make_snapshot, peer, port, rule, sel
 
-from collector.classes import reachability_counts
-from collector.engine import SELF_NOTE, Engine
+from collector.core.classes import reachability_counts
+from collector.core.engine import SELF_NOTE, Engine
 
 XA = make_pod("x/a")
 XB = make_pod("x/b")

@@ -11,10 +11,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from collector.errors import InputError
-from collector.expectations import expectations_from_dict, schema
-from collector.inventory import Where, load_documents, load_snapshot
-from collector.model import (
+from collector.core.model import (
     Expectations,
     ExternalTarget,
     FlowExpectation,
@@ -24,6 +21,10 @@ from collector.model import (
     PortSpec,
     Requirement,
 )
+from collector.reading.expectations import expectations_from_dict, schema
+from collector.reading.fields import Where
+from collector.reading.manifests import load_documents, load_snapshot
+from flowproof.errors import InputError
 
 MARK = "# <-"  # marks the line a problem must be reported at
 HEADER = (
@@ -631,3 +632,27 @@ def test_the_example_validates_against_the_schema() -> None:
         [Path(__file__).resolve().parents[2] / "examples/shop/expectations.yaml"]
     )
     assert list(jsonschema.Draft202012Validator(schema()).iter_errors(doc.obj)) == []
+
+
+def test_a_configmap_is_read_by_the_file_reader_so_a_duplicate_key_is_refused_with_its_line() -> (
+    None
+):
+    from collector.reading.expectations import expectations_from_configmap
+
+    text = """apiVersion: flowproof.dev/v1alpha1
+kind: FlowExpectations
+metadata: {name: shop}
+spec:
+  flows:
+    - name: a
+      from: {podSelector: {}}
+      to: {podSelector: {}}
+      ports: ["80"]
+      expect: allow
+      expect: deny
+"""
+    documents, problems = expectations_from_configmap("shop", "flows", {"flows.yaml": text})
+    assert documents == ()
+    assert len(problems) == 1
+    assert problems[0].startswith("api:namespaces/shop/configmaps/flows/data/flows.yaml:11")
+    assert "duplicate key 'expect' (first at line 10)" in problems[0]

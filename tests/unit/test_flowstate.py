@@ -11,19 +11,14 @@ import pytest
 from make import make_policy, sel
 from test_planning import cluster, flow, running
 
-from collector.changes import diff_snapshots
-from collector.checking import STATUS_ORDER, Status
-from collector.flowstate import (
-    NOTHING_LISTENS,
-    FlowState,
-    RealityVerdict,
-    flow_status,
-    reality_of,
-    worst,
-)
-from collector.model import Snapshot
-from collector.planning import Planner, PlannerSettings
-from collector.reporting import render_json, render_table, sort_rows
+from collector.core.changes import diff_snapshots
+from collector.core.flowstate import NOTHING_LISTENS, FlowState, reality_of
+from collector.core.model import Snapshot
+from collector.core.reporting import render_json, render_table, sort_rows
+from collector.core.scheduling import Planner
+from collector.core.settings import PlannerSettings
+from collector.core.statuses import STATUS_ORDER, RealityVerdict, Status, flow_status, worst
+from collector.core.views import FlowView, report_flows
 from flowproof.probes import (
     Assignment,
     Outcome,
@@ -33,15 +28,7 @@ from flowproof.probes import (
     ResponderReport,
     ResponderState,
 )
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
+from tests.support.clock import ManualClock
 
 # --- the status function -----------------------------------------------------------------------
 
@@ -263,7 +250,7 @@ class Loop:
     """Planner and flow state wired as the runtime wires them, on one fake clock."""
 
     def __init__(self, snapshot: Snapshot = BASE, settings: PlannerSettings = SETTINGS) -> None:
-        self.clock = FakeClock()
+        self.clock = ManualClock()
         self.planner = Planner(settings, seed=1, id_prefix="t")
         self.state = FlowState(settings, clock=self.clock)
         self.snapshot = snapshot
@@ -488,18 +475,19 @@ def test_report_rows_carry_the_three_truths() -> None:
             expectations=(replace(loop.snapshot.expectations[0], flows=(*FLOWS, unresolved)),),
         )
     )
-    rows = {r.flow: r for r in loop.state.report_rows()}
+    details = {d["flow"]: d for d in report_flows(loop.state)}
+    rows = {flow: FlowView.from_json(d) for flow, d in details.items()}
     assert set(rows) == {"fe-api", "fe-db", "ghost"}
     api = rows["fe-api"]
-    assert (api.intent, api.model, api.reality, api.status) == (
+    assert (api.intent, api.model, api.reality_text(), api.status) == (
         True,
         True,
         "allow (CONNECTED)",
         "PASS",
     )
-    assert api.details is not None and api.details["results"][0]["outcome"] == "CONNECTED"
+    assert details["fe-api"]["results"][0]["outcome"] == "CONNECTED"
     assert (rows["fe-db"].reality, rows["fe-db"].status) == (None, "PENDING")
-    assert rows["ghost"].status == "INCONCLUSIVE" and "matches no pod" in rows["ghost"].explanation
+    assert rows["ghost"].status == "INCONCLUSIVE" and "matches no pod" in rows["ghost"].reason
     document = json.loads(render_json(sort_rows(rows.values())))
     assert [f["status"] for f in document["flows"]] == ["INCONCLUSIVE", "PENDING", "PASS"]
     assert "REALITY" in render_table(list(rows.values()), with_reality=True)
@@ -508,17 +496,17 @@ def test_report_rows_carry_the_three_truths() -> None:
 def test_a_flow_waiting_for_its_retry_says_so_in_its_report_row() -> None:
     loop = Loop()
     loop.probe("fe-api", Outcome.TIMEOUT)
-    (row,) = [r for r in loop.state.report_rows() if r.flow == "fe-api"]
-    assert row.status == "PENDING"
-    assert "(confirming ENFORCEMENT_DRIFT:" in row.explanation
-    assert row.details is not None and row.details["confirming"] == "ENFORCEMENT_DRIFT"
+    (row,) = [r for r in report_flows(loop.state) if r["flow"] == "fe-api"]
+    assert row["status"] == "PENDING"
+    assert "(confirming ENFORCEMENT_DRIFT:" in row["reason"]
+    assert row["confirming"] == "ENFORCEMENT_DRIFT"
 
 
 def test_drift_flows_pass_or_drift_and_are_reported_apart() -> None:
     pods = [running(f"shop/web-{i}", {"app": "web"}, ports=((80, "TCP"),)) for i in range(3)]
     loop = Loop(cluster(pods), replace(SETTINGS, drift_sample_size=2))
     drift = loop.state.flows("drift")
-    assert len(drift) == 2 and loop.state.report_rows() == []
+    assert len(drift) == 2 and report_flows(loop.state) == []
     now = loop.clock.now + 10 * 1.2
     sent = loop.planner.due(now)
     loop.clock.now = now
@@ -528,7 +516,7 @@ def test_drift_flows_pass_or_drift_and_are_reported_apart() -> None:
         assert a.attempt == 2
         loop.answer(a, Outcome.TIMEOUT, started_at=now)
     assert {r.status for r in drift} == {"ENFORCEMENT_DRIFT"}
-    assert len(loop.state.report_rows(include_drift=True)) == 2
+    assert len(report_flows(loop.state, include_drift=True)) == 2
 
 
 def test_duplicate_and_unknown_results_are_ignored() -> None:

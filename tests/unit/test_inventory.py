@@ -11,21 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.errors import InputError
-from collector.inventory import (
-    Where,
-    load_documents,
-    load_snapshot,
-    namespace_from_dict,
-    pod_from_dict,
-    pods_from_workload,
-    policy_from_dict,
-    render_field,
-    selector_from_dict,
-    snapshot_from_documents,
-    synthetic_uid,
-)
-from collector.model import (
+from collector.core.model import (
     NAMESPACE_NAME_LABEL,
     ContainerPort,
     IPBlock,
@@ -36,6 +22,18 @@ from collector.model import (
     Rule,
     Snapshot,
 )
+from collector.reading.fields import Where, render_field
+from collector.reading.manifests import load_documents, load_snapshot
+from collector.reading.objects import (
+    namespace_from_dict,
+    pod_from_dict,
+    pods_from_workload,
+    policy_from_dict,
+    selector_from_dict,
+    snapshot_from_documents,
+    synthetic_uid,
+)
+from flowproof.errors import InputError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "shop"
 MARK = "# <-"  # marks the line a problem must be reported at
@@ -1328,7 +1326,7 @@ def test_kustomize_build_output(tmp_path: Path, caplog: pytest.LogCaptureFixture
       selector: all()
     """
     path = write(tmp_path, text)
-    with caplog.at_level(logging.DEBUG, logger="collector.inventory"):
+    with caplog.at_level(logging.DEBUG, logger="collector.reading.objects"):
         snapshot = load_snapshot([path])
     assert snapshot.namespaces["shop"].labels["team"] == "shop"
     assert [p.workload for p in snapshot.pods] == ["Deployment/api"]
@@ -1444,7 +1442,7 @@ def test_example_shop_loads_cleanly() -> None:
 
 
 def test_example_shop_expectations_all_hold() -> None:
-    from collector.checking import check
+    from collector.core.checking import check
 
     snapshot = load_snapshot(
         [EXAMPLE / "manifests", EXAMPLE / "policies", EXAMPLE / "expectations.yaml"]

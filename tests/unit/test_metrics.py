@@ -12,12 +12,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector.checking import STATUS_ORDER
-from collector.metrics import CollectorMetrics, LoopStatus, nodes_needing_agents
-from collector.model import Snapshot
+from collector.core.model import Snapshot
+from collector.core.statuses import STATUS_ORDER
+from collector.core.views import LoopStatus, nodes_needing_agents
+from collector.metrics import CollectorMetrics
 from flowproof import __version__
 from flowproof.probes import Outcome
 from tests.e2e_support.samples import SampleLoop, large_snapshot, shop_snapshot, without
+from tests.support.clock import ManualClock
 
 SHOP = "shop/shop"
 
@@ -204,16 +206,16 @@ def test_probe_results_are_counted_by_protocol_and_outcome(registry: CollectorRe
 
 
 def test_feedback_latency_comes_from_the_flow_state(registry: CollectorRegistry) -> None:
-    now = [1000.0]
-    loop = SampleLoop(clock=lambda: now[0])
+    clock = ManualClock(1000.0)
+    loop = SampleLoop(clock=clock)
     metrics = CollectorMetrics(registry, state=loop.state)
     loop.probe_all()
     assert metrics.observe_latency(loop.state.take_latency_samples()) == 0, (
         "the first snapshot is no change"
     )
-    now[0] += 5
+    clock.now += 5
     loop.apply(without(loop.snapshot, "frontend-to-api"))
-    now[0] += 1.5
+    clock.now += 1.5
     loop.probe_all(kind="declared")
     observed = metrics.observe_latency(loop.state.take_latency_samples())
     # Touched: the 4 pod pairs of frontend-to-api, and the 4 pairs into api whose explanation named

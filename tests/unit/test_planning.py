@@ -12,9 +12,8 @@ from dataclasses import replace
 import pytest
 from make import make_policy, peer, port, rule, sel
 
-from collector.changes import diff_snapshots
-from collector.errors import ConfigurationError
-from collector.model import (
+from collector.core.changes import diff_snapshots
+from collector.core.model import (
     ContainerPort,
     Expectations,
     ExternalTarget,
@@ -28,14 +27,11 @@ from collector.model import (
     PortSpec,
     Snapshot,
 )
-from collector.planning import (
-    PROBE_POD_LABEL,
-    Planner,
-    PlannerSettings,
-    ProbePodRequest,
-    build_plan,
-    probe_pod_labels,
-)
+from collector.core.planning import build_plan
+from collector.core.probepods import PROBE_POD_LABEL, ProbePodRequest, probe_pod_labels
+from collector.core.scheduling import Planner
+from collector.core.settings import PlannerSettings
+from flowproof.errors import ConfigurationError
 from flowproof.probes import ProbeKind, SourceKind
 
 

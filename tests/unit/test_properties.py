@@ -2,7 +2,7 @@
 
 Random namespaces, pods (some without IPs, some on the host network) and policies using every part
 of the API (selectors with all operators, ipBlocks with excepts over the pod range, named and
-numbered ports with endPort, policyTypes given or inferred) are built directly as `collector.model`
+numbered ports with endPort, policyTypes given or inferred) are built directly as `collector.core.model`
 objects. The model has one form for an empty and an absent from/to/ports list (both match
 everything), so both are one case here. The properties hold for NetworkPolicy semantics whatever the
 data; a counterexample is a bug.
@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector.classes import reachability_counts
-from collector.engine import Engine, infer_policy_types
-from collector.model import (
+from collector.core.classes import reachability_counts
+from collector.core.engine import Engine, infer_policy_types
+from collector.core.model import (
     NAMESPACE_NAME_LABEL,
     ContainerPort,
     Direction,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from collector.errors import ConfigurationError
 from collector.settings import CollectorSettings, load_settings
+from flowproof.errors import ConfigurationError
 
 
 def test_defaults_with_a_token_from_the_environment():
@@ -22,7 +22,7 @@ def test_flag_beats_environment_and_types_are_converted():
     )
     assert settings.grpc_port == 7000
     assert settings.http_port == 0
-    assert settings.probe_timeout_seconds == 0.5
+    assert settings.planner.probe_timeout_seconds == 0.5
 
 
 def test_manifest_paths_from_the_environment_are_comma_separated(tmp_path):

@@ -9,17 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from collector.changes import ChangeEvent
-from collector.model import Snapshot
+from collector.core.changes import ChangeEvent
+from collector.core.model import Snapshot
 from collector.sources import ManifestSource, fingerprint
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import ManualClock
 
 
 def pod(name: str, labels: str = "{app: api}", ip: str = "10.244.1.2") -> str:
@@ -61,7 +54,7 @@ def state(tmp_path: Path) -> Path:
 
 
 def test_the_first_poll_reads_everything_then_nothing_until_a_file_changes(state: Path) -> None:
-    source = ManifestSource([state], clock=FakeClock(1000.0))
+    source = ManifestSource([state], clock=ManualClock(1000.0))
     found = source.poll()
     assert found is not None
     snapshot, change = found
@@ -72,7 +65,7 @@ def test_the_first_poll_reads_everything_then_nothing_until_a_file_changes(state
 
 
 def test_an_atomic_rewrite_is_noticed_and_dated_by_the_file(state: Path) -> None:
-    clock = FakeClock(1000.0)
+    clock = ManualClock(1000.0)
     source = ManifestSource([state], clock=clock)
     source.poll()
     clock.now = 1010.0
@@ -88,7 +81,7 @@ def test_an_atomic_rewrite_is_noticed_and_dated_by_the_file(state: Path) -> None
 
 
 def test_a_change_is_never_dated_before_the_previous_poll(state: Path) -> None:
-    clock = FakeClock(1000.0)
+    clock = ManualClock(1000.0)
     source = ManifestSource([state], clock=clock)
     source.poll()
     clock.now = 1001.0
@@ -100,7 +93,7 @@ def test_a_change_is_never_dated_before_the_previous_poll(state: Path) -> None:
 
 
 def test_a_rewrite_with_the_same_meaning_is_not_a_change(state: Path) -> None:
-    source = ManifestSource([state], clock=FakeClock(1000.0))
+    source = ManifestSource([state], clock=ManualClock(1000.0))
     source.poll()
     write_atomically(state / "policies.yaml", "# moved\n" + POLICY, mtime=950.0)
     assert source.poll() is None
@@ -111,7 +104,7 @@ def test_a_bad_version_keeps_the_last_good_snapshot_and_is_logged_once(
     state: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR, logger="collector.sources")
-    source = ManifestSource([state], clock=FakeClock(1000.0))
+    source = ManifestSource([state], clock=ManualClock(1000.0))
     found = source.poll()
     assert found is not None
     good = found[0]
@@ -141,7 +134,7 @@ def test_a_bad_version_keeps_the_last_good_snapshot_and_is_logged_once(
 def test_a_bad_first_read_gives_no_snapshot_until_it_is_fixed(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
     path.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: shop}\nspec: 3\n")
-    source = ManifestSource([path], clock=FakeClock(1000.0))
+    source = ManifestSource([path], clock=ManualClock(1000.0))
     assert source.poll() is None and source.snapshot is None
     write_atomically(path, pod("x"))
     found = source.poll()
@@ -149,7 +142,7 @@ def test_a_bad_first_read_gives_no_snapshot_until_it_is_fixed(tmp_path: Path) ->
 
 
 def test_a_missing_path_is_a_bad_version_not_a_crash(tmp_path: Path) -> None:
-    source = ManifestSource([tmp_path / "nowhere"], clock=FakeClock(1000.0))
+    source = ManifestSource([tmp_path / "nowhere"], clock=ManualClock(1000.0))
     assert source.poll() is None
     assert source.last_error is not None and "no such file" in str(source.last_error)
 

@@ -6,9 +6,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.synthetic import make_cluster, write_manifests
-from collector.classes import reachability_counts
-from collector.inventory import load_snapshot
-from collector.model import Snapshot
+from collector.core.classes import reachability_counts
+from collector.core.model import Snapshot
+from collector.reading.manifests import load_snapshot
 
 
 def _without_sources(snapshot: Snapshot) -> Snapshot:

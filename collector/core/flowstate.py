@@ -29,18 +29,18 @@ Decisions:
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from collector.checking import FAILING, STATUS_ORDER, Status, status_rank
-from collector.planning import Clock, DeclaredFlowPlan, PlannedFlow, PlannerSettings, PlanUpdate
-from collector.reporting import ReportRow
+from collector.core.planning import DeclaredFlowPlan, PlannedFlow
+from collector.core.scheduling import PlanUpdate
+from collector.core.settings import PlannerSettings
+from collector.core.statuses import FAILING, STATUS_ORDER, RealityVerdict, Status, flow_status
+from flowproof.aio import SYSTEM_CLOCK, Clock
 from flowproof.probes import Outcome, ProbeResult, ResponderState
 
-RealityVerdict = Literal["allow", "deny", "inconclusive"]
 _RANK: dict[Status, int] = {status: rank for rank, status in enumerate(STATUS_ORDER)}
 
 NOTHING_LISTENS = "refused and nothing known to listen: cannot tell reject from refuse"
@@ -95,35 +95,6 @@ def reality_of(
     return Reality("inconclusive", f"probe error{detail}")
 
 
-def flow_status(
-    intent: bool, model: bool, reality: RealityVerdict | None, *, stale: bool = False
-) -> Status:
-    """The status of a flow from its three truths (DESIGN.md), `stale` when its result is old.
-
-    Intent against the model needs no packet: when reality is missing, inconclusive or old, a
-    disagreement between them is still a certain POLICY_MISMATCH.
-    """
-    if (reality is None or reality == "inconclusive" or stale) and intent != model:
-        return "POLICY_MISMATCH"
-    if reality is None:
-        return "PENDING"
-    if stale:  # an old answer, inconclusive or not, says nothing about now
-        return "STALE"
-    if reality == "inconclusive":
-        return "INCONCLUSIVE"
-    observed = reality == "allow"
-    if model == observed:
-        if intent == model:
-            return "PASS"
-        return "REQUIRED_BLOCKED" if intent else "FORBIDDEN_OPEN"
-    return "ENFORCEMENT_DRIFT" if intent == model else "POLICY_MISMATCH"
-
-
-def worst(statuses: Iterable[Status]) -> Status | None:
-    """The worst status (STATUS_ORDER), or None when there is none."""
-    return min(statuses, key=status_rank, default=None)
-
-
 def _word(allowed: bool) -> str:
     return "allow" if allowed else "deny"
 
@@ -145,9 +116,13 @@ class ResultRecord:
     http_status: int | None = None
     detail: str = ""
 
-    def describe(self) -> str:
+    def observed(self) -> str:
+        """The outcome as a word: `CONNECTED`, `HTTP_STATUS 503`, `TIMEOUT`."""
         code = f" {self.http_status}" if self.http_status is not None else ""
-        return f"{self.reality.verdict} ({self.outcome}{code})"
+        return f"{self.outcome}{code}"
+
+    def describe(self) -> str:
+        return f"{self.reality.verdict} ({self.observed()})"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -275,36 +250,6 @@ class FlowRecord:
     def describe_reality(self) -> str | None:
         return self.current.describe() if self.current is not None else None
 
-    def to_dict(self) -> dict[str, Any]:
-        planned = self.planned
-        return {
-            "key": self.key,
-            "kind": planned.kind,
-            "expectation": planned.expectation,
-            "flow": planned.flow,
-            "from": planned.source.key,
-            "to": planned.destination_name,
-            "port": planned.port,
-            "protocol": planned.protocol,
-            "intent": _word(planned.intent),
-            "model": {
-                "allowed": planned.model,
-                "summary": planned.verdict.summary(),
-                "deciding": [m.describe() for m in planned.verdict.deciding],
-                "explanation": planned.verdict.to_dict(),
-            },
-            "reality": self.describe_reality(),
-            "status": self.status,
-            "reason": self.reason,
-            "since": self.since,
-            "confirming": self.confirming.candidate if self.confirming else None,
-            "unprobeable": planned.unprobeable or None,
-            "flaps": self.flaps,
-            "lastFlap": self.last_flap.to_dict() if self.last_flap else None,
-            "results": [r.to_dict() for r in self.results],
-            "history": [c.to_dict() for c in self.history],
-        }
-
 
 @dataclass(frozen=True)
 class DeclaredStatus:
@@ -331,7 +276,7 @@ class DeclaredStatus:
 class FlowState:
     """The live three truths of every planned flow, updated by plans, results and time."""
 
-    def __init__(self, settings: PlannerSettings, *, clock: Clock = time.time) -> None:
+    def __init__(self, settings: PlannerSettings, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self.settings = settings
         self.clock = clock
         self._flows: dict[str, FlowRecord] = {}
@@ -343,7 +288,7 @@ class FlowState:
     def sync(self, update: PlanUpdate) -> list[StatusChange]:
         """Take a new plan: drop flows that went, add new ones, re-judge those whose intent or
         model changed, and start the feedback-latency clock on the touched ones."""
-        now = self.clock()
+        now = self.clock.time()
         change = update.change
         since = change.at if change is not None and not change.initial else -math.inf
         for key in update.removed:
@@ -388,7 +333,7 @@ class FlowState:
         record = self._flows.get(result.assignment.flow_key)
         if record is None or any(r.result_id == result.id for r in record.results):
             return None
-        now = self.clock()
+        now = self.clock.time()
         planned = record.planned
         entry = ResultRecord(
             result_id=result.id,
@@ -439,7 +384,7 @@ class FlowState:
 
     def refresh(self) -> list[StatusChange]:
         """Mark the flows whose last result is older than the freshness bound STALE."""
-        now = self.clock()
+        now = self.clock.time()
         changes: list[StatusChange] = []
         for record in self._flows.values():
             current = record.current
@@ -544,54 +489,9 @@ class FlowState:
         self._latency.clear()
         return samples
 
-    def report_rows(self, *, include_drift: bool = False) -> list[ReportRow]:
-        """Report rows for `verify`: one per concrete flow, one per declared flow without any."""
-        rows: list[ReportRow] = []
-        for record in self._flows.values():
-            planned = record.planned
-            if planned.kind == "drift" and not include_drift:
-                continue
-            reason = record.reason
-            if record.confirming is not None:
-                reason += f" (confirming {record.confirming.candidate}: {record.confirming.reason})"
-            rows.append(
-                ReportRow(
-                    expectation=planned.expectation,
-                    flow=planned.flow,
-                    source=planned.source.key,
-                    destination=planned.destination_name,
-                    port=planned.port,
-                    protocol=planned.protocol,
-                    intent=planned.intent,
-                    model=planned.model,
-                    reality=record.describe_reality(),
-                    status=record.status,
-                    explanation=reason,
-                    details=record.to_dict(),
-                )
-            )
-        for plan in self._declared:
-            if plan.keys:
-                continue
-            empty_ok = not plan.problems
-            rows.append(
-                ReportRow(
-                    expectation=plan.expectation,
-                    flow=plan.flow,
-                    source=plan.source_text,
-                    destination=plan.destination_text,
-                    port=0,
-                    protocol="-",
-                    intent=plan.intent,
-                    model=None,
-                    reality=None,
-                    status="PASS" if empty_ok else "INCONCLUSIVE",
-                    explanation=(
-                        "matches no pod (allowEmpty)" if empty_ok else "; ".join(plan.problems)
-                    ),
-                )
-            )
-        return rows
+    def declared_plans(self) -> tuple[DeclaredFlowPlan, ...]:
+        """The declared flows of the current plan, in plan order."""
+        return self._declared
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -669,11 +569,8 @@ __all__ = [
     "FlowState",
     "LatencySample",
     "Reality",
-    "RealityVerdict",
     "ResultEffect",
     "ResultRecord",
     "StatusChange",
-    "flow_status",
     "reality_of",
-    "worst",
 ]

@@ -1,8 +1,11 @@
-"""Errors of the collector and of the offline commands.
+"""The project's errors: the base every package's errors derive from, and the two shared kinds.
 
     FlowproofError                 anything flowproof raises on purpose
     ├── InputError                 bad user input: a manifest, an expectation, a flag (exit code 2)
-    └── ConfigurationError         a setting that cannot work (bad flag value, unreadable file)
+    ├── ConfigurationError         a setting that cannot work (bad flag value, unreadable file)
+    ├── AgentError                 the agent's own (agent/errors.py)
+    ├── LabError                   the lab's own (lab/errors.py)
+    └── KubeApiError               a Kubernetes API call that failed (collector/kube.py)
 
 Failures of probes are results, never exceptions (DESIGN.md); these are for bad input and broken
 infrastructure only. Always chain the cause (`raise InputError(...) from exc`).

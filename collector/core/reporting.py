@@ -9,76 +9,21 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tabulate import tabulate
 
-from collector.checking import FAILING, CheckReport, Status, status_rank
-from collector.engine import endpoint_name
+from collector.core.checking import CheckReport
+from collector.core.statuses import FAILING, UNDECIDED, status_rank
+from collector.core.views import FlowView, check_view
 
 
-@dataclass(frozen=True)
-class ReportRow:
-    """One concrete flow with its three truths (reality is None offline) and its status."""
-
-    expectation: str
-    flow: str
-    source: str
-    destination: str
-    port: int
-    protocol: str
-    intent: bool
-    model: bool | None
-    reality: str | None
-    status: Status
-    explanation: str
-    details: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "expectation": self.expectation,
-            "flow": self.flow,
-            "from": self.source,
-            "to": self.destination,
-            "port": self.port,
-            "protocol": self.protocol,
-            "intent": "allow" if self.intent else "deny",
-            "model": None if self.model is None else ("allow" if self.model else "deny"),
-            "reality": self.reality,
-            "status": self.status,
-            "explanation": self.explanation,
-        }
-        if self.details is not None:
-            data["model_detail"] = self.details
-        return data
+def rows_from_check(report: CheckReport) -> list[FlowView]:
+    return sort_rows(check_view(item) for item in report.checks)
 
 
-def rows_from_check(report: CheckReport) -> list[ReportRow]:
-    rows = []
-    for item in report.checks:
-        verdict = item.verdict
-        rows.append(
-            ReportRow(
-                expectation=item.flow.expectation,
-                flow=item.flow.flow,
-                source=item.flow.source.key,
-                destination=endpoint_name(item.flow.destination),
-                port=item.flow.port,
-                protocol=item.flow.protocol,
-                intent=item.flow.intent,
-                model=None if verdict is None else verdict.allowed,
-                reality=None,
-                status=item.status,
-                explanation=item.detail or (verdict.summary() if verdict else ""),
-                details=verdict.to_dict() if verdict else None,
-            )
-        )
-    return sort_rows(rows)
-
-
-def sort_rows(rows: Iterable[ReportRow]) -> list[ReportRow]:
+def sort_rows(rows: Iterable[FlowView]) -> list[FlowView]:
     """Worst status first, then by expectation, flow and endpoints."""
     return sorted(
         rows,
@@ -93,7 +38,7 @@ def sort_rows(rows: Iterable[ReportRow]) -> list[ReportRow]:
     )
 
 
-def summary_line(rows: Sequence[ReportRow]) -> str:
+def summary_line(rows: Sequence[FlowView]) -> str:
     counts = Counter(r.status for r in rows)
     parts = [f"{counts[s]} {s}" for s in sorted(counts, key=status_rank)]
     failing = sum(counts[s] for s in FAILING)
@@ -105,7 +50,7 @@ def _word(value: bool | None) -> str:
     return "-" if value is None else ("allow" if value else "deny")
 
 
-def render_table(rows: Sequence[ReportRow], *, with_reality: bool = False, width: int = 60) -> str:
+def render_table(rows: Sequence[FlowView], *, with_reality: bool = False, width: int = 60) -> str:
     headers = ["STATUS", "FLOW", "FROM", "TO", "PORT", "INTENT", "MODEL"]
     if with_reality:
         headers.append("REALITY")
@@ -122,15 +67,23 @@ def render_table(rows: Sequence[ReportRow], *, with_reality: bool = False, width
             _word(r.model),
         ]
         if with_reality:
-            line.append(r.reality or "-")
-        why = r.explanation if r.status != "PASS" else ""
+            line.append(r.reality_text() or "-")
+        why = r.reason if r.status != "PASS" else ""
         line.append(why if len(why) <= width else why[: width - 1] + "…")
         body.append(line)
     table = tabulate(body, headers=headers, tablefmt="simple") if body else "(no flows)"
     return f"{table}\n\n{summary_line(rows)}"
 
 
-def render_json(rows: Sequence[ReportRow], *, problems: Sequence[str] = ()) -> str:
+def render_json(
+    rows: Sequence[FlowView],
+    *,
+    problems: Sequence[str] = (),
+    details: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
+    """The report as JSON: a summary, the problems, and every flow (in detail where `details`
+    holds it by key: collector.core.views' flow_detail and check_detail)."""
+    details = details or {}
     counts = Counter(r.status for r in rows)
     document = {
         "summary": {
@@ -139,21 +92,21 @@ def render_json(rows: Sequence[ReportRow], *, problems: Sequence[str] = ()) -> s
             "statuses": dict(sorted(counts.items(), key=lambda kv: status_rank(kv[0]))),
         },
         "problems": list(problems),
-        "flows": [r.to_dict() for r in rows],
+        "flows": [dict(details.get(r.key) or r.to_json()) for r in rows],
     }
     return json.dumps(document, indent=2, sort_keys=False)
 
 
-def render_junit(rows: Sequence[ReportRow], *, name: str = "flowproof") -> str:
+def render_junit(rows: Sequence[FlowView], *, name: str = "flowproof") -> str:
     """JUnit XML: a suite per expectations document, a case per concrete flow."""
-    by_expectation: dict[str, list[ReportRow]] = defaultdict(list)
+    by_expectation: dict[str, list[FlowView]] = defaultdict(list)
     for r in rows:
         by_expectation[r.expectation].append(r)
     suites = ET.Element("testsuites", name=name)
     total_fail = total_err = 0
     for expectation, items in sorted(by_expectation.items()):
         failures = sum(1 for r in items if r.status in FAILING)
-        errors = sum(1 for r in items if r.status in ("INCONCLUSIVE", "PENDING", "STALE"))
+        errors = sum(1 for r in items if r.status in UNDECIDED)
         total_fail += failures
         total_err += errors
         suite = ET.SubElement(
@@ -173,8 +126,8 @@ def render_junit(rows: Sequence[ReportRow], *, name: str = "flowproof") -> str:
             )
             text = (
                 f"intent {_word(r.intent)}, model {_word(r.model)}"
-                + (f", reality {r.reality}" if r.reality else "")
-                + f": {r.explanation}"
+                + (f", reality {r.reality_text()}" if r.reality else "")
+                + f": {r.reason}"
             )
             if r.status in FAILING:
                 ET.SubElement(case, "failure", message=r.status, type=r.status).text = text
@@ -192,7 +145,7 @@ def _md(text: str) -> str:
 
 
 def render_markdown(
-    rows: Sequence[ReportRow], *, title: str = "flowproof", with_reality: bool = False
+    rows: Sequence[FlowView], *, title: str = "flowproof", with_reality: bool = False
 ) -> str:
     """A pull-request comment: the verdict, the failing flows with why, the rest folded."""
     failing = [r for r in rows if r.status != "PASS"]
@@ -205,7 +158,7 @@ def render_markdown(
         header += " reality |"
         sep += "---|"
 
-    def row(r: ReportRow, why: bool) -> str:
+    def row(r: FlowView, why: bool) -> str:
         cells = [
             f"`{r.status}`",
             _md(f"{r.expectation}/{r.flow}"),
@@ -216,9 +169,9 @@ def render_markdown(
             _word(r.model),
         ]
         if with_reality:
-            cells.append(r.reality or "-")
+            cells.append(r.reality_text() or "-")
         if why:
-            cells.append(_md(r.explanation))
+            cells.append(_md(r.reason))
         return "| " + " | ".join(cells) + " |"
 
     if failing:

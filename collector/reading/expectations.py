@@ -1,6 +1,6 @@
 """The FlowExpectations format: a document of declared flows (intent) -> `Expectations`.
 
-Owns the format's JSON Schema (`schemas/flowexpectations.schema.json`, also the future CRD schema)
+Owns the format's JSON Schema (`collector/reading/schemas/flowexpectations.schema.json`, also the future CRD schema)
 and the checks a schema cannot express; every problem is named by file, line, field and reason, and
 a document with any problem yields nothing. It must never do I/O beyond reading its schema, nor
 import `kubernetes`.
@@ -41,8 +41,18 @@ from typing import Any, Final, Literal
 import jsonschema
 from jsonschema import ValidationError
 
-from collector.errors import InputError
-from collector.inventory import (
+from collector.core.model import (
+    Expectations,
+    ExternalTarget,
+    FlowExpectation,
+    HttpCheck,
+    LabelSelector,
+    PodTarget,
+    PortSpec,
+    Protocol,
+)
+from collector.reading.documents import read_documents
+from collector.reading.fields import (
     FieldPath,
     Reader,
     Where,
@@ -55,16 +65,7 @@ from collector.inventory import (
     read_selector,
     unknown_field_reason,
 )
-from collector.model import (
-    Expectations,
-    ExternalTarget,
-    FlowExpectation,
-    HttpCheck,
-    LabelSelector,
-    PodTarget,
-    PortSpec,
-    Protocol,
-)
+from flowproof.errors import InputError
 
 SCHEMA_FILE: Final = "flowexpectations.schema.json"
 DNS_DEFAULT_PORTS: Final = (PortSpec(protocol="UDP", port=53),)
@@ -86,7 +87,7 @@ _FROM_HINT: Final = "a flow starts from pods; dns, cidr and host are destination
 @functools.cache
 def schema() -> Mapping[str, Any]:
     """The FlowExpectations JSON Schema (draft 2020-12)."""
-    text = resources.files("collector.schemas").joinpath(SCHEMA_FILE).read_text("utf-8")
+    text = resources.files("collector.reading.schemas").joinpath(SCHEMA_FILE).read_text("utf-8")
     loaded: dict[str, Any] = json.loads(text)
     return loaded
 
@@ -389,3 +390,66 @@ def expectations_from_dict(obj: Mapping[str, Any], where: Where) -> Expectations
     if expectations is None:  # pragma: no cover - a None result always comes with problems
         raise InputError("invalid FlowExpectations", file=where.file)
     return expectations
+
+
+def expectations_from_configmap(
+    namespace: str, name: str, data: object
+) -> tuple[tuple[Expectations, ...], list[str]]:
+    """The FlowExpectations documents in a labelled ConfigMap's data values, and the problems.
+
+    Each value is read like a manifest file (collector.reading.documents: line marks, duplicate
+    keys refused) and each document as a FlowExpectations custom resource would be, in the
+    ConfigMap's namespace (a document may leave metadata.namespace out; naming another one is an
+    error). A document that cannot be read is skipped, named by ConfigMap, key, line and field;
+    this never raises for bad input.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        return (), [f"data must be a mapping, not {describe_type(data)}"]
+    documents: list[Expectations] = []
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for data_key in sorted(data, key=str):
+        file = f"api:namespaces/{namespace}/configmaps/{name}/data/{data_key}"
+        text = data[data_key]
+        if not isinstance(text, str):
+            problems.append(f"{file}: must be a string, not {describe_type(text)}")
+            continue
+        found: list[InputError] = []
+        parsed = read_documents(text.encode(), file, found)
+        problems += [str(p) for p in found]
+        if found:
+            continue
+        for doc in parsed:
+            where = doc.where
+            document = dict(doc.obj)
+            meta = document.get("metadata")
+            if isinstance(meta, Mapping):
+                given = meta.get("namespace")
+                if given not in (None, "", namespace):
+                    problems.append(
+                        str(
+                            where.error(
+                                ("metadata", "namespace"),
+                                f"{given!r} is not the ConfigMap's namespace {namespace!r}: a "
+                                "ConfigMap declares expectations for its own namespace only",
+                            )
+                        )
+                    )
+                    continue
+                document = {**document, "metadata": {**meta, "namespace": namespace}}
+            try:
+                expectations = expectations_from_dict(document, where)
+            except InputError as exc:
+                problems.append(str(exc))
+                continue
+            if expectations.key in seen:
+                problems.append(
+                    f"{where.source}: FlowExpectations {expectations.key} is already declared at "
+                    f"{seen[expectations.key]}; this document is skipped"
+                )
+                continue
+            seen[expectations.key] = where.source
+            documents.append(expectations)
+    return tuple(documents), problems

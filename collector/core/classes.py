@@ -3,7 +3,7 @@
 Two pods that every policy selector, every peer and every ipBlock treats alike, and whose container
 ports carry the same referenced names, get the same verdict towards any third pod. Such pods form
 one class. The verdicts are computed once per pair of classes as boolean matrix products (numpy), and
-counts are weighted by class sizes. Same semantics as `collector.engine`; pure, no I/O.
+counts are weighted by class sizes. Same semantics as `collector.core.engine`; pure, no I/O.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from collector.model import LabelSelector, Peer, Pod, Protocol, Snapshot
+from collector.core.model import LabelSelector, Peer, Pod, Protocol, Snapshot
 
 BoolArray = npt.NDArray[np.bool_]
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from collector.model import Expectations, NetworkPolicy, Snapshot
+from collector.core.model import Expectations, NetworkPolicy, Snapshot
 
 T = TypeVar("T")
 

@@ -3,7 +3,7 @@
 Implements networking.k8s.io/v1 NetworkPolicy semantics for one flow at a time and explains every
 answer (which policies isolate each side, which rule allowed it, or that none did). It is pure: no
 I/O, no clocks, no `kubernetes`/`grpc`/`aiohttp`/protobuf. For whole-cluster counts use
-`collector.classes`, which computes the same semantics over equivalence classes of pods.
+`collector.core.classes`, which computes the same semantics over equivalence classes of pods.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from collector.model import (
+from collector.core.model import (
     Direction,
     NetworkPolicy,
     Peer,

@@ -498,26 +498,26 @@
 
   function renderExplain(flow, declared) {
     $("explain-title").textContent = flow.kind === "declared" ? `${flow.expectation} · ${flow.flow}` : "Drift sample";
-    const model = flow.model;
+    const model = flow.explanation;
     const results = [...flow.results].reverse();
     const history = [...flow.history].reverse();
     const nodes = [
       el("p", null, badge(flow.status), " ", el("span", { text: flow.reason })),
       flow.confirming ? el("p", { class: "muted", text: `A retry is confirming ${NAME[flow.confirming] || flow.confirming}.` }) : null,
       el("dl", { class: "truths" },
-        el("dt", { text: "flow" }), el("dd", { class: "mono", text: `${flow.from} → ${flow.to} ${flow.port}/${flow.protocol}` }),
+        el("dt", { text: "flow" }), el("dd", { class: "mono", text: `${flow.source} → ${flow.destination} ${flow.port}/${flow.protocol}` }),
         el("dt", { text: "intent" }), el("dd", { text: flow.kind === "declared" ? `${flow.intent} (declared in ${flow.expectation})` : `${flow.intent} (drift sample: the model's verdict)` }),
         el("dt", { text: "model" }), el("dd", { text: model.summary }),
-        el("dt", { text: "reality" }), el("dd", { text: flow.reality || (flow.unprobeable ? `not probed: ${flow.unprobeable}` : "not probed yet") }),
+        el("dt", { text: "reality" }), el("dd", { text: flow.reality ? `${flow.reality} (${flow.observed})` : (flow.unprobeable ? `not probed: ${flow.unprobeable}` : "not probed yet") }),
         el("dt", { text: "since" }), el("dd", { title: fmtTime(flow.since), text: `${fmtTime(flow.since)} (${ago(flow.since)})` })),
       el("h3", { text: "Deciding policy and rule" }),
       model.deciding.length
         ? el("ul", { class: "rules" }, ...model.deciding.map((d) => el("li", { class: "mono", text: d })))
         : el("p", { text: model.allowed ? "No policy isolates either side." : "No rule allows it." }),
       el("ul", { class: "rules" },
-        direction("egress at the source", model.explanation.egress),
-        direction("ingress at the destination", model.explanation.ingress)),
-      ...model.explanation.notes.map((n) => el("p", { class: "muted", text: n })),
+        direction("egress at the source", model.egress),
+        direction("ingress at the destination", model.ingress)),
+      ...model.notes.map((n) => el("p", { class: "muted", text: n })),
       el("h3", { text: "Last probe results" }),
     ];
     if (results.length) {

@@ -1,12 +1,12 @@
 """The collector's HTTP face: the live web view, the JSON API under /api/v1, /metrics and health.
 
-Owns `build_web_app` (routes, the OpenAPI document, the static page from collector/webui),
-`Broadcaster` (server-sent events: every status change and result the runtime publishes reaches
-open pages within a second) and the JSON shapes of flows, the matrix, agents and the summary. It
-only reads the flow state and never decides a status; it loads nothing from the internet.
+Owns `build_web_app` (routes, the OpenAPI document, the static page from collector/web/webui) and
+the stream of server-sent events with each flow's current row. It only reads the flow state through
+collector.core.views (one JSON shape per concept) and never decides a status; it loads nothing from
+the internet.
 
     broadcaster = Broadcaster()
-    collector.subscribe(broadcaster.publish)       # (kind, data) for every status change/result
+    collector.subscribe(broadcaster.on_loop_event)
     app = build_web_app(state_view=StateView(state=..., loop_status=..., agents=...),
                         metrics=CollectorMetrics(CollectorRegistry(), state=...),
                         broadcaster=broadcaster)
@@ -18,35 +18,37 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-import itertools
 import json
-import re
 import time
-from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from aiohttp import web
 
-from collector.checking import FAILING, STATUS_ORDER, Status, status_rank
-from collector.flowstate import DeclaredStatus, FlowRecord, FlowState, worst
-from collector.metrics import (
-    CONTENT_TYPE,
-    CollectorMetrics,
+from collector.core.flowstate import FlowState
+from collector.core.statuses import FAILING, STATUS_ORDER, status_rank
+from collector.core.views import (
     LoopStatus,
+    build_matrix,
     compliance_ratio,
+    declared_json,
+    declared_matches,
+    flow_detail,
+    flow_view,
     nodes_needing_agents,
+    row_matches,
+    status_counts,
 )
-from collector.model import Pod
+from collector.web.events import Broadcaster, Event, Subscriber, sse_message
 from flowproof import __version__
 
 WEBUI = Path(__file__).with_name("webui")
 STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css"}
 KEEPALIVE_SECONDS = 15.0
-CLIENT_QUEUE_SIZE = 10_000  # events a slow page may lag behind before it must reload
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -55,12 +57,14 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-WORKLOAD_LABELS = ("app.kubernetes.io/name", "app", "k8s-app", "name")
-_POD_SUFFIXES = (
-    re.compile(r"-[0-9a-f]{6,10}-[0-9a-z]{5}$"),  # Deployment: <rs hash>-<pod hash>
-    re.compile(r"-[0-9a-z]{5}$"),  # DaemonSet, Job, bare ReplicaSet
-    re.compile(r"-\d+$"),  # StatefulSet, and the lab's <workload>-<i>
-)
+
+
+class Exposition(Protocol):
+    """What serves /metrics (collector.metrics.CollectorMetrics)."""
+
+    content_type: str
+
+    def exposition(self) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -79,157 +83,7 @@ class StateView:
     generation: Callable[[], int] = lambda: 0
 
 
-# --- server-sent events ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Event:
-    """One published event: `kind` (status, result, snapshot, ...) and its JSON-able data."""
-
-    id: int
-    kind: str
-    data: Mapping[str, Any]
-    at: float
-
-
-class _Subscriber:
-    def __init__(self, size: int) -> None:
-        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=size)
-        self.overflowed = False
-
-
-class Broadcaster:
-    """Fans events out to every open event stream. Call `publish` on the event loop.
-
-    `publish(kind, data)` has the signature of the runtime's listeners. A subscriber too slow to
-    keep up loses its queue and is told to `resync` (reload everything) instead.
-    """
-
-    def __init__(
-        self, *, queue_size: int = CLIENT_QUEUE_SIZE, clock: Callable[[], float] = time.time
-    ):
-        self._queue_size = queue_size
-        self._clock = clock
-        self._subscribers: set[_Subscriber] = set()
-        self._ids = itertools.count(1)
-        self._closed = False
-        self.published_total = 0
-
-    @property
-    def subscribers(self) -> int:
-        return len(self._subscribers)
-
-    def publish(self, kind: str, data: Mapping[str, Any]) -> None:
-        """Send an event to every subscriber now (never blocks)."""
-        self.published_total += 1
-        event = Event(next(self._ids), kind, data, self._clock())
-        for subscriber in self._subscribers:
-            if subscriber.overflowed:
-                continue
-            try:
-                subscriber.queue.put_nowait(event)
-            except asyncio.QueueFull:
-                subscriber.overflowed = True
-
-    @contextlib.asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[_Subscriber]:
-        subscriber = _Subscriber(self._queue_size)
-        self._subscribers.add(subscriber)
-        try:
-            yield subscriber
-        finally:
-            self._subscribers.discard(subscriber)
-
-    def close(self) -> None:
-        """End every open stream (on shutdown); later subscribers end at once."""
-        self._closed = True
-        for subscriber in self._subscribers:
-            with contextlib.suppress(asyncio.QueueFull):
-                subscriber.queue.put_nowait(None)
-            subscriber.overflowed = True
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-
-# --- shapes ---------------------------------------------------------------------------------------
-
-
-def workload_of(pod: Pod) -> str:
-    """The workload a pod belongs to, for the matrix: its template, a naming label, or its name
-    without the controller's suffix."""
-    if pod.workload:
-        return pod.workload.split("/", 1)[-1]
-    for label in WORKLOAD_LABELS:
-        value = pod.labels.get(label)
-        if value:
-            return value
-    for pattern in _POD_SUFFIXES:
-        stripped = pattern.sub("", pod.name)
-        if stripped and stripped != pod.name:
-            return stripped
-    return pod.name
-
-
-def _side(endpoint: Pod | str, level: str) -> dict[str, Any]:
-    if isinstance(endpoint, Pod):
-        name = workload_of(endpoint) if level == "workload" else endpoint.name
-        probe = endpoint.labels.get("flowproof.dev/probe-pod") == "true"
-        if probe and level == "workload":
-            name += " (probe pod)"
-        return {"id": f"{endpoint.namespace}/{name}", "namespace": endpoint.namespace, "name": name}
-    return {"id": f"outside/{endpoint}", "namespace": "", "name": endpoint}
-
-
-def concrete_row(record: FlowRecord) -> dict[str, Any]:
-    """The compact form of one concrete flow: what the matrix and live events carry."""
-    planned = record.planned
-    source = _side(planned.source, "workload")
-    destination = _side(planned.destination, "workload")
-    current = record.current
-    return {
-        "key": planned.key,
-        "kind": planned.kind,
-        "declared": planned.declared_id if planned.kind == "declared" else None,
-        "expectation": planned.expectation,
-        "flow": planned.flow,
-        "source": planned.source.key,
-        "sourceNamespace": planned.source.namespace,
-        "sourceGroup": source["id"],
-        "destination": planned.destination_name,
-        "destinationNamespace": destination["namespace"],
-        "destinationGroup": destination["id"],
-        "port": planned.port,
-        "protocol": planned.protocol,
-        "intent": "allow" if planned.intent else "deny",
-        "model": "allow" if planned.model else "deny",
-        "reality": record.reality.verdict if record.reality else None,
-        "status": record.status,
-        "reason": record.reason,
-        "since": record.since,
-        "lastVerifiedAt": current.received_at if current else None,
-        "latencySeconds": current.latency_seconds if current else None,
-        "confirming": record.confirming.candidate if record.confirming else None,
-    }
-
-
-def declared_summary(item: DeclaredStatus) -> dict[str, Any]:
-    return {
-        "id": item.id,
-        "expectation": item.expectation,
-        "namespace": item.namespace,
-        "flow": item.flow,
-        "intent": "allow" if item.intent else "deny",
-        "status": item.status,
-        "reason": item.reason,
-        "counts": dict(item.counts),
-        "pairsCovered": item.pairs_covered,
-        "pairsTotal": item.pairs_total,
-        "observedAllowed": item.observed_allowed,
-        "observedDenied": item.observed_denied,
-        "lastVerifiedAt": item.last_verified_at,
-    }
+# --- the application ------------------------------------------------------------------------------
 
 
 def _camel(name: str) -> str:
@@ -251,107 +105,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _text_matches(query: str, *fields: object) -> bool:
-    return any(query in str(f).lower() for f in fields if f is not None)
-
-
-def _row_matches(
-    row: Mapping[str, Any], namespace: str, status: str, query: str, kind: str
-) -> bool:
-    if kind and row["kind"] != kind:
-        return False
-    if namespace and namespace not in (row["sourceNamespace"], row["destinationNamespace"]):
-        return False
-    if status and row["status"] != status:
-        return False
-    return not query or _text_matches(
-        query,
-        row["key"],
-        row["declared"],
-        row["reason"],
-        row["sourceGroup"],
-        row["destinationGroup"],
-    )
-
-
-def _status_counts(statuses: Iterable[Status]) -> dict[str, int]:
-    counts = Counter(statuses)
-    return {status: counts[status] for status in STATUS_ORDER}
-
-
-def build_matrix(
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    level: str = "workload",
-    source: str = "",
-    destination: str = "",
-) -> dict[str, Any]:
-    """Sources × destinations, by workload or by pod, each cell with its worst status.
-
-    `source`/`destination` (workload group ids) narrow the matrix to one cell's pods: the
-    drill-down.
-    """
-    if source:
-        rows = [r for r in rows if r["sourceGroup"] == source]
-    if destination:
-        rows = [r for r in rows if r["destinationGroup"] == destination]
-    sources: dict[str, dict[str, Any]] = {}
-    destinations: dict[str, dict[str, Any]] = {}
-    cells: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if level == "pod":
-            src_ns, _, src_name = row["source"].partition("/")
-            src = {"id": row["source"], "namespace": src_ns, "name": src_name}
-            if row["destinationNamespace"]:
-                dst_name = row["destination"].partition("/")[2]
-                dst = {
-                    "id": row["destination"],
-                    "namespace": row["destinationNamespace"],
-                    "name": dst_name,
-                }
-            else:
-                dst = {"id": row["destinationGroup"], "namespace": "", "name": row["destination"]}
-        else:
-            src = {
-                "id": row["sourceGroup"],
-                "namespace": row["sourceNamespace"],
-                "name": row["sourceGroup"].partition("/")[2],
-            }
-            dst = {
-                "id": row["destinationGroup"],
-                "namespace": row["destinationNamespace"],
-                "name": row["destinationGroup"].partition("/")[2],
-            }
-        sources.setdefault(src["id"], src)
-        destinations.setdefault(dst["id"], dst)
-        cells[(src["id"], dst["id"])].append(row)
-
-    def order(group: Mapping[str, Any]) -> tuple[bool, str, str]:
-        return (group["namespace"] == "", group["namespace"], group["name"])
-
-    out_cells = []
-    for (src_id, dst_id), members in sorted(cells.items()):
-        statuses = [m["status"] for m in members]
-        out_cells.append(
-            {
-                "source": src_id,
-                "destination": dst_id,
-                "status": worst(statuses),
-                "counts": {k: v for k, v in _status_counts(statuses).items() if v},
-                "flows": [m["key"] for m in members],
-            }
-        )
-    return {
-        "level": level,
-        "sources": sorted(sources.values(), key=order),
-        "destinations": sorted(destinations.values(), key=order),
-        "cells": out_cells,
-    }
-
-
-# --- the application ------------------------------------------------------------------------------
-
-
 def load_openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of this app (collector/webui/openapi.yaml)."""
     with (WEBUI / "openapi.yaml").open(encoding="utf-8") as handle:
@@ -366,7 +119,7 @@ class _Api:
     def __init__(
         self,
         view: StateView,
-        metrics: CollectorMetrics,
+        metrics: Exposition,
         broadcaster: Broadcaster,
         keepalive_seconds: float,
     ) -> None:
@@ -406,7 +159,9 @@ class _Api:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def metrics_page(self, _: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(
+            body=self.metrics.exposition(), headers={"Content-Type": self.metrics.content_type}
+        )
 
     async def openapi_json(self, _: web.Request) -> web.Response:
         return web.json_response(self.openapi)
@@ -414,14 +169,14 @@ class _Api:
     # -- API ---------------------------------------------------------------------------------------
 
     def _rows(self) -> list[dict[str, Any]]:
-        return [concrete_row(r) for r in self.view.state.flows()]
+        return [flow_view(r).to_json() for r in self.view.state.flows()]
 
     async def summary(self, _: web.Request) -> web.Response:
         state = self.view.state
         declared = state.declared()
         loop = self.view.loop_status()
         needed = nodes_needing_agents(state)
-        counts = _status_counts(d.status for d in declared)
+        counts = status_counts(d.status for d in declared)
         ratios = compliance_ratio(declared)
         passing = counts["PASS"]
         return web.json_response(
@@ -432,7 +187,7 @@ class _Api:
                 "generation": self.view.generation(),
                 "declared": {"total": len(declared), "byStatus": counts},
                 "flows": {
-                    kind: _status_counts(r.status for r in state.flows(kind))
+                    kind: status_counts(r.status for r in state.flows(kind))
                     for kind in ("declared", "drift")
                 },
                 "compliance": {
@@ -461,7 +216,7 @@ class _Api:
             return _bad_request(f"status must be one of {', '.join(STATUS_ORDER)}")
         by_declared: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for record in self.view.state.flows("declared"):
-            by_declared[record.planned.declared_id].append(concrete_row(record))
+            by_declared[record.planned.declared_id].append(flow_view(record).to_json())
         items = []
         for item in self.view.state.declared():
             if namespace and item.namespace != namespace:
@@ -474,12 +229,9 @@ class _Api:
             ):
                 continue
             concrete = by_declared.get(item.id, [])
-            if query and not (
-                _text_matches(query, item.id, item.reason)
-                or any(_text_matches(query, c["key"]) for c in concrete)
-            ):
+            if query and not declared_matches(item, concrete, query):
                 continue
-            items.append({**declared_summary(item), "concrete": concrete})
+            items.append({**declared_json(item), "concrete": concrete})
         items.sort(key=lambda d: (status_rank(d["status"]), d["id"]))
         return web.json_response({"total": len(items), "flows": items})
 
@@ -506,8 +258,8 @@ class _Api:
             {
                 "id": wanted,
                 "kind": kind,
-                "declared": declared_summary(item) if item is not None else None,
-                "flows": [r.to_dict() for r in records],
+                "declared": declared_json(item) if item is not None else None,
+                "flows": [flow_detail(r) for r in records],
             }
         )
 
@@ -524,7 +276,7 @@ class _Api:
         rows = [
             r
             for r in self._rows()
-            if _row_matches(
+            if row_matches(
                 r,
                 request.query.get("namespace", ""),
                 status,
@@ -571,12 +323,12 @@ class _Api:
                 await self._stream(response, subscriber)
         return response
 
-    async def _stream(self, response: web.StreamResponse, subscriber: _Subscriber) -> None:
+    async def _stream(self, response: web.StreamResponse, subscriber: Subscriber) -> None:
         hello = {"version": __version__, "generation": self.view.generation(), "at": time.time()}
-        await response.write(b"retry: 1000\n\n" + _sse(0, "hello", hello))
+        await response.write(b"retry: 1000\n\n" + sse_message(0, "hello", hello))
         while True:
             if subscriber.overflowed and not self.broadcaster.closed:
-                await response.write(_sse(0, "resync", {"reason": "too many events"}))
+                await response.write(sse_message(0, "resync", {"reason": "too many events"}))
                 return
             try:
                 event = await asyncio.wait_for(subscriber.queue.get(), self.keepalive_seconds)
@@ -585,7 +337,7 @@ class _Api:
                 continue
             chunk: list[bytes] = []
             while event is not None:  # whatever else is queued goes out in the same write
-                chunk.append(_sse(event.id, event.kind, self._annotate(event)))
+                chunk.append(sse_message(event.id, event.kind, self._annotate(event)))
                 try:
                     event = subscriber.queue.get_nowait()
                 except asyncio.QueueEmpty:
@@ -598,17 +350,11 @@ class _Api:
     def _annotate(self, event: Event) -> dict[str, Any]:
         """The event's data with the current row of the flow it names (when it names one)."""
         data: dict[str, Any] = {**event.data, "publishedAt": event.at}
-        key = data.get("flow") or data.get("key")
-        if isinstance(key, str):
-            record = self.view.state.flow(key)
-            data["row"] = concrete_row(record) if record is not None else None
+        if event.flow_key is not None:
+            record = self.view.state.flow(event.flow_key)
+            data["flow"] = event.flow_key
+            data["row"] = flow_view(record).to_json() if record is not None else None
         return data
-
-
-def _sse(event_id: int, kind: str, data: Mapping[str, Any]) -> bytes:
-    payload = json.dumps(data, separators=(",", ":"), default=str)
-    head = f"id: {event_id}\n" if event_id else ""
-    return f"{head}event: {kind}\ndata: {payload}\n\n".encode()
 
 
 def _bad_request(reason: str) -> web.Response:
@@ -618,7 +364,7 @@ def _bad_request(reason: str) -> web.Response:
 def build_web_app(
     *,
     state_view: StateView,
-    metrics: CollectorMetrics,
+    metrics: Exposition,
     broadcaster: Broadcaster,
     app: web.Application | None = None,
     keepalive_seconds: float = KEEPALIVE_SECONDS,
@@ -650,14 +396,4 @@ def build_web_app(
     return app
 
 
-__all__ = [
-    "Broadcaster",
-    "Event",
-    "StateView",
-    "build_matrix",
-    "build_web_app",
-    "concrete_row",
-    "declared_summary",
-    "load_openapi",
-    "workload_of",
-]
+__all__ = ["WEBUI", "Exposition", "StateView", "build_web_app", "load_openapi"]

@@ -9,11 +9,8 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import pytest
-from labtools import pod
 
-from collector.errors import InputError
-from collector.inventory import Where, policy_from_dict
-from collector.model import (
+from collector.core.model import (
     IPBlock,
     LabelSelector,
     NetworkPolicy,
@@ -22,12 +19,17 @@ from collector.model import (
     Requirement,
     Rule,
 )
+from collector.reading.fields import Where
+from collector.reading.objects import policy_from_dict
+from flowproof.errors import InputError
 from lab.cluster import Placement, PodSpec, concrete_pods, dns_records, policy_manifest
 from lab.config import LabSettings, Names
 from lab.dnsserver import answer
 from lab.enforcement import EnforcementInput, compile_rulesets, transaction
-from lab.lifecycle import _parse_fault, parse_label_changes
+from lab.faults import parse_fault
+from lab.merging import parse_label_changes
 from lab.state import Faults, LabState, PodRecord
+from tests.support.builders import pod
 
 SEL_A = LabelSelector(match_labels=(("app", "a"),))
 
@@ -399,9 +401,9 @@ def test_label_changes_and_faults_parse_like_kubectl() -> None:
     assert parse_label_changes(["a=b", "c-", "d="]) == ({"a": "b", "d": ""}, ["c"])
     with pytest.raises(InputError):
         parse_label_changes(["nokey"])
-    assert _parse_fault("clear", []) is None
-    assert _parse_fault("lag", ["2.5"])(Faults()).lag_seconds == 2.5
-    assert _parse_fault("ignore-policy", ["x/p"])(Faults()).ignore_policies == ["x/p"]
+    assert parse_fault("clear", []) is None
+    assert parse_fault("lag", ["2.5"])(Faults()).lag_seconds == 2.5
+    assert parse_fault("ignore-policy", ["x/p"])(Faults()).ignore_policies == ["x/p"]
 
 
 def test_dns_answers_a_records_and_nxdomain() -> None:

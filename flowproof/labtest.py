@@ -1,8 +1,8 @@
-"""`flowproof lab test`: up, verify, down in one command — a team's manifests proven with real
+"""`flowproof lab test` (front door): up, verify, down in one command — a team's manifests proven with real
 packets in CI, with no cluster.
 
 Owns the lab of one test run: a fresh unique name, owned by this process (if it is killed, the
-lab's supervisor takes the lab down), `flowproof verify --once` against its collector, and `down`
+lab's supervisor takes the lab down), the verify client against its collector, and `down`
 always (also on failure, Ctrl-C or SIGTERM). Exit code: verify's (0 every expectation holds,
 1 one fails, 2 undecided or the lab could not be built; 130 interrupted). It changes no other lab.
 """
@@ -19,7 +19,8 @@ import time
 from collections.abc import Iterator
 from types import FrameType
 
-from collector.errors import InputError
+from flowproof import verifying
+from flowproof.errors import InputError
 from lab.config import LabSettings
 from lab.errors import LabError
 from lab.lifecycle import Lab, read_manifests
@@ -60,8 +61,6 @@ def _uninterruptible() -> Iterator[None]:
 
 
 def run_lab_test(args: argparse.Namespace) -> int:
-    from collector import verifying
-
     files = [p for group in args.filename for p in group]
     files += [p for group in args.expectations for p in group]
     manifests = read_manifests(files)  # InputError: nothing is built
@@ -69,7 +68,7 @@ def run_lab_test(args: argparse.Namespace) -> int:
         raise InputError(
             "no FlowExpectations among the files: give them with -e", field="--expectations"
         )
-    loop = LoopSettings(
+    loop = LoopSettings.with_planner(
         probe_timeout_seconds=args.probe_timeout_seconds,
         interval_seconds=args.interval_seconds,
         freshness_seconds=args.freshness_seconds,
@@ -89,15 +88,12 @@ def run_lab_test(args: argparse.Namespace) -> int:
                 f"({len(state.pods)} pods, collector {state.loop.url}); verifying",
                 file=sys.stderr,
             )
-            argv = ["--once", "--collector", state.loop.url, "--timeout", f"{args.timeout:g}"]
-            for flag, value in (
-                ("--junit", args.junit),
-                ("--json", args.json_file),
-                ("--markdown", args.markdown),
-            ):
-                if value:
-                    argv += [flag, value]
-            return verifying.main(argv)
+            outputs = verifying.Outputs(
+                junit=args.junit, json_file=args.json_file, markdown=args.markdown
+            )
+            return verifying.verify_once(
+                state.loop.url, timeout_seconds=args.timeout, outputs=outputs
+            )
     except KeyboardInterrupt:
         print("lab test: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

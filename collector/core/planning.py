@@ -1,0 +1,489 @@
+"""The plan: declared flows and a drift sample -> the flows to verify and how to probe each.
+
+Owns `build_plan` (snapshot -> Plan: expectations resolved with collector.core.resolving; every
+pod pair while a declared flow is small, representatives per (source class, destination class)
+when it is large, with coverage; a seeded sample of the model's truth table to catch enforcement
+drift; probe pod requests for flows whose `from` matches no running pod). When to send each one is
+collector.core.scheduling's. Pure: no I/O, no clock, no grpc, aiohttp or protobuf.
+
+Decisions: a source is a running pod with an IP on a node, real pods before probe pods (label
+`flowproof.dev/probe-pod`); probe pods are never destinations nor drift samples. `dns: cluster`
+flows probe the cluster DNS address (`cluster_dns_ip`) with a DNS query, one concrete flow per DNS
+pod as the model sees it. A destination pod that declares no container port for the flow's port
+gets a responder (the agent on its node listens there). The drift sample is drawn again for every
+snapshot generation, deterministically from (`drift_seed`, generation), half allowed, half denied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from collector.core.changes import FlowFacts
+from collector.core.classes import ClassModel
+from collector.core.engine import Endpoint, Engine, Verdict, endpoint_name
+from collector.core.model import (
+    Expectations,
+    FlowExpectation,
+    Pod,
+    Protocol,
+    Snapshot,
+)
+from collector.core.probepods import (
+    MANAGED_BY_LABEL,
+    ProbePodRequest,
+    is_probe_pod,
+    probe_pod_request,
+)
+from collector.core.resolving import ConcreteFlow, resolve, select_pods
+from collector.core.settings import PlannerSettings
+from flowproof.probes import (
+    Assignment,
+    PodRef,
+    ProbeKind,
+    ResponderSpec,
+    SourceKind,
+)
+
+FlowKind = Literal["declared", "drift"]
+
+DRIFT_EXPECTATION = "(drift sample)"
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedFlow:
+    """A concrete flow to verify: the three truths' inputs and how to probe it.
+
+    `template` is the assignment to send (id and attempt are filled in when it is issued); it is
+    None when the flow cannot be probed, and `unprobeable` says why. For drift flows `intent` is the
+    model's verdict: they can only pass or drift.
+    """
+
+    key: str
+    kind: FlowKind
+    expectation: str
+    flow: str
+    source: Pod
+    destination: Endpoint
+    port: int
+    protocol: Protocol
+    intent: bool
+    verdict: Verdict
+    template: Assignment | None
+    unprobeable: str = ""
+    listener_declared: bool = False
+    expect_status: tuple[int, ...] = ()
+
+    @property
+    def model(self) -> bool:
+        return self.verdict.allowed
+
+    @property
+    def declared_id(self) -> str:
+        return f"{self.expectation}/{self.flow}"
+
+    @property
+    def destination_name(self) -> str:
+        return endpoint_name(self.destination)
+
+    def facts(self) -> FlowFacts:
+        template = dataclasses.replace(self.template, id="") if self.template else None
+        fingerprint = json.dumps(
+            [self.intent, self.verdict.to_dict(), repr(template), self.unprobeable],
+            sort_keys=True,
+        )
+        return FlowFacts(self.source.key, self.destination_name, fingerprint)
+
+
+@dataclass(frozen=True)
+class DeclaredFlowPlan:
+    """One declared flow (an expectation's flow) and the concrete flows that stand for it."""
+
+    expectation: str
+    namespace: str
+    flow: str
+    intent: bool
+    source_text: str
+    destination_text: str
+    keys: tuple[str, ...]
+    pairs_total: int
+    pairs_covered: int
+    problems: tuple[str, ...] = ()
+    allow_empty: bool = False
+    probe_pod: ProbePodRequest | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.expectation}/{self.flow}"
+
+    @property
+    def coverage(self) -> float:
+        """Pod pairs probed over pod pairs the flow stands for (1.0 when it has none)."""
+        return self.pairs_covered / self.pairs_total if self.pairs_total else 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything to verify for one snapshot generation."""
+
+    generation: int
+    flows: Mapping[str, PlannedFlow]
+    declared: tuple[DeclaredFlowPlan, ...]
+    probe_pods: tuple[ProbePodRequest, ...] = ()
+    drift_candidates: int = 0  # undeclared (pod, container port) pairs the sample was drawn from
+
+    def facts(self) -> dict[str, FlowFacts]:
+        return {key: flow.facts() for key, flow in self.flows.items()}
+
+
+def is_running(pod: Pod) -> bool:
+    """Whether a pod can send or receive probes: running, with an IP, on a node."""
+    return pod.phase == "Running" and bool(pod.ips) and bool(pod.node) and pod.workload is None
+
+
+def _pod_ref(pod: Pod) -> PodRef:
+    return PodRef(uid=pod.uid, namespace=pod.namespace, name=pod.name)
+
+
+def _declares(pod: Endpoint, port: int, protocol: Protocol) -> bool:
+    return isinstance(pod, Pod) and any(
+        cp.port == port and cp.protocol == protocol for cp in pod.ports
+    )
+
+
+def _probe_kind(flow: ConcreteFlow) -> ProbeKind:
+    if flow.dns_name is not None and flow.protocol == "UDP":
+        return ProbeKind.DNS
+    if flow.http_path is not None and flow.protocol == "TCP":
+        return ProbeKind.HTTP
+    return ProbeKind(flow.protocol)
+
+
+def _template(
+    flow: ConcreteFlow, key: str, settings: PlannerSettings
+) -> tuple[Assignment | None, str, bool]:
+    """(assignment template, why it cannot be probed, whether a listener is declared)."""
+    source, destination = flow.source, flow.destination
+    listener = _declares(destination, flow.port, flow.protocol)
+    if not is_running(source):
+        why = "no running source pod"
+        if is_probe_pod(source):
+            why += f": probe pod {source.key} requested"
+        return None, why, listener
+    kind = _probe_kind(flow)
+    responder: ResponderSpec | None = None
+    if flow.dns_name is not None:
+        address = settings.cluster_dns_ip
+    elif isinstance(destination, Pod):
+        if not is_running(destination):
+            return None, f"destination {destination.key} is not running with an IP", listener
+        address = destination.ips[0]
+    else:
+        address = destination
+    if (
+        isinstance(destination, Pod)
+        and not listener
+        and kind is not ProbeKind.DNS
+        and not destination.host_network
+        and destination.node
+    ):
+        responder = ResponderSpec(pod=_pod_ref(destination), node=destination.node)
+    template = Assignment(
+        id="",
+        source=_pod_ref(source),
+        source_node=source.node,
+        destination_ip=address,
+        port=flow.port,
+        protocol=flow.protocol,
+        kind=kind,
+        timeout_seconds=settings.probe_timeout_seconds,
+        source_kind=SourceKind.PROBE_POD if is_probe_pod(source) else SourceKind.POD,
+        destination=_pod_ref(destination) if isinstance(destination, Pod) else None,
+        http_path=flow.http_path if kind is ProbeKind.HTTP else None,
+        dns_query_name=flow.dns_name if kind is ProbeKind.DNS else None,
+        responder=responder,
+        flow_key=key,
+    )
+    return template, "", listener
+
+
+class _Classes:
+    """Equivalence classes of the snapshot's pods, computed once and only when a flow is large."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+        self._model: ClassModel | None = None
+        self._index = {pod.key: i for i, pod in enumerate(snapshot.pods)}
+        self._known: dict[str, tuple[str, int | str]] = {}
+
+    def of(self, name: str, endpoint: Endpoint) -> tuple[str, int | str]:
+        known = self._known.get(name)
+        if known is not None:
+            return known
+        index = self._index.get(name) if isinstance(endpoint, Pod) else None
+        if not isinstance(endpoint, Pod):
+            known = ("address", endpoint)
+        elif index is None:  # a planned probe pod: a class of its own
+            known = ("pod", name)
+        else:
+            if self._model is None:
+                self._model = ClassModel(self._snapshot)
+            known = ("class", int(self._model.class_of[index]))
+        self._known[name] = known
+        return known
+
+
+def _representatives(
+    pairs: Sequence[tuple[str, str]],
+    endpoints: Mapping[str, Endpoint],
+    classes: _Classes,
+    per_class_pair: int,
+) -> set[tuple[str, str]]:
+    """The first pairs (in sorted order) of each (source class, destination class)."""
+    groups: dict[tuple[object, object], list[tuple[str, str]]] = defaultdict(list)
+    for pair in sorted(pairs):
+        src, dst = pair
+        groups[(classes.of(src, endpoints[src]), classes.of(dst, endpoints[dst]))].append(pair)
+    chosen: set[tuple[str, str]] = set()
+    for members in groups.values():
+        chosen.update(members[:per_class_pair])
+    return chosen
+
+
+def _plan_declared(
+    snapshot: Snapshot,
+    engine: Engine,
+    classes: _Classes,
+    document: Expectations,
+    declared: FlowExpectation,
+    settings: PlannerSettings,
+) -> tuple[DeclaredFlowPlan, list[PlannedFlow]]:
+    candidates = select_pods(snapshot, declared.source, document.namespace)
+    real = [p for p in candidates if is_running(p) and not is_probe_pod(p)]
+    probes = [p for p in candidates if is_running(p) and is_probe_pod(p)]
+    sources = real or probes
+    request: ProbePodRequest | None = None
+    problems: list[str] = []
+    resolving = snapshot
+    if not sources:
+        made = probe_pod_request(snapshot, declared.source, document.namespace)
+        if isinstance(made, str):
+            problems.append(
+                f"{document.source or document.key}: flow {declared.name!r}: `from` "
+                f"({declared.source.describe()}) matches no running pod and no probe pod can "
+                f"stand for it: {made}"
+            )
+        else:
+            request = made
+            planned_pod = made.as_pod()
+            sources = [planned_pod]
+            resolving = dataclasses.replace(snapshot, pods=(*snapshot.pods, planned_pod))
+    concrete, resolve_problems = resolve(
+        resolving, document, declared, cluster_dns_ip=settings.cluster_dns_ip
+    )
+    problems += resolve_problems if sources else []
+    source_keys = {p.key for p in sources}
+    concrete = [
+        c
+        for c in concrete
+        if c.source.key in source_keys
+        and not (isinstance(c.destination, Pod) and is_probe_pod(c.destination))
+    ]
+    if sources and not concrete and not problems and not declared.allow_empty:
+        problems.append(
+            f"{document.source or document.key}: flow {declared.name!r}: `to` matches no pod "
+            "that can be probed"
+        )
+    endpoints: dict[str, Endpoint] = {}
+    pair_of: list[tuple[str, str]] = []
+    for c in concrete:
+        src, dst = c.source.key, endpoint_name(c.destination)
+        endpoints[src] = c.source
+        endpoints[dst] = c.destination
+        pair_of.append((src, dst))
+    pairs = set(pair_of)
+    chosen = pairs
+    if len(pairs) > settings.max_pairs_per_flow:
+        chosen = _representatives(
+            sorted(pairs), endpoints, classes, settings.representatives_per_class_pair
+        )
+    expect_status = declared.http.expect_status if declared.http else ()
+    flows: list[PlannedFlow] = []
+    for c, pair in zip(concrete, pair_of, strict=True):
+        if pair not in chosen:
+            continue
+        template, unprobeable, listener = _template(c, c.key, settings)
+        flows.append(
+            PlannedFlow(
+                key=c.key,
+                kind="declared",
+                expectation=c.expectation,
+                flow=c.flow,
+                source=c.source,
+                destination=c.destination,
+                port=c.port,
+                protocol=c.protocol,
+                intent=c.intent,
+                verdict=engine.evaluate(c.source, c.destination, c.port, c.protocol),
+                template=template,
+                unprobeable=unprobeable,
+                listener_declared=listener,
+                expect_status=expect_status,
+            )
+        )
+    plan = DeclaredFlowPlan(
+        expectation=document.key,
+        namespace=document.namespace,
+        flow=declared.name,
+        intent=declared.expect == "allow",
+        source_text=declared.source.describe(),
+        destination_text=declared.destination.describe(),
+        keys=tuple(dict.fromkeys(f.key for f in flows)),
+        pairs_total=len(pairs),
+        pairs_covered=len(chosen),
+        problems=tuple(problems),
+        allow_empty=declared.allow_empty,
+        probe_pod=request,
+    )
+    return plan, flows
+
+
+def drift_key(source: Pod, destination: Pod, port: int, protocol: Protocol) -> str:
+    return f"drift:{source.key}->{destination.key}:{port}/{protocol}"
+
+
+def _drift_sample(
+    snapshot: Snapshot,
+    engine: Engine,
+    declared: Iterable[PlannedFlow],
+    settings: PlannerSettings,
+    generation: int,
+) -> tuple[list[PlannedFlow], int]:
+    """Up to `drift_sample_size` undeclared flows, half allowed and half denied when possible."""
+    want = settings.drift_sample_size
+    pods = [p for p in snapshot.pods if is_running(p) and not is_probe_pod(p)]
+    pods = [p for p in pods if not p.host_network]
+    targets = [(pod, cp.port, cp.protocol) for pod in pods for cp in pod.ports]
+    taken = {(f.source.key, f.destination_name, f.port, f.protocol) for f in declared}
+    universe = len(pods) * len(targets)
+    if want == 0 or universe == 0:
+        return [], 0
+    rng = random.Random(f"{settings.drift_seed}:{generation}")
+
+    def candidates() -> Iterable[tuple[Pod, Pod, int, Protocol]]:
+        if universe <= max(want * 20, 2000):
+            every = [(s, d, port, proto) for s in pods for d, port, proto in targets]
+            rng.shuffle(every)
+            yield from every
+            return
+        for _ in range(want * 40):  # bounded: a large cluster is sampled, never enumerated
+            source = pods[rng.randrange(len(pods))]
+            destination, port, proto = targets[rng.randrange(len(targets))]
+            yield source, destination, port, proto
+
+    half = math.ceil(want / 2)
+    buckets: dict[bool, list[PlannedFlow]] = {True: [], False: []}
+    seen: set[str] = set()
+    for source, destination, port, proto in candidates():
+        if source.key == destination.key or (source.key, destination.key, port, proto) in taken:
+            continue
+        key = drift_key(source, destination, port, proto)
+        if key in seen:
+            continue
+        seen.add(key)
+        verdict = engine.evaluate(source, destination, port, proto)
+        bucket = buckets[verdict.allowed]
+        if len(bucket) >= want:
+            continue
+        flow = ConcreteFlow(DRIFT_EXPECTATION, "drift", source, destination, port, proto, True)
+        template, unprobeable, listener = _template(flow, key, settings)
+        bucket.append(
+            PlannedFlow(
+                key=key,
+                kind="drift",
+                expectation=DRIFT_EXPECTATION,
+                flow="drift",
+                source=source,
+                destination=destination,
+                port=port,
+                protocol=proto,
+                intent=verdict.allowed,
+                verdict=verdict,
+                template=template,
+                unprobeable=unprobeable,
+                listener_declared=listener,
+            )
+        )
+        if len(buckets[True]) >= half and len(buckets[False]) >= want - half:
+            break
+    allowed, denied = buckets[True], buckets[False]
+    take_allowed = min(len(allowed), want - min(len(denied), want - half))
+    take_denied = min(len(denied), want - take_allowed)
+    undeclared = universe - len(targets) - len(taken)  # about: self pairs and declared ones out
+    return allowed[:take_allowed] + denied[:take_denied], max(undeclared, 0)
+
+
+def build_plan(snapshot: Snapshot, settings: PlannerSettings, *, generation: int = 0) -> Plan:
+    """Every flow to verify for `snapshot`: declared flows first, then the drift sample."""
+    engine = Engine(snapshot)
+    classes = _Classes(snapshot)
+    flows: dict[str, PlannedFlow] = {}
+    declared: list[DeclaredFlowPlan] = []
+    requests: dict[str, ProbePodRequest] = {}
+    for document in snapshot.expectations:
+        for item in document.flows:
+            plan, planned = _plan_declared(snapshot, engine, classes, document, item, settings)
+            declared.append(plan)
+            if plan.probe_pod is not None:
+                requests.setdefault(plan.probe_pod.key, plan.probe_pod)
+            for flow in planned:
+                flows.setdefault(flow.key, flow)
+    drift, universe = _drift_sample(snapshot, engine, list(flows.values()), settings, generation)
+    for flow in drift:
+        flows.setdefault(flow.key, flow)
+    return Plan(
+        generation=generation,
+        flows=flows,
+        declared=tuple(declared),
+        probe_pods=tuple(requests.values()),
+        drift_candidates=universe,
+    )
+
+
+def needed_probe_pods(plan: Plan) -> list[ProbePodRequest]:
+    """Every probe pod the plan needs: those it requests and those it already probes from.
+
+    `plan.probe_pods` holds only the ones not running yet; a running probe pod that still stands
+    for a flow's `from` must be kept, so the manager can delete exactly the rest.
+    """
+    requests = {r.key: r for r in plan.probe_pods}
+    for flow in plan.flows.values():
+        source = flow.source
+        if flow.kind != "declared" or not is_probe_pod(source) or not is_running(source):
+            continue
+        # A cluster probe pod also carries the managed-by label, which no request asks for.
+        labels = {k: v for k, v in source.labels.items() if k != MANAGED_BY_LABEL}
+        request = ProbePodRequest(source.namespace, tuple(sorted(labels.items())))
+        if request.key == source.key:  # one made from a request (not someone else's pod)
+            requests.setdefault(request.key, request)
+    return [requests[key] for key in sorted(requests)]
+
+
+__all__ = [
+    "DRIFT_EXPECTATION",
+    "DeclaredFlowPlan",
+    "Plan",
+    "PlannedFlow",
+    "build_plan",
+    "is_running",
+    "needed_probe_pods",
+]

@@ -1,0 +1,319 @@
+"""The scheduler: which assignments of the current plan are due, in which order, at what rate.
+
+Owns `Planner`: retries at once, touched flows first after a change, then a steady cadence with
+jitter per flow, bounded per source node and per destination; lost assignments are redone. Pure: no
+I/O, no clock of its own (`now` is passed in), no grpc, aiohttp or protobuf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+import random
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from collector.core.changes import ChangeEvent, FlowFacts, touched_flows
+from collector.core.model import Snapshot
+from collector.core.planning import Plan, build_plan
+from collector.core.settings import PlannerSettings
+from flowproof.probes import Assignment
+
+
+@dataclass(frozen=True)
+class PlanUpdate:
+    """What `Planner.update` changed: the new plan and which flow keys appeared, went or were
+    touched (to be verified first; the feedback latency is measured on these)."""
+
+    plan: Plan
+    change: ChangeEvent | None
+    added: frozenset[str]
+    removed: frozenset[str]
+    touched: frozenset[str]
+
+
+class _TokenBucket:
+    """`rate` per second with a burst of one second's worth (at least one)."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = max(rate, 1.0)
+        self.tokens = self.capacity
+        self.updated = now
+
+    def ready(self, now: float) -> bool:
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = max(self.updated, now)
+        return self.tokens >= 1.0
+
+    def take(self) -> None:
+        self.tokens -= 1.0
+
+
+@dataclass
+class _InFlight:
+    key: str
+    issued_at: float
+    deadline: float
+
+
+@dataclass
+class PlannerStats:
+    issued_total: int = 0
+    retries_total: int = 0
+    lost_total: int = 0
+    rate_limited_total: int = 0
+
+
+URGENT_RETRY, URGENT_DECLARED, URGENT_DRIFT = 0, 1, 2
+
+
+@dataclass(order=True)
+class _Urgent:
+    priority: int
+    sequence: int
+    key: str = field(compare=False)
+    attempt: int = field(compare=False, default=1)
+
+
+class Planner:
+    """Holds the current plan and decides which assignments are due.
+
+    Order: retries first, then flows touched by a change (declared before drift), then the cadence
+    (`interval_seconds` ± jitter per flow, earliest first). A flow with a probe in flight is not
+    sent again by the cadence; retries and touched flows are (the probe in flight may predate the
+    change). Nothing is sent beyond `max_per_node_per_second` or `max_per_destination_per_second`:
+    what is held back stays queued in its place.
+    """
+
+    def __init__(
+        self,
+        settings: PlannerSettings,
+        *,
+        seed: int | None = None,
+        id_prefix: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self._rng = random.Random(seed)
+        self._id_prefix = id_prefix if id_prefix is not None else uuid.uuid4().hex[:12]
+        self._sequence = 0
+        self.plan = Plan(generation=0, flows={}, declared=())
+        self._facts: dict[str, FlowFacts] = {}
+        self._next_due: dict[str, float] = {}
+        self._cadence: list[tuple[float, int, str]] = []
+        self._urgent: list[_Urgent] = []
+        self._urgent_keys: dict[str, _Urgent] = {}
+        self._in_flight: dict[str, _InFlight] = {}
+        self._keys_in_flight: dict[str, int] = defaultdict(int)
+        self._nodes: dict[str, _TokenBucket] = {}
+        self._destinations: dict[str, _TokenBucket] = {}
+        self.stats = PlannerStats()
+
+    # -- plan --------------------------------------------------------------------------------------
+
+    def update(self, snapshot: Snapshot, change: ChangeEvent | None, now: float) -> PlanUpdate:
+        """Plan a new snapshot; keep the schedule of unchanged flows, queue the touched ones."""
+        generation = change.generation if change is not None else self.plan.generation + 1
+        plan = build_plan(snapshot, self.settings, generation=generation)
+        facts = plan.facts()
+        touched = set(touched_flows(change, self._facts, facts))
+        added = facts.keys() - self._facts.keys()
+        removed = self._facts.keys() - facts.keys()
+        # A drift flow is new because the sample was drawn again, not because the change touched it.
+        touched -= {k for k in added if plan.flows[k].kind == "drift"}
+        self.plan = plan
+        self._facts = facts
+        for key in removed:
+            self._next_due.pop(key, None)
+            self._urgent_keys.pop(key, None)
+        for key in sorted(added - touched):
+            self._schedule(key, now + self._rng.uniform(0, self.settings.interval_seconds))
+        for key in sorted(touched):
+            flow = plan.flows[key]
+            if flow.template is None:
+                self._next_due.pop(key, None)
+                continue
+            self._push_urgent(key, URGENT_DECLARED if flow.kind == "declared" else URGENT_DRIFT)
+            if key not in self._next_due:
+                self._schedule(key, now + self._interval())
+        live_nodes = {f.template.source_node for f in plan.flows.values() if f.template}
+        live_destinations = {f.template.destination_ip for f in plan.flows.values() if f.template}
+        self._nodes = {n: b for n, b in self._nodes.items() if n in live_nodes}
+        self._destinations = {d: b for d, b in self._destinations.items() if d in live_destinations}
+        return PlanUpdate(
+            plan=plan,
+            change=change,
+            added=frozenset(added),
+            removed=frozenset(removed),
+            touched=frozenset(touched),
+        )
+
+    def expedite(self, keys: Iterable[str] | None = None) -> int:
+        """Verify these flows (default: every declared flow) now, before the cadence; returns how
+        many were queued. `verify` uses it to run every expectation at once."""
+        chosen = (
+            [k for k, f in self.plan.flows.items() if f.kind == "declared"]
+            if keys is None
+            else list(keys)
+        )
+        queued = 0
+        for key in chosen:
+            flow = self.plan.flows.get(key)
+            if flow is None or flow.template is None:
+                continue
+            self._push_urgent(key, URGENT_DECLARED if flow.kind == "declared" else URGENT_DRIFT)
+            queued += 1
+        return queued
+
+    def retry(self, key: str, *, attempt: int) -> None:
+        """Probe `key` again at once (a result that would fail the flow is confirmed first)."""
+        if key in self.plan.flows:
+            self._push_urgent(key, URGENT_RETRY, attempt)
+
+    def completed(self, assignment_id: str) -> str | None:
+        """A result for `assignment_id` came: its flow is no longer in flight; returns its key."""
+        entry = self._in_flight.pop(assignment_id, None)
+        if entry is None:
+            return None
+        self._release(entry.key)
+        return entry.key
+
+    # -- due ---------------------------------------------------------------------------------------
+
+    def due(self, now: float) -> list[Assignment]:
+        """The assignments to send now, in order; what rate limits hold back stays queued."""
+        self._expire(now)
+        issued: list[Assignment] = []
+        held: list[_Urgent] = []
+        while self._urgent:
+            item = heapq.heappop(self._urgent)
+            if self._urgent_keys.get(item.key) is not item:
+                continue  # superseded by a more urgent entry, or the flow went away
+            flow = self.plan.flows.get(item.key)
+            if flow is None or flow.template is None:
+                del self._urgent_keys[item.key]
+                continue
+            if not self._admit(flow.template, now):
+                held.append(item)
+                continue
+            del self._urgent_keys[item.key]
+            if item.priority == URGENT_RETRY:
+                self.stats.retries_total += 1
+            issued.append(self._issue(flow.template, now, item.attempt))
+        for item in held:
+            heapq.heappush(self._urgent, item)
+        later: list[tuple[float, int, str]] = []
+        while self._cadence and self._cadence[0][0] <= now:
+            entry = heapq.heappop(self._cadence)
+            due_at, _, key = entry
+            if self._next_due.get(key) != due_at:
+                continue  # rescheduled since
+            flow = self.plan.flows.get(key)
+            if flow is None or flow.template is None:
+                self._next_due.pop(key, None)
+                continue
+            if self._keys_in_flight.get(key) or key in self._urgent_keys:
+                self._schedule(key, now + self._interval())
+                continue
+            if not self._admit(flow.template, now):
+                later.append(entry)
+                continue
+            issued.append(self._issue(flow.template, now, 1))
+        for entry in later:
+            heapq.heappush(self._cadence, entry)
+        return issued
+
+    def next_wakeup(self, now: float) -> float | None:
+        """When `due` may next return something (now if anything urgent is queued)."""
+        if self._urgent_keys:
+            return now
+        while self._cadence:
+            due_at, _, key = self._cadence[0]
+            if self._next_due.get(key) == due_at:
+                return min(due_at, self._earliest_deadline())
+            heapq.heappop(self._cadence)
+        deadline = self._earliest_deadline()
+        return None if deadline == math.inf else deadline
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _interval(self) -> float:
+        jitter = self.settings.jitter_fraction
+        return self.settings.interval_seconds * self._rng.uniform(1 - jitter, 1 + jitter)
+
+    def _schedule(self, key: str, at: float) -> None:
+        self._sequence += 1
+        self._next_due[key] = at
+        heapq.heappush(self._cadence, (at, self._sequence, key))
+
+    def _push_urgent(self, key: str, priority: int, attempt: int = 1) -> None:
+        current = self._urgent_keys.get(key)
+        if current is not None and current.priority <= priority:
+            return
+        self._sequence += 1
+        item = _Urgent(priority, self._sequence, key, attempt)
+        self._urgent_keys[key] = item
+        heapq.heappush(self._urgent, item)
+
+    def _bucket(
+        self, buckets: dict[str, _TokenBucket], name: str, rate: float, now: float
+    ) -> _TokenBucket:
+        bucket = buckets.get(name)
+        if bucket is None:
+            bucket = buckets[name] = _TokenBucket(rate, now)
+        return bucket
+
+    def _admit(self, template: Assignment, now: float) -> bool:
+        node = self._bucket(
+            self._nodes, template.source_node, self.settings.max_per_node_per_second, now
+        )
+        destination = self._bucket(
+            self._destinations,
+            template.destination_ip,
+            self.settings.max_per_destination_per_second,
+            now,
+        )
+        if not (node.ready(now) and destination.ready(now)):
+            self.stats.rate_limited_total += 1
+            return False
+        node.take()
+        destination.take()
+        return True
+
+    def _issue(self, template: Assignment, now: float, attempt: int) -> Assignment:
+        self._sequence += 1
+        assignment = dataclasses.replace(
+            template, id=f"{self._id_prefix}-{self._sequence}", attempt=attempt
+        )
+        deadline = now + template.timeout_seconds + self.settings.result_grace_seconds
+        self._in_flight[assignment.id] = _InFlight(template.flow_key, now, deadline)
+        self._keys_in_flight[template.flow_key] += 1
+        self._schedule(template.flow_key, now + self._interval())
+        self.stats.issued_total += 1
+        return assignment
+
+    def _release(self, key: str) -> None:
+        left = self._keys_in_flight.get(key, 0) - 1
+        if left > 0:
+            self._keys_in_flight[key] = left
+        else:
+            self._keys_in_flight.pop(key, None)
+
+    def _earliest_deadline(self) -> float:
+        return min((e.deadline for e in self._in_flight.values()), default=math.inf)
+
+    def _expire(self, now: float) -> None:
+        lost = [aid for aid, e in self._in_flight.items() if e.deadline <= now]
+        for assignment_id in lost:
+            entry = self._in_flight.pop(assignment_id)
+            self._release(entry.key)
+            self.stats.lost_total += 1
+            if entry.key in self.plan.flows:
+                self._schedule(entry.key, now)

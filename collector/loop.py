@@ -1,0 +1,229 @@
+"""The live loop of one collector: snapshots in, assignments out, results in, typed events out.
+
+Owns `Collector`, which joins the pure core: every inventory snapshot is planned (`Planner`) and
+judged (`FlowState`); due assignments go to the injected `send` (the dispatcher's submit, wired
+by collector.runtime); every result goes to the flow state, which may ask for a retry. Whatever
+happens is published as a `LoopEvent` (one small frozen dataclass per kind) to the subscribers:
+the web view, the metrics and the status publisher. It never imports the dispatcher, the web or
+the metrics, and does no I/O of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from collector.core.changes import ChangeEvent
+from collector.core.flowstate import FlowState, LatencySample, StatusChange
+from collector.core.model import Snapshot
+from collector.core.planning import needed_probe_pods
+from collector.core.probepods import ProbePodRequest
+from collector.core.scheduling import Planner
+from collector.settings import CollectorSettings
+from flowproof.aio import SYSTEM_CLOCK, Clock, first_of
+from flowproof.probes import Assignment, ProbeResult
+
+log = logging.getLogger("collector")
+
+ProbePodManager = Callable[[Sequence[ProbePodRequest]], Awaitable[None]]
+"""Told every probe pod the plan needs (the rest may go); the lab's or the cluster's."""
+Sender = Callable[[Sequence[Assignment]], None]
+"""Takes due assignments and sends them to the agents (never blocks)."""
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SnapshotApplied:
+    """A new inventory snapshot was planned; `change` says in words what changed."""
+
+    generation: int
+    change: str
+    kind: Literal["snapshot"] = "snapshot"
+    flow_key: None = None
+
+
+@dataclass(frozen=True)
+class StatusChanged:
+    """A flow's status moved."""
+
+    change: StatusChange
+    kind: Literal["status"] = "status"
+
+    @property
+    def flow_key(self) -> str:
+        return self.change.flow_key
+
+
+@dataclass(frozen=True)
+class ResultRecorded:
+    """A probe result came from an agent (exactly once per result id)."""
+
+    result: ProbeResult
+    kind: Literal["result"] = "result"
+
+    @property
+    def flow_key(self) -> str:
+        return self.result.assignment.flow_key
+
+
+@dataclass(frozen=True)
+class LatencyMeasured:
+    """Feedback latencies measured since the last beat: change -> first fresh verdict."""
+
+    samples: tuple[LatencySample, ...]
+    kind: Literal["latency"] = "latency"
+    flow_key: None = None
+
+
+LoopEvent = SnapshotApplied | StatusChanged | ResultRecorded | LatencyMeasured
+Listener = Callable[[LoopEvent], None]
+
+
+def _drop(_: Sequence[Assignment]) -> None:
+    """The sender of a loop that nothing dispatches for (tests that only plan and judge)."""
+
+
+class Collector:
+    """The live loop of one collector. Use it from one event loop.
+
+    `on_snapshot` takes every new inventory snapshot; `on_result` every result from an agent;
+    `plan_sender` hands due assignments to `send`; `state_refresher` re-judges freshness. Every
+    subscriber (`subscribe`) sees every event.
+    """
+
+    def __init__(
+        self,
+        settings: CollectorSettings,
+        *,
+        send: Sender = _drop,
+        clock: Clock = SYSTEM_CLOCK,
+        probe_pods: ProbePodManager | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.planner = Planner(settings.planner)
+        self.state = FlowState(settings.planner, clock=clock)
+        self.send = send
+        self.snapshot: Snapshot | None = None
+        self.generation = 0
+        self.started_at = clock.time()
+        self._probe_pods = probe_pods
+        self._probe_pod_keys: frozenset[str] | None = None  # what the manager was last told
+        self._wake = asyncio.Event()
+        self._listeners: list[Listener] = []
+        self._synced = asyncio.Event()
+        self.results_total = 0
+        self.results_unplanned_total = 0
+
+    # -- inputs ------------------------------------------------------------------------------------
+
+    async def on_snapshot(self, snapshot: Snapshot, change: ChangeEvent) -> None:
+        """A new inventory snapshot: re-plan what it touched and re-judge intent and model."""
+        now = self.clock.time()
+        self.snapshot = snapshot
+        self.generation = change.generation
+        update = self.planner.update(snapshot, change, now)
+        self._emit_changes(self.state.sync(update))
+        self._emit(SnapshotApplied(change.generation, change.describe()))
+        if self._probe_pods is not None:
+            needed = needed_probe_pods(update.plan)
+            keys = frozenset(r.key for r in needed)
+            if keys != self._probe_pod_keys:  # the manager is asked only when the set changes
+                try:
+                    await self._probe_pods(needed)
+                    self._probe_pod_keys = keys
+                except Exception:
+                    log.exception("probe pods could not be reconciled; flows stay INCONCLUSIVE")
+        self._synced.set()
+        self._wake.set()
+
+    def on_result(self, result: ProbeResult) -> None:
+        """A result from an agent (exactly once per result id)."""
+        self.results_total += 1
+        if self.planner.completed(result.assignment_id) is None:
+            # Issued by an earlier collector (a restart) or given up on: delivered, not lost.
+            self.results_unplanned_total += 1
+        effect = self.state.record_result(result)
+        self._emit(ResultRecorded(result))
+        if effect is None:
+            return
+        if effect.retry_attempt is not None:
+            self.planner.retry(effect.flow_key, attempt=effect.retry_attempt)
+        self._emit_changes(effect.changes)
+        self._wake.set()
+
+    @property
+    def manages_probe_pods(self) -> bool:
+        """Whether someone creates the probe pods the plan requests (then they are worth a wait)."""
+        return self._probe_pods is not None
+
+    # -- listeners ---------------------------------------------------------------------------------
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call `listener(event)` for every event, in order, on the event loop."""
+        self._listeners.append(listener)
+
+    def _emit_changes(self, changes: Sequence[StatusChange]) -> None:
+        for change in changes:
+            self._emit(StatusChanged(change))
+
+    def _emit(self, event: LoopEvent) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("listener failed on %s", event.kind)
+
+    # -- root tasks --------------------------------------------------------------------------------
+
+    async def plan_sender(self, stop: asyncio.Event) -> None:
+        """Hand due assignments to `send`; sleep until the next one is due or a wake-up."""
+        while not stop.is_set():
+            now = self.clock.time()
+            due = self.planner.due(now)
+            if due:
+                self.send(due)
+            wake_at = self.planner.next_wakeup(now)
+            timeout = 1.0 if wake_at is None else min(1.0, max(0.0, wake_at - self.clock.time()))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(first_of(self._wake, stop), timeout=max(timeout, 0.01))
+
+    async def state_refresher(self, stop: asyncio.Event) -> None:
+        """Re-judge freshness (STALE) on a steady beat and publish the latencies measured."""
+        while not stop.is_set():
+            self._emit_changes(self.state.refresh())
+            samples = self.state.take_latency_samples()
+            if samples:
+                self._emit(LatencyMeasured(tuple(samples)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.state_refresh_seconds)
+
+    async def wait_synced(self, timeout_seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._synced.wait(), timeout_seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def wake(self) -> None:
+        self._wake.set()
+
+
+__all__ = [
+    "Collector",
+    "LatencyMeasured",
+    "Listener",
+    "LoopEvent",
+    "ProbePodManager",
+    "ResultRecorded",
+    "Sender",
+    "SnapshotApplied",
+    "StatusChanged",
+]

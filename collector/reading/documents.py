@@ -1,0 +1,247 @@
+"""YAML and JSON documents with line marks: the one reader for files and ConfigMaps alike.
+
+Owns the safe loader that reports duplicate keys (kubectl rejects them, PyYAML hides them), line
+lookup for any field path, and the split of a text into Documents (multi-document YAML, `List`
+items). Kinds and fields are not checked here: see collector.reading.objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import yaml
+
+from collector.reading.fields import FieldPath, Where, describe_type, render_field
+from flowproof.errors import InputError
+
+try:
+    from yaml import CSafeLoader as _SafeLoader
+except ImportError:  # PyYAML built without libyaml: correct, several times slower
+    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
+
+
+_CLUSTER_SCOPED: Final = frozenset({"Namespace"})
+
+
+def _node_line(node: yaml.Node, path: FieldPath) -> int:
+    """The 1-based line of the deepest part of `path` found under `node` (a key's own line)."""
+    line: int = node.start_mark.line + 1
+    current: yaml.Node = node
+    for step in path:
+        if isinstance(current, yaml.MappingNode) and isinstance(step, str):
+            # The last occurrence wins, as it does when the mapping is constructed.
+            for key, value in reversed(current.value):
+                if isinstance(key, yaml.ScalarNode) and key.value == step:
+                    line = key.start_mark.line + 1
+                    current = value
+                    break
+            else:
+                return line
+        elif (
+            isinstance(current, yaml.SequenceNode)
+            and isinstance(step, int)
+            and 0 <= step < len(current.value)
+        ):
+            current = current.value[step]
+            line = current.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+class LineFinder:
+    """Finds the line of a field in one file, composing the file's YAML again when first asked.
+
+    Keeping every node of a large input while reading it costs seconds and hundreds of MB; lines
+    of fields are only needed for problems, which are few.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._roots: list[yaml.Node] | None = None
+
+    def line(self, document: int, path: FieldPath) -> int | None:
+        """The line of `path` in the `document`-th document (from 1), or None if unknown."""
+        if self._roots is None:
+            self._roots = []
+            loader = _SafeLoader(self._data)
+            try:
+                while loader.check_node() and (node := loader.get_node()) is not None:
+                    self._roots.append(node)
+            except yaml.YAMLError:
+                pass  # the read reported it; the documents before it still have lines
+            finally:
+                loader.dispose()
+        if 1 <= document <= len(self._roots):
+            return _node_line(self._roots[document - 1], path)
+        return None
+
+
+@dataclass(frozen=True)
+class Document:
+    """One object read from a file: a document, or one item of a `kind: List` document.
+
+    `index` counts the documents of the file from 1; `line` is where the object starts.
+    """
+
+    obj: Mapping[str, Any]
+    file: str
+    index: int
+    line: int
+    prefix: FieldPath = ()  # the object's path inside its document, e.g. ("items", 3)
+    lines: LineFinder | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def where(self) -> Where:
+        return Where(self.file, self.index, self.line, self.prefix, self.lines)
+
+    def line_of(self, path: FieldPath) -> int:
+        """The line of the field at `path`, or of its nearest present ancestor."""
+        return self.where.line(path) or self.line
+
+    @property
+    def kind(self) -> str:
+        kind = self.obj.get("kind")
+        return kind if isinstance(kind, str) else ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """(kind, namespace, name), the identity the API gives an object; namespace "" if none."""
+        meta = self.obj.get("metadata")
+        meta = meta if isinstance(meta, Mapping) else {}
+        name = meta.get("name")
+        namespace = meta.get("namespace") or "default"
+        if self.kind in _CLUSTER_SCOPED:
+            namespace = ""
+        return self.kind, str(namespace), str(name) if name is not None else ""
+
+
+class _Loader(_SafeLoader):
+    """A safe loader that records duplicate mapping keys, which kubectl rejects and PyYAML hides."""
+
+    def __init__(self, stream: bytes) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[str, int, int]] = []  # (key, line, first line)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        if len(mapping) != len(node.value):
+            self._find_duplicates(node)
+        return mapping
+
+    def _find_duplicates(self, node: yaml.MappingNode) -> None:
+        # Keys merged in with `<<` come from an anchor outside this node's span and may be
+        # overridden; only keys written inside the node count.
+        start, end = node.start_mark.index, node.end_mark.index
+        first: dict[str, int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or not start <= key.start_mark.index <= end:
+                continue
+            line = key.start_mark.line + 1
+            if key.value in first:
+                self.duplicates.append((key.value, line, first[key.value]))
+            else:
+                first[key.value] = line
+
+
+def _expand(
+    obj: object,
+    node: yaml.Node,
+    file: str,
+    index: int,
+    prefix: FieldPath,
+    lines: LineFinder,
+    problems: list[InputError],
+) -> list[Document]:
+    """The objects of one document: the document itself, or the items of a (typed) List."""
+    line = node.start_mark.line + 1
+    if obj is None:
+        return []
+    if not isinstance(obj, Mapping):
+        problems.append(
+            InputError(
+                f"a manifest must be a mapping (a Kubernetes object), not {describe_type(obj)}",
+                file=file,
+                line=line,
+                document=index,
+                field=render_field(prefix) or None,
+            )
+        )
+        return []
+    kind = obj.get("kind")
+    if isinstance(kind, str) and kind.endswith("List") and "items" in obj:
+        items = obj.get("items")
+        where = Where(file, index, line, prefix, lines)
+        if items is not None and not isinstance(items, list):
+            problems.append(where.error(("items",), f"must be a list, not {describe_type(items)}"))
+            return []
+        items_node = _child(node, "items")
+        documents: list[Document] = []
+        item_kind = kind[: -len("List")]
+        for i, item in enumerate(items or ()):
+            item_node: yaml.Node = (
+                items_node.value[i] if isinstance(items_node, yaml.SequenceNode) else node
+            )
+            if isinstance(item, Mapping) and item_kind and "kind" not in item:
+                # A typed list from the API (PodList) leaves kind and apiVersion out of its items.
+                item = {"kind": item_kind, "apiVersion": obj.get("apiVersion"), **item}
+            documents += _expand(
+                item, item_node, file, index, (*prefix, "items", i), lines, problems
+            )
+        return documents
+    return [Document(obj, file, index, line, prefix, lines)]
+
+
+def _child(node: yaml.Node, key: str) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in reversed(node.value):
+            if isinstance(k, yaml.ScalarNode) and k.value == key:
+                return v  # type: ignore[no-any-return]
+    return None
+
+
+def read_documents(data: bytes, file: str, problems: list[InputError]) -> list[Document]:
+    loader = _Loader(data)
+    lines = LineFinder(data)
+    documents: list[Document] = []
+    index = 0
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                break
+            index += 1
+            obj = loader.construct_document(node)
+            for key, line, first in loader.duplicates:
+                problems.append(
+                    InputError(
+                        f"duplicate key {key!r} (first at line {first}); the later value would "
+                        "silently win",
+                        file=file,
+                        line=line,
+                        document=index,
+                    )
+                )
+            loader.duplicates.clear()
+            documents += _expand(obj, node, file, index, (), lines, problems)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        context = exc.context or ""
+        if exc.context_mark is not None and mark is not None and exc.context_mark.line != mark.line:
+            context += f" (line {exc.context_mark.line + 1})"
+        reason = " ".join(p for p in (context, exc.problem) if p) or "broken YAML"
+        problems.append(
+            InputError(
+                f"invalid YAML: {reason}",
+                file=file,
+                line=None if mark is None else mark.line + 1,
+                document=index + 1,
+            )
+        )
+    except yaml.YAMLError as exc:
+        problems.append(InputError(f"invalid YAML: {exc}", file=file, document=index + 1))
+    finally:
+        loader.dispose()
+    return documents

@@ -1,0 +1,148 @@
+"""The verify route: `POST /api/v1/verify` runs every expectation now and answers with the report.
+
+It waits for the inventory, for the probe pods the plan requests and for an agent on every node
+that sources a flow, probes every declared flow at once, and waits until each has a settled result
+of a probe started after the request (or the timeout). The answer's rows are
+collector.core.views' flow details; `flowproof verify` (flowproof/verifying.py) is its client.
+Also `GET /api/v1/debug/loop`: read-only counters the lab tests use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from collector.core.views import report_flows
+from collector.dispatching import Dispatcher
+from collector.loop import Collector
+
+
+def add_verify_routes(app: web.Application, collector: Collector, dispatcher: Dispatcher) -> None:
+    """`POST /api/v1/verify` and `GET /api/v1/debug/loop` on `app`."""
+
+    async def verify(request: web.Request) -> web.Response:
+        try:
+            body = await request.json() if request.can_read_body else {}
+            timeout = float(body.get("timeout_seconds", 60.0))
+        except (ValueError, TypeError, AttributeError):
+            return web.json_response({"error": 'body must be {"timeout_seconds": N}'}, status=400)
+        return web.json_response(await run_verification(collector, dispatcher, timeout))
+
+    async def loop_counters(_: web.Request) -> web.Response:
+        return web.json_response(loop_counters_of(collector, dispatcher))
+
+    app.router.add_post("/api/v1/verify", verify)
+    app.router.add_get("/api/v1/debug/loop", loop_counters)
+
+
+def loop_counters_of(collector: Collector, dispatcher: Dispatcher) -> dict[str, Any]:
+    """Read-only counters of the loop: results delivered once, duplicates dropped, agents.
+
+    The lab tests use them to prove that restarting an agent or the collector loses no result and
+    counts none twice.
+    """
+    stats = collector.planner.stats
+    return {
+        "generation": collector.generation,
+        "results_total": collector.results_total,
+        "results_unplanned_total": collector.results_unplanned_total,
+        "delivered_total": dispatcher.delivered_total,
+        "duplicates_total": dispatcher.duplicates_total,
+        "pending": dispatcher.pending_count(),
+        "in_flight": collector.planner.in_flight,
+        "issued_total": stats.issued_total,
+        "retries_total": stats.retries_total,
+        "lost_total": stats.lost_total,
+        "rate_limited_total": stats.rate_limited_total,
+        "started_at": collector.started_at,
+        "agents": [
+            {
+                "node": a.node,
+                "instance_id": a.instance_id,
+                "connected_at": a.connected_at,
+                "in_flight": a.assignments_in_flight,
+                "results_dropped_total": a.results_dropped_total,
+            }
+            for a in dispatcher.agents()
+        ],
+    }
+
+
+async def run_verification(
+    collector: Collector, dispatcher: Dispatcher, timeout_seconds: float
+) -> dict[str, Any]:
+    """Probe every declared flow now; the report once each has a settled fresh result."""
+    timeout = timeout_seconds
+    deadline = time.monotonic() + timeout
+    if not await collector.wait_synced(max(0.0, deadline - time.monotonic())):
+        return _undecided(collector, dispatcher, "the collector has no inventory yet")
+    starting = await _wait_for_probe_pods(collector, deadline)
+    missing = await _wait_for_agents(collector, dispatcher, deadline)
+    since = collector.clock.time()
+    queued = collector.planner.expedite()
+    collector.wake()
+    waiting = collector.state.awaiting(since)
+    while waiting and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        waiting = collector.state.awaiting(since)
+    rows = report_flows(collector.state)
+    reasons = []
+    if starting:
+        reasons.append("probe pod(s) not running yet: " + ", ".join(sorted(starting)))
+    if missing:
+        reasons.append("no agent connected on node(s) " + ", ".join(sorted(missing)))
+    if waiting:
+        reasons.append(f"{len(waiting)} flow(s) had no settled result within {timeout:g} s")
+    return {
+        "decided": not reasons,
+        "reasons": reasons,
+        "generation": collector.generation,
+        "flows_probed": queued,
+        "agents": [a.node for a in dispatcher.agents()],
+        "rows": rows,
+    }
+
+
+async def _wait_for_probe_pods(collector: Collector, deadline: float) -> set[str]:
+    """Wait until the probe pods the plan requests run (when someone makes them); the missing.
+
+    Until then the flows they stand for cannot be probed: verifying them now would report them
+    INCONCLUSIVE although their probe pod is a moment away.
+    """
+    while True:
+        if not collector.manages_probe_pods:
+            return set()
+        requested = {r.key for r in collector.planner.plan.probe_pods}
+        if not requested or time.monotonic() >= deadline:
+            return requested
+        await asyncio.sleep(0.1)
+
+
+async def _wait_for_agents(
+    collector: Collector, dispatcher: Dispatcher, deadline: float
+) -> set[str]:
+    """Wait until every node that sources a planned declared flow has an agent; the missing."""
+    while True:
+        needed = {
+            f.template.source_node
+            for f in collector.planner.plan.flows.values()
+            if f.kind == "declared" and f.template is not None
+        }
+        missing = needed - {a.node for a in dispatcher.agents()}
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        await asyncio.sleep(0.1)
+
+
+def _undecided(collector: Collector, dispatcher: Dispatcher, reason: str) -> dict[str, Any]:
+    return {
+        "decided": False,
+        "reasons": [reason],
+        "generation": collector.generation,
+        "flows_probed": 0,
+        "agents": [a.node for a in dispatcher.agents()],
+        "rows": [],
+    }

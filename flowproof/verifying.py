@@ -1,0 +1,156 @@
+"""`flowproof verify`: run every expectation now against a running collector and report.
+
+The client of the collector's `POST /api/v1/verify` (collector/web/verify.py): it prints a table
+grouped by status, writes JUnit, JSON and Markdown, and exits 0 when every expectation holds, 1 when
+any fails, 2 when it could not decide. Without `--collector` it finds the running lab's collector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import ClientError, ClientSession, ClientTimeout
+
+from collector.core.reporting import (
+    render_json,
+    render_junit,
+    render_markdown,
+    render_table,
+    sort_rows,
+)
+from collector.core.statuses import FAILING, UNDECIDED
+from collector.core.views import FlowView
+from lab.config import DEFAULT_NAME, DEFAULT_STATE_DIR
+from lab.state import collector_url
+
+EXIT_OK, EXIT_FAILED, EXIT_UNDECIDED = 0, 1, 2
+DEFAULT_COLLECTOR = "http://127.0.0.1:8080"
+
+
+def exit_code(answer: Mapping[str, Any], rows: Sequence[FlowView]) -> int:
+    if any(r.status in FAILING for r in rows):
+        return EXIT_FAILED
+    if not answer.get("decided") or not rows or any(r.status in UNDECIDED for r in rows):
+        return EXIT_UNDECIDED
+    return EXIT_OK
+
+
+def default_collector_url(environ: Mapping[str, str]) -> str:
+    """FLOWPROOF_COLLECTOR_URL, else the running lab's collector, else localhost:8080."""
+    if environ.get("FLOWPROOF_COLLECTOR_URL"):
+        return environ["FLOWPROOF_COLLECTOR_URL"]
+    url = collector_url(
+        environ.get("FLOWPROOF_LAB_NAME", DEFAULT_NAME),
+        environ.get("FLOWPROOF_LAB_STATE_DIR", DEFAULT_STATE_DIR),
+    )
+    return url or DEFAULT_COLLECTOR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowproof verify",
+        description="Run every expectation now against a running collector; exit 0 pass, "
+        "1 a failure, 2 undecided (no agents, timeout, inconclusive flows).",
+    )
+    parser.add_argument("--collector", help="collector URL (default: the lab's, or localhost:8080)")
+    parser.add_argument("--once", action="store_true", help="verify once and exit (the CI gate)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    parser.add_argument(
+        "--interval", type=float, default=30.0, help="without --once: seconds between rounds"
+    )
+    parser.add_argument("--junit", metavar="FILE")
+    parser.add_argument("--json", dest="json_file", metavar="FILE")
+    parser.add_argument("--markdown", metavar="FILE")
+    parser.add_argument("-o", "--output", choices=("table", "json", "markdown"), default="table")
+    return parser
+
+
+async def request_verification(url: str, timeout_seconds: float) -> dict[str, Any]:
+    client_timeout = ClientTimeout(total=timeout_seconds + 30)
+    async with (
+        ClientSession(timeout=client_timeout) as session,
+        session.post(
+            f"{url.rstrip('/')}/api/v1/verify", json={"timeout_seconds": timeout_seconds}
+        ) as resp,
+    ):
+        resp.raise_for_status()
+        answer: dict[str, Any] = await resp.json()
+        return answer
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a verification's report goes: stdout in one format, and files."""
+
+    output: str = "table"
+    junit: str | None = None
+    json_file: str | None = None
+    markdown: str | None = None
+
+
+def report(answer: dict[str, Any], outputs: Outputs) -> int:
+    """Print the answer as asked, write the report files; the exit code."""
+    data = [r for r in answer.get("rows", []) if isinstance(r, dict)]
+    rows = sort_rows(FlowView.from_json(r) for r in data)
+    details = {str(r["key"]): r for r in data}
+    problems = answer.get("reasons", [])
+    renderers: dict[str, Callable[[], str]] = {
+        "table": lambda: render_table(rows, with_reality=True),
+        "json": lambda: render_json(rows, problems=problems, details=details),
+        "markdown": lambda: render_markdown(rows, title="flowproof verify", with_reality=True),
+    }
+    print(renderers[outputs.output]())
+    for reason in problems:
+        print(f"undecided: {reason}", file=sys.stderr)
+    files: list[tuple[str | None, Callable[[], str]]] = [
+        (outputs.junit, lambda: render_junit(rows, name="flowproof verify")),
+        (outputs.json_file, lambda: render_json(rows, problems=problems, details=details)),
+        (outputs.markdown, renderers["markdown"]),
+    ]
+    for path, render in files:
+        if path:
+            Path(path).write_text(render(), encoding="utf-8")
+    return exit_code(answer, rows)
+
+
+def fetch_answer(url: str, timeout_seconds: float) -> dict[str, Any] | None:
+    """The collector's answer, or None (said on stderr) when it cannot be had."""
+    try:
+        return asyncio.run(request_verification(url, timeout_seconds))
+    except (ClientError, OSError, TimeoutError) as exc:
+        print(f"flowproof verify: cannot reach the collector at {url}: {exc}", file=sys.stderr)
+    except json.JSONDecodeError as exc:
+        print(f"flowproof verify: the collector at {url} answered no JSON: {exc}", file=sys.stderr)
+    return None
+
+
+def verify_once(url: str, *, timeout_seconds: float, outputs: Outputs) -> int:
+    """Ask the collector at `url` to verify every expectation now; report; the exit code."""
+    answer = fetch_answer(url, timeout_seconds)
+    return EXIT_UNDECIDED if answer is None else report(answer, outputs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    url = args.collector or default_collector_url(os.environ)
+    outputs = Outputs(args.output, args.junit, args.json_file, args.markdown)
+    while True:
+        answer = fetch_answer(url, args.timeout)
+        if answer is None:
+            return EXIT_UNDECIDED
+        code = report(answer, outputs)
+        if args.once:
+            return code
+        try:
+            time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return code
