@@ -186,6 +186,10 @@ class Collector:
         """Hand due assignments to `send`; sleep until the next one is due or a wake-up."""
         while not stop.is_set():
             now = self.clock.time()
+            if self.planner.sweep_due(now):
+                rotated = self.planner.rotate_sweep(now, keep=self.state.failing_sweep_keys())
+                if rotated is not None:
+                    self._emit_changes(self.state.sync(rotated))
             due = self.planner.due(now)
             if due:
                 self.send(due)

@@ -22,7 +22,9 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from collector.core.flowstate import DeclaredStatus, FlowState, LatencySample
+from collector.core.evidence import EVIDENCE_STATUSES, WITNESS_KEY_PREFIX, PolicyEvidence
+from collector.core.flowstate import Coverage, DeclaredStatus, FlowState, LatencySample
+from collector.core.planning import FLOW_KINDS
 from collector.core.statuses import STATUS_ORDER, Status
 from collector.core.views import LoopStatus, compliance_ratio, nodes_needing_agents
 from collector.loop import LatencyMeasured, LoopEvent, ResultRecorded
@@ -32,7 +34,6 @@ from flowproof.probes import Outcome, ProbeKind, ProbeResult
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 """What `CollectorMetrics.exposition()` returns: the text format 0.0.4."""
 
-FLOW_KINDS = ("declared", "drift")
 PROBE_DURATION_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
@@ -73,6 +74,8 @@ class _ScrapeView:
     loop: LoopStatus
     needed_nodes: frozenset[str]
     flow_counts: dict[str, Counter[Status]] = field(default_factory=dict)
+    evidence: list[PolicyEvidence] = field(default_factory=list)
+    coverage: Coverage | None = None
 
 
 # (help, type) of the per-declared-flow families; their samples are written by `render_flows`.
@@ -132,6 +135,8 @@ class FlowStateCollector(Collector):
         )
         for kind in FLOW_KINDS:
             view.flow_counts[kind] = self.state.counts(kind)
+        view.evidence = self.state.evidence()
+        view.coverage = self.state.coverage()
         return view
 
     def collect(self) -> Iterator[Metric]:
@@ -174,6 +179,48 @@ class FlowStateCollector(Collector):
         yield from families.values()
         yield info
 
+    # -- evidence per policy ----------------------------------------------------------------------
+
+    def _evidence_families(self, view: _ScrapeView) -> Iterator[Metric]:
+        evidence = GaugeMetricFamily(
+            "flowproof_policy_evidence",
+            "Evidence status of a NetworkPolicy from its witness flows: 1 for its current status "
+            "(PROVEN, NOT_ENFORCED, UNPROVABLE, PENDING), 0 for the others.",
+            labels=["namespace", "policy", "status"],
+        )
+        by_status = GaugeMetricFamily(
+            "flowproof_policies",
+            "NetworkPolicies by their evidence status.",
+            labels=["status"],
+        )
+        counts: Counter[str] = Counter()
+        for item in view.evidence:
+            counts[item.status] += 1
+            for status in EVIDENCE_STATUSES:
+                evidence.add_metric(
+                    [item.namespace, item.name, status], 1.0 if status == item.status else 0.0
+                )
+        for status in EVIDENCE_STATUSES:
+            by_status.add_metric([status], counts[status])
+        yield evidence
+        yield by_status
+        coverage = view.coverage
+        cells = GaugeMetricFamily(
+            "flowproof_sweep_cells",
+            "Cells of the model's truth table (source class, destination class, declared port) "
+            "the sweep walks.",
+        )
+        cells.add_metric([], coverage.cells if coverage else 0)
+        yield cells
+        ratio = GaugeMetricFamily(
+            "flowproof_sweep_coverage_ratio",
+            "Share of the truth table's cells probed within the coverage window "
+            "(coverage_window_seconds).",
+        )
+        if coverage is not None and coverage.ratio is not None:
+            ratio.add_metric([], coverage.ratio)
+        yield ratio
+
     # -- aggregates and loop health ----------------------------------------------------------------
 
     def _loop_families(self, view: _ScrapeView) -> Iterator[Metric]:
@@ -197,7 +244,7 @@ class FlowStateCollector(Collector):
         yield declared
         flows = GaugeMetricFamily(
             "flowproof_flows",
-            "Concrete flows (pod pairs and ports) by kind (declared, drift sample) and status.",
+            "Concrete flows (pod pairs and ports) by kind (declared, witness, sweep) and status.",
             labels=["kind", "status"],
         )
         for kind in FLOW_KINDS:
@@ -205,6 +252,7 @@ class FlowStateCollector(Collector):
             for status in STATUS_ORDER:
                 flows.add_metric([kind, status], counts[status])
         yield flows
+        yield from self._evidence_families(view)
         loop = view.loop
         yield _gauge(
             "flowproof_nodes",
@@ -347,6 +395,11 @@ class CollectorMetrics:
             buckets=FEEDBACK_BUCKETS,
             registry=registry,
         )
+        self.witness_probes = PromCounter(
+            "flowproof_witness_probes",
+            "Probe results of witness flows (the evidence that each policy is enforced).",
+            registry=registry,
+        )
         self.build_info = Info(
             "flowproof_build", "Version of the flowproof collector.", registry=registry
         )
@@ -371,6 +424,8 @@ class CollectorMetrics:
         """Count one probe result and its duration."""
         protocol = str(result.assignment.kind)
         self.probes_total.labels(protocol=protocol, outcome=str(result.outcome)).inc()
+        if result.assignment.flow_key.startswith(WITNESS_KEY_PREFIX):
+            self.witness_probes.inc()
         self.probe_duration.labels(protocol=protocol).observe(max(result.latency_seconds, 0.0))
 
     def observe_latency(self, samples: Iterable[LatencySample]) -> int:

@@ -72,7 +72,7 @@ def run_lab_test(args: argparse.Namespace) -> int:
         probe_timeout_seconds=args.probe_timeout_seconds,
         interval_seconds=args.interval_seconds,
         freshness_seconds=args.freshness_seconds,
-        drift_sample_size=args.drift_sample_size,
+        sweep_probes_per_second=args.sweep_probes_per_second,
     ).validate()
     lab = Lab(unique_name(), args.state_dir)
     settings = LabSettings(name=lab.name, nodes=args.nodes, owner_pid=os.getpid())
@@ -89,7 +89,10 @@ def run_lab_test(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             outputs = verifying.Outputs(
-                junit=args.junit, json_file=args.json_file, markdown=args.markdown
+                junit=args.junit,
+                json_file=args.json_file,
+                markdown=args.markdown,
+                fail_on_not_enforced=args.fail_on_not_enforced,
             )
             return verifying.verify_once(
                 state.loop.url, timeout_seconds=args.timeout, outputs=outputs

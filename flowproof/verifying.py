@@ -36,8 +36,13 @@ EXIT_OK, EXIT_FAILED, EXIT_UNDECIDED = 0, 1, 2
 DEFAULT_COLLECTOR = "http://127.0.0.1:8080"
 
 
-def exit_code(answer: Mapping[str, Any], rows: Sequence[FlowView]) -> int:
+def exit_code(
+    answer: Mapping[str, Any], rows: Sequence[FlowView], *, fail_on_not_enforced: bool = False
+) -> int:
     if any(r.status in FAILING for r in rows):
+        return EXIT_FAILED
+    policies = answer.get("policies") or []
+    if fail_on_not_enforced and any(p.get("status") == "NOT_ENFORCED" for p in policies):
         return EXIT_FAILED
     if not answer.get("decided") or not rows or any(r.status in UNDECIDED for r in rows):
         return EXIT_UNDECIDED
@@ -71,15 +76,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", dest="json_file", metavar="FILE")
     parser.add_argument("--markdown", metavar="FILE")
     parser.add_argument("-o", "--output", choices=("table", "json", "markdown"), default="table")
+    parser.add_argument(
+        "--fail-on-not-enforced",
+        action="store_true",
+        help="exit 1 also when a NetworkPolicy is NOT_ENFORCED (a witness contradicts it), and 2 "
+        "when a policy's witnesses could not all be probed in time",
+    )
+    parser.add_argument(
+        "--no-evidence",
+        dest="evidence",
+        action="store_false",
+        help="verify the declared flows only, not every policy's witnesses",
+    )
     return parser
 
 
-async def request_verification(url: str, timeout_seconds: float) -> dict[str, Any]:
+async def request_verification(
+    url: str, timeout_seconds: float, *, evidence: bool = True, require_evidence: bool = False
+) -> dict[str, Any]:
     client_timeout = ClientTimeout(total=timeout_seconds + 30)
     async with (
         ClientSession(timeout=client_timeout) as session,
         session.post(
-            f"{url.rstrip('/')}/api/v1/verify", json={"timeout_seconds": timeout_seconds}
+            f"{url.rstrip('/')}/api/v1/verify",
+            json={
+                "timeout_seconds": timeout_seconds,
+                "evidence": evidence,
+                "require_evidence": require_evidence,
+            },
         ) as resp,
     ):
         resp.raise_for_status()
@@ -95,6 +119,8 @@ class Outputs:
     junit: str | None = None
     json_file: str | None = None
     markdown: str | None = None
+    fail_on_not_enforced: bool = False
+    evidence: bool = True
 
 
 def report(answer: dict[str, Any], outputs: Outputs) -> int:
@@ -103,29 +129,39 @@ def report(answer: dict[str, Any], outputs: Outputs) -> int:
     rows = sort_rows(FlowView.from_json(r) for r in data)
     details = {str(r["key"]): r for r in data}
     problems = answer.get("reasons", [])
+    policies = [p for p in answer.get("policies", []) if isinstance(p, dict)]
     renderers: dict[str, Callable[[], str]] = {
-        "table": lambda: render_table(rows, with_reality=True),
-        "json": lambda: render_json(rows, problems=problems, details=details),
-        "markdown": lambda: render_markdown(rows, title="flowproof verify", with_reality=True),
+        "table": lambda: render_table(rows, with_reality=True, policies=policies),
+        "json": lambda: render_json(rows, problems=problems, details=details, policies=policies),
+        "markdown": lambda: render_markdown(
+            rows, title="flowproof verify", with_reality=True, policies=policies
+        ),
     }
     print(renderers[outputs.output]())
     for reason in problems:
         print(f"undecided: {reason}", file=sys.stderr)
     files: list[tuple[str | None, Callable[[], str]]] = [
-        (outputs.junit, lambda: render_junit(rows, name="flowproof verify")),
-        (outputs.json_file, lambda: render_json(rows, problems=problems, details=details)),
+        (outputs.junit, lambda: render_junit(rows, name="flowproof verify", policies=policies)),
+        (outputs.json_file, renderers["json"]),
         (outputs.markdown, renderers["markdown"]),
     ]
     for path, render in files:
         if path:
             Path(path).write_text(render(), encoding="utf-8")
-    return exit_code(answer, rows)
+    return exit_code(answer, rows, fail_on_not_enforced=outputs.fail_on_not_enforced)
 
 
-def fetch_answer(url: str, timeout_seconds: float) -> dict[str, Any] | None:
+def fetch_answer(url: str, timeout_seconds: float, outputs: Outputs) -> dict[str, Any] | None:
     """The collector's answer, or None (said on stderr) when it cannot be had."""
     try:
-        return asyncio.run(request_verification(url, timeout_seconds))
+        return asyncio.run(
+            request_verification(
+                url,
+                timeout_seconds,
+                evidence=outputs.evidence,
+                require_evidence=outputs.fail_on_not_enforced,
+            )
+        )
     except (ClientError, OSError, TimeoutError) as exc:
         print(f"flowproof verify: cannot reach the collector at {url}: {exc}", file=sys.stderr)
     except json.JSONDecodeError as exc:
@@ -135,16 +171,23 @@ def fetch_answer(url: str, timeout_seconds: float) -> dict[str, Any] | None:
 
 def verify_once(url: str, *, timeout_seconds: float, outputs: Outputs) -> int:
     """Ask the collector at `url` to verify every expectation now; report; the exit code."""
-    answer = fetch_answer(url, timeout_seconds)
+    answer = fetch_answer(url, timeout_seconds, outputs)
     return EXIT_UNDECIDED if answer is None else report(answer, outputs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     url = args.collector or default_collector_url(os.environ)
-    outputs = Outputs(args.output, args.junit, args.json_file, args.markdown)
+    outputs = Outputs(
+        args.output,
+        args.junit,
+        args.json_file,
+        args.markdown,
+        fail_on_not_enforced=args.fail_on_not_enforced,
+        evidence=args.evidence,
+    )
     while True:
-        answer = fetch_answer(url, args.timeout)
+        answer = fetch_answer(url, args.timeout, outputs)
         if answer is None:
             return EXIT_UNDECIDED
         code = report(answer, outputs)

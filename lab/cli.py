@@ -165,6 +165,12 @@ def _add_test(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     test.add_argument("--json", dest="json_file", metavar="FILE", help="write JSON here")
     test.add_argument("--markdown", metavar="FILE", help="write Markdown here")
     test.add_argument(
+        "--fail-on-not-enforced",
+        action="store_true",
+        help="fail (exit 1) also when a NetworkPolicy is not enforced as written (a witness "
+        "contradicts it)",
+    )
+    test.add_argument(
         "--timeout", type=float, default=60.0, help="seconds verify waits for results (default 60)"
     )
     test.add_argument(
@@ -200,10 +206,11 @@ def _loop_flags(parser: argparse.ArgumentParser, *, with_switch: bool = True) ->
         help=f"a result older than this is STALE (default {loop.freshness_seconds:g})",
     )
     parser.add_argument(
-        "--drift-sample-size",
-        type=int,
-        default=loop.drift_sample_size,
-        help=f"undeclared pod pairs probed to catch drift (default {loop.drift_sample_size})",
+        "--sweep-probes-per-second",
+        type=float,
+        default=loop.sweep_probes_per_second,
+        help="cells of the model's truth table probed per second, in a rotating order "
+        f"(default {loop.sweep_probes_per_second:g}; 0: no sweep)",
     )
 
 
@@ -214,7 +221,7 @@ def _loop_settings(args: argparse.Namespace) -> LoopSettings | None:
         probe_timeout_seconds=args.probe_timeout_seconds,
         interval_seconds=args.interval_seconds,
         freshness_seconds=args.freshness_seconds,
-        drift_sample_size=args.drift_sample_size,
+        sweep_probes_per_second=args.sweep_probes_per_second,
     ).validate()
 
 

@@ -47,7 +47,10 @@ def is_loop_role(role: str) -> bool:
 
 
 LAB_PLANNER = PlannerSettings(
-    probe_timeout_seconds=0.5, interval_seconds=5.0, freshness_seconds=15.0
+    probe_timeout_seconds=0.5,
+    interval_seconds=5.0,
+    freshness_seconds=15.0,
+    sweep_probes_per_second=5.0,
 )
 """The loop as the lab runs it: a probe timeout short enough that a break shows within two
 timeouts (probe and retry; round trips on one host take microseconds), a 5 s cadence."""

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from collector.core.evidence import EvidencePlan, FlowOutcome, PolicyEvidence, evidence_of
 from collector.core.planning import DeclaredFlowPlan, PlannedFlow
 from collector.core.scheduling import PlanUpdate
 from collector.core.settings import PlannerSettings
@@ -252,6 +253,19 @@ class FlowRecord:
 
 
 @dataclass(frozen=True)
+class Coverage:
+    """The sweep's reach: truth-table cells probed within `window_seconds` of all `cells`."""
+
+    cells: int
+    probed: int
+    window_seconds: float
+
+    @property
+    def ratio(self) -> float | None:
+        return min(self.probed / self.cells, 1.0) if self.cells else None
+
+
+@dataclass(frozen=True)
 class DeclaredStatus:
     """The aggregate of one declared flow: the worst status of its concrete flows."""
 
@@ -282,6 +296,9 @@ class FlowState:
         self._flows: dict[str, FlowRecord] = {}
         self._declared: tuple[DeclaredFlowPlan, ...] = ()
         self._latency: deque[LatencySample] = deque(maxlen=MAX_LATENCY_SAMPLES)
+        self._evidence = EvidencePlan()
+        self._sweep_cells = 0
+        self._swept: dict[str, float] = {}  # sweep cell -> when a result of it last counted
 
     # -- inputs ------------------------------------------------------------------------------------
 
@@ -294,6 +311,8 @@ class FlowState:
         for key in update.removed:
             self._flows.pop(key, None)
         self._declared = update.plan.declared
+        self._evidence = update.plan.evidence
+        self._sweep_cells = update.plan.sweep.size if update.plan.sweep is not None else 0
         changes: list[StatusChange] = []
         for key, planned in update.plan.flows.items():
             record = self._flows.get(key)
@@ -360,6 +379,8 @@ class FlowState:
         ):
             return ResultEffect(record.key, counted=False)
         record.current = entry
+        if planned.cell:
+            self._swept[planned.cell] = now
         candidate, reason = self._judge(record, entry)
         pending = record.confirming
         if pending is not None:
@@ -472,13 +493,13 @@ class FlowState:
             )
         return out
 
-    def awaiting(self, since: float) -> list[str]:
-        """Declared flows that can be probed and have no settled result of a probe started at or
-        after `since` (no result yet, an older one, or one waiting for its retry)."""
+    def awaiting(self, since: float, kinds: Sequence[str] = ("declared",)) -> list[str]:
+        """Flows of these kinds that can be probed and have no settled result of a probe started
+        at or after `since` (no result yet, an older one, or one waiting for its retry)."""
         return [
             r.key
             for r in self._flows.values()
-            if r.planned.kind == "declared"
+            if r.planned.kind in kinds
             and r.planned.template is not None
             and (r.current is None or r.current.started_at < since or r.confirming is not None)
         ]
@@ -488,6 +509,42 @@ class FlowState:
         samples = list(self._latency)
         self._latency.clear()
         return samples
+
+    def evidence(self) -> list[PolicyEvidence]:
+        """Every policy's evidence status from its witnesses' flows (collector.core.evidence)."""
+        outcomes = {
+            key: FlowOutcome(
+                record.status, record.reason, record.reality.verdict if record.reality else None
+            )
+            for key, record in self._flows.items()
+            if record.planned.kind == "witness"
+        }
+        return evidence_of(self._evidence, outcomes)
+
+    @property
+    def evidence_plan(self) -> EvidencePlan:
+        return self._evidence
+
+    def coverage(self, window_seconds: float | None = None) -> Coverage:
+        """How much of the model's truth table the sweep probed within the window."""
+        window = (
+            window_seconds
+            if window_seconds is not None
+            else (self.settings.coverage_window_seconds)
+        )
+        since = self.clock.time() - window
+        for cell in [c for c, at in self._swept.items() if at < since]:
+            del self._swept[cell]
+        return Coverage(self._sweep_cells, len(self._swept), window)
+
+    def failing_sweep_keys(self) -> list[str]:
+        """Sweep flows that failed or wait for a confirmation: the sweep keeps them until they pass."""
+        return [
+            key
+            for key, record in self._flows.items()
+            if record.planned.kind == "sweep"
+            and (record.status in FAILING or record.confirming is not None)
+        ]
 
     def declared_plans(self) -> tuple[DeclaredFlowPlan, ...]:
         """The declared flows of the current plan, in plan order."""

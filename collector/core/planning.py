@@ -1,33 +1,33 @@
-"""The plan: declared flows and a drift sample -> the flows to verify and how to probe each.
+"""The plan: declared flows, every policy's witnesses and the truth table -> what to verify.
 
 Owns `build_plan` (snapshot -> Plan: expectations resolved with collector.core.resolving; every
 pod pair while a declared flow is small, representatives per (source class, destination class)
-when it is large, with coverage; a seeded sample of the model's truth table to catch enforcement
-drift; probe pod requests for flows whose `from` matches no running pod). When to send each one is
-collector.core.scheduling's. Pure: no I/O, no clock, no grpc, aiohttp or protobuf.
+when it is large, with coverage; the witnesses of every policy and rule (collector.core.evidence);
+the truth table the sweep walks (collector.core.sweeping); probe pod requests for flows whose
+`from` matches no running pod). When to send each one is collector.core.scheduling's. Pure: no
+I/O, no clock, no grpc, aiohttp or protobuf.
 
 Decisions: a source is a running pod with an IP on a node, real pods before probe pods (label
-`flowproof.dev/probe-pod`); probe pods are never destinations nor drift samples. `dns: cluster`
+`flowproof.dev/probe-pod`); probe pods are never destinations nor sweep cells. `dns: cluster`
 flows probe the cluster DNS address (`cluster_dns_ip`) with a DNS query, one concrete flow per DNS
 pod as the model sees it. A destination pod that declares no container port for the flow's port
-gets a responder (the agent on its node listens there). The drift sample is drawn again for every
-snapshot generation, deterministically from (`drift_seed`, generation), half allowed, half denied.
+gets a responder (the agent on its node listens there). Witness and sweep flows take the model's
+verdict as their intent: they pass or show enforcement drift.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import random
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 from collector.core.changes import FlowFacts
 from collector.core.classes import ClassModel
 from collector.core.engine import Endpoint, Engine, Verdict, endpoint_name
+from collector.core.evidence import EvidencePlan, plan_evidence
 from collector.core.model import (
     Expectations,
     FlowExpectation,
@@ -43,6 +43,7 @@ from collector.core.probepods import (
 )
 from collector.core.resolving import ConcreteFlow, resolve, select_pods
 from collector.core.settings import PlannerSettings
+from collector.core.sweeping import SWEEP_EXPECTATION, SweepCell, SweepTable
 from flowproof.probes import (
     Assignment,
     PodRef,
@@ -51,9 +52,10 @@ from flowproof.probes import (
     SourceKind,
 )
 
-FlowKind = Literal["declared", "drift"]
+FlowKind = Literal["declared", "witness", "sweep"]
+FLOW_KINDS: tuple[FlowKind, ...] = ("declared", "witness", "sweep")
 
-DRIFT_EXPECTATION = "(drift sample)"
+WITNESS_EXPECTATION = "(policy evidence)"
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -64,8 +66,9 @@ class PlannedFlow:
     """A concrete flow to verify: the three truths' inputs and how to probe it.
 
     `template` is the assignment to send (id and attempt are filled in when it is issued); it is
-    None when the flow cannot be probed, and `unprobeable` says why. For drift flows `intent` is the
-    model's verdict: they can only pass or drift.
+    None when the flow cannot be probed, and `unprobeable` says why. For witness and sweep flows
+    `intent` is the model's verdict: they can only pass or drift; `subject` says what a witness
+    proves (`shop/db-ingress ingress[0]`), `cell` which truth-table cell a sweep flow probes.
     """
 
     key: str
@@ -82,6 +85,8 @@ class PlannedFlow:
     unprobeable: str = ""
     listener_declared: bool = False
     expect_status: tuple[int, ...] = ()
+    subject: str = ""
+    cell: str = ""
 
     @property
     def model(self) -> bool:
@@ -139,7 +144,9 @@ class Plan:
     flows: Mapping[str, PlannedFlow]
     declared: tuple[DeclaredFlowPlan, ...]
     probe_pods: tuple[ProbePodRequest, ...] = ()
-    drift_candidates: int = 0  # undeclared (pod, container port) pairs the sample was drawn from
+    evidence: EvidencePlan = field(default_factory=EvidencePlan)
+    sweep: SweepTable | None = field(default=None, compare=False, repr=False)
+    engine: Engine | None = field(default=None, compare=False, repr=False)
 
     def facts(self) -> dict[str, FlowFacts]:
         return {key: flow.facts() for key, flow in self.flows.items()}
@@ -217,13 +224,18 @@ def _template(
 
 
 class _Classes:
-    """Equivalence classes of the snapshot's pods, computed once and only when a flow is large."""
+    """Equivalence classes of the snapshot's pods, computed once, when first needed."""
 
     def __init__(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
         self._model: ClassModel | None = None
         self._index = {pod.key: i for i, pod in enumerate(snapshot.pods)}
         self._known: dict[str, tuple[str, int | str]] = {}
+
+    def model(self) -> ClassModel:
+        if self._model is None:
+            self._model = ClassModel(self._snapshot)
+        return self._model
 
     def of(self, name: str, endpoint: Endpoint) -> tuple[str, int | str]:
         known = self._known.get(name)
@@ -235,9 +247,7 @@ class _Classes:
         elif index is None:  # a planned probe pod: a class of its own
             known = ("pod", name)
         else:
-            if self._model is None:
-                self._model = ClassModel(self._snapshot)
-            known = ("class", int(self._model.class_of[index]))
+            known = ("class", int(self.model().class_of[index]))
         self._known[name] = known
         return known
 
@@ -357,83 +367,76 @@ def _plan_declared(
     return plan, flows
 
 
-def drift_key(source: Pod, destination: Pod, port: int, protocol: Protocol) -> str:
-    return f"drift:{source.key}->{destination.key}:{port}/{protocol}"
-
-
-def _drift_sample(
-    snapshot: Snapshot,
-    engine: Engine,
-    declared: Iterable[PlannedFlow],
-    settings: PlannerSettings,
-    generation: int,
-) -> tuple[list[PlannedFlow], int]:
-    """Up to `drift_sample_size` undeclared flows, half allowed and half denied when possible."""
-    want = settings.drift_sample_size
-    pods = [p for p in snapshot.pods if is_running(p) and not is_probe_pod(p)]
-    pods = [p for p in pods if not p.host_network]
-    targets = [(pod, cp.port, cp.protocol) for pod in pods for cp in pod.ports]
-    taken = {(f.source.key, f.destination_name, f.port, f.protocol) for f in declared}
-    universe = len(pods) * len(targets)
-    if want == 0 or universe == 0:
-        return [], 0
-    rng = random.Random(f"{settings.drift_seed}:{generation}")
-
-    def candidates() -> Iterable[tuple[Pod, Pod, int, Protocol]]:
-        if universe <= max(want * 20, 2000):
-            every = [(s, d, port, proto) for s in pods for d, port, proto in targets]
-            rng.shuffle(every)
-            yield from every
-            return
-        for _ in range(want * 40):  # bounded: a large cluster is sampled, never enumerated
-            source = pods[rng.randrange(len(pods))]
-            destination, port, proto = targets[rng.randrange(len(targets))]
-            yield source, destination, port, proto
-
-    half = math.ceil(want / 2)
-    buckets: dict[bool, list[PlannedFlow]] = {True: [], False: []}
-    seen: set[str] = set()
-    for source, destination, port, proto in candidates():
-        if source.key == destination.key or (source.key, destination.key, port, proto) in taken:
-            continue
-        key = drift_key(source, destination, port, proto)
-        if key in seen:
-            continue
-        seen.add(key)
-        verdict = engine.evaluate(source, destination, port, proto)
-        bucket = buckets[verdict.allowed]
-        if len(bucket) >= want:
-            continue
-        flow = ConcreteFlow(DRIFT_EXPECTATION, "drift", source, destination, port, proto, True)
-        template, unprobeable, listener = _template(flow, key, settings)
-        bucket.append(
-            PlannedFlow(
-                key=key,
-                kind="drift",
-                expectation=DRIFT_EXPECTATION,
-                flow="drift",
-                source=source,
-                destination=destination,
-                port=port,
-                protocol=proto,
-                intent=verdict.allowed,
-                verdict=verdict,
-                template=template,
-                unprobeable=unprobeable,
-                listener_declared=listener,
-            )
+def witness_flows(
+    snapshot: Snapshot, engine: Engine, evidence: EvidencePlan, settings: PlannerSettings
+) -> list[PlannedFlow]:
+    """One planned flow per concrete flow that probes some witness (several may share one)."""
+    flows: dict[str, PlannedFlow] = {}
+    for key, witnesses in evidence.by_flow().items():
+        w = witnesses[0]
+        verdict = engine.evaluate(w.source, w.destination, w.port, w.protocol)
+        if verdict.allowed != w.model:  # the witness computation and the engine must agree
+            raise AssertionError(f"witness {w.describe()} but the engine says {verdict.summary()}")
+        subject = ", ".join(dict.fromkeys(x.subject for x in witnesses))
+        flow = ConcreteFlow(
+            WITNESS_EXPECTATION, "witness", w.source, w.destination, w.port, w.protocol, w.model
         )
-        if len(buckets[True]) >= half and len(buckets[False]) >= want - half:
-            break
-    allowed, denied = buckets[True], buckets[False]
-    take_allowed = min(len(allowed), want - min(len(denied), want - half))
-    take_denied = min(len(denied), want - take_allowed)
-    undeclared = universe - len(targets) - len(taken)  # about: self pairs and declared ones out
-    return allowed[:take_allowed] + denied[:take_denied], max(undeclared, 0)
+        template, unprobeable, listener = _template(flow, key, settings)
+        flows[key] = PlannedFlow(
+            key=key,
+            kind="witness",
+            expectation=WITNESS_EXPECTATION,
+            flow="witness",
+            source=w.source,
+            destination=w.destination,
+            port=w.port,
+            protocol=w.protocol,
+            intent=w.model,
+            verdict=verdict,
+            template=template,
+            unprobeable=unprobeable,
+            listener_declared=listener,
+            subject=subject,
+        )
+    return list(flows.values())
+
+
+def sweep_flow(cell: SweepCell, engine: Engine, settings: PlannerSettings) -> PlannedFlow:
+    """The planned flow that probes one cell of the truth table (intent: the model's verdict)."""
+    verdict = engine.evaluate(cell.source, cell.destination, cell.port, cell.protocol)
+    key = cell.flow_key
+    flow = ConcreteFlow(
+        SWEEP_EXPECTATION,
+        "sweep",
+        cell.source,
+        cell.destination,
+        cell.port,
+        cell.protocol,
+        verdict.allowed,
+    )
+    template, unprobeable, listener = _template(flow, key, settings)
+    return PlannedFlow(
+        key=key,
+        kind="sweep",
+        expectation=SWEEP_EXPECTATION,
+        flow="sweep",
+        source=cell.source,
+        destination=cell.destination,
+        port=cell.port,
+        protocol=cell.protocol,
+        intent=verdict.allowed,
+        verdict=verdict,
+        template=template,
+        unprobeable=unprobeable,
+        listener_declared=listener,
+        subject=("random pick of " if cell.random_pick else "") + "cell " + str(cell.index),
+        cell=cell.cell_key,
+    )
 
 
 def build_plan(snapshot: Snapshot, settings: PlannerSettings, *, generation: int = 0) -> Plan:
-    """Every flow to verify for `snapshot`: declared flows first, then the drift sample."""
+    """Every flow to verify for `snapshot`: declared flows, every policy's witnesses, and the
+    truth table the sweep walks (its flows are added by the scheduler, a batch at a time)."""
     engine = Engine(snapshot)
     classes = _Classes(snapshot)
     flows: dict[str, PlannedFlow] = {}
@@ -447,15 +450,18 @@ def build_plan(snapshot: Snapshot, settings: PlannerSettings, *, generation: int
                 requests.setdefault(plan.probe_pod.key, plan.probe_pod)
             for flow in planned:
                 flows.setdefault(flow.key, flow)
-    drift, universe = _drift_sample(snapshot, engine, list(flows.values()), settings, generation)
-    for flow in drift:
+    model = classes.model()
+    evidence = plan_evidence(snapshot, model=model) if settings.witnesses else EvidencePlan()
+    for flow in witness_flows(snapshot, engine, evidence, settings):
         flows.setdefault(flow.key, flow)
     return Plan(
         generation=generation,
         flows=flows,
         declared=tuple(declared),
         probe_pods=tuple(requests.values()),
-        drift_candidates=universe,
+        evidence=evidence,
+        sweep=SweepTable(snapshot, model),
+        engine=engine,
     )
 
 
@@ -479,11 +485,15 @@ def needed_probe_pods(plan: Plan) -> list[ProbePodRequest]:
 
 
 __all__ = [
-    "DRIFT_EXPECTATION",
+    "FLOW_KINDS",
+    "SWEEP_EXPECTATION",
+    "WITNESS_EXPECTATION",
     "DeclaredFlowPlan",
     "Plan",
     "PlannedFlow",
     "build_plan",
     "is_running",
     "needed_probe_pods",
+    "sweep_flow",
+    "witness_flows",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 from tabulate import tabulate
 
 from collector.core.checking import CheckReport
+from collector.core.evidence import EVIDENCE_STATUSES
 from collector.core.statuses import FAILING, UNDECIDED, status_rank
 from collector.core.views import FlowView, check_view
 
@@ -46,11 +47,36 @@ def summary_line(rows: Sequence[FlowView]) -> str:
     return f"{verdict}: {len(rows)} flows: " + (", ".join(parts) if parts else "none")
 
 
+Policies = Sequence[Mapping[str, Any]]
+"""Policies' evidence as collector.core.views.policy_json gives it (worst first)."""
+
+
+def policy_summary_line(policies: Policies) -> str:
+    counts = Counter(str(p["status"]) for p in policies)
+    parts = [f"{counts[s]} {s}" for s in EVIDENCE_STATUSES if counts[s]]
+    return f"{len(policies)} NetworkPolicies: " + (", ".join(parts) if parts else "none")
+
+
+def _policy_table(policies: Policies, width: int) -> str:
+    body = []
+    for p in policies:
+        why = str(p["reason"]) if p["status"] != "PROVEN" else ""
+        body.append([p["status"], p["id"], why if len(why) <= width else why[: width - 1] + "…"])
+    table = tabulate(body, headers=["EVIDENCE", "POLICY", "WHY"], tablefmt="simple")
+    return f"{table}\n\n{policy_summary_line(policies)}"
+
+
 def _word(value: bool | None) -> str:
     return "-" if value is None else ("allow" if value else "deny")
 
 
-def render_table(rows: Sequence[FlowView], *, with_reality: bool = False, width: int = 60) -> str:
+def render_table(
+    rows: Sequence[FlowView],
+    *,
+    with_reality: bool = False,
+    width: int = 60,
+    policies: Policies = (),
+) -> str:
     headers = ["STATUS", "FLOW", "FROM", "TO", "PORT", "INTENT", "MODEL"]
     if with_reality:
         headers.append("REALITY")
@@ -72,7 +98,10 @@ def render_table(rows: Sequence[FlowView], *, with_reality: bool = False, width:
         line.append(why if len(why) <= width else why[: width - 1] + "…")
         body.append(line)
     table = tabulate(body, headers=headers, tablefmt="simple") if body else "(no flows)"
-    return f"{table}\n\n{summary_line(rows)}"
+    text = f"{table}\n\n{summary_line(rows)}"
+    if policies:
+        text += "\n\n" + _policy_table(policies, width)
+    return text
 
 
 def render_json(
@@ -80,12 +109,14 @@ def render_json(
     *,
     problems: Sequence[str] = (),
     details: Mapping[str, Mapping[str, Any]] | None = None,
+    policies: Policies | None = None,
 ) -> str:
-    """The report as JSON: a summary, the problems, and every flow (in detail where `details`
-    holds it by key: collector.core.views' flow_detail and check_detail)."""
+    """The report as JSON: a summary, the problems, every flow (in detail where `details` holds
+    it by key: collector.core.views' flow_detail and check_detail) and, when given, every
+    policy's evidence."""
     details = details or {}
     counts = Counter(r.status for r in rows)
-    document = {
+    document: dict[str, Any] = {
         "summary": {
             "flows": len(rows),
             "failed": sum(counts[s] for s in FAILING),
@@ -94,11 +125,18 @@ def render_json(
         "problems": list(problems),
         "flows": [dict(details.get(r.key) or r.to_json()) for r in rows],
     }
+    if policies is not None:
+        evidence = Counter(str(p["status"]) for p in policies)
+        document["summary"]["policies"] = {s: evidence[s] for s in EVIDENCE_STATUSES}
+        document["policies"] = list(policies)
     return json.dumps(document, indent=2, sort_keys=False)
 
 
-def render_junit(rows: Sequence[FlowView], *, name: str = "flowproof") -> str:
-    """JUnit XML: a suite per expectations document, a case per concrete flow."""
+def render_junit(
+    rows: Sequence[FlowView], *, name: str = "flowproof", policies: Policies = ()
+) -> str:
+    """JUnit XML: a suite per expectations document, a case per concrete flow, and a suite of
+    NetworkPolicies with a case per policy (NOT_ENFORCED fails, PENDING and UNPROVABLE skip)."""
     by_expectation: dict[str, list[FlowView]] = defaultdict(list)
     for r in rows:
         by_expectation[r.expectation].append(r)
@@ -133,9 +171,30 @@ def render_junit(rows: Sequence[FlowView], *, name: str = "flowproof") -> str:
                 ET.SubElement(case, "failure", message=r.status, type=r.status).text = text
             elif r.status != "PASS":
                 ET.SubElement(case, "error", message=r.status, type=r.status).text = text
-    suites.set("tests", str(len(rows)))
+    skipped = 0
+    if policies:
+        suite = ET.SubElement(suites, "testsuite", name="NetworkPolicies", tests=str(len(policies)))
+        failed = 0
+        for p in policies:
+            case = ET.SubElement(suite, "testcase", classname="NetworkPolicies", name=str(p["id"]))
+            status, reason = str(p["status"]), str(p["reason"])
+            if status == "NOT_ENFORCED":
+                ET.SubElement(case, "failure", message=status, type=status).text = reason
+                failed += 1
+            elif status != "PROVEN":
+                ET.SubElement(case, "skipped", message=f"{status}: {reason}")
+                skipped += 1
+        suite.set("failures", str(failed))
+        suite.set(
+            "skipped",
+            str(sum(1 for p in policies if p["status"] not in ("PROVEN", "NOT_ENFORCED"))),
+        )
+        total_fail += failed
+    suites.set("tests", str(len(rows) + len(policies)))
     suites.set("failures", str(total_fail))
     suites.set("errors", str(total_err))
+    if skipped:
+        suites.set("skipped", str(skipped))
     ET.indent(suites)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode")
 
@@ -145,9 +204,14 @@ def _md(text: str) -> str:
 
 
 def render_markdown(
-    rows: Sequence[FlowView], *, title: str = "flowproof", with_reality: bool = False
+    rows: Sequence[FlowView],
+    *,
+    title: str = "flowproof",
+    with_reality: bool = False,
+    policies: Policies = (),
 ) -> str:
-    """A pull-request comment: the verdict, the failing flows with why, the rest folded."""
+    """A pull-request comment: the verdict, the failing flows with why, the rest folded; then
+    each NetworkPolicy's evidence (not proven ones first, with why)."""
     failing = [r for r in rows if r.status != "PASS"]
     passing = [r for r in rows if r.status == "PASS"]
     icon = "❌" if any(r.status in FAILING for r in rows) else "✅"
@@ -182,4 +246,18 @@ def render_markdown(
         lines += [f"<details><summary>{len(passing)} passing flows</summary>", "", header, sep]
         lines += [row(r, False) for r in passing]
         lines += ["", "</details>"]
+    if policies:
+        lines += ["", "#### NetworkPolicies", "", policy_summary_line(policies), ""]
+        open_ = [p for p in policies if p["status"] != "PROVEN"]
+        proven = [p for p in policies if p["status"] == "PROVEN"]
+        if open_:
+            lines += ["| evidence | policy | why |", "|---|---|---|"]
+            lines += [
+                f"| `{p['status']}` | {_md(str(p['id']))} | {_md(str(p['reason']))} |"
+                for p in open_
+            ]
+        if proven:
+            lines += ["", f"<details><summary>{len(proven)} proven policies</summary>", ""]
+            lines += [f"- {_md(str(p['id']))}: {_md(str(p['reason']))}" for p in proven]
+            lines += ["", "</details>"]
     return "\n".join(lines) + "\n"

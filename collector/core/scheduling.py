@@ -1,8 +1,10 @@
 """The scheduler: which assignments of the current plan are due, in which order, at what rate.
 
 Owns `Planner`: retries at once, touched flows first after a change, then a steady cadence with
-jitter per flow, bounded per source node and per destination; lost assignments are redone. Pure: no
-I/O, no clock of its own (`now` is passed in), no grpc, aiohttp or protobuf.
+jitter per flow, bounded per source node and per destination; lost assignments are redone; and the
+sweep's rotation: every cadence interval the next batch of truth-table cells replaces the last
+(cells that fail stay until they pass). Pure: no I/O, no clock of its own (`now` is passed in), no
+grpc, aiohttp or protobuf.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from dataclasses import dataclass, field
 
 from collector.core.changes import ChangeEvent, FlowFacts, touched_flows
 from collector.core.model import Snapshot
-from collector.core.planning import Plan, build_plan
+from collector.core.planning import Plan, PlannedFlow, build_plan, sweep_flow
 from collector.core.settings import PlannerSettings
+from collector.core.sweeping import SweepCell, SweepOrder
 from flowproof.probes import Assignment
 
 
@@ -68,7 +71,7 @@ class PlannerStats:
     rate_limited_total: int = 0
 
 
-URGENT_RETRY, URGENT_DECLARED, URGENT_DRIFT = 0, 1, 2
+URGENT_RETRY, URGENT_DECLARED, URGENT_UNDECLARED = 0, 1, 2
 
 
 @dataclass(order=True)
@@ -82,7 +85,8 @@ class _Urgent:
 class Planner:
     """Holds the current plan and decides which assignments are due.
 
-    Order: retries first, then flows touched by a change (declared before drift), then the cadence
+    Order: retries first, then flows touched by a change (declared before witnesses and sweep
+    cells), then the cadence
     (`interval_seconds` ± jitter per flow, earliest first). A flow with a probe in flight is not
     sent again by the cadence; retries and touched flows are (the probe in flight may predate the
     change). Nothing is sent beyond `max_per_node_per_second` or `max_per_destination_per_second`:
@@ -111,19 +115,23 @@ class Planner:
         self._nodes: dict[str, _TokenBucket] = {}
         self._destinations: dict[str, _TokenBucket] = {}
         self.stats = PlannerStats()
+        self._sweep_cells: dict[str, SweepCell] = {}
+        self._sweep_order: SweepOrder | None = None
+        self._sweep_rng = random.Random(settings.sweep_seed)
+        self._next_rotation = -math.inf
 
     # -- plan --------------------------------------------------------------------------------------
 
     def update(self, snapshot: Snapshot, change: ChangeEvent | None, now: float) -> PlanUpdate:
         """Plan a new snapshot; keep the schedule of unchanged flows, queue the touched ones."""
         generation = change.generation if change is not None else self.plan.generation + 1
-        plan = build_plan(snapshot, self.settings, generation=generation)
+        plan = self._with_sweep(build_plan(snapshot, self.settings, generation=generation))
         facts = plan.facts()
         touched = set(touched_flows(change, self._facts, facts))
         added = facts.keys() - self._facts.keys()
         removed = self._facts.keys() - facts.keys()
-        # A drift flow is new because the sample was drawn again, not because the change touched it.
-        touched -= {k for k in added if plan.flows[k].kind == "drift"}
+        # A sweep cell is there because the sweep reached it, not because the change touched it.
+        touched -= {k for k in added if plan.flows[k].kind == "sweep"}
         self.plan = plan
         self._facts = facts
         for key in removed:
@@ -136,7 +144,9 @@ class Planner:
             if flow.template is None:
                 self._next_due.pop(key, None)
                 continue
-            self._push_urgent(key, URGENT_DECLARED if flow.kind == "declared" else URGENT_DRIFT)
+            self._push_urgent(
+                key, URGENT_DECLARED if flow.kind == "declared" else URGENT_UNDECLARED
+            )
             if key not in self._next_due:
                 self._schedule(key, now + self._interval())
         live_nodes = {f.template.source_node for f in plan.flows.values() if f.template}
@@ -151,11 +161,93 @@ class Planner:
             touched=frozenset(touched),
         )
 
-    def expedite(self, keys: Iterable[str] | None = None) -> int:
-        """Verify these flows (default: every declared flow) now, before the cadence; returns how
-        many were queued. `verify` uses it to run every expectation at once."""
+    def _with_sweep(self, plan: Plan) -> Plan:
+        """`plan` with the sweep's current batch carried over (re-judged on the new snapshot)."""
+        table = plan.sweep
+        if (
+            table is None
+            or plan.engine is None
+            or not table.size
+            or self.settings.sweep_probes_per_second <= 0
+        ):
+            self._sweep_cells.clear()
+            self._sweep_order = None
+            return plan
+        if self._sweep_order is None or self._sweep_order.size != table.size:
+            position = self._sweep_order.position if self._sweep_order is not None else 0
+            self._sweep_order = SweepOrder(table.size, self.settings.sweep_seed)
+            self._sweep_order.position = position % table.size
+        pods = {pod.key: pod for pod in plan.engine.snapshot.pods}
+        kept: dict[str, PlannedFlow] = {}
+        for key, cell in list(self._sweep_cells.items()):
+            source, destination = pods.get(cell.source.key), pods.get(cell.destination.key)
+            if source is None or destination is None:
+                del self._sweep_cells[key]
+                continue
+            cell = dataclasses.replace(cell, source=source, destination=destination)
+            self._sweep_cells[key] = cell
+            kept[key] = sweep_flow(cell, plan.engine, self.settings)
+        return dataclasses.replace(plan, flows={**plan.flows, **kept})
+
+    def sweep_due(self, now: float) -> bool:
+        """Whether the sweep's next batch is due (`rotate_sweep`)."""
+        return self._sweep_order is not None and now >= self._next_rotation
+
+    def rotate_sweep(self, now: float, keep: Iterable[str] = ()) -> PlanUpdate | None:
+        """Every cadence interval: the next batch of truth-table cells replaces the last, except
+        the ones in `keep` (the flow state's failing or confirming cells). None when not due."""
+        settings = self.settings
+        plan = self.plan
+        table, engine, order = plan.sweep, plan.engine, self._sweep_order
+        if now < self._next_rotation or table is None or engine is None or order is None:
+            return None
+        self._next_rotation = now + settings.interval_seconds
+        batch = round(settings.sweep_probes_per_second * settings.interval_seconds)
+        keep = set(keep)
+        removed = {k for k in self._sweep_cells if k not in keep}
+        cells: dict[str, SweepCell] = {}
+        randoms = round(batch * settings.sweep_random_fraction)
+        for _ in range(min(batch - randoms, table.size)):
+            cell = table.cell(order.next())
+            if cell is not None:
+                cells.setdefault(cell.flow_key, cell)
+        for _ in range(randoms):
+            cell = table.cell(self._sweep_rng.randrange(table.size), self._sweep_rng)
+            if cell is not None:
+                cells.setdefault(cell.flow_key, cell)
+        removed -= cells.keys()
+        flows = {k: f for k, f in plan.flows.items() if k not in removed}
+        added: set[str] = set()
+        for key, cell in cells.items():
+            if key in flows or key in plan.flows:
+                continue
+            self._sweep_cells[key] = cell
+            flows[key] = flow = sweep_flow(cell, engine, settings)
+            self._facts[key] = flow.facts()
+            self._schedule(key, now + self._rng.uniform(0, settings.interval_seconds))
+            added.add(key)
+        for key in removed:
+            self._sweep_cells.pop(key, None)
+            self._facts.pop(key, None)
+            self._next_due.pop(key, None)
+            self._urgent_keys.pop(key, None)
+        self.plan = dataclasses.replace(plan, flows=flows)
+        return PlanUpdate(
+            plan=self.plan,
+            change=None,
+            added=frozenset(added),
+            removed=frozenset(removed),
+            touched=frozenset(),
+        )
+
+    def expedite(
+        self, keys: Iterable[str] | None = None, *, kinds: Iterable[str] = ("declared",)
+    ) -> int:
+        """Verify these flows (default: every flow of `kinds`) now, before the cadence; returns
+        how many were queued. `verify` uses it to run every expectation at once."""
+        wanted = set(kinds)
         chosen = (
-            [k for k, f in self.plan.flows.items() if f.kind == "declared"]
+            [k for k, f in self.plan.flows.items() if f.kind in wanted]
             if keys is None
             else list(keys)
         )
@@ -164,7 +256,9 @@ class Planner:
             flow = self.plan.flows.get(key)
             if flow is None or flow.template is None:
                 continue
-            self._push_urgent(key, URGENT_DECLARED if flow.kind == "declared" else URGENT_DRIFT)
+            self._push_urgent(
+                key, URGENT_DECLARED if flow.kind == "declared" else URGENT_UNDECLARED
+            )
             queued += 1
         return queued
 
@@ -228,7 +322,7 @@ class Planner:
 
     def next_wakeup(self, now: float) -> float | None:
         """When `due` may next return something (now if anything urgent is queued)."""
-        if self._urgent_keys:
+        if self._urgent_keys or self.sweep_due(now):
             return now
         while self._cadence:
             due_at, _, key = self._cadence[0]

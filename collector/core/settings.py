@@ -30,10 +30,18 @@ class PlannerSettings:
     representatives per (source class, destination class) are."""
     representatives_per_class_pair: int = 1
     """How many pod pairs stand for one (source class, destination class) of a large flow."""
-    drift_sample_size: int = 20
-    """Undeclared pod pairs on declared container ports probed to catch enforcement drift."""
-    drift_seed: int = 0
-    """Seed of the drift sample, mixed with the snapshot generation: same inputs, same sample."""
+    witnesses: bool = True
+    """Probe every policy's and rule's witness flows (evidence that each policy is enforced)."""
+    sweep_probes_per_second: float = 2.0
+    """Cluster-wide budget of the truth-table sweep: cells of the model's truth table probed per
+    second, in a rotating order (0 turns the sweep off)."""
+    sweep_random_fraction: float = 0.2
+    """Share of each sweep batch drawn at random (random pods of random cells) instead of in
+    order, to find faults tied to neither a policy nor a representative pod."""
+    sweep_seed: int = 0
+    """Seed of the sweep's order and its random picks: same inputs, same order."""
+    coverage_window_seconds: float = 600.0
+    """The window the sweep's coverage is reported over (cells probed within it / all cells)."""
     max_per_node_per_second: float = 200.0
     """At most this many assignments per second for one source node."""
     max_per_destination_per_second: float = 20.0
@@ -59,12 +67,18 @@ class PlannerSettings:
         ):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be positive, not {getattr(self, name)}")
+        if not 0 <= self.sweep_random_fraction <= 1:
+            problems.append(
+                f"sweep_random_fraction must be in [0, 1], not {self.sweep_random_fraction}"
+            )
+        if not self.coverage_window_seconds > 0:
+            problems.append("coverage_window_seconds must be positive")
         if not 0 <= self.jitter_fraction < 1:
             problems.append(f"jitter_fraction must be in [0, 1), not {self.jitter_fraction}")
         for name in ("max_pairs_per_flow", "representatives_per_class_pair", "results_kept"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("drift_sample_size", "history_kept", "result_grace_seconds"):
+        for name in ("sweep_probes_per_second", "history_kept", "result_grace_seconds"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, not {getattr(self, name)}")
         freshness = freshness_problem(

@@ -17,7 +17,8 @@ from typing import Any
 
 from collector.core.checking import FlowCheck
 from collector.core.engine import Endpoint, endpoint_name
-from collector.core.flowstate import DeclaredStatus, FlowRecord, FlowState
+from collector.core.evidence import EVIDENCE_STATUSES, PolicyEvidence, WitnessResult
+from collector.core.flowstate import Coverage, DeclaredStatus, FlowRecord, FlowState
 from collector.core.model import Pod
 from collector.core.probepods import is_probe_pod
 from collector.core.statuses import STATUS_ORDER, Status, worst
@@ -70,7 +71,7 @@ class FlowView:
     outcome that gave it (None before any result, and always offline)."""
 
     key: str
-    kind: str  # "declared" or "drift"
+    kind: str  # "declared", "witness" or "sweep"
     expectation: str
     flow: str
     source: str
@@ -94,7 +95,7 @@ class FlowView:
 
     @property
     def declared(self) -> str | None:
-        """The declared flow it stands for (`expectation/flow`), None for a drift flow."""
+        """The declared flow it stands for (`expectation/flow`), None for a witness or sweep flow."""
         return f"{self.expectation}/{self.flow}" if self.kind == "declared" else None
 
     def reality_text(self) -> str | None:
@@ -311,15 +312,81 @@ def unresolved_views(state: FlowState) -> list[FlowView]:
     return views
 
 
-def report_flows(state: FlowState, *, include_drift: bool = False) -> list[dict[str, Any]]:
+def report_flows(state: FlowState, *, include_undeclared: bool = False) -> list[dict[str, Any]]:
     """Every flow `verify` reports, in detail: one per concrete flow, one per declared flow that
     stands for none."""
     rows = [
         flow_detail(record)
         for record in state.flows()
-        if include_drift or record.planned.kind == "declared"
+        if include_undeclared or record.planned.kind == "declared"
     ]
     return rows + [view.to_json() for view in unresolved_views(state)]
+
+
+# --- evidence per policy -------------------------------------------------------------------------
+
+
+def witness_json(item: WitnessResult) -> dict[str, Any]:
+    w = item.witness
+    return {
+        "flow": w.flow_key,
+        "subject": w.subject,
+        "kind": w.kind,
+        "direction": w.direction,
+        "source": w.source.key,
+        "destination": endpoint_name(w.destination),
+        "port": w.port,
+        "protocol": w.protocol,
+        "expect": _word(w.model),
+        "why": w.why,
+        "via": w.via or None,
+        "status": item.status,
+        "reason": item.reason,
+        "reality": item.reality,
+    }
+
+
+def policy_json(item: PolicyEvidence) -> dict[str, Any]:
+    """A policy's evidence: its status, why, its own witnesses and each rule's."""
+    return {
+        "id": f"{item.namespace}/{item.name}",
+        "namespace": item.namespace,
+        "name": item.name,
+        "status": item.status,
+        "reason": item.reason,
+        "source": item.source or None,
+        "lint": list(item.lint),
+        "witnesses": [witness_json(w) for w in item.witnesses],
+        "rules": [
+            {
+                "rule": f"{r.rule.direction}[{r.rule.index}]",
+                "text": r.text,
+                "status": r.status,
+                "reason": r.reason,
+                "witnesses": [witness_json(w) for w in r.witnesses],
+            }
+            for r in item.rules
+        ],
+    }
+
+
+def evidence_summary(items: Sequence[PolicyEvidence], coverage: Coverage) -> dict[str, Any]:
+    counts = Counter(item.status for item in items)
+    return {
+        "total": len(items),
+        "byStatus": {status: counts[status] for status in EVIDENCE_STATUSES},
+        "sweep": {
+            "cells": coverage.cells,
+            "probed": coverage.probed,
+            "ratio": coverage.ratio,
+            "windowSeconds": coverage.window_seconds,
+        },
+    }
+
+
+def sort_evidence(items: Iterable[PolicyEvidence]) -> list[PolicyEvidence]:
+    """Worst first (NOT_ENFORCED, PENDING, UNPROVABLE, PROVEN), then by namespace and name."""
+    return sorted(items, key=lambda e: (EVIDENCE_STATUSES.index(e.status), e.namespace, e.name))
 
 
 # --- the matrix -----------------------------------------------------------------------------------
@@ -489,12 +556,16 @@ __all__ = [
     "check_view",
     "compliance_ratio",
     "declared_json",
+    "evidence_summary",
     "flow_detail",
     "flow_view",
     "nodes_needing_agents",
+    "policy_json",
     "report_flows",
     "row_matches",
+    "sort_evidence",
     "status_counts",
     "unresolved_views",
+    "witness_json",
     "workload_of",
 ]

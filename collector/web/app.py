@@ -29,7 +29,9 @@ from typing import Any, Protocol
 import yaml
 from aiohttp import web
 
+from collector.core.evidence import EVIDENCE_STATUSES
 from collector.core.flowstate import FlowState
+from collector.core.planning import FLOW_KINDS
 from collector.core.statuses import FAILING, STATUS_ORDER, status_rank
 from collector.core.views import (
     LoopStatus,
@@ -37,10 +39,13 @@ from collector.core.views import (
     compliance_ratio,
     declared_json,
     declared_matches,
+    evidence_summary,
     flow_detail,
     flow_view,
     nodes_needing_agents,
+    policy_json,
     row_matches,
+    sort_evidence,
     status_counts,
 )
 from collector.web.events import Broadcaster, Event, Subscriber, sse_message
@@ -187,8 +192,7 @@ class _Api:
                 "generation": self.view.generation(),
                 "declared": {"total": len(declared), "byStatus": counts},
                 "flows": {
-                    kind: status_counts(r.status for r in state.flows(kind))
-                    for kind in ("declared", "drift")
+                    kind: status_counts(r.status for r in state.flows(kind)) for kind in FLOW_KINDS
                 },
                 "compliance": {
                     "ratio": passing / len(declared) if declared else None,
@@ -204,7 +208,36 @@ class _Api:
                     "queued": loop.assignments_queued,
                     "inFlight": loop.assignments_in_flight,
                 },
+                "policies": evidence_summary(state.evidence(), state.coverage()),
             }
+        )
+
+    async def policies(self, request: web.Request) -> web.Response:
+        state = self.view.state
+        namespace = request.query.get("namespace", "")
+        status = request.query.get("status", "")
+        if status and status not in EVIDENCE_STATUSES:
+            return _bad_request(f"status must be one of {', '.join(EVIDENCE_STATUSES)}")
+        items = [
+            e
+            for e in sort_evidence(state.evidence())
+            if (not namespace or e.namespace == namespace) and (not status or e.status == status)
+        ]
+        return web.json_response(
+            {
+                **evidence_summary(items, state.coverage()),
+                "policies": [policy_json(e) for e in items],
+            }
+        )
+
+    async def policy(self, request: web.Request) -> web.Response:
+        wanted = f"{request.match_info['namespace']}/{request.match_info['name']}"
+        for item in self.view.state.evidence():
+            if f"{item.namespace}/{item.name}" == wanted:
+                return web.json_response(policy_json(item))
+        raise web.HTTPNotFound(
+            text=json.dumps({"error": f"no NetworkPolicy {wanted!r}"}),
+            content_type="application/json",
         )
 
     async def flows(self, request: web.Request) -> web.Response:
@@ -271,8 +304,8 @@ class _Api:
         if status and status not in STATUS_ORDER:
             return _bad_request(f"status must be one of {', '.join(STATUS_ORDER)}")
         kind = request.query.get("kind", "")
-        if kind not in ("", "declared", "drift"):
-            return _bad_request("kind must be declared or drift")
+        if kind and kind not in FLOW_KINDS:
+            return _bad_request(f"kind must be one of {', '.join(FLOW_KINDS)}")
         rows = [
             r
             for r in self._rows()
@@ -387,6 +420,8 @@ def build_web_app(
     router.add_get("/api/v1/flows/{id:.+}", api.flow)
     router.add_get("/api/v1/matrix", api.matrix)
     router.add_get("/api/v1/agents", api.agents)
+    router.add_get("/api/v1/policies", api.policies)
+    router.add_get("/api/v1/policies/{namespace}/{name}", api.policy)
     router.add_get("/api/v1/events", api.events)
 
     async def close_streams(_: web.Application) -> None:

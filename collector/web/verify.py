@@ -3,7 +3,7 @@
 It waits for the inventory, for the probe pods the plan requests and for an agent on every node
 that sources a flow, probes every declared flow at once, and waits until each has a settled result
 of a probe started after the request (or the timeout). The answer's rows are
-collector.core.views' flow details; `flowproof verify` (flowproof/verifying.py) is its client.
+collector.core.views' flow details, its policies every NetworkPolicy's evidence; `flowproof verify` (flowproof/verifying.py) is its client.
 Also `GET /api/v1/debug/loop`: read-only counters the lab tests use.
 """
 
@@ -15,7 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from collector.core.views import report_flows
+from collector.core.planning import FlowKind
+from collector.core.views import evidence_summary, policy_json, report_flows, sort_evidence
 from collector.dispatching import Dispatcher
 from collector.loop import Collector
 
@@ -27,9 +28,20 @@ def add_verify_routes(app: web.Application, collector: Collector, dispatcher: Di
         try:
             body = await request.json() if request.can_read_body else {}
             timeout = float(body.get("timeout_seconds", 60.0))
+            evidence = bool(body.get("evidence", True))
+            require = bool(body.get("require_evidence", False))
         except (ValueError, TypeError, AttributeError):
-            return web.json_response({"error": 'body must be {"timeout_seconds": N}'}, status=400)
-        return web.json_response(await run_verification(collector, dispatcher, timeout))
+            return web.json_response(
+                {
+                    "error": 'body must be {"timeout_seconds": N, "evidence": BOOL, '
+                    '"require_evidence": BOOL}'
+                },
+                status=400,
+            )
+        answer = await run_verification(
+            collector, dispatcher, timeout, evidence=evidence, require_evidence=require
+        )
+        return web.json_response(answer)
 
     async def loop_counters(_: web.Request) -> web.Response:
         return web.json_response(loop_counters_of(collector, dispatcher))
@@ -72,9 +84,19 @@ def loop_counters_of(collector: Collector, dispatcher: Dispatcher) -> dict[str, 
 
 
 async def run_verification(
-    collector: Collector, dispatcher: Dispatcher, timeout_seconds: float
+    collector: Collector,
+    dispatcher: Dispatcher,
+    timeout_seconds: float,
+    *,
+    evidence: bool = True,
+    require_evidence: bool = False,
 ) -> dict[str, Any]:
-    """Probe every declared flow now; the report once each has a settled fresh result."""
+    """Probe every declared flow (and with `evidence` every policy's witnesses) now; the report
+    once each has a settled fresh result or the timeout passed.
+
+    Declared flows decide the answer; the policies' evidence is reported beside them and, with
+    `require_evidence`, a policy whose witnesses did not all settle leaves the answer undecided.
+    """
     timeout = timeout_seconds
     deadline = time.monotonic() + timeout
     if not await collector.wait_synced(max(0.0, deadline - time.monotonic())):
@@ -82,12 +104,17 @@ async def run_verification(
     starting = await _wait_for_probe_pods(collector, deadline)
     missing = await _wait_for_agents(collector, dispatcher, deadline)
     since = collector.clock.time()
-    queued = collector.planner.expedite()
+    kinds: tuple[FlowKind, ...] = ("declared", "witness") if evidence else ("declared",)
+    queued = collector.planner.expedite(kinds=kinds)
     collector.wake()
     waiting = collector.state.awaiting(since)
     while waiting and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
         waiting = collector.state.awaiting(since)
+    witnesses = collector.state.awaiting(since, kinds=("witness",)) if evidence else []
+    while witnesses and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        witnesses = collector.state.awaiting(since, kinds=("witness",))
     rows = report_flows(collector.state)
     reasons = []
     if starting:
@@ -96,6 +123,12 @@ async def run_verification(
         reasons.append("no agent connected on node(s) " + ", ".join(sorted(missing)))
     if waiting:
         reasons.append(f"{len(waiting)} flow(s) had no settled result within {timeout:g} s")
+    items = sort_evidence(collector.state.evidence()) if evidence else []
+    if require_evidence and witnesses:
+        reasons.append(
+            f"{len(witnesses)} witness flow(s) of the policies had no settled result within "
+            f"{timeout:g} s"
+        )
     return {
         "decided": not reasons,
         "reasons": reasons,
@@ -103,6 +136,8 @@ async def run_verification(
         "flows_probed": queued,
         "agents": [a.node for a in dispatcher.agents()],
         "rows": rows,
+        "policies": [policy_json(e) for e in items],
+        "evidence": evidence_summary(items, collector.state.coverage()),
     }
 
 
@@ -145,4 +180,5 @@ def _undecided(collector: Collector, dispatcher: Dispatcher, reason: str) -> dic
         "flows_probed": 0,
         "agents": [a.node for a in dispatcher.agents()],
         "rows": [],
+        "policies": [],
     }

@@ -39,7 +39,7 @@ from collector.loop import Listener, LoopEvent, ResultRecorded, SnapshotApplied,
 from flowproof.aio import SYSTEM_CLOCK, Clock
 from flowproof.probes import Outcome, ProbeResult
 
-SAMPLE_SETTINGS = PlannerSettings(drift_sample_size=4, freshness_seconds=3600.0)
+SAMPLE_SETTINGS = PlannerSettings(freshness_seconds=3600.0)
 
 
 def _sel(**labels: str) -> LabelSelector:

@@ -192,6 +192,30 @@ async def test_summary(served: Served) -> None:
     assert summary["agents"] == {"connected": 1, "nodes": 2, "missing": ["node-2"]}
     assert summary["assignments"] == {"queued": 2, "inFlight": 3}
     assert summary["flows"]["declared"]["REQUIRED_BLOCKED"] == 4
+    policies = summary["policies"]
+    assert policies["total"] == len(served.loop.snapshot.policies) == 3  # one is removed
+    assert policies["byStatus"]["PROVEN"] + policies["byStatus"]["UNPROVABLE"] == 3
+
+
+async def test_every_policy_with_its_evidence_worst_first(served: Served) -> None:
+    listing = await served.json("/api/v1/policies")
+    conforms(listing, "PolicyList")
+    statuses = [p["status"] for p in listing["policies"]]
+    order = ["NOT_ENFORCED", "PENDING", "UNPROVABLE", "PROVEN"]
+    assert statuses == sorted(statuses, key=order.index)
+    proven = [p for p in listing["policies"] if p["status"] == "PROVEN"]
+    assert proven, listing
+    one = proven[0]
+    detail = await served.json(f"/api/v1/policies/{one['id']}")
+    conforms(detail, "PolicyEvidence")
+    witnesses = detail["witnesses"] + [w for r in detail["rules"] for w in r["witnesses"]]
+    assert witnesses and all(w["status"] == "PASS" for w in witnesses)
+    assert all(w["flow"].startswith("witness:") for w in witnesses)
+    only = await served.json(f"/api/v1/policies?status=PROVEN&namespace={one['namespace']}")
+    assert {p["id"] for p in only["policies"]} <= {p["id"] for p in proven}
+    missing = await served.json("/api/v1/policies/shop/no-such-policy", status=404)
+    assert "no-such-policy" in missing["error"]
+    await served.json("/api/v1/policies?status=MAYBE", status=400)
 
 
 @pytest.mark.parametrize(
@@ -257,7 +281,7 @@ async def test_one_declared_flow_explains_itself(served: Served, path: str) -> N
     assert [h["to"] for h in first["history"]] == ["PASS", "POLICY_MISMATCH", "REQUIRED_BLOCKED"]
 
 
-async def test_one_concrete_flow_and_a_drift_sample_by_key(served: Served) -> None:
+async def test_one_concrete_flow_and_a_witness_by_key(served: Served) -> None:
     key = next(r.key for r in served.loop.state.flows("declared") if r.planned.flow == "api-to-db")
     detail = await served.json(f"/api/v1/flows/{quote(key, safe='')}")
     conforms(detail, "FlowDetail")
@@ -266,10 +290,10 @@ async def test_one_concrete_flow_and_a_drift_sample_by_key(served: Served) -> No
         "shop/api-to-db ingress[0] (from[0] podSelector app=api; ports[0] 5432/TCP)"
     ]
     assert detail["declared"]["id"] == "shop/shop/api-to-db"
-    drift = served.loop.state.flows("drift")[0].key
-    sample = await served.json(f"/api/v1/flows/{quote(drift, safe='')}")
+    witness = served.loop.state.flows("witness")[0].key
+    sample = await served.json(f"/api/v1/flows/{quote(witness, safe='')}")
     conforms(sample, "FlowDetail")
-    assert sample["kind"] == "drift" and sample["declared"] is None
+    assert sample["kind"] == "witness" and sample["declared"] is None
     missing = await served.json("/api/v1/flows/shop/shop/no-such-flow", status=404)
     assert "no-such-flow" in missing["error"]
 

@@ -105,7 +105,16 @@ async def test_the_matrix_renders_with_a_legend_in_words(view: View) -> None:
     cells = await page.eval_on_selector_all(
         "#matrix td[data-status]", "tds => tds.map(t => t.getAttribute('aria-label'))"
     )
-    assert any(label.startswith("shop/frontend to shop/api: pass; 4 flows") for label in cells), (
+    # 4 declared pod pairs and the witness of the policy that lets the frontend reach the api.
+    cell = view.loop.state.flows()
+    between = [
+        r
+        for r in cell
+        if r.planned.source.labels.get("app") == "frontend"
+        and getattr(r.planned.destination, "labels", {}).get("app") == "api"
+    ]
+    assert len(between) == 5
+    assert any(label.startswith("shop/frontend to shop/api: pass; 5 flows") for label in cells), (
         cells
     )
     rows = await page.eval_on_selector_all("#matrix tbody th", "ths => ths.map(t => t.title)")
@@ -277,3 +286,30 @@ async def test_a_wide_matrix_scrolls_in_its_box_and_mismatches_group_by_flow(vie
     assert len(items) == len(set(items)), "one entry per declared flow, not one per pod pair"
     assert "more pod pairs" in await page.inner_text("#mismatches li:first-child")
     await view.shot("wide-matrix")
+
+
+async def test_the_policies_view_lists_each_policy_and_opens_its_witnesses(view: View) -> None:
+    page = view.page
+    await page.wait_for_selector("#policies button[data-policy]", timeout=5000)
+    listed = await page.eval_on_selector_all(
+        "#policies button[data-policy]", "bs => bs.map(b => b.getAttribute('aria-label'))"
+    )
+    assert len(listed) == len(view.loop.snapshot.policies)
+    assert any(label.startswith("proven: NetworkPolicy shop/") for label in listed), listed
+    await page.wait_for_function(
+        "() => document.getElementById('evidence').textContent.startsWith('policies ')"
+    )
+    first = page.locator("#policies button[data-policy]").first
+    await first.focus()
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector("#policy:not([hidden]) tr.flowrow", timeout=5000)
+    rows = await page.eval_on_selector_all("#policy tr.flowrow", "rs => rs.map(r => r.dataset.key)")
+    assert rows and all(key.startswith("witness:") for key in rows)
+    await view.shot("policies")
+    await page.locator("#policy tr.flowrow").first.press("Enter")
+    await page.wait_for_selector("#explain:not([hidden]) >> text=Witness of", timeout=5000)
+    await page.keyboard.press("Escape")
+    assert await page.locator("#explain").is_hidden()
+    assert not await page.locator("#policy").is_hidden(), "Esc closes the topmost panel only"
+    await page.keyboard.press("Escape")
+    assert await page.locator("#policy").is_hidden()

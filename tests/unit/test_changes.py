@@ -148,7 +148,7 @@ def test_touched_flows_follows_facts_and_moved_pods() -> None:
 
 def touched_by(edit: Edit) -> set[str]:
     """Flow names (`fe-api`, ...) a change touches, through the planner's real plans."""
-    planner = Planner(PlannerSettings(drift_sample_size=0), seed=1)
+    planner = Planner(PlannerSettings(witnesses=False, sweep_probes_per_second=0), seed=1)
     planner.update(BASE, diff_snapshots(None, BASE, generation=1, at=0.0), 0.0)
     after = edit(BASE)
     update = planner.update(after, diff_snapshots(BASE, after, generation=2, at=1.0), 1.0)

@@ -233,7 +233,9 @@ def test_reality_of(
 
 # --- the live state ----------------------------------------------------------------------------
 
-SETTINGS = PlannerSettings(drift_sample_size=0, interval_seconds=10.0, freshness_seconds=30.0)
+SETTINGS = PlannerSettings(
+    witnesses=False, sweep_probes_per_second=0, interval_seconds=10.0, freshness_seconds=30.0
+)
 FE = running("shop/fe", {"app": "frontend"}, ports=())
 API = running("shop/api", {"app": "api"})
 DB = running("shop/db", {"app": "db"}, ports=((5432, "TCP"),))
@@ -502,21 +504,25 @@ def test_a_flow_waiting_for_its_retry_says_so_in_its_report_row() -> None:
     assert row["confirming"] == "ENFORCEMENT_DRIFT"
 
 
-def test_drift_flows_pass_or_drift_and_are_reported_apart() -> None:
+def test_witness_flows_pass_or_drift_and_are_reported_apart() -> None:
     pods = [running(f"shop/web-{i}", {"app": "web"}, ports=((80, "TCP"),)) for i in range(3)]
-    loop = Loop(cluster(pods), replace(SETTINGS, drift_sample_size=2))
-    drift = loop.state.flows("drift")
-    assert len(drift) == 2 and report_flows(loop.state) == []
+    isolate = make_policy("deny", "shop", selector=sel({"app": "web"}))
+    loop = Loop(replace(cluster(pods), policies=(isolate,)), replace(SETTINGS, witnesses=True))
+    drift = loop.state.flows("witness")
+    assert len(drift) == 1 and report_flows(loop.state) == []
+    assert drift[0].planned.subject == "shop/deny"
     now = loop.clock.now + 10 * 1.2
     sent = loop.planner.due(now)
     loop.clock.now = now
-    for a in sent:
-        loop.answer(a, Outcome.TIMEOUT, started_at=now)
+    for a in sent:  # the policy isolates the pods, yet the network lets the witness through
+        loop.answer(a, Outcome.CONNECTED, started_at=now)
     for a in loop.planner.due(now):
         assert a.attempt == 2
-        loop.answer(a, Outcome.TIMEOUT, started_at=now)
+        loop.answer(a, Outcome.CONNECTED, started_at=now)
     assert {r.status for r in drift} == {"ENFORCEMENT_DRIFT"}
-    assert len(report_flows(loop.state, include_drift=True)) == 2
+    assert len(report_flows(loop.state, include_undeclared=True)) == 1
+    (evidence,) = loop.state.evidence()
+    assert evidence.status == "NOT_ENFORCED" and evidence.policy == "shop/deny"
 
 
 def test_duplicate_and_unknown_results_are_ignored() -> None:

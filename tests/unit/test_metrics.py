@@ -139,11 +139,11 @@ def test_compliance_counts_only_proven_flows() -> None:
         )
         == 2.0
     )
-    drift = sum(
-        registry.get_sample_value("flowproof_flows", {"kind": "drift", "status": s}) or 0
+    witness = sum(
+        registry.get_sample_value("flowproof_flows", {"kind": "witness", "status": s}) or 0
         for s in STATUS_ORDER
     )
-    assert drift == len(loop.state.flows("drift")) > 0
+    assert witness == len(loop.state.flows("witness")) > 0
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The planner: expectations to assignments (pairs, representatives, coverage, drift sample, probe
+"""The planner: expectations to assignments (pairs, representatives, coverage, the sweep, probe
 pods) and the schedule (touched first, retries at once, cadence with jitter, rate limits)."""
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def cluster(
     )
 
 
-SETTINGS = PlannerSettings(drift_sample_size=0)
+SETTINGS = PlannerSettings(witnesses=False, sweep_probes_per_second=0)
 
 FRONTEND = running("shop/frontend", {"app": "frontend"}, ports=())
 API = running("shop/api", {"app": "api"}, node="node-2")
@@ -151,7 +151,9 @@ def test_a_large_flow_is_probed_through_one_pair_per_pair_of_classes() -> None:
 def test_representatives_per_class_pair_can_be_raised() -> None:
     pods = [running(f"shop/fe-{i}", {"app": "frontend"}) for i in range(5)]
     pods += [running(f"shop/api-{i}", {"app": "api"}) for i in range(5)]
-    settings = PlannerSettings(drift_sample_size=0, representatives_per_class_pair=3)
+    settings = PlannerSettings(
+        witnesses=False, sweep_probes_per_second=0, representatives_per_class_pair=3
+    )
     plan = build_plan(
         cluster(pods, [flow("fe-api", {"app": "frontend"}, {"app": "api"})]), settings
     )
@@ -360,10 +362,10 @@ def test_a_flow_that_resolves_to_nothing_says_why() -> None:
     assert empty.declared[0].problems == ()
 
 
-# --- drift sample ------------------------------------------------------------------------------
+# --- the truth-table sweep ---------------------------------------------------------------------
 
 
-def drift_cluster() -> Snapshot:
+def sweep_cluster() -> Snapshot:
     pods = [running(f"shop/web-{i}", {"app": "web"}, ports=((80, "TCP"),)) for i in range(4)]
     pods += [running(f"shop/db-{i}", {"app": "db"}, ports=((5432, "TCP"),)) for i in range(4)]
     pods += [running("shop/job", {"app": "job"}, ports=())]
@@ -374,44 +376,81 @@ def drift_cluster() -> Snapshot:
     return cluster(pods, declared, [db_from_web])
 
 
-def test_the_drift_sample_mixes_allowed_and_denied_undeclared_pairs_on_declared_ports() -> None:
-    snapshot = drift_cluster()
-    settings = PlannerSettings(drift_sample_size=8)
-    plan = build_plan(snapshot, settings, generation=3)
-    drift = [f for f in plan.flows.values() if f.kind == "drift"]
-    assert len(drift) == 8
-    assert Counter(f.model for f in drift) == {True: 4, False: 4}
-    declared = {
-        (f.source.key, f.destination_name, f.port)
-        for f in plan.flows.values()
-        if f.kind == "declared"
-    }
-    for f in drift:
-        assert (f.source.key, f.destination_name, f.port) not in declared
+def sweep_planner(rate: float = 1.0, random_fraction: float = 0.0) -> Planner:
+    settings = PlannerSettings(
+        witnesses=False,
+        sweep_probes_per_second=rate,
+        sweep_random_fraction=random_fraction,
+        interval_seconds=2.0,
+        freshness_seconds=10.0,
+    )
+    planner = Planner(settings, seed=1)
+    planner.update(sweep_cluster(), None, 0.0)
+    return planner
+
+
+def test_the_sweep_walks_every_cell_of_the_truth_table_once_per_turn() -> None:
+    planner = sweep_planner()
+    table = planner.plan.sweep
+    assert table is not None
+    # 3 classes (web, db, job) as sources x 2 (class, declared port) targets.
+    assert table.size == 6
+    seen: list[str] = []
+    now = 0.0
+    for _ in range(3):  # a batch of 2 (1/s x 2 s) per turn of the cadence
+        update = planner.rotate_sweep(now)
+        assert update is not None
+        assert len(update.added) == 2
+        seen += sorted(update.added)
+        assert not (update.removed & update.added)
+        now += 2.0
+    cells = {planner.plan.flows.get(k).cell if k in planner.plan.flows else k for k in seen}
+    assert len(set(seen)) == 6, "every cell once before any cell twice"
+    assert all(k.startswith("sweep:") for k in seen)
+    assert cells
+
+
+def test_sweep_flows_take_the_model_as_intent_and_say_which_cell() -> None:
+    planner = sweep_planner(rate=3.0)
+    planner.rotate_sweep(0.0)
+    sweep = [f for f in planner.plan.flows.values() if f.kind == "sweep"]
+    assert len(sweep) == 6
+    for f in sweep:
+        assert f.intent == f.model, "a sweep flow's intent is the model"
+        assert f.cell and f.key == f"sweep:{f.cell}"
         assert f.source.key != f.destination_name
-        assert f.intent == f.model, "a drift flow's intent is the model"
-        assert f.listener_declared and f.template is not None and f.template.responder is None
-        assert f.key.startswith("drift:")
-    assert plan.drift_candidates > 0
+        assert f.listener_declared and f.template is not None
+    assert Counter(f.model for f in sweep) == {True: 4, False: 2}, "job and db -> db are denied"
 
 
-def test_the_drift_sample_is_deterministic_per_generation() -> None:
-    snapshot = drift_cluster()
-    settings = PlannerSettings(drift_sample_size=6)
+def test_the_sweep_is_not_due_before_its_interval_and_keeps_failing_cells() -> None:
+    planner = sweep_planner()
+    first = planner.rotate_sweep(0.0)
+    assert first is not None
+    assert planner.rotate_sweep(1.0) is None and not planner.sweep_due(1.0)
+    kept = sorted(first.added)[0]
+    second = planner.rotate_sweep(2.0, keep=[kept])
+    assert second is not None
+    assert kept not in second.removed and kept in planner.plan.flows
+    assert second.removed == first.added - {kept}
 
-    def keys(generation: int) -> list[str]:
-        plan = build_plan(snapshot, settings, generation=generation)
-        return [k for k, f in plan.flows.items() if f.kind == "drift"]
 
-    assert keys(1) == keys(1)
-    assert any(keys(1) != keys(g) for g in range(2, 6)), "another generation, another sample"
+def test_a_share_of_each_batch_is_drawn_at_random() -> None:
+    planner = sweep_planner(rate=2.0, random_fraction=0.5)
+    update = planner.rotate_sweep(0.0)
+    assert update is not None
+    subjects = [planner.plan.flows[k].subject for k in update.added]
+    assert any(s.startswith("random pick") for s in subjects)
+    assert any(not s.startswith("random pick") for s in subjects)
 
 
-def test_the_drift_sample_fills_from_one_side_when_the_other_is_short() -> None:
-    pods = [running(f"shop/p-{i}", {"app": "p"}, ports=((80, "TCP"),)) for i in range(4)]
-    plan = build_plan(cluster(pods), PlannerSettings(drift_sample_size=5))
-    drift = [f for f in plan.flows.values() if f.kind == "drift"]
-    assert len(drift) == 5 and all(f.model for f in drift), "nothing is denied: all allowed"
+def test_a_new_snapshot_keeps_the_current_batch_judged_anew() -> None:
+    planner = sweep_planner()
+    update = planner.rotate_sweep(0.0)
+    assert update is not None
+    keys = set(update.added)
+    planner.update(sweep_cluster(), None, 1.0)
+    assert keys <= set(planner.plan.flows), "the batch survives a replan"
 
 
 # --- schedule ----------------------------------------------------------------------------------
@@ -449,7 +488,9 @@ def test_the_first_plan_sends_every_declared_flow_at_once_then_on_a_jittered_cad
 
 def test_jitter_spreads_the_cadence_within_bounds() -> None:
     pods = [running(f"shop/fe-{i}", {"app": "frontend"}) for i in range(8)] + [API]
-    settings = PlannerSettings(drift_sample_size=0, max_per_destination_per_second=100)
+    settings = PlannerSettings(
+        witnesses=False, sweep_probes_per_second=0, max_per_destination_per_second=100
+    )
     planner = start(cluster(pods, [flow("f", {"app": "frontend"}, {"app": "api"})]), settings)
     for a in planner.due(1000.0):
         planner.completed(a.id)
@@ -504,7 +545,9 @@ def test_flows_that_disappear_are_dropped_and_never_sent() -> None:
 
 
 def test_a_flow_in_flight_is_not_sent_again_until_its_result_or_its_deadline() -> None:
-    settings = PlannerSettings(drift_sample_size=0, result_grace_seconds=20.0, freshness_seconds=60)
+    settings = PlannerSettings(
+        witnesses=False, sweep_probes_per_second=0, result_grace_seconds=20.0, freshness_seconds=60
+    )
     planner = start(two_flows(), settings)
     first = planner.due(1000.0)
     assert planner.in_flight == 2
@@ -520,14 +563,16 @@ def test_a_flow_in_flight_is_not_sent_again_until_its_result_or_its_deadline() -
     ("settings", "sources", "same_destination", "expected"),
     [
         pytest.param(
-            PlannerSettings(drift_sample_size=0, max_per_node_per_second=3),
+            PlannerSettings(witnesses=False, sweep_probes_per_second=0, max_per_node_per_second=3),
             [running(f"shop/fe-{i}", {"app": "frontend"}, node="node-1") for i in range(10)],
             False,
             3,
             id="at most max_per_node_per_second from one source node",
         ),
         pytest.param(
-            PlannerSettings(drift_sample_size=0, max_per_destination_per_second=4),
+            PlannerSettings(
+                witnesses=False, sweep_probes_per_second=0, max_per_destination_per_second=4
+            ),
             [running(f"shop/fe-{i}", {"app": "frontend"}, node=f"n{i}") for i in range(10)],
             True,
             4,

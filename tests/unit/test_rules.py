@@ -29,8 +29,13 @@ REQUIRED_ALERTS = {
     "FlowproofVerificationStale",
     "FlowproofAgentsMissing",
     "FlowproofProbeErrorsHigh",
+    "FlowproofPolicyNotEnforced",
 }
-FLOW_ALERTS = REQUIRED_ALERTS - {"FlowproofAgentsMissing", "FlowproofProbeErrorsHigh"}
+FLOW_ALERTS = REQUIRED_ALERTS - {
+    "FlowproofAgentsMissing",
+    "FlowproofProbeErrorsHigh",
+    "FlowproofPolicyNotEnforced",
+}
 
 
 def tool(name: str, package: str) -> str:

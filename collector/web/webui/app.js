@@ -25,6 +25,15 @@
     INCONCLUSIVE: "inconclusive", STALE: "stale", PENDING: "pending",
   };
   const MAX_MISMATCHES = 200;
+  // Evidence statuses, worst first, each drawn in the colours of the flow status it resembles.
+  const EVIDENCE = {
+    NOT_ENFORCED: ["✕", "not enforced", "REQUIRED_BLOCKED", "a witness contradicts the policy: the network does not enforce it as written"],
+    PENDING: ["…", "pending", "PENDING", "not every witness has passed yet"],
+    UNPROVABLE: ["∅", "unprovable", "STALE", "no witness can exist (the reason says why)"],
+    PROVEN: ["✓", "proven", "PASS", "every witness passed: the policy is enforced as written"],
+  };
+  const EVIDENCE_ORDER = Object.keys(EVIDENCE);
+  const KIND = { declared: "declared", witness: "witness", sweep: "sweep" };
 
   const rank = (s) => { const i = ORDER.indexOf(s); return i < 0 ? ORDER.length : i; };
   const worst = (statuses) => {
@@ -44,6 +53,10 @@
     active: { src: null, dst: null },
     dirty: new Set(),
     summary: null,
+    policies: [],               // PolicyEvidence, worst first
+    witnessOf: new Map(),       // witness flow key -> [policy id]
+    policy: null,               // {id, returnTo}
+    panels: [],                 // open panels, the topmost last (Esc closes it)
     drill: null,                // {src, dst, returnTo}
     explain: null,              // {key, returnTo}
     live: false,
@@ -82,6 +95,16 @@
       extra === undefined ? short : `${short} ${extra}`);
   }
 
+  function evidenceBadge(status) {
+    const [sym, short, tone, title] = EVIDENCE[status] || ["·", status, status, status];
+    return el("span", { class: "badge", dataset: { status: tone }, title },
+      el("span", { class: "sym", "aria-hidden": "true", text: sym }), short);
+  }
+
+  function undeclaredName(row) {
+    return row.kind === "witness" ? "policy witness" : row.kind === "sweep" ? "truth-table sweep" : row.kind;
+  }
+
   function fmtTime(ts) {
     if (ts === null || ts === undefined) return "never";
     const d = new Date(ts * 1000);
@@ -117,7 +140,7 @@
   }
 
   function visible(row, f) {
-    if (!f.drift && row.kind === "drift") return false;
+    if (!f.drift && row.kind !== "declared") return false;
     if (f.namespace && row.sourceNamespace !== f.namespace && row.destinationNamespace !== f.namespace) return false;
     if (f.status && row.status !== f.status) return false;
     if (f.text) {
@@ -333,11 +356,11 @@
       const where = `${row.source} → ${row.destination} ${row.port}/${row.protocol}${more}`;
       const button = el("button", {
         type: "button", class: "mismatch", dataset: { key: row.key, tone: row.status },
-        "aria-label": `${NAME[row.status]}: ${row.declared || "drift sample"}, ${where}. ${row.reason}`,
+        "aria-label": `${NAME[row.status]}: ${row.declared || undeclaredName(row)}, ${where}. ${row.reason}`,
         onclick: (e) => openExplain(row.key, e.currentTarget),
       },
       badge(row.status, members.length > 1 ? `×${members.length}` : undefined),
-      el("span", { class: "what", text: row.declared ? row.flow : "drift sample" },
+      el("span", { class: "what", text: row.declared ? row.flow : undeclaredName(row) },
         row.declared ? el("span", { class: "exp", text: ` · ${row.expectation}` }) : null),
       el("span", { class: "where", text: where }),
       el("span", { class: "why", text: row.reason }));
@@ -364,6 +387,109 @@
     if (next) next.focus();
   }
 
+  // --- policies: evidence that each is enforced as written --------------------------------
+
+  function policyLink(id, text) {
+    return el("button", { type: "button", class: "linklike", dataset: { policy: id }, text: text || id,
+      onclick: (e) => openPolicy(id, e.currentTarget) });
+  }
+
+  function renderPolicies() {
+    const items = S.policies.map((p) => {
+      const button = el("button", {
+        type: "button", class: "mismatch", dataset: { policy: p.id },
+        "aria-label": `${EVIDENCE[p.status] ? EVIDENCE[p.status][1] : p.status}: NetworkPolicy ${p.id}. ${p.reason}`,
+        onclick: (e) => openPolicy(p.id, e.currentTarget),
+      },
+      evidenceBadge(p.status),
+      el("span", { class: "what", text: p.name }, el("span", { class: "exp", text: ` · ${p.namespace}` })),
+      el("span", { class: "why", text: p.reason }));
+      button.style.setProperty("--tone", `var(--${(EVIDENCE[p.status] || [])[2] || "PENDING"}-bg)`);
+      return el("li", null, button);
+    });
+    const counts = EVIDENCE_ORDER.filter((s) => S.policies.some((p) => p.status === s))
+      .map((s) => `${S.policies.filter((p) => p.status === s).length} ${EVIDENCE[s][1]}`).join(", ");
+    $("policy-count").textContent = S.policies.length ? `(${counts})` : "";
+    $("policy-empty").hidden = S.policies.length > 0;
+    $("policies").replaceChildren(...items);
+  }
+
+  async function loadPolicies() {
+    try {
+      const listing = await getJSON("api/v1/policies");
+      S.policies = listing.policies;
+      S.witnessOf = new Map();
+      for (const p of S.policies) {
+        const all = p.witnesses.concat(...p.rules.map((r) => r.witnesses));
+        for (const w of all) {
+          if (!S.witnessOf.has(w.flow)) S.witnessOf.set(w.flow, []);
+          if (!S.witnessOf.get(w.flow).includes(p.id)) S.witnessOf.get(w.flow).push(p.id);
+        }
+      }
+      renderPolicies();
+      if (S.policy) renderPolicy(S.policies.find((p) => p.id === S.policy.id));
+    } catch (error) {
+      console.warn(error);
+    }
+  }
+
+  let policiesTimer = null;
+  function policiesSoon() {
+    if (policiesTimer === null) policiesTimer = setTimeout(() => { policiesTimer = null; loadPolicies(); }, 500);
+  }
+
+  function raise(which) {
+    S.panels = S.panels.filter((p) => p !== which).concat(which);
+    $(which).style.zIndex = String(30 + S.panels.length);
+  }
+
+  function openPolicy(id, returnTo) {
+    S.policy = { id, returnTo: returnTo || document.activeElement };
+    raise("policy");
+    $("policy").hidden = false;
+    renderPolicy(S.policies.find((p) => p.id === id));
+    $("policy-body").focus();
+  }
+
+  function witnessRows(witnesses) {
+    return el("table", { "aria-label": "Witness flows" },
+      el("thead", null, el("tr", null, ...["status", "witness flow", "must be", "why", "reality"].map((h) => el("th", { scope: "col", text: h })))),
+      el("tbody", null, ...witnesses.map((w) => el("tr", {
+        class: "flowrow", tabindex: "0", dataset: { key: w.flow },
+        onclick: (e) => openExplain(w.flow, e.currentTarget),
+        onkeydown: (e) => { if (e.key === "Enter") openExplain(w.flow, e.currentTarget); },
+      },
+      el("td", null, w.status ? badge(w.status) : "–"),
+      el("td", { class: "mono", text: `${w.source} → ${w.destination} ${w.port}/${w.protocol}${w.via ? ` (${w.via})` : ""}` }),
+      el("td", { text: w.expect === "allow" ? "allowed" : "denied" }),
+      el("td", { text: w.why }),
+      el("td", { text: w.reality || "not probed yet" })))));
+  }
+
+  function renderPolicy(p) {
+    if (!S.policy) return;
+    $("policy-title").textContent = `NetworkPolicy ${S.policy.id}`;
+    if (!p) {
+      $("policy-body").replaceChildren(el("p", { text: "This policy is gone from the cluster." }));
+      return;
+    }
+    const nodes = [
+      el("p", null, evidenceBadge(p.status), " ", el("span", { text: p.reason })),
+      p.source ? el("p", { class: "muted", text: `read from ${p.source}` }) : null,
+      ...p.lint.map((line) => el("p", { class: "lint", text: `lint: ${line}` })),
+      el("h3", { text: "Witnesses of the policy" }),
+      p.witnesses.length ? witnessRows(p.witnesses) : el("p", { class: "muted", text: "None of its own: its rules' witnesses prove it." }),
+    ];
+    for (const r of p.rules) {
+      nodes.push(el("h3", { text: `rule ${r.rule}` }),
+        el("p", { class: "mono", text: r.text }),
+        el("p", null, evidenceBadge(r.status), " ", r.reason),
+        r.witnesses.length ? witnessRows(r.witnesses) : null);
+    }
+    nodes.push(el("p", null, el("a", { href: `api/v1/policies/${p.id}`, text: "this policy's evidence as JSON" })));
+    $("policy-body").replaceChildren(...nodes.filter(Boolean));
+  }
+
   // --- header ------------------------------------------------------------------------------
 
   function renderSummary() {
@@ -375,6 +501,12 @@
     $("totals").replaceChildren(...items);
     const ratio = s.compliance.ratio;
     $("compliance").textContent = ratio === null ? "compliance: –" : `compliance ${(ratio * 100).toFixed(1)} % of ${s.declared.total} declared flows`;
+    const ev = s.policies;
+    if (ev) {
+      const sweep = ev.sweep.ratio === null ? "" : ` · sweep ${(ev.sweep.ratio * 100).toFixed(0)} % of ${ev.sweep.cells} cells`;
+      const broken = ev.byStatus.NOT_ENFORCED ? ` · ${ev.byStatus.NOT_ENFORCED} not enforced` : "";
+      $("evidence").textContent = `policies ${ev.byStatus.PROVEN}/${ev.total} proven${broken}${sweep}`;
+    }
     const missing = s.agents.missing.length ? ` · missing on ${s.agents.missing.join(", ")}` : "";
     $("agents").textContent = `agents ${s.agents.connected}/${s.agents.nodes} nodes${missing}`;
   }
@@ -406,6 +538,7 @@
     const keys = S.cellKeys.get(cellId(src.id, dst.id)) || [];
     if (!keys.length) return;
     S.drill = { src: src.id, dst: dst.id, returnTo: returnTo || td };
+    raise("drill");
     renderDrill(true);
   }
 
@@ -426,7 +559,7 @@
     for (const row of rows) {
       body.append(el("tr", {
         class: "flowrow", tabindex: "0", dataset: { key: row.key },
-        "aria-label": `${NAME[row.status]}: ${row.source} to ${row.destination} ${row.port}/${row.protocol}, ${row.declared || "drift sample"}. Enter explains.`,
+        "aria-label": `${NAME[row.status]}: ${row.source} to ${row.destination} ${row.port}/${row.protocol}, ${row.declared || undeclaredName(row)}. Enter explains.`,
         onclick: (e) => openExplain(row.key, e.currentTarget),
         onkeydown: onDrillRowKey,
       },
@@ -434,15 +567,21 @@
       el("td", { class: "mono", text: row.source }),
       el("td", { class: "mono", text: row.destination }),
       el("td", { class: "mono", text: `${row.port}/${row.protocol}` }),
-      el("td", { text: row.declared ? row.flow : "drift sample" }),
+      el("td", { text: row.declared ? row.flow : undeclaredName(row) }),
       el("td", { title: fmtTime(row.lastVerifiedAt), text: ago(row.lastVerifiedAt) })));
     }
     table.append(body);
     const counts = ORDER.filter((s) => rows.some((r) => r.status === s))
       .map((s) => `${rows.filter((r) => r.status === s).length} ${NAME[s]}`).join(", ");
+    const proving = new Set();
+    for (const row of rows) for (const id of S.witnessOf.get(row.key) || []) proving.add(id);
+    const policies = S.policies.filter((p) => proving.has(p.id));
     $("drill-body").replaceChildren(
       el("p", { class: "muted", text: `${rows.length} flow${rows.length === 1 ? "" : "s"} between pods: ${counts}. Enter on a row opens its explanation.` }),
-      table);
+      table,
+      policies.length ? el("h3", { text: "Policies these flows prove" }) : null,
+      policies.length ? el("ul", { class: "rules" }, ...policies.map((p) => el("li", null,
+        evidenceBadge(p.status), " ", policyLink(p.id)))) : null);
     $("drill").hidden = false;
     const again = focusedKey ? body.querySelector(`tr[data-key="${CSS.escape(focusedKey)}"]`) : null;
     if (again) again.focus();
@@ -463,6 +602,7 @@
 
   async function openExplain(key, returnTo) {
     S.explain = { key, returnTo: returnTo || document.activeElement };
+    raise("explain");
     $("explain-title").textContent = "Explanation";
     $("explain-body").replaceChildren(el("p", { class: "muted", text: "loading…" }));
     $("explain").hidden = false;
@@ -497,7 +637,7 @@
   }
 
   function renderExplain(flow, declared) {
-    $("explain-title").textContent = flow.kind === "declared" ? `${flow.expectation} · ${flow.flow}` : "Drift sample";
+    $("explain-title").textContent = flow.kind === "declared" ? `${flow.expectation} · ${flow.flow}` : (flow.kind === "witness" ? "Policy witness" : "Truth-table sweep");
     const model = flow.explanation;
     const results = [...flow.results].reverse();
     const history = [...flow.history].reverse();
@@ -506,14 +646,17 @@
       flow.confirming ? el("p", { class: "muted", text: `A retry is confirming ${NAME[flow.confirming] || flow.confirming}.` }) : null,
       el("dl", { class: "truths" },
         el("dt", { text: "flow" }), el("dd", { class: "mono", text: `${flow.source} → ${flow.destination} ${flow.port}/${flow.protocol}` }),
-        el("dt", { text: "intent" }), el("dd", { text: flow.kind === "declared" ? `${flow.intent} (declared in ${flow.expectation})` : `${flow.intent} (drift sample: the model's verdict)` }),
+        el("dt", { text: "intent" }), el("dd", { text: flow.kind === "declared" ? `${flow.intent} (declared in ${flow.expectation})` : `${flow.intent} (${undeclaredName(flow)}: the model's verdict)` }),
         el("dt", { text: "model" }), el("dd", { text: model.summary }),
         el("dt", { text: "reality" }), el("dd", { text: flow.reality ? `${flow.reality} (${flow.observed})` : (flow.unprobeable ? `not probed: ${flow.unprobeable}` : "not probed yet") }),
         el("dt", { text: "since" }), el("dd", { title: fmtTime(flow.since), text: `${fmtTime(flow.since)} (${ago(flow.since)})` })),
       el("h3", { text: "Deciding policy and rule" }),
       model.deciding.length
-        ? el("ul", { class: "rules" }, ...model.deciding.map((d) => el("li", { class: "mono", text: d })))
+        ? el("ul", { class: "rules" }, ...model.deciding.map((d) => el("li", { class: "mono" }, d, " ", policyLink(d.split(" ")[0], "evidence"))))
         : el("p", { text: model.allowed ? "No policy isolates either side." : "No rule allows it." }),
+      (S.witnessOf.get(flow.key) || []).length
+        ? el("p", null, "Witness of ", ...S.witnessOf.get(flow.key).flatMap((id, i) => [i ? ", " : "", policyLink(id)]))
+        : null,
       el("ul", { class: "rules" },
         direction("egress at the source", model.egress),
         direction("ingress at the destination", model.ingress)),
@@ -555,6 +698,7 @@
     const panel = S[which];
     if (!panel) return;
     S[which] = null;
+    S.panels = S.panels.filter((p) => p !== which);
     $(which).hidden = true;
     let back = panel.returnTo;
     if (back && !document.contains(back) && back.dataset && back.dataset.key) {
@@ -605,6 +749,7 @@
     renderMismatches();
     if (S.drill) renderDrill(false);
     if (S.explain && dirty.has(S.explain.key)) explainSoon();
+    for (const key of dirty) if (S.witnessOf.has(key)) { policiesSoon(); break; }
     if (S.lastEvent && S.lastEvent.appliedAt === null) S.lastEvent.appliedAt = Date.now() / 1000;
   }
 
@@ -640,7 +785,7 @@
     });
     source.addEventListener("status", onFlowEvent);
     source.addEventListener("result", onFlowEvent);
-    source.addEventListener("snapshot", () => { reloadSoon(); summarySoon(); });
+    source.addEventListener("snapshot", () => { reloadSoon(); summarySoon(); policiesSoon(); });
     source.addEventListener("resync", () => { S.resyncing = true; reloadSoon(); });
     source.onerror = () => {
       // After a resync the server closes the stream on purpose: say so, not "offline".
@@ -669,6 +814,7 @@
       setLive("offline", `cannot load flows: ${error.message}`);
     }
     loadSummary();
+    loadPolicies();
   }
 
   function start() {
@@ -695,9 +841,9 @@
     }
     document.addEventListener("keydown", (event) => {
       if (event.key !== "Escape") return;
-      if (S.explain) closePanel("explain");
-      else if (S.drill) closePanel("drill");
-      else return;
+      const top = S.panels[S.panels.length - 1];
+      if (!top) return;
+      closePanel(top);
       event.preventDefault();
     });
     document.querySelector(".skip").addEventListener("click", (event) => {
@@ -706,6 +852,7 @@
       if (td) td.focus();
     });
     setInterval(loadSummary, 10000);
+    setInterval(loadPolicies, 10000);
     connect();
     loadAll();
   }

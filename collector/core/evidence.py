@@ -1,0 +1,953 @@
+"""Evidence per policy: witness flows whose model verdict depends on each policy and each rule.
+
+A *witness* of a NetworkPolicy (or of one rule in it) is a probeable flow whose verdict flips when
+that policy (rule) is removed from the policy set: an isolation witness is denied only because
+the policy isolates the pod, an allow witness is allowed only because of the rule. Probing the
+witnesses proves the policy is enforced as written; one that contradicts the model shows it is
+not (DESIGN.md, "Evidence per policy").
+
+Owns `plan_evidence` (snapshot -> EvidencePlan: for every policy its witnesses, or in words why
+none can exist) and `evidence_of` (the status of every policy and rule from its witnesses' flow
+statuses). It computes over the engine's equivalence classes (collector.core.classes): per port,
+the number of rules allowing each class pair and of policies isolating each class, so removing a
+policy or a rule is a subtraction on the rows it touches, and the cost is bounded by classes and
+policies, not pods. Pure: no I/O.
+
+Decisions:
+- Ports: a rule's numbered ports; for an `endPort` range a port inside it other than its first
+  (an enforcer that ignores endPort is caught); for a named port the number it resolves to on the
+  destination (one that ignores names is caught); for `ports` absent, and for isolation, a port the
+  destination declares, else 80/TCP (answered by a responder).
+- Sources and destinations: running pods, real ones before probe pods (which are only sources);
+  hostNetwork pods are never selected by a policy and are left out.
+- Per rule, witnesses cover each peer and each port entry at least once where they give distinct
+  witnesses; per policy, one isolation witness per isolated direction and one removal witness per
+  direction when its rules are the only ones allowing a flow.
+- No witness: the policy selects no pod; it is redundant (removing it changes no verdict: a lint);
+  its effect is only on addresses outside the cluster (then a declared `cidr` destination is used
+  when one exists); no running pod can send or receive its witnesses.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from collector.core.classes import ClassModel
+from collector.core.engine import Endpoint, Engine, endpoint_name
+from collector.core.model import (
+    Direction,
+    ExternalTarget,
+    NetworkPolicy,
+    Pod,
+    PolicyPort,
+    Protocol,
+    Rule,
+    Snapshot,
+)
+from collector.core.probepods import is_probe_pod
+from collector.core.resolving import external_address
+from collector.core.statuses import Status
+
+BoolArray = npt.NDArray[np.bool_]
+FloatArray = npt.NDArray[np.float32]
+EvidenceStatus = Literal["PROVEN", "NOT_ENFORCED", "UNPROVABLE", "PENDING"]
+EVIDENCE_STATUSES: tuple[EvidenceStatus, ...] = ("NOT_ENFORCED", "PENDING", "UNPROVABLE", "PROVEN")
+"""Worst first."""
+WitnessKind = Literal["isolation", "removal", "allow"]
+WITNESS_KEY_PREFIX = "witness:"
+"""Every witness flow's key starts so."""
+FALLBACK_PORT: tuple[int, Protocol] = (80, "TCP")
+"""The port of an isolation witness to a pod that declares none (a responder answers it)."""
+
+
+# --- what a witness is ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuleRef:
+    """One rule of a policy: `shop/db-ingress ingress[0]`."""
+
+    policy: str
+    direction: Direction
+    index: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.policy} {self.direction}[{self.index}]"
+
+
+@dataclass(frozen=True)
+class Witness:
+    """A flow whose verdict flips when `policy` (or `rule`) is removed.
+
+    `model` is the verdict as the policies stand; the witness contradicts the model when the network
+    does the opposite. `why` says in words what it proves; `via` how its port was chosen.
+    """
+
+    policy: str
+    rule: RuleRef | None
+    kind: WitnessKind
+    direction: Direction
+    source: Pod
+    destination: Endpoint
+    port: int
+    protocol: Protocol
+    model: bool
+    why: str
+    via: str = ""
+
+    @property
+    def flow_key(self) -> str:
+        """The key of the concrete flow that probes it (shared by witnesses of the same flow)."""
+        return (
+            f"{WITNESS_KEY_PREFIX}{self.source.key}->{endpoint_name(self.destination)}:"
+            f"{self.port}/{self.protocol}"
+        )
+
+    @property
+    def subject(self) -> str:
+        return self.rule.key if self.rule is not None else self.policy
+
+    def describe(self) -> str:
+        word = "allowed" if self.model else "denied"
+        flow = f"{self.source.key} -> {endpoint_name(self.destination)} {self.port}/{self.protocol}"
+        via = f" ({self.via})" if self.via else ""
+        return f"{flow}{via} must be {word}: {self.why}"
+
+
+@dataclass(frozen=True)
+class RuleEvidencePlan:
+    rule: RuleRef
+    text: str  # the rule in words: "from podSelector app=api; ports 5432/TCP"
+    witnesses: tuple[Witness, ...]
+    unprovable: str = ""
+
+
+@dataclass(frozen=True)
+class PolicyEvidencePlan:
+    """One policy: its own witnesses (isolation, removal), its rules', or why none can exist."""
+
+    policy: str
+    namespace: str
+    name: str
+    source: str
+    witnesses: tuple[Witness, ...]
+    rules: tuple[RuleEvidencePlan, ...]
+    unprovable: str = ""
+    lint: tuple[str, ...] = ()
+
+    def all_witnesses(self) -> tuple[Witness, ...]:
+        return self.witnesses + tuple(w for r in self.rules for w in r.witnesses)
+
+
+@dataclass(frozen=True)
+class EvidencePlan:
+    policies: tuple[PolicyEvidencePlan, ...] = ()
+
+    def witnesses(self) -> list[Witness]:
+        return [w for p in self.policies for w in p.all_witnesses()]
+
+    def by_flow(self) -> dict[str, list[Witness]]:
+        """Witnesses grouped by the concrete flow that probes them."""
+        out: dict[str, list[Witness]] = {}
+        for w in self.witnesses():
+            out.setdefault(w.flow_key, []).append(w)
+        return out
+
+    def policy(self, key: str) -> PolicyEvidencePlan | None:
+        return next((p for p in self.policies if p.policy == key), None)
+
+
+# --- the class matrices ---------------------------------------------------------------------------
+
+
+@dataclass
+class _PortMatrices:
+    """For one port: rule and isolation counts per class pair, and the verdicts."""
+
+    s_in: FloatArray  # [class d, ingress rule] the rule's policy selects d and admits the port on d
+    p_in: FloatArray  # [ingress rule, class s] a peer of the rule matches s
+    s_eg: FloatArray  # [class s, egress rule] the rule's policy selects s
+    p_eg: FloatArray  # [egress rule, class d] a peer matches d and the rule admits the port on d
+    cnt_in: FloatArray  # [d, s] ingress rules allowing s -> d
+    cnt_eg: FloatArray  # [s, d] egress rules allowing s -> d
+    iso_in: FloatArray  # [d] policies isolating d for ingress
+    iso_eg: FloatArray  # [s] policies isolating s for egress
+    allowed: BoolArray  # [s, d]
+
+    def ingress_allowed(self, cnt: FloatArray, iso: FloatArray) -> BoolArray:
+        return np.asarray((iso[:, None] == 0) | (cnt > 0), dtype=np.bool_)
+
+
+class _Matrices:
+    """Rule rows of the class model with their policy and index, and per-port matrices (cached)."""
+
+    def __init__(self, model: ClassModel) -> None:
+        self.model = model
+        self.k = model.classes
+        self.rows: dict[Direction, list[tuple[int, int, Rule]]] = {"ingress": [], "egress": []}
+        # ClassModel lists the rules of the directions in each policy's policyTypes, in order.
+        for pi, policy in enumerate(model.policies):
+            for direction in ("ingress", "egress"):
+                if direction not in policy.policy_types:
+                    continue
+                rules = policy.ingress if direction == "ingress" else policy.egress
+                for ri, rule in enumerate(rules):
+                    self.rows[direction].append((pi, ri, rule))
+        self.isolates = {
+            d: np.array([d in p.policy_types for p in model.policies], dtype=np.bool_).reshape(
+                len(model.policies)
+            )
+            for d in ("ingress", "egress")
+        }
+
+    def peers(self, direction: Direction, row: int) -> BoolArray:
+        rows = self.model.rules_in if direction == "ingress" else self.model.rules_eg
+        cols = rows[row].peers
+        if cols is None:
+            return np.ones(self.k, dtype=np.bool_)
+        return np.asarray(self.model.peer_match[:, list(cols)].any(axis=1), dtype=np.bool_)
+
+    def port_ok(self, rule: Rule, port: int, protocol: Protocol) -> BoolArray:
+        """Per class as the destination: does some port entry of `rule` admit the port?"""
+        if not rule.ports:
+            return np.ones(self.k, dtype=np.bool_)
+        return np.asarray(self.entries_ok(rule.ports, port, protocol).any(axis=0), dtype=np.bool_)
+
+    def entries_ok(self, entries: Sequence[PolicyPort], port: int, protocol: Protocol) -> BoolArray:
+        """[entry, class as destination]: does each port entry admit the port on that class?"""
+        out = np.zeros((len(entries), self.k), dtype=np.bool_)
+        for i, entry in enumerate(entries):
+            if entry.protocol != protocol:
+                continue
+            if entry.port is None:
+                out[i] = True
+            elif isinstance(entry.port, str):
+                col = self.model.named[(entry.port, protocol)]
+                out[i] = self.model.named_ports[:, col] == port
+            elif entry.end_port is not None:
+                out[i] = entry.port <= port <= entry.end_port
+            else:
+                out[i] = entry.port == port
+        return out
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - one _Matrices per plan, dropped with it
+    def at(self, port: int, protocol: Protocol) -> _PortMatrices:
+        m = self.model
+        k = self.k
+        n_in, n_eg = len(self.rows["ingress"]), len(self.rows["egress"])
+        s_in = np.zeros((k, n_in), dtype=np.float32)
+        p_in = np.zeros((n_in, k), dtype=np.float32)
+        for j, (pi, _, rule) in enumerate(self.rows["ingress"]):
+            s_in[:, j] = m.selected[:, pi] & self.port_ok(rule, port, protocol)
+            p_in[j] = self.peers("ingress", j)
+        s_eg = np.zeros((k, n_eg), dtype=np.float32)
+        p_eg = np.zeros((n_eg, k), dtype=np.float32)
+        for j, (pi, _, rule) in enumerate(self.rows["egress"]):
+            s_eg[:, j] = m.selected[:, pi]
+            p_eg[j] = self.peers("egress", j) & self.port_ok(rule, port, protocol)
+        iso_in = (m.selected[:, self.isolates["ingress"]]).sum(axis=1).astype(np.float32)
+        iso_eg = (m.selected[:, self.isolates["egress"]]).sum(axis=1).astype(np.float32)
+        cnt_in = s_in @ p_in
+        cnt_eg = s_eg @ p_eg
+        ingress = (iso_in[:, None] == 0) | (cnt_in > 0)  # [d, s]
+        egress = (iso_eg[:, None] == 0) | (cnt_eg > 0)  # [s, d]
+        allowed = np.asarray(egress & ingress.T, dtype=np.bool_)
+        return _PortMatrices(s_in, p_in, s_eg, p_eg, cnt_in, cnt_eg, iso_in, iso_eg, allowed)
+
+
+# --- choosing pods --------------------------------------------------------------------------------
+
+
+def _is_running(pod: Pod) -> bool:
+    return pod.phase == "Running" and bool(pod.ips) and bool(pod.node) and pod.workload is None
+
+
+class _Pods:
+    """The pods of each class that can send (`sources`) or receive (`destinations`) a witness."""
+
+    def __init__(self, model: ClassModel, *, running_only: bool) -> None:
+        self.sources: dict[int, list[Pod]] = {}
+        self.destinations: dict[int, list[Pod]] = {}
+        for i, pod in enumerate(model.snapshot.pods):
+            if pod.host_network or (running_only and not _is_running(pod)):
+                continue
+            cls = int(model.class_of[i])
+            self.sources.setdefault(cls, []).append(pod)
+            if not is_probe_pod(pod):
+                self.destinations.setdefault(cls, []).append(pod)
+        for pods in self.sources.values():  # real pods first, probe pods only when none runs
+            pods.sort(key=lambda p: (is_probe_pod(p), p.key))
+        for pods in self.destinations.values():
+            pods.sort(key=lambda p: p.key)
+        self.source_mask = np.zeros(model.classes, dtype=np.bool_)
+        self.destination_mask = np.zeros(model.classes, dtype=np.bool_)
+        self.source_mask[list(self.sources)] = True
+        self.destination_mask[list(self.destinations)] = True
+
+    def pair(self, s: int, d: int) -> tuple[Pod, Pod] | None:
+        for destination in self.destinations.get(d, ()):
+            for source in self.sources.get(s, ()):
+                if source.key != destination.key:
+                    return source, destination
+        return None
+
+
+# --- planning -------------------------------------------------------------------------------------
+
+
+def _rule_text(rule: Rule, direction: Direction) -> str:
+    side = "from" if direction == "ingress" else "to"
+    peers = "; ".join(p.describe() for p in rule.peers) if rule.peers else f"any {side}"
+    ports = ", ".join(p.describe() for p in rule.ports) if rule.ports else "any port"
+    return f"{side} {peers}; ports {ports}"
+
+
+def _entry_ports(
+    entry: PolicyPort, destination_ports: Sequence[tuple[int, Protocol]]
+) -> list[tuple[int, Protocol, str]]:
+    """(port, protocol, via) a port entry can be proven on."""
+    if entry.port is None:
+        declared = [(p, pr) for p, pr in destination_ports if pr == entry.protocol]
+        return [(p, pr, f"any {pr} port") for p, pr in declared] or [
+            (FALLBACK_PORT[0] if entry.protocol == "TCP" else 53, entry.protocol, "any port")
+        ]
+    if isinstance(entry.port, str):
+        return []  # resolved per destination class: see _named_ports
+    if entry.end_port is not None and entry.end_port > entry.port:
+        return [(entry.port + 1, entry.protocol, f"inside {entry.port}-{entry.end_port}")]
+    return [(entry.port, entry.protocol, "")]
+
+
+class _Planner:
+    def __init__(self, snapshot: Snapshot, model: ClassModel, *, running_only: bool) -> None:
+        self.snapshot = snapshot
+        self.model = model
+        self.mats = _Matrices(model)
+        self.pods = _Pods(model, running_only=running_only)
+        self.declared_ports: dict[int, list[tuple[int, Protocol]]] = {}
+        for i, pod in enumerate(snapshot.pods):
+            cls = int(model.class_of[i])
+            ports = self.declared_ports.setdefault(cls, [])
+            for cp in pod.ports:
+                if (cp.port, cp.protocol) not in ports:
+                    ports.append((cp.port, cp.protocol))
+        self.all_declared = sorted(
+            {pp for ports in self.declared_ports.values() for pp in ports},
+            key=lambda pp: (pp[1], pp[0]),
+        )
+        self.rule_rows = {
+            d: {(pi, ri): j for j, (pi, ri, _) in enumerate(self.mats.rows[d])}
+            for d in ("ingress", "egress")
+        }
+        self.externals = self._external_addresses()
+
+    # -- ports -------------------------------------------------------------------------------------
+
+    def _named_ports(
+        self, entry: PolicyPort, classes: BoolArray
+    ) -> list[tuple[int, Protocol, str]]:
+        assert isinstance(entry.port, str)
+        col = self.model.named.get((entry.port, entry.protocol))
+        if col is None:
+            return []
+        numbers = self.model.named_ports[classes, col] if classes.any() else np.zeros(0)
+        found = sorted({int(n) for n in numbers if n >= 0})
+        return [(n, entry.protocol, f"named port {entry.port}") for n in found]
+
+    def _candidate_ports(
+        self, policy: NetworkPolicy, selected: BoolArray
+    ) -> list[tuple[int, Protocol, str]]:
+        ports: list[tuple[int, Protocol, str]] = []
+        everyone = np.ones(self.model.classes, dtype=np.bool_)
+        for direction, rules in (("ingress", policy.ingress), ("egress", policy.egress)):
+            targets = selected if direction == "ingress" else everyone
+            for rule in rules:
+                for entry in rule.ports:
+                    if isinstance(entry.port, str):
+                        ports += self._named_ports(entry, targets)
+                    else:
+                        ports += _entry_ports(entry, self.all_declared)
+        for cls in np.flatnonzero(selected):
+            ports += [(p, pr, "") for p, pr in self.declared_ports.get(int(cls), [])]
+        ports += [(*pp, "") for pp in self.all_declared]
+        ports.append((*FALLBACK_PORT, ""))
+        seen: dict[tuple[int, Protocol], tuple[int, Protocol, str]] = {}
+        for port, protocol, via in ports:
+            key = (port, protocol)
+            if key not in seen or (via and not seen[key][2]):
+                seen[key] = (port, protocol, via)
+        return list(seen.values())
+
+    # -- the flips ---------------------------------------------------------------------------------
+
+    def _without_policy(
+        self, pi: int, m: _PortMatrices, sel: BoolArray
+    ) -> tuple[BoolArray, BoolArray]:
+        """(affected [s, d], allowed without policy pi [s, d]) on this port."""
+        policy = self.model.policies[pi]
+        k = self.model.classes
+        cnt_in, iso_in = m.cnt_in, m.iso_in
+        cnt_eg, iso_eg = m.cnt_eg, m.iso_eg
+        if "ingress" in policy.policy_types:
+            cols = [j for j, (p, _, _) in enumerate(self.mats.rows["ingress"]) if p == pi]
+            contrib = m.s_in[:, cols] @ m.p_in[cols] if cols else np.zeros((k, k), np.float32)
+            cnt_in = cnt_in - contrib
+            iso_in = iso_in - sel.astype(np.float32)
+        if "egress" in policy.policy_types:
+            cols = [j for j, (p, _, _) in enumerate(self.mats.rows["egress"]) if p == pi]
+            contrib = m.s_eg[:, cols] @ m.p_eg[cols] if cols else np.zeros((k, k), np.float32)
+            cnt_eg = cnt_eg - contrib
+            iso_eg = iso_eg - sel.astype(np.float32)
+        ingress = (iso_in[:, None] == 0) | (cnt_in > 0)
+        egress = (iso_eg[:, None] == 0) | (cnt_eg > 0)
+        without = np.asarray(egress & ingress.T, dtype=np.bool_)
+        affected = np.zeros((k, k), dtype=np.bool_)
+        if "ingress" in policy.policy_types:
+            affected[:, sel] = True
+        if "egress" in policy.policy_types:
+            affected[sel, :] = True
+        return affected, without
+
+    def _without_rule(self, direction: Direction, j: int, m: _PortMatrices) -> BoolArray:
+        """Allowed [s, d] on this port with rule row j removed (its policy still isolates)."""
+        if direction == "ingress":
+            cnt = m.cnt_in - np.outer(m.s_in[:, j], m.p_in[j])
+            ingress = (m.iso_in[:, None] == 0) | (cnt > 0)
+            egress = (m.iso_eg[:, None] == 0) | (m.cnt_eg > 0)
+        else:
+            cnt = m.cnt_eg - np.outer(m.s_eg[:, j], m.p_eg[j])
+            ingress = (m.iso_in[:, None] == 0) | (m.cnt_in > 0)
+            egress = (m.iso_eg[:, None] == 0) | (cnt > 0)
+        return np.asarray(egress & ingress.T, dtype=np.bool_)
+
+    def _probeable(self) -> BoolArray:
+        return np.asarray(
+            self.pods.source_mask[:, None] & self.pods.destination_mask[None, :], dtype=np.bool_
+        )
+
+    def _pick(
+        self, candidates: BoolArray, prefer: BoolArray | None = None
+    ) -> tuple[Pod, Pod] | None:
+        """A (source, destination) pair of pods from the first usable class pair."""
+        order = []
+        if prefer is not None:
+            order.append(candidates & prefer)
+        order.append(candidates)
+        for mask in order:
+            for s, d in zip(*np.nonzero(mask), strict=True):
+                pair = self.pods.pair(int(s), int(d))
+                if pair is not None:
+                    return pair
+        return None
+
+    def _declares(self, port: int, protocol: Protocol) -> BoolArray:
+        out = np.zeros(self.model.classes, dtype=np.bool_)
+        for cls, ports in self.declared_ports.items():
+            out[cls] = (port, protocol) in ports
+        return out
+
+    # -- one policy --------------------------------------------------------------------------------
+
+    def policy(self, pi: int) -> PolicyEvidencePlan:
+        policy = self.model.policies[pi]
+        sel = np.asarray(self.model.selected[:, pi], dtype=np.bool_)
+        rules = self._rules_of(pi)
+        if not sel.any():
+            reason = "it selects no pod"
+            return PolicyEvidencePlan(
+                policy=policy.key,
+                namespace=policy.namespace,
+                name=policy.name,
+                source=policy.source,
+                witnesses=(),
+                rules=tuple(RuleEvidencePlan(r.rule, r.text, (), reason) for r in rules),
+                unprovable=reason,
+                lint=(f"{policy.key} selects no pod",),
+            )
+        ports = self._candidate_ports(policy, sel)
+        probeable = self._probeable()
+        own: list[Witness] = []
+        removal_matters = False  # does removing the whole policy change some verdict?
+        directions: tuple[Direction, ...] = ("ingress", "egress")
+        kinds: tuple[WitnessKind, ...] = ("isolation", "removal")
+        for direction in directions:
+            if direction not in policy.policy_types:
+                continue
+            for kind in kinds:
+                found = self._policy_witness(pi, direction, kind, ports, sel, probeable)
+                if found is not None:
+                    removal_matters = True
+                    if found[1]:
+                        own.append(found[0])
+        external = self._external_witnesses(pi, ports)
+        own += external
+        removal_matters = removal_matters or bool(external)
+        rule_plans = [self._rule_plan(pi, r, ports, probeable) for r in rules]
+        lint = [
+            f"{r.rule.key} is {r.unprovable}"
+            for r in rule_plans
+            if r.unprovable.startswith("shadowed")
+        ]
+        unprovable = ""
+        if not removal_matters:
+            lint.insert(
+                0,
+                f"{policy.key} is redundant: removing it changes no verdict (other policies "
+                "isolate the same pods and allow what it allows)",
+            )
+        if not own and not any(r.witnesses for r in rule_plans):
+            if removal_matters or any(
+                r.unprovable.startswith("no running pod") for r in rule_plans
+            ):
+                unprovable = "no running pod can send or receive its witnesses"
+            elif self._only_external(policy):
+                unprovable = (
+                    "its effect is only on addresses outside the cluster: declare one "
+                    "(`to: {cidr: ...}` in a FlowExpectations) to prove it"
+                )
+            else:
+                unprovable = "redundant: removing it changes no verdict"
+        return PolicyEvidencePlan(
+            policy=policy.key,
+            namespace=policy.namespace,
+            name=policy.name,
+            source=policy.source,
+            witnesses=tuple(own),
+            rules=tuple(rule_plans),
+            unprovable=unprovable,
+            lint=tuple(lint),
+        )
+
+    def _rules_of(self, pi: int) -> list[RuleEvidencePlan]:
+        policy = self.model.policies[pi]
+        out = []
+        for direction, rules in (("ingress", policy.ingress), ("egress", policy.egress)):
+            for index, rule in enumerate(rules):
+                ref = RuleRef(policy.key, direction, index)  # type: ignore[arg-type]
+                out.append(RuleEvidencePlan(ref, _rule_text(rule, direction), ()))  # type: ignore[arg-type]
+        return out
+
+    def _policy_witness(
+        self,
+        pi: int,
+        direction: Direction,
+        kind: WitnessKind,
+        ports: Sequence[tuple[int, Protocol, str]],
+        sel: BoolArray,
+        probeable: BoolArray,
+    ) -> tuple[Witness, bool] | None:
+        """(witness, whether it can be probed) of one kind and direction, or None if none."""
+        policy = self.model.policies[pi]
+        fallback: tuple[Witness, bool] | None = None
+        for port, protocol, via in ports:
+            m = self.mats.at(port, protocol)
+            affected, without = self._without_policy(pi, m, sel)
+            side = np.zeros_like(affected)
+            if direction == "ingress":
+                side[:, sel] = True
+            else:
+                side[sel, :] = True
+            flips = affected & side & (m.allowed != without)
+            flips &= ~m.allowed if kind == "isolation" else m.allowed
+            if not flips.any():
+                continue
+            pair = self._pick(flips & probeable, self._declares(port, protocol)[None, :])
+            if pair is None:
+                fallback = fallback or (
+                    self._witness_of(policy, None, kind, direction, flips, port, protocol, via),
+                    False,
+                )
+                continue
+            source, destination = pair
+            return self._make(
+                policy, None, kind, direction, source, destination, port, protocol, via
+            ), True
+        return fallback
+
+    def _witness_of(
+        self,
+        policy: NetworkPolicy,
+        rule: RuleRef | None,
+        kind: WitnessKind,
+        direction: Direction,
+        flips: BoolArray,
+        port: int,
+        protocol: Protocol,
+        via: str,
+    ) -> Witness:
+        """A witness between class representatives (not probeable: for offline listing)."""
+        s, d = (int(v[0]) for v in np.nonzero(flips))
+        return self._make(
+            policy,
+            rule,
+            kind,
+            direction,
+            self.model.representative(s),
+            self.model.representative(d),
+            port,
+            protocol,
+            via,
+        )
+
+    def _make(
+        self,
+        policy: NetworkPolicy,
+        rule: RuleRef | None,
+        kind: WitnessKind,
+        direction: Direction,
+        source: Pod,
+        destination: Endpoint,
+        port: int,
+        protocol: Protocol,
+        via: str,
+    ) -> Witness:
+        subject = destination if direction == "ingress" else source
+        name = endpoint_name(subject)
+        what = "ingress" if direction == "ingress" else "egress"
+        if kind == "isolation":
+            why = f"denied only because {policy.key} isolates {name} for {what}"
+            model = False
+        elif kind == "removal":
+            why = f"allowed only by the rules of {policy.key} ({what} of {name})"
+            model = True
+        else:
+            assert rule is not None
+            why = f"allowed only by {rule.key}"
+            model = True
+        return Witness(
+            policy=policy.key,
+            rule=rule,
+            kind=kind,
+            direction=direction,
+            source=source,
+            destination=destination,
+            port=port,
+            protocol=protocol,
+            model=model,
+            why=why,
+            via=via,
+        )
+
+    def _rule_plan(
+        self,
+        pi: int,
+        plan: RuleEvidencePlan,
+        ports: Sequence[tuple[int, Protocol, str]],
+        probeable: BoolArray,
+    ) -> RuleEvidencePlan:
+        """Witnesses of one rule: flows only it allows, covering each peer and port entry."""
+        policy = self.model.policies[pi]
+        ref = plan.rule
+        if ref.direction not in policy.policy_types:
+            why = f"not enforced as written by design: {policy.key}'s policyTypes leave out {ref.direction}"
+            return RuleEvidencePlan(ref, plan.text, (), why)
+        rule = (policy.ingress if ref.direction == "ingress" else policy.egress)[ref.index]
+        j = self.rule_rows[ref.direction][(pi, ref.index)]
+        sel = np.asarray(self.model.selected[:, pi], dtype=np.bool_)
+        targets = sel if ref.direction == "ingress" else np.ones(self.model.classes, dtype=np.bool_)
+        entries: list[list[tuple[int, Protocol, str]]] = []
+        for entry in rule.ports:
+            if isinstance(entry.port, str):
+                entries.append(self._named_ports(entry, targets))
+            else:
+                entries.append(_entry_ports(entry, self.all_declared))
+        if not rule.ports:
+            entries.append(list(ports))
+        peers = self._peer_columns(ref.direction, j)
+        uncovered = set(range(len(peers)))
+        witnesses: dict[str, Witness] = {}
+        flipped = False
+
+        def peer_mask(pc: int | None, shape_like: BoolArray) -> BoolArray:
+            if pc is None:
+                return np.ones_like(shape_like)
+            match = peers[pc]
+            # An ingress rule's peers are sources (rows); an egress rule's, destinations.
+            return np.asarray(match[:, None] if ref.direction == "ingress" else match[None, :])
+
+        def cover(entry_ports: Sequence[tuple[int, Protocol, str]], all_peers: bool) -> bool:
+            nonlocal flipped
+            for port, protocol, via in entry_ports:
+                m = self.mats.at(port, protocol)
+                flips = m.allowed & ~self._without_rule(ref.direction, j, m)
+                if not flips.any():
+                    continue
+                flipped = True
+                usable = flips & probeable
+                made = False
+                for pc in sorted(uncovered) if uncovered else [None]:
+                    pair = self._pick(
+                        usable & peer_mask(pc, usable), self._declares(port, protocol)[None, :]
+                    )
+                    if pair is None:
+                        continue
+                    w = self._make(policy, ref, "allow", ref.direction, *pair, port, protocol, via)
+                    witnesses.setdefault(w.flow_key, w)
+                    made = True
+                    if pc is not None:
+                        uncovered.discard(pc)
+                    if not all_peers:
+                        break
+                if made:
+                    return True
+            return False
+
+        for entry_ports in entries:  # each port entry once, covering what peers it can
+            cover(entry_ports, all_peers=True)
+        for entry_ports in entries:  # peers still uncovered, on any entry's ports
+            if not uncovered:
+                break
+            cover(entry_ports, all_peers=True)
+        if witnesses:
+            return RuleEvidencePlan(ref, plan.text, tuple(witnesses.values()))
+        if flipped:
+            why = "no running pod can send or receive its witnesses"
+        elif self._rule_only_external(rule):
+            why = "its peers are only addresses outside the cluster"
+        elif not self._rule_matches_any(ref.direction, j):
+            why = "its peers match no pod"
+        else:
+            why = "shadowed: other rules allow everything it allows"
+        return RuleEvidencePlan(ref, plan.text, (), why)
+
+    def _peer_columns(self, direction: Direction, j: int) -> list[BoolArray]:
+        rows = self.model.rules_in if direction == "ingress" else self.model.rules_eg
+        cols = rows[j].peers
+        if cols is None:
+            return []
+        return [np.asarray(self.model.peer_match[:, c], dtype=np.bool_) for c in cols]
+
+    def _rule_matches_any(self, direction: Direction, j: int) -> bool:
+        return bool(self.mats.peers(direction, j).any())
+
+    @staticmethod
+    def _rule_only_external(rule: Rule) -> bool:
+        return bool(rule.peers) and all(p.ip_block is not None for p in rule.peers)
+
+    def _only_external(self, policy: NetworkPolicy) -> bool:
+        rules = policy.ingress + policy.egress
+        return bool(rules) and all(self._rule_only_external(r) for r in rules)
+
+    # -- addresses outside the cluster ------------------------------------------------------------
+
+    def _external_addresses(self) -> list[str]:
+        found = []
+        for document in self.snapshot.expectations:
+            for flow in document.flows:
+                target = flow.destination
+                if isinstance(target, ExternalTarget) and target.cidr is not None:
+                    address = external_address(target)
+                    if address is not None and address not in found:
+                        found.append(address)
+        return found
+
+    def _external_witnesses(
+        self, pi: int, ports: Sequence[tuple[int, Protocol, str]]
+    ) -> list[Witness]:
+        """Egress witnesses towards declared external addresses (one per policy at most)."""
+        policy = self.model.policies[pi]
+        if "egress" not in policy.policy_types or not self.externals:
+            return []
+        without = Engine(
+            Snapshot(
+                namespaces=self.snapshot.namespaces,
+                pods=self.snapshot.pods,
+                policies=tuple(p for p in self.snapshot.policies if p.key != policy.key),
+            )
+        )
+        engine = Engine(self.snapshot)
+        sources = [
+            pods[0]
+            for cls, pods in sorted(self.pods.sources.items())
+            if self.model.selected[cls, pi]
+        ]
+        wanted = [
+            (p, pr, v)
+            for p, pr, v in ports
+            if any(e.port == p or e.port is None for r in policy.egress for e in r.ports)
+            or not any(r.ports for r in policy.egress)
+        ]
+        for address in self.externals:
+            for source in sources:
+                for port, protocol, via in wanted or ports[:1]:
+                    model = engine.evaluate(source, address, port, protocol).allowed
+                    if model == without.evaluate(source, address, port, protocol).allowed:
+                        continue
+                    kind: WitnessKind = "removal" if model else "isolation"
+                    why = (
+                        f"allowed only by the rules of {policy.key} (egress of {source.key} to "
+                        f"{address}, declared in expectations)"
+                        if model
+                        else f"denied only because {policy.key} isolates {source.key} for egress"
+                    )
+                    return [
+                        Witness(
+                            policy.key,
+                            None,
+                            kind,
+                            "egress",
+                            source,
+                            address,
+                            port,
+                            protocol,
+                            model,
+                            why,
+                            via,
+                        )
+                    ]
+        return []
+
+
+def plan_evidence(
+    snapshot: Snapshot,
+    *,
+    model: ClassModel | None = None,
+    running_only: bool = True,
+    policies: Iterable[str] | None = None,
+) -> EvidencePlan:
+    """Every policy's witnesses (or why it has none).
+
+    `running_only` picks witnesses among pods that run and have an IP (the live loop); offline
+    (`flowproof evidence`) every pod of the manifests may stand in. `policies` limits the plan to
+    these policy keys (the others are left out).
+    """
+    model = model or ClassModel(snapshot)
+    planner = _Planner(snapshot, model, running_only=running_only)
+    wanted = set(policies) if policies is not None else None
+    plans = [
+        planner.policy(pi)
+        for pi, policy in enumerate(model.policies)
+        if wanted is None or policy.key in wanted
+    ]
+    return EvidencePlan(tuple(plans))
+
+
+# --- the status of a policy from its witnesses' flows ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class WitnessResult:
+    """A witness with the status of the flow that probes it (None: not planned as a flow)."""
+
+    witness: Witness
+    status: Status | None
+    reason: str = ""
+    reality: str | None = None
+
+
+@dataclass(frozen=True)
+class RuleEvidence:
+    rule: RuleRef
+    text: str
+    status: EvidenceStatus
+    reason: str
+    witnesses: tuple[WitnessResult, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyEvidence:
+    policy: str
+    namespace: str
+    name: str
+    status: EvidenceStatus
+    reason: str
+    witnesses: tuple[WitnessResult, ...]
+    rules: tuple[RuleEvidence, ...]
+    lint: tuple[str, ...] = ()
+    source: str = ""
+
+
+def _status_of(results: Sequence[WitnessResult], unprovable: str) -> tuple[EvidenceStatus, str]:
+    if not results:
+        return "UNPROVABLE", unprovable or "no witness"
+    drifting = [r for r in results if r.status == "ENFORCEMENT_DRIFT"]
+    if drifting:
+        first = drifting[0]
+        return "NOT_ENFORCED", f"{first.witness.describe()}; but {first.reason}"
+    if all(r.status == "PASS" for r in results):
+        return "PROVEN", f"{len(results)} witness(es) passed"
+    waiting = [r for r in results if r.status != "PASS"]
+    first = waiting[0]
+    return "PENDING", f"{len(waiting)} of {len(results)} witness(es) not proven yet: " + (
+        f"{first.witness.describe()} is {first.status or 'not planned'}"
+        + (f" ({first.reason})" if first.reason else "")
+    )
+
+
+@dataclass(frozen=True)
+class FlowOutcome:
+    status: Status
+    reason: str
+    reality: str | None = None
+
+
+def evidence_of(plan: EvidencePlan, flows: Mapping[str, FlowOutcome]) -> list[PolicyEvidence]:
+    """Every policy's evidence status from the statuses of its witnesses' flows (by flow key)."""
+    out = []
+    for policy in plan.policies:
+
+        def results(witnesses: Sequence[Witness]) -> tuple[WitnessResult, ...]:
+            found = []
+            for w in witnesses:
+                flow = flows.get(w.flow_key)
+                found.append(
+                    WitnessResult(
+                        w,
+                        flow.status if flow else None,
+                        flow.reason if flow else "",
+                        flow.reality if flow else None,
+                    )
+                )
+            return tuple(found)
+
+        rules = []
+        for rule in policy.rules:
+            rr = results(rule.witnesses)
+            status, reason = _status_of(rr, rule.unprovable)
+            rules.append(RuleEvidence(rule.rule, rule.text, status, reason, rr))
+        own = results(policy.witnesses)
+        everything = own + tuple(r for rule in rules for r in rule.witnesses)
+        status, reason = _status_of(everything, policy.unprovable)
+        if status == "NOT_ENFORCED":
+            culprit = next((r for r in everything if r.status == "ENFORCEMENT_DRIFT"), None)
+            if culprit is not None:
+                reason = f"{culprit.witness.subject} not enforced: {reason}"
+        out.append(
+            PolicyEvidence(
+                policy.policy,
+                policy.namespace,
+                policy.name,
+                status,
+                reason,
+                own,
+                tuple(rules),
+                policy.lint,
+                policy.source,
+            )
+        )
+    return out
+
+
+__all__ = [
+    "EVIDENCE_STATUSES",
+    "WITNESS_KEY_PREFIX",
+    "EvidencePlan",
+    "EvidenceStatus",
+    "FlowOutcome",
+    "PolicyEvidence",
+    "PolicyEvidencePlan",
+    "RuleEvidence",
+    "RuleEvidencePlan",
+    "RuleRef",
+    "Witness",
+    "WitnessResult",
+    "evidence_of",
+    "plan_evidence",
+]
