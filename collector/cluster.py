@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from collector.core.evidence import PolicyEvidence
 from collector.core.flowstate import DeclaredStatus
 from collector.core.probepods import (
     MANAGED_BY_LABEL,
@@ -565,3 +566,164 @@ async def publish_statuses(
 def kube_source_settings(settings: CollectorSettings) -> KubeSourceSettings:
     """The Kubernetes source's settings for these collector settings."""
     return KubeSourceSettings(expectations_configmaps=settings.expectations_configmaps)
+
+
+# --- PolicyReports (wgpolicyk8s.io/v1alpha2) --------------------------------------------------------
+
+POLICY_REPORT_NAME: Final = "flowproof-networkpolicies"
+"""The one PolicyReport the collector writes per namespace that holds NetworkPolicies."""
+POLICY_REPORT_SELECTOR: Final = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+_RESULTS: Final = {
+    "PROVEN": "pass",
+    "NOT_ENFORCED": "fail",
+    "UNPROVABLE": "skip",
+    "PENDING": "skip",
+}
+
+
+def policy_report(namespace: str, items: Sequence[PolicyEvidence], now: float) -> dict[str, Any]:
+    """The PolicyReport of a namespace: one result per NetworkPolicy (pass: proven; fail: not
+    enforced; skip: unprovable or pending, with the reason), for Policy Reporter and Kyverno UIs."""
+    seconds = int(now)
+    results = []
+    for item in sorted(items, key=lambda e: e.name):
+        witnesses = sum(1 for _ in item.witnesses) + sum(len(r.witnesses) for r in item.rules)
+        result = _RESULTS[item.status]
+        results.append(
+            {
+                "source": "flowproof",
+                "policy": item.name,
+                "category": "NetworkPolicy evidence",
+                "result": result,
+                "severity": "high" if result == "fail" else "info",
+                "message": _truncate(f"{item.status}: {item.reason}", MAX_STATUS_TEXT),
+                "scored": result != "skip",
+                "timestamp": {"seconds": seconds, "nanos": 0},
+                "resources": [
+                    {
+                        "apiVersion": "networking.k8s.io/v1",
+                        "kind": "NetworkPolicy",
+                        "namespace": namespace,
+                        "name": item.name,
+                    }
+                ],
+                "properties": {"evidence": item.status, "witnesses": str(witnesses)},
+            }
+        )
+    summary = {"pass": 0, "fail": 0, "warn": 0, "error": 0, "skip": 0}
+    for r in results:
+        summary[str(r["result"])] += 1
+    return {
+        "apiVersion": "wgpolicyk8s.io/v1alpha2",
+        "kind": "PolicyReport",
+        "metadata": {
+            "name": POLICY_REPORT_NAME,
+            "namespace": namespace,
+            "labels": {MANAGED_BY_LABEL: MANAGED_BY, "app.kubernetes.io/name": "flowproof"},
+        },
+        "summary": summary,
+        "results": results,
+    }
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _comparable(report: Mapping[str, Any]) -> Any:
+    """A report without its timestamps: rewritten only when a result changed."""
+    return [{k: v for k, v in r.items() if k != "timestamp"} for r in report.get("results", ())]
+
+
+class PolicyReports:
+    """One PolicyReport per namespace with NetworkPolicies, kept current (`--policy-reports`).
+
+    `run(stop)` (a root task) writes a namespace's report when a result in it changed (soon after
+    the collector's status changes, at most every `debounce_seconds`) and every `resync_seconds`
+    anyway; it deletes its reports of namespaces that hold no NetworkPolicy any more. It touches
+    only reports named flowproof-networkpolicies that carry its managed-by label. An API error is
+    logged once per reason and tried again on the next pass; nothing here ends the collector.
+    """
+
+    def __init__(
+        self,
+        client: KubeClient,
+        collector: Collector,
+        *,
+        resync_seconds: float = 60.0,
+        debounce_seconds: float = 2.0,
+    ) -> None:
+        self.client = client
+        self.collector = collector
+        self.resync_seconds = resync_seconds
+        self.debounce_seconds = debounce_seconds
+        self._written: dict[str, Any] = {}  # namespace -> comparable content last written
+        self._changed = asyncio.Event()
+        self._logged: str | None = None
+        self.passes = 0
+        collector.subscribe(self._listen)
+
+    def _listen(self, event: LoopEvent) -> None:
+        if isinstance(event, StatusChanged | SnapshotApplied):
+            self._changed.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.resync_seconds):
+                        await first_of(self._changed, stop)
+                if stop.is_set():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.debounce_seconds):
+                        await stop.wait()
+                self._changed.clear()
+                try:
+                    await self.publish()
+                except Exception:  # a bug here must not end the collector
+                    log.exception("writing PolicyReports failed")
+        finally:
+            await self.client.aclose()
+
+    async def publish(self) -> int:
+        """One pass: write what changed, delete what went; how many reports were written."""
+        collector = self.collector
+        if collector.snapshot is None:
+            return 0
+        by_namespace: dict[str, list[PolicyEvidence]] = defaultdict(list)
+        for item in collector.state.evidence():
+            by_namespace[item.namespace].append(item)
+        now = collector.clock.time()
+        written = 0
+        try:
+            for namespace in sorted(by_namespace):
+                report = policy_report(namespace, by_namespace[namespace], now)
+                content = _comparable(report)
+                if self._written.get(namespace) == content:
+                    continue
+                outcome = await self.client.put_policy_report(namespace, report)
+                self._written[namespace] = content
+                written += 1
+                log.info("PolicyReport %s/%s %s", namespace, POLICY_REPORT_NAME, outcome)
+            present = await self.client.list_policy_reports(POLICY_REPORT_SELECTOR)
+            for key, uid in sorted(present.items()):
+                namespace, _, name = key.partition("/")
+                if name == POLICY_REPORT_NAME and namespace not in by_namespace:
+                    await self.client.delete_policy_report(namespace, name, uid=uid)
+                    self._written.pop(namespace, None)
+                    log.info("PolicyReport %s deleted: no NetworkPolicy left there", key)
+        except KubeApiError as exc:
+            if self._logged != exc.reason:
+                hint = (
+                    " (is the PolicyReport CRD installed? Policy Reporter or Kyverno installs it)"
+                    if exc.status == 404
+                    else ""
+                )
+                log.warning("cannot write PolicyReports (will retry): %s%s", exc, hint)
+                self._logged = exc.reason
+        else:
+            self._logged = None
+        finally:
+            self.passes += 1
+        return written

@@ -59,6 +59,9 @@ SERVICE_CA_PATH: Final = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 FLOWEXPECTATIONS_GROUP: Final = "flowproof.dev"
 FLOWEXPECTATIONS_VERSION: Final = "v1alpha1"
 FLOWEXPECTATIONS_PLURAL: Final = "flowexpectations"
+POLICY_REPORT_GROUP: Final = "wgpolicyk8s.io"
+POLICY_REPORT_VERSION: Final = "v1alpha2"
+POLICY_REPORT_PLURAL: Final = "policyreports"
 TERMINATING_PHASE: Final = "Terminating"
 """`Pod.phase` of a pod whose deletion has begun (metadata.deletionTimestamp is set)."""
 EXPECTATIONS_CONFIGMAP_LABEL: Final = "flowproof.dev/expectations"
@@ -1126,6 +1129,103 @@ class KubeClient:
             return "deleted"
 
         return await self._call(f"deleting pod {namespace}/{name}", run)
+
+    async def list_policy_reports(self, label_selector: str) -> dict[str, str]:
+        """The PolicyReports `label_selector` selects, in every namespace: "ns/name" -> uid."""
+
+        def run() -> dict[str, str]:
+            body = self._json(
+                self._custom.list_cluster_custom_object(
+                    POLICY_REPORT_GROUP,
+                    POLICY_REPORT_VERSION,
+                    POLICY_REPORT_PLURAL,
+                    label_selector=label_selector,
+                    _preload_content=False,
+                    _request_timeout=self._timeout,
+                )
+            )
+            found: dict[str, str] = {}
+            for item in body.get("items") or ():
+                meta = _metadata(item)
+                key = _key_text(str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+                found[key] = str(meta.get("uid") or "")
+            return found
+
+        return await self._call("listing policy reports", run)
+
+    async def put_policy_report(self, namespace: str, body: Mapping[str, Any]) -> str:
+        """Create the PolicyReport `body` names, or replace its content; "created" or "updated"."""
+        name = str(_metadata(body).get("name"))
+
+        def run() -> str:
+            try:
+                self._json(
+                    self._custom.create_namespaced_custom_object(
+                        POLICY_REPORT_GROUP,
+                        POLICY_REPORT_VERSION,
+                        namespace,
+                        POLICY_REPORT_PLURAL,
+                        dict(body),
+                        _preload_content=False,
+                        _request_timeout=self._timeout,
+                    )
+                )
+                return "created"
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+            current = self._json(
+                self._custom.get_namespaced_custom_object(
+                    POLICY_REPORT_GROUP,
+                    POLICY_REPORT_VERSION,
+                    namespace,
+                    POLICY_REPORT_PLURAL,
+                    name,
+                    _preload_content=False,
+                    _request_timeout=self._timeout,
+                )
+            )
+            meta = {**_metadata(body), "resourceVersion": _metadata(current).get("resourceVersion")}
+            self._json(
+                self._custom.replace_namespaced_custom_object(
+                    POLICY_REPORT_GROUP,
+                    POLICY_REPORT_VERSION,
+                    namespace,
+                    POLICY_REPORT_PLURAL,
+                    name,
+                    {**body, "metadata": meta},
+                    _preload_content=False,
+                    _request_timeout=self._timeout,
+                )
+            )
+            return "updated"
+
+        return await self._call(f"writing policy report {namespace}/{name}", run)
+
+    async def delete_policy_report(self, namespace: str, name: str, *, uid: str) -> str:
+        """Delete the PolicyReport with this uid; "deleted" or "gone"."""
+
+        def run() -> str:
+            try:
+                self._json(
+                    self._custom.delete_namespaced_custom_object(
+                        POLICY_REPORT_GROUP,
+                        POLICY_REPORT_VERSION,
+                        namespace,
+                        POLICY_REPORT_PLURAL,
+                        name,
+                        body=cast(Any, {"preconditions": {"uid": uid}} if uid else {}),
+                        _preload_content=False,
+                        _request_timeout=self._timeout,
+                    )
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    return "gone"
+                raise
+            return "deleted"
+
+        return await self._call(f"deleting policy report {namespace}/{name}", run)
 
     async def uid_of(self, kind: OwnerKind, namespace: str, name: str) -> str | None:
         """The uid of a Namespace (`namespace` "") or a FlowExpectations; None if there is none."""

@@ -2,8 +2,8 @@
 
 Wiring only. The root tasks, named at the top of `serve`: `inventory_watcher` (manifests or the
 Kubernetes API feeding `Collector.on_snapshot`), `plan_sender` (due assignments to the
-dispatcher), `state_refresher` (freshness, feedback latency), and in a cluster `status_publisher`
-and `probe_pod_manager`. The gRPC server (the dispatcher) and the HTTP server (health, metrics, the
+dispatcher), `state_refresher` (freshness, feedback latency), and in a cluster `status_publisher`,
+`probe_pod_manager` and `policy_report_publisher`. The gRPC server (the dispatcher) and the HTTP server (health, metrics, the
 web view, /api/v1, verify) serve beside them. `main(argv)` loads the settings (exit 2 when they
 cannot work) and serves until SIGTERM (exit 0 after a bounded graceful stop); if a root task ends
 or fails on its own, the collector stops and exits 1 so Kubernetes restarts it. No module-level
@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from collector.cluster import (
     KubernetesProbePods,
+    PolicyReports,
     expectations_needing,
     kube_source_settings,
     kubernetes_probe_pods,
@@ -33,7 +34,7 @@ from collector.core.changes import diff_snapshots
 from collector.core.model import Snapshot
 from collector.core.views import LoopStatus
 from collector.dispatching import Dispatcher
-from collector.kube import InventoryUpdate, KubernetesSource, load_kube_config
+from collector.kube import InventoryUpdate, KubeClient, KubernetesSource, load_kube_config
 from collector.loop import Collector, ProbePodManager
 from collector.metrics import CollectorMetrics
 from collector.settings import CollectorSettings, load_settings
@@ -189,6 +190,11 @@ async def _serve(
         roots["state_refresher"] = collector.state_refresher(stop)
         if cluster_probe_pods is not None:
             roots["probe_pod_manager"] = cluster_probe_pods.run(stop)
+        if settings.policy_reports:
+            reports = PolicyReports(
+                KubeClient(load_kube_config(settings.kubeconfig or None)), collector
+            )
+            roots["policy_report_publisher"] = reports.run(stop)
 
         grpc_port = await dispatcher.start(f"{settings.listen_address}:{settings.grpc_port}")
         runner = web.AppRunner(build_http_app(collector, dispatcher), access_log=None)

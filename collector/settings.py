@@ -56,6 +56,10 @@ class CollectorSettings:
     expectations_configmaps: bool = False
     """With `--source kubernetes`: also read expectations from ConfigMaps labelled
     `flowproof.dev/expectations=true` in every namespace (needs list/watch on ConfigMaps)."""
+    policy_reports: bool = False
+    """With `--source kubernetes`: write a PolicyReport (wgpolicyk8s.io/v1alpha2) per namespace
+    with one result per NetworkPolicy (its evidence), for Policy Reporter and Kyverno's UIs;
+    needs the PolicyReport CRD and deploy/overlays/policy-reports' RBAC."""
     status_interval_seconds: float = 15.0
     """With `--source kubernetes`: write each FlowExpectations' status this often (and soon after
     a status changes), only when it changed; 0 writes none."""
@@ -89,6 +93,8 @@ class CollectorSettings:
         for namespace in self.probe_pod_namespaces:
             if not _DNS_LABEL.fullmatch(namespace):
                 problems.append(f"probe_pod_namespaces: {namespace!r} is not a namespace name")
+        if self.policy_reports and self.source != "kubernetes":
+            problems.append("policy_reports: needs --source kubernetes")
         if self.status_interval_seconds < 0:
             problems.append("status_interval_seconds: must be 0 (no status) or more")
         for name in ("grpc_port", "http_port"):

@@ -49,14 +49,15 @@ def exit_code(
     return EXIT_OK
 
 
-def default_collector_url(environ: Mapping[str, str]) -> str:
-    """FLOWPROOF_COLLECTOR_URL, else the running lab's collector, else localhost:8080."""
+def default_collector_url(environ: Mapping[str, str], lab: str | None = None) -> str:
+    """The lab's collector with `lab`; else FLOWPROOF_COLLECTOR_URL, else the running lab's
+    collector (FLOWPROOF_LAB_NAME, default fp), else localhost:8080."""
+    state_dir = environ.get("FLOWPROOF_LAB_STATE_DIR", DEFAULT_STATE_DIR)
+    if lab is not None:
+        return collector_url(lab, state_dir) or DEFAULT_COLLECTOR
     if environ.get("FLOWPROOF_COLLECTOR_URL"):
         return environ["FLOWPROOF_COLLECTOR_URL"]
-    url = collector_url(
-        environ.get("FLOWPROOF_LAB_NAME", DEFAULT_NAME),
-        environ.get("FLOWPROOF_LAB_STATE_DIR", DEFAULT_STATE_DIR),
-    )
+    url = collector_url(environ.get("FLOWPROOF_LAB_NAME", DEFAULT_NAME), state_dir)
     return url or DEFAULT_COLLECTOR
 
 
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         "1 a failure, 2 undecided (no agents, timeout, inconclusive flows).",
     )
     parser.add_argument("--collector", help="collector URL (default: the lab's, or localhost:8080)")
+    parser.add_argument(
+        "--lab", metavar="NAME", help="the collector of this running lab (`flowproof lab --name`)"
+    )
     parser.add_argument("--once", action="store_true", help="verify once and exit (the CI gate)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     parser.add_argument(
@@ -177,7 +181,10 @@ def verify_once(url: str, *, timeout_seconds: float, outputs: Outputs) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    url = args.collector or default_collector_url(os.environ)
+    url = args.collector or default_collector_url(os.environ, args.lab)
+    if args.lab is not None and url == DEFAULT_COLLECTOR and not args.collector:
+        print(f"flowproof verify: lab {args.lab!r} is not running a collector", file=sys.stderr)
+        return EXIT_UNDECIDED
     outputs = Outputs(
         args.output,
         args.junit,

@@ -377,13 +377,12 @@ def _run_loop(lab: Lab, args: argparse.Namespace) -> int:
 
 
 def _verify_command(lab: Lab, args: argparse.Namespace) -> str:
-    """The `flowproof verify` command line that finds this lab's collector with no flags."""
+    """The `flowproof verify` command line that finds this lab's collector."""
     env = []
-    if lab.name != os.environ.get(NAME_ENV, DEFAULT_NAME):
-        env.append(f"{NAME_ENV}={lab.name}")
     if str(args.state_dir) != os.environ.get(STATE_DIR_ENV, str(DEFAULT_STATE_DIR)):
         env.append(f"{STATE_DIR_ENV}={args.state_dir}")
-    return " ".join([*env, "flowproof verify --once"])
+    lab_flag = [] if lab.name == os.environ.get(NAME_ENV, DEFAULT_NAME) else ["--lab", lab.name]
+    return " ".join([*env, "flowproof verify --once", *lab_flag])
 
 
 def main(argv: Sequence[str] | None = None, *, test: LabTest | None = None) -> int:

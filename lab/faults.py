@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+from collector.core.evidence import plan_evidence
+from collector.core.model import Namespace, Snapshot
 from flowproof.errors import InputError
-from lab.enforcing import enforce
+from lab.enforcing import enforce, load_policies
 from lab.report import ChangeReport
 from lab.state import Faults, LabPaths, LabState
 
@@ -55,6 +57,31 @@ def parse_fault(mode: str, args: Sequence[str]) -> FaultChange | None:
         expect(0, "")
         return _SWITCHES[mode]
     raise InputError(f"unknown fault {mode!r}; one of {', '.join(FAULT_MODES)}", field="fault")
+
+
+def ignored_policy_notes(state: LabState, key: str) -> list[str]:
+    """What ignoring `key` will show (InputError when the lab has no such policy): a policy that
+    other policies make redundant changes no verdict, so the loop cannot see it ignored."""
+    policies = load_policies(state)
+    known = sorted(p.key for p in policies)
+    if key not in known:
+        raise InputError(
+            f"the lab has no NetworkPolicy {key!r} (policies: {', '.join(known) or 'none'})",
+            field="fault ignore-policy",
+        )
+    snapshot = Snapshot(
+        namespaces={name: Namespace(name, labels) for name, labels in state.namespaces.items()},
+        pods=tuple(r.to_pod() for r in state.pods),
+        policies=tuple(policies),
+    )
+    (plan,) = plan_evidence(snapshot, policies=[key]).policies
+    if plan.all_witnesses():
+        shown = plan.all_witnesses()[0]
+        return [f"{key} ignored: its witness {shown.describe()} will show it NOT_ENFORCED"]
+    return [
+        f"{key} is {plan.unprovable}: ignoring it changes nothing the packets can show; "
+        "`flowproof evidence -f MANIFESTS` lists the policies that have witnesses"
+    ]
 
 
 def change_faults(paths: LabPaths, state: LabState, change: FaultChange | None) -> ChangeReport:

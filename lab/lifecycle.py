@@ -23,7 +23,7 @@ from lab import changing, processes, system, teardown
 from lab.cluster import Manifests
 from lab.config import DEFAULT_NAME, DEFAULT_STATE_DIR, LabSettings, check_name
 from lab.errors import LabError, NoSuchLabError
-from lab.faults import change_faults, parse_fault
+from lab.faults import change_faults, ignored_policy_notes, parse_fault
 from lab.loop import LoopSettings
 from lab.merging import parse_label_changes, parse_namespace_label_changes, probe_pod_requests
 from lab.pods import OUTSIDE_KEY
@@ -138,7 +138,10 @@ class Lab:
         """Make enforcement deviate (`clear` ends every fault and enforces the policies now)."""
         change = parse_fault(mode, args)
         with self._changing() as state:
-            return change_faults(self.paths, state, change)
+            notes = ignored_policy_notes(state, args[0]) if mode == "ignore-policy" else []
+            report = change_faults(self.paths, state, change)
+            report.notes += notes
+            return report
 
     def reconcile_probe_pods(self, requests: Sequence[Any]) -> ChangeReport | None:
         """Run exactly the requested probe pods (objects with `namespace`, `name`, `labels`).

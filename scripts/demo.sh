@@ -14,6 +14,9 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 step "offline: intent vs model (flowproof check -f examples/shop)"
 flowproof check -f examples/shop
 
+step "which flows prove each policy is enforced? (flowproof evidence)"
+flowproof evidence -f examples/shop | tail -n 12
+
 step "why may the frontend not reach the database? (flowproof explain)"
 flowproof explain -f examples/shop --from shop/frontend --to shop/db --port 5432/TCP
 
@@ -43,8 +46,11 @@ cat <<MSG
 
 The lab "$LAB" is still up, its loop running:
   web view and API:  ${url:-the collector URL in 'flowproof lab --name $LAB status'}
-  try a fault:       flowproof lab --name $LAB fault ignore-policy shop/default-deny
-  then:              flowproof verify --once        (ENFORCEMENT_DRIFT)
+  every policy:      flowproof evidence -f examples/shop   (shop/default-deny is redundant:
+                     the other policies isolate every pod, so ignoring it changes nothing)
+  try a fault:       flowproof lab --name $LAB fault ignore-policy shop/db-ingress
+  then:              flowproof verify --once --lab $LAB
+                     (api-to-db ENFORCEMENT_DRIFT; shop/db-ingress NOT_ENFORCED)
   clear it:          flowproof lab --name $LAB fault clear
   remove the lab:    flowproof lab --name $LAB down
 MSG

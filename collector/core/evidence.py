@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -55,6 +55,7 @@ from collector.core.resolving import external_address
 from collector.core.statuses import Status
 
 BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.intp]
 FloatArray = npt.NDArray[np.float32]
 EvidenceStatus = Literal["PROVEN", "NOT_ENFORCED", "UNPROVABLE", "PENDING"]
 EVIDENCE_STATUSES: tuple[EvidenceStatus, ...] = ("NOT_ENFORCED", "PENDING", "UNPROVABLE", "PROVEN")
@@ -167,30 +168,51 @@ class EvidencePlan:
 # --- the class matrices ---------------------------------------------------------------------------
 
 
+class _Counts:
+    """counts[a, b] = sum over rules r of left[a, r] * right[r, b], computed on first use (a port
+    that no block needs costs nothing but its rule columns)."""
+
+    def __init__(self, left: FloatArray, right: FloatArray) -> None:
+        self.left = left
+        self.right = right
+        self._values: FloatArray | None = None
+
+    def block(self, rows: IntArray, cols: IntArray, *, whole_rows: bool) -> FloatArray:
+        """values[rows][:, cols]; `whole_rows` when `cols` is every class (else `rows` is)."""
+        if self._values is None:
+            self._values = self.left @ self.right
+        values = self._values
+        return values[rows, :] if whole_rows else values[:, cols]
+
+
 @dataclass
 class _PortMatrices:
-    """For one port: rule and isolation counts per class pair, and the verdicts."""
+    """For one port: rule and isolation counts per class pair; verdicts computed per block."""
 
     s_in: FloatArray  # [class d, ingress rule] the rule's policy selects d and admits the port on d
     p_in: FloatArray  # [ingress rule, class s] a peer of the rule matches s
     s_eg: FloatArray  # [class s, egress rule] the rule's policy selects s
     p_eg: FloatArray  # [egress rule, class d] a peer matches d and the rule admits the port on d
-    cnt_in: FloatArray  # [d, s] ingress rules allowing s -> d
-    cnt_eg: FloatArray  # [s, d] egress rules allowing s -> d
+    cnt_in: _Counts  # [d, s] ingress rules allowing s -> d
+    cnt_eg: _Counts  # [s, d] egress rules allowing s -> d
     iso_in: FloatArray  # [d] policies isolating d for ingress
     iso_eg: FloatArray  # [s] policies isolating s for egress
-    allowed: BoolArray  # [s, d]
-
-    def ingress_allowed(self, cnt: FloatArray, iso: FloatArray) -> BoolArray:
-        return np.asarray((iso[:, None] == 0) | (cnt > 0), dtype=np.bool_)
+    declares: BoolArray  # [d] the class declares this port
 
 
 class _Matrices:
-    """Rule rows of the class model with their policy and index, and per-port matrices (cached)."""
+    """Rule rows of the class model with their policy and index, and per-port matrices (cached).
 
-    def __init__(self, model: ClassModel) -> None:
+    The counts of allowing rules per class pair are computed by rows or columns as blocks need
+    them (_Counts): a port a few policies need costs a few rows of the table, not all of it.
+    """
+
+    def __init__(
+        self, model: ClassModel, declared_ports: Mapping[int, Sequence[tuple[int, Protocol]]]
+    ) -> None:
         self.model = model
         self.k = model.classes
+        self.declared_ports = declared_ports
         self.rows: dict[Direction, list[tuple[int, int, Rule]]] = {"ingress": [], "egress": []}
         # ClassModel lists the rules of the directions in each policy's policyTypes, in order.
         for pi, policy in enumerate(model.policies):
@@ -206,7 +228,18 @@ class _Matrices:
             )
             for d in ("ingress", "egress")
         }
+        k = self.k
+        self._base: dict[Direction, tuple[FloatArray, FloatArray]] = {}
+        for d in ("ingress", "egress"):
+            n = len(self.rows[d])
+            sel = np.zeros((k, n), dtype=np.float32)
+            peer = np.zeros((n, k), dtype=np.float32)
+            for j, (pi, _, _) in enumerate(self.rows[d]):
+                sel[:, j] = model.selected[:, pi]
+                peer[j] = self.peers(d, j)
+            self._base[d] = (sel, peer)
 
+    @functools.cache  # noqa: B019 - one _Matrices per plan, dropped with it
     def peers(self, direction: Direction, row: int) -> BoolArray:
         rows = self.model.rules_in if direction == "ingress" else self.model.rules_eg
         cols = rows[row].peers
@@ -240,26 +273,48 @@ class _Matrices:
     @functools.lru_cache(maxsize=256)  # noqa: B019 - one _Matrices per plan, dropped with it
     def at(self, port: int, protocol: Protocol) -> _PortMatrices:
         m = self.model
-        k = self.k
-        n_in, n_eg = len(self.rows["ingress"]), len(self.rows["egress"])
-        s_in = np.zeros((k, n_in), dtype=np.float32)
-        p_in = np.zeros((n_in, k), dtype=np.float32)
-        for j, (pi, _, rule) in enumerate(self.rows["ingress"]):
-            s_in[:, j] = m.selected[:, pi] & self.port_ok(rule, port, protocol)
-            p_in[j] = self.peers("ingress", j)
-        s_eg = np.zeros((k, n_eg), dtype=np.float32)
-        p_eg = np.zeros((n_eg, k), dtype=np.float32)
-        for j, (pi, _, rule) in enumerate(self.rows["egress"]):
-            s_eg[:, j] = m.selected[:, pi]
-            p_eg[j] = self.peers("egress", j) & self.port_ok(rule, port, protocol)
+        out: dict[Direction, tuple[FloatArray, FloatArray]] = {}
+        for d in ("ingress", "egress"):
+            sel, peer = self._base[d]
+            sel, peer = sel.copy(), peer.copy()
+            for j, (_, _, rule) in enumerate(self.rows[d]):
+                if not rule.ports:
+                    continue
+                ok = self.port_ok(rule, port, protocol)  # per destination class
+                if d == "ingress":
+                    sel[:, j] *= ok
+                else:
+                    peer[j] *= ok
+            out[d] = (sel, peer)
         iso_in = (m.selected[:, self.isolates["ingress"]]).sum(axis=1).astype(np.float32)
         iso_eg = (m.selected[:, self.isolates["egress"]]).sum(axis=1).astype(np.float32)
-        cnt_in = s_in @ p_in
-        cnt_eg = s_eg @ p_eg
-        ingress = (iso_in[:, None] == 0) | (cnt_in > 0)  # [d, s]
-        egress = (iso_eg[:, None] == 0) | (cnt_eg > 0)  # [s, d]
-        allowed = np.asarray(egress & ingress.T, dtype=np.bool_)
-        return _PortMatrices(s_in, p_in, s_eg, p_eg, cnt_in, cnt_eg, iso_in, iso_eg, allowed)
+        declares = np.zeros(self.k, dtype=np.bool_)
+        for cls, ports in self.declared_ports.items():
+            declares[cls] = (port, protocol) in ports
+        s_in, p_in = out["ingress"]
+        s_eg, p_eg = out["egress"]
+        return _PortMatrices(
+            s_in,
+            p_in,
+            s_eg,
+            p_eg,
+            _Counts(s_in, p_in),
+            _Counts(s_eg, p_eg),
+            iso_in,
+            iso_eg,
+            declares,
+        )
+
+
+@dataclass(frozen=True)
+class Block:
+    """A part of the truth table: source classes `rows` x destination classes `cols`, with which
+    pairs flip and which are allowed as the policies stand."""
+
+    rows: IntArray
+    cols: IntArray
+    flips: BoolArray
+    allowed: BoolArray
 
 
 # --- choosing pods --------------------------------------------------------------------------------
@@ -329,7 +384,6 @@ class _Planner:
     def __init__(self, snapshot: Snapshot, model: ClassModel, *, running_only: bool) -> None:
         self.snapshot = snapshot
         self.model = model
-        self.mats = _Matrices(model)
         self.pods = _Pods(model, running_only=running_only)
         self.declared_ports: dict[int, list[tuple[int, Protocol]]] = {}
         for i, pod in enumerate(snapshot.pods):
@@ -338,6 +392,12 @@ class _Planner:
             for cp in pod.ports:
                 if (cp.port, cp.protocol) not in ports:
                     ports.append((cp.port, cp.protocol))
+        self.mats = _Matrices(model, self.declared_ports)
+        self.everyone = np.arange(model.classes)
+        self.isolators: dict[Direction, IntArray] = {
+            d: np.asarray(model.selected[:, self.mats.isolates[d]].sum(axis=1), dtype=np.intp)
+            for d in ("ingress", "egress")
+        }
         self.all_declared = sorted(
             {pp for ports in self.declared_ports.values() for pp in ports},
             key=lambda pp: (pp[1], pp[0]),
@@ -346,6 +406,13 @@ class _Planner:
             d: {(pi, ri): j for j, (pi, ri, _) in enumerate(self.mats.rows[d])}
             for d in ("ingress", "egress")
         }
+        self.policy_rows: dict[Direction, dict[int, IntArray]] = {}
+        directions: tuple[Direction, ...] = ("ingress", "egress")
+        for d in directions:
+            grouped: dict[int, list[int]] = {}
+            for j, (pi, _, _) in enumerate(self.mats.rows[d]):
+                grouped.setdefault(pi, []).append(j)
+            self.policy_rows[d] = {pi: np.array(js, dtype=np.intp) for pi, js in grouped.items()}
         self.externals = self._external_addresses()
 
     # -- ports -------------------------------------------------------------------------------------
@@ -387,71 +454,95 @@ class _Planner:
 
     # -- the flips ---------------------------------------------------------------------------------
 
-    def _without_policy(
-        self, pi: int, m: _PortMatrices, sel: BoolArray
-    ) -> tuple[BoolArray, BoolArray]:
-        """(affected [s, d], allowed without policy pi [s, d]) on this port."""
+    # A removal changes verdicts only where its policy selects: the destinations of an ingress
+    # rule or isolation, the sources of an egress one. Every computation below works on that
+    # block, rows (source classes) x columns (destination classes), never on the whole table.
+
+    def _policy_flips(
+        self, pi: int, m: _PortMatrices, sel: IntArray, direction: Direction
+    ) -> Block:
+        """Pairs whose verdict changes without policy `pi`, on the block of `direction`."""
         policy = self.model.policies[pi]
-        k = self.model.classes
-        cnt_in, iso_in = m.cnt_in, m.iso_in
-        cnt_eg, iso_eg = m.cnt_eg, m.iso_eg
+        rows, cols = (self.everyone, sel) if direction == "ingress" else (sel, self.everyone)
+        ingress = self._ingress(m, cols, rows)  # [d, s]
+        egress = self._egress(m, rows, cols)  # [s, d]
+        allowed = egress & ingress.T
         if "ingress" in policy.policy_types:
-            cols = [j for j, (p, _, _) in enumerate(self.mats.rows["ingress"]) if p == pi]
-            contrib = m.s_in[:, cols] @ m.p_in[cols] if cols else np.zeros((k, k), np.float32)
-            cnt_in = cnt_in - contrib
-            iso_in = iso_in - sel.astype(np.float32)
+            j = self.policy_rows["ingress"].get(pi)
+            inside = self.model.selected[cols, pi]  # destinations of the block P selects
+            cnt = self._cnt_in(m, cols, rows)
+            if j is not None:
+                cnt = cnt - m.s_in[np.ix_(cols, j)] @ self._sub(m.p_in, j, rows)
+            iso = m.iso_in[cols] - inside.astype(np.float32)
+            ingress = (iso[:, None] == 0) | (cnt > 0)
         if "egress" in policy.policy_types:
-            cols = [j for j, (p, _, _) in enumerate(self.mats.rows["egress"]) if p == pi]
-            contrib = m.s_eg[:, cols] @ m.p_eg[cols] if cols else np.zeros((k, k), np.float32)
-            cnt_eg = cnt_eg - contrib
-            iso_eg = iso_eg - sel.astype(np.float32)
-        ingress = (iso_in[:, None] == 0) | (cnt_in > 0)
-        egress = (iso_eg[:, None] == 0) | (cnt_eg > 0)
-        without = np.asarray(egress & ingress.T, dtype=np.bool_)
-        affected = np.zeros((k, k), dtype=np.bool_)
-        if "ingress" in policy.policy_types:
-            affected[:, sel] = True
-        if "egress" in policy.policy_types:
-            affected[sel, :] = True
-        return affected, without
+            j = self.policy_rows["egress"].get(pi)
+            inside = self.model.selected[rows, pi]
+            cnt = self._cnt_eg(m, rows, cols)
+            if j is not None:
+                cnt = cnt - m.s_eg[np.ix_(rows, j)] @ self._sub(m.p_eg, j, cols)
+            iso = m.iso_eg[rows] - inside.astype(np.float32)
+            egress = (iso[:, None] == 0) | (cnt > 0)
+        without = egress & ingress.T
+        return Block(rows, cols, np.asarray(allowed != without, dtype=np.bool_), allowed)
 
-    def _without_rule(self, direction: Direction, j: int, m: _PortMatrices) -> BoolArray:
-        """Allowed [s, d] on this port with rule row j removed (its policy still isolates)."""
+    def _ingress(self, m: _PortMatrices, cols: IntArray, rows: IntArray) -> BoolArray:
+        """[d, s] for destinations `cols` and sources `rows`: does ingress at d admit s?"""
+        cnt = self._cnt_in(m, cols, rows)
+        return np.asarray((m.iso_in[cols][:, None] == 0) | (cnt > 0), dtype=np.bool_)
+
+    def _egress(self, m: _PortMatrices, rows: IntArray, cols: IntArray) -> BoolArray:
+        """[s, d] for sources `rows` and destinations `cols`: does egress of s admit d?"""
+        cnt = self._cnt_eg(m, rows, cols)
+        return np.asarray((m.iso_eg[rows][:, None] == 0) | (cnt > 0), dtype=np.bool_)
+
+    def _cnt_in(self, m: _PortMatrices, cols: IntArray, rows: IntArray) -> FloatArray:
+        """Ingress counts [d in cols, s in rows]; one of the two is every class."""
+        return m.cnt_in.block(cols, rows, whole_rows=rows is self.everyone)
+
+    def _cnt_eg(self, m: _PortMatrices, rows: IntArray, cols: IntArray) -> FloatArray:
+        """Egress counts [s in rows, d in cols]; one of the two is every class."""
+        return m.cnt_eg.block(rows, cols, whole_rows=cols is self.everyone)
+
+    def _sub(self, a: npt.NDArray[Any], rows: IntArray, cols: IntArray) -> npt.NDArray[Any]:
+        """a[rows][:, cols], slicing a whole axis instead of gathering it."""
+        if rows is self.everyone:
+            return a[:, cols]
+        if cols is self.everyone:
+            return a[rows, :]
+        return a[np.ix_(rows, cols)]
+
+    def _rule_flips(self, direction: Direction, j: int, m: _PortMatrices, sel: IntArray) -> Block:
+        """Pairs only rule row `j` allows on this port (its policy still isolates without it)."""
         if direction == "ingress":
-            cnt = m.cnt_in - np.outer(m.s_in[:, j], m.p_in[j])
-            ingress = (m.iso_in[:, None] == 0) | (cnt > 0)
-            egress = (m.iso_eg[:, None] == 0) | (m.cnt_eg > 0)
+            rows, cols = self.everyone, sel
+            cnt = self._cnt_in(m, cols, rows) - np.outer(m.s_in[cols, j], m.p_in[j, rows])
+            ingress = (m.iso_in[cols][:, None] == 0) | (cnt > 0)
+            egress_now = self._egress(m, rows, cols)
+            without = egress_now & ingress.T
+            allowed = egress_now & self._ingress(m, cols, rows).T
         else:
-            cnt = m.cnt_eg - np.outer(m.s_eg[:, j], m.p_eg[j])
-            ingress = (m.iso_in[:, None] == 0) | (m.cnt_in > 0)
-            egress = (m.iso_eg[:, None] == 0) | (cnt > 0)
-        return np.asarray(egress & ingress.T, dtype=np.bool_)
-
-    def _probeable(self) -> BoolArray:
-        return np.asarray(
-            self.pods.source_mask[:, None] & self.pods.destination_mask[None, :], dtype=np.bool_
-        )
+            rows, cols = sel, self.everyone
+            cnt = self._cnt_eg(m, rows, cols) - np.outer(m.s_eg[rows, j], m.p_eg[j, cols])
+            egress = (m.iso_eg[rows][:, None] == 0) | (cnt > 0)
+            ingress_now = self._ingress(m, cols, rows)
+            without = egress & ingress_now.T
+            allowed = self._egress(m, rows, cols) & ingress_now.T
+        return Block(rows, cols, np.asarray(allowed & ~without, dtype=np.bool_), allowed)
 
     def _pick(
-        self, candidates: BoolArray, prefer: BoolArray | None = None
+        self, block: Block, mask: BoolArray, prefer: BoolArray | None = None
     ) -> tuple[Pod, Pod] | None:
-        """A (source, destination) pair of pods from the first usable class pair."""
-        order = []
-        if prefer is not None:
-            order.append(candidates & prefer)
-        order.append(candidates)
-        for mask in order:
-            for s, d in zip(*np.nonzero(mask), strict=True):
-                pair = self.pods.pair(int(s), int(d))
+        """A (source, destination) pair of pods from the first usable class pair of the block."""
+        usable = mask & self.pods.source_mask[block.rows][:, None]
+        usable &= self.pods.destination_mask[block.cols][None, :]
+        order = [usable & prefer, usable] if prefer is not None else [usable]
+        for candidates in order:
+            for r, c in zip(*np.nonzero(candidates), strict=True):
+                pair = self.pods.pair(int(block.rows[r]), int(block.cols[c]))
                 if pair is not None:
                     return pair
         return None
-
-    def _declares(self, port: int, protocol: Protocol) -> BoolArray:
-        out = np.zeros(self.model.classes, dtype=np.bool_)
-        for cls, ports in self.declared_ports.items():
-            out[cls] = (port, protocol) in ports
-        return out
 
     # -- one policy --------------------------------------------------------------------------------
 
@@ -472,7 +563,7 @@ class _Planner:
                 lint=(f"{policy.key} selects no pod",),
             )
         ports = self._candidate_ports(policy, sel)
-        probeable = self._probeable()
+        chosen = np.flatnonzero(sel)
         own: list[Witness] = []
         removal_matters = False  # does removing the whole policy change some verdict?
         directions: tuple[Direction, ...] = ("ingress", "egress")
@@ -481,7 +572,7 @@ class _Planner:
             if direction not in policy.policy_types:
                 continue
             for kind in kinds:
-                found = self._policy_witness(pi, direction, kind, ports, sel, probeable)
+                found = self._policy_witness(pi, direction, kind, ports, chosen)
                 if found is not None:
                     removal_matters = True
                     if found[1]:
@@ -489,7 +580,10 @@ class _Planner:
         external = self._external_witnesses(pi, ports)
         own += external
         removal_matters = removal_matters or bool(external)
-        rule_plans = [self._rule_plan(pi, r, ports, probeable) for r in rules]
+        rule_plans = [self._rule_plan(pi, r, ports, chosen) for r in rules]
+        # A removal witness that a rule's witness probes already is one probe: keep the rule's.
+        by_rules = {w.flow_key for r in rule_plans for w in r.witnesses}
+        own = [w for w in own if w.kind != "removal" or w.flow_key not in by_rules]
         lint = [
             f"{r.rule.key} is {r.unprovable}"
             for r in rule_plans
@@ -540,36 +634,43 @@ class _Planner:
         direction: Direction,
         kind: WitnessKind,
         ports: Sequence[tuple[int, Protocol, str]],
-        sel: BoolArray,
-        probeable: BoolArray,
+        sel: IntArray,
     ) -> tuple[Witness, bool] | None:
         """(witness, whether it can be probed) of one kind and direction, or None if none."""
         policy = self.model.policies[pi]
+        # Isolation flips need P to be the only policy isolating a class for that direction;
+        # removal flips need another one to remain. The counts do not depend on the port.
+        counts = self.isolators[direction][sel]
+        sel = sel[counts == 1] if kind == "isolation" else sel[counts >= 2]
+        if not len(sel):
+            return None
+        if kind == "removal":
+            # Only a port its rules admit can lose its last allowing rule with the policy.
+            rules = policy.ingress if direction == "ingress" else policy.egress
+            ports = [p for p in ports if any(self._admits(r, p[0], p[1]) for r in rules)]
         fallback: tuple[Witness, bool] | None = None
         for port, protocol, via in ports:
             m = self.mats.at(port, protocol)
-            affected, without = self._without_policy(pi, m, sel)
-            side = np.zeros_like(affected)
-            if direction == "ingress":
-                side[:, sel] = True
-            else:
-                side[sel, :] = True
-            flips = affected & side & (m.allowed != without)
-            flips &= ~m.allowed if kind == "isolation" else m.allowed
+            block = self._policy_flips(pi, m, sel, direction)
+            flips = block.flips & (~block.allowed if kind == "isolation" else block.allowed)
             if not flips.any():
                 continue
-            pair = self._pick(flips & probeable, self._declares(port, protocol)[None, :])
+            pair = self._pick(block, flips, m.declares[block.cols][None, :])
             if pair is None:
-                fallback = fallback or (
-                    self._witness_of(policy, None, kind, direction, flips, port, protocol, via),
-                    False,
-                )
+                if fallback is None:
+                    witness = self._witness_of(
+                        policy, None, kind, direction, block, flips, port, protocol, via
+                    )
+                    fallback = (witness, False)
                 continue
-            source, destination = pair
-            return self._make(
-                policy, None, kind, direction, source, destination, port, protocol, via
-            ), True
+            return self._make(policy, None, kind, direction, *pair, port, protocol, via), True
         return fallback
+
+    def _admits(self, rule: Rule, port: int, protocol: Protocol) -> bool:
+        """Whether some port entry of `rule` admits the port on some class."""
+        if not rule.ports:
+            return True
+        return bool(self.mats.entries_ok(rule.ports, port, protocol).any())
 
     def _witness_of(
         self,
@@ -577,13 +678,15 @@ class _Planner:
         rule: RuleRef | None,
         kind: WitnessKind,
         direction: Direction,
+        block: Block,
         flips: BoolArray,
         port: int,
         protocol: Protocol,
         via: str,
     ) -> Witness:
         """A witness between class representatives (not probeable: for offline listing)."""
-        s, d = (int(v[0]) for v in np.nonzero(flips))
+        r, c = (int(v[0]) for v in np.nonzero(flips))
+        s, d = int(block.rows[r]), int(block.cols[c])
         return self._make(
             policy,
             rule,
@@ -640,7 +743,7 @@ class _Planner:
         pi: int,
         plan: RuleEvidencePlan,
         ports: Sequence[tuple[int, Protocol, str]],
-        probeable: BoolArray,
+        chosen: IntArray,
     ) -> RuleEvidencePlan:
         """Witnesses of one rule: flows only it allows, covering each peer and port entry."""
         policy = self.model.policies[pi]
@@ -665,26 +768,26 @@ class _Planner:
         witnesses: dict[str, Witness] = {}
         flipped = False
 
-        def peer_mask(pc: int | None, shape_like: BoolArray) -> BoolArray:
+        def peer_mask(pc: int | None, block: Block) -> BoolArray:
             if pc is None:
-                return np.ones_like(shape_like)
-            match = peers[pc]
+                return np.ones_like(block.flips)
             # An ingress rule's peers are sources (rows); an egress rule's, destinations.
-            return np.asarray(match[:, None] if ref.direction == "ingress" else match[None, :])
+            if ref.direction == "ingress":
+                return np.asarray(peers[pc][block.rows][:, None])
+            return np.asarray(peers[pc][block.cols][None, :])
 
         def cover(entry_ports: Sequence[tuple[int, Protocol, str]], all_peers: bool) -> bool:
             nonlocal flipped
             for port, protocol, via in entry_ports:
                 m = self.mats.at(port, protocol)
-                flips = m.allowed & ~self._without_rule(ref.direction, j, m)
-                if not flips.any():
+                block = self._rule_flips(ref.direction, j, m, chosen)
+                if not block.flips.any():
                     continue
                 flipped = True
-                usable = flips & probeable
                 made = False
                 for pc in sorted(uncovered) if uncovered else [None]:
                     pair = self._pick(
-                        usable & peer_mask(pc, usable), self._declares(port, protocol)[None, :]
+                        block, block.flips & peer_mask(pc, block), m.declares[block.cols][None, :]
                     )
                     if pair is None:
                         continue

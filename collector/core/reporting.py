@@ -15,7 +15,7 @@ from typing import Any
 from tabulate import tabulate
 
 from collector.core.checking import CheckReport
-from collector.core.evidence import EVIDENCE_STATUSES
+from collector.core.evidence import EVIDENCE_STATUSES, EvidencePlan
 from collector.core.statuses import FAILING, UNDECIDED, status_rank
 from collector.core.views import FlowView, check_view
 
@@ -260,4 +260,64 @@ def render_markdown(
             lines += ["", f"<details><summary>{len(proven)} proven policies</summary>", ""]
             lines += [f"- {_md(str(p['id']))}: {_md(str(p['reason']))}" for p in proven]
             lines += ["", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+# --- the evidence plan, offline (`flowproof evidence`) --------------------------------------------
+
+
+def render_evidence_text(plan: EvidencePlan) -> str:
+    """Each policy with its witnesses, rule by rule, or why it has none; lint; a summary."""
+    lines: list[str] = []
+    for policy in plan.policies:
+        where = f"  ({policy.source})" if policy.source else ""
+        lines.append(f"{policy.policy}{where}")
+        if policy.unprovable:
+            lines.append(f"  unprovable: {policy.unprovable}")
+        for w in policy.witnesses:
+            lines.append(f"  witness: {w.describe()}")
+        for rule in policy.rules:
+            lines.append(f"  {rule.rule.direction}[{rule.rule.index}] {rule.text}")
+            if rule.unprovable:
+                lines.append(f"    no witness: {rule.unprovable}")
+            for w in rule.witnesses:
+                lines.append(f"    witness: {w.describe()}")
+        for line in policy.lint:
+            lines.append(f"  lint: {line}")
+        lines.append("")
+    lines.append(evidence_summary_line(plan))
+    return "\n".join(lines) + "\n"
+
+
+def evidence_summary_line(plan: EvidencePlan) -> str:
+    total = len(plan.policies)
+    proven = sum(1 for p in plan.policies if p.all_witnesses())
+    witnesses = len({w.flow_key for w in plan.witnesses()})
+    rules = [r for p in plan.policies for r in p.rules]
+    lint = sum(len(p.lint) for p in plan.policies)
+    per_rule = sum(len(r.witnesses) for r in rules) / len(rules) if rules else 0.0
+    return (
+        f"{total} NetworkPolicies: {proven} with witnesses, {total - proven} unprovable; "
+        f"{witnesses} witness flows ({per_rule:.1f} per rule); {lint} lint finding(s)"
+    )
+
+
+def render_evidence_markdown(plan: EvidencePlan) -> str:
+    lines = ["### flowproof evidence", "", evidence_summary_line(plan), ""]
+    lines += ["| policy | rule | witness or why none |", "|---|---|---|"]
+    for policy in plan.policies:
+        name = _md(policy.policy)
+        if policy.unprovable:
+            lines.append(f"| {name} | | unprovable: {_md(policy.unprovable)} |")
+        for w in policy.witnesses:
+            lines.append(f"| {name} | | {_md(w.describe())} |")
+        for rule in policy.rules:
+            ref = f"{rule.rule.direction}[{rule.rule.index}]"
+            if rule.unprovable:
+                lines.append(f"| {name} | {ref} | no witness: {_md(rule.unprovable)} |")
+            for w in rule.witnesses:
+                lines.append(f"| {name} | {ref} | {_md(w.describe())} |")
+    lint = [line for p in plan.policies for line in p.lint]
+    if lint:
+        lines += ["", "#### Lint", ""] + [f"- {_md(line)}" for line in lint]
     return "\n".join(lines) + "\n"

@@ -17,7 +17,13 @@ from typing import Any
 
 from collector.core.checking import FlowCheck
 from collector.core.engine import Endpoint, endpoint_name
-from collector.core.evidence import EVIDENCE_STATUSES, PolicyEvidence, WitnessResult
+from collector.core.evidence import (
+    EVIDENCE_STATUSES,
+    EvidencePlan,
+    PolicyEvidence,
+    Witness,
+    WitnessResult,
+)
 from collector.core.flowstate import Coverage, DeclaredStatus, FlowRecord, FlowState
 from collector.core.model import Pod
 from collector.core.probepods import is_probe_pod
@@ -327,19 +333,8 @@ def report_flows(state: FlowState, *, include_undeclared: bool = False) -> list[
 
 
 def witness_json(item: WitnessResult) -> dict[str, Any]:
-    w = item.witness
     return {
-        "flow": w.flow_key,
-        "subject": w.subject,
-        "kind": w.kind,
-        "direction": w.direction,
-        "source": w.source.key,
-        "destination": endpoint_name(w.destination),
-        "port": w.port,
-        "protocol": w.protocol,
-        "expect": _word(w.model),
-        "why": w.why,
-        "via": w.via or None,
+        **plan_witness_json(item.witness),
         "status": item.status,
         "reason": item.reason,
         "reality": item.reality,
@@ -367,6 +362,48 @@ def policy_json(item: PolicyEvidence) -> dict[str, Any]:
             }
             for r in item.rules
         ],
+    }
+
+
+def plan_witness_json(w: Witness) -> dict[str, Any]:
+    return {
+        "flow": w.flow_key,
+        "subject": w.subject,
+        "kind": w.kind,
+        "direction": w.direction,
+        "source": w.source.key,
+        "destination": endpoint_name(w.destination),
+        "port": w.port,
+        "protocol": w.protocol,
+        "expect": _word(w.model),
+        "why": w.why,
+        "via": w.via or None,
+    }
+
+
+def evidence_plan_json(plan: EvidencePlan) -> dict[str, Any]:
+    """The offline evidence plan: every policy's witnesses or why it has none, and lint."""
+    return {
+        "policies": [
+            {
+                "id": p.policy,
+                "source": p.source or None,
+                "unprovable": p.unprovable or None,
+                "lint": list(p.lint),
+                "witnesses": [plan_witness_json(w) for w in p.witnesses],
+                "rules": [
+                    {
+                        "rule": f"{r.rule.direction}[{r.rule.index}]",
+                        "text": r.text,
+                        "unprovable": r.unprovable or None,
+                        "witnesses": [plan_witness_json(w) for w in r.witnesses],
+                    }
+                    for r in p.rules
+                ],
+            }
+            for p in plan.policies
+        ],
+        "lint": [line for p in plan.policies for line in p.lint],
     }
 
 
@@ -556,6 +593,7 @@ __all__ = [
     "check_view",
     "compliance_ratio",
     "declared_json",
+    "evidence_plan_json",
     "evidence_summary",
     "flow_detail",
     "flow_view",

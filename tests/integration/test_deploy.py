@@ -33,7 +33,7 @@ from flowproof import __version__
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ("plain", "prometheus-operator", "probe-pods")
+OVERLAYS = ("plain", "prometheus-operator", "probe-pods", "policy-reports")
 TOKEN_DIR = "/var/run/secrets/flowproof"
 # Kinds kubernetes-validate has no schema for, each checked by its own test below.
 CUSTOM_KINDS = {
@@ -869,3 +869,34 @@ def test_the_service_monitor_keeps_the_per_flow_namespace_label():
         d for d in render("overlays/prometheus-operator") if d.get("kind") == "ServiceMonitor"
     )
     assert all(e.get("honorLabels") is True for e in monitor["spec"]["endpoints"])
+
+
+def test_the_policy_reports_overlay_turns_them_on_and_grants_only_their_writes(
+    token_file: Path,
+) -> None:
+    from collector.settings import load_settings
+
+    docs = render("overlays/policy-reports")
+    c = container(docs, "Deployment", "flowproof-collector")
+    settings = load_settings(_argv(c, token_file), _environment(c, {}))
+    assert settings.policy_reports is True
+    [role] = [
+        d
+        for d in docs
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("policy-reports")
+    ]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["wgpolicyk8s.io"],
+            "resources": ["policyreports"],
+            "verbs": ["get", "list", "create", "update", "delete"],
+        }
+    ]
+    [binding] = [
+        d
+        for d in docs
+        if d["kind"] == "ClusterRoleBinding" and d["roleRef"]["name"] == role["metadata"]["name"]
+    ]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "flowproof-collector", "namespace": "flowproof"}
+    ]

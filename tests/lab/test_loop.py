@@ -55,7 +55,10 @@ DECLARED = (
 )
 # Fast enough for tests: a flow is probed every ~2 s and STALE 6 s after its last result.
 LOOP = LoopSettings.with_planner(
-    probe_timeout_seconds=1.0, interval_seconds=2.0, freshness_seconds=6.0, drift_sample_size=10
+    probe_timeout_seconds=1.0,
+    interval_seconds=2.0,
+    freshness_seconds=6.0,
+    sweep_probes_per_second=5.0,
 )
 
 

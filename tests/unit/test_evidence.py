@@ -102,8 +102,8 @@ DEFAULT_DENY = make_policy("default-deny", "shop", types=("ingress", "egress"))
         pytest.param(
             (DENY_DB, DB_FROM_API),
             "shop/db-from-api",
-            {"removal": 1},
-            id="a policy whose rules alone allow a flow to a pod isolated by another has a removal witness",
+            {},
+            id="a policy whose rules alone allow a flow to a pod isolated by another is proven by them",
         ),
         pytest.param(
             (DB_FROM_API,),
@@ -124,6 +124,11 @@ def test_policy_witnesses(
         assert flips(snapshot, w), w.describe()
     assert kinds == expect
     assert plan.unprovable == ""
+    removed = Engine(without_policy(snapshot, key))
+    assert any(
+        removed.evaluate(w.source, w.destination, w.port, w.protocol).allowed != w.model
+        for w in plan.all_witnesses()
+    ), "a witness shows the policy ignored"
 
 
 def test_a_rule_is_proven_by_a_flow_only_it_allows() -> None:
