@@ -10,7 +10,7 @@ policies, and running pods on three nodes) it measures, in this process:
 
 Goals (issue 10): planning ≤ 2 s and ≤ 3 witnesses per rule on average. With `--mutations FILE`
 it also prints the mutation score and detection times the lab test wrote
-(tests/lab/test_evidence.py: test-artifacts/evidence-mutations.json).
+(tests/lab/test_lab_evidence.py: test-artifacts/evidence-mutations.json).
 
     python -m bench.evidence_bench [--pods 10000] [--namespaces 100] [--policies 500] [--repeat 3]
 """

@@ -247,9 +247,18 @@ def test_the_demo_lab_passes_and_verify_once_exits_0_with_reports(lab: Lab, tmp_
     assert done.returncode == 0, done.stdout + done.stderr
     assert "20 PASS" in done.stdout
     suites = ET.parse(junit).getroot()
-    assert (suites.get("tests"), suites.get("failures"), suites.get("errors")) == ("20", "0", "0")
+    # 20 concrete flows and a testcase per NetworkPolicy of the shop (9), none failing.
+    assert (suites.get("tests"), suites.get("failures"), suites.get("errors")) == ("29", "0", "0")
+    [policies] = [s for s in suites if s.get("name") == "NetworkPolicies"]
+    assert len(policies) == 9
     data = json.loads(report.read_text())
-    assert data["summary"] == {"flows": 20, "failed": 0, "statuses": {"PASS": 20}}
+    assert {k: data["summary"][k] for k in ("flows", "failed", "statuses")} == {
+        "flows": 20,
+        "failed": 0,
+        "statuses": {"PASS": 20},
+    }
+    assert data["summary"]["policies"]["NOT_ENFORCED"] == 0
+    assert len(data["policies"]) == 9
     rows = data["flows"]
     assert {r["status"] for r in rows} == {"PASS"}
     assert {r["flow"] for r in rows} == set(DECLARED)
