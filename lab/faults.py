@@ -74,13 +74,14 @@ def ignored_policy_notes(state: LabState, key: str) -> list[str]:
         pods=tuple(r.to_pod() for r in state.pods),
         policies=tuple(policies),
     )
-    (plan,) = plan_evidence(snapshot, policies=[key]).policies
+    # Every lab pod runs (the lab's records stand for their workloads' pods, hence not live).
+    (plan,) = plan_evidence(snapshot, policies=[key], running_only=False).policies
     if plan.all_witnesses():
         shown = plan.all_witnesses()[0]
         return [f"{key} ignored: its witness {shown.describe()} will show it NOT_ENFORCED"]
     return [
-        f"{key} is {plan.unprovable}: ignoring it changes nothing the packets can show; "
-        "`flowproof evidence -f MANIFESTS` lists the policies that have witnesses"
+        f"{key} has no witness ({plan.unprovable}): ignoring it changes nothing the packets can "
+        "show; `flowproof evidence -f MANIFESTS` lists the policies that have witnesses"
     ]
 
 

@@ -50,7 +50,8 @@ The lab "$LAB" is still up, its loop running:
                      the other policies isolate every pod, so ignoring it changes nothing)
   try a fault:       flowproof lab --name $LAB fault ignore-policy shop/db-ingress
   then:              flowproof verify --once --lab $LAB
-                     (api-to-db ENFORCEMENT_DRIFT; shop/db-ingress NOT_ENFORCED)
+                     (api-to-db ENFORCEMENT_DRIFT; shop/db-ingress NOT_ENFORCED, and the
+                     egress policies whose witnesses go through it: a drop cannot tell the side)
   clear it:          flowproof lab --name $LAB fault clear
   remove the lab:    flowproof lab --name $LAB down
 MSG

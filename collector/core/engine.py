@@ -113,6 +113,19 @@ class Verdict:
         }
 
 
+def suspects(verdict: Verdict) -> frozenset[str]:
+    """The policies whose failure to be enforced would make the network contradict `verdict`:
+    for an allowed flow the policies of the rules that allow it on either side, for a denied one
+    the policies that isolate the side that denies it."""
+    if verdict.allowed:
+        return frozenset(m.policy for m in verdict.deciding)
+    found: set[str] = set()
+    for side in (verdict.egress, verdict.ingress):
+        if not side.allowed:
+            found.update(side.policies)
+    return frozenset(found)
+
+
 def endpoint_name(endpoint: Endpoint) -> str:
     return endpoint.key if isinstance(endpoint, Pod) else endpoint
 

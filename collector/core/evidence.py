@@ -986,9 +986,14 @@ def _status_of(results: Sequence[WitnessResult], unprovable: str) -> tuple[Evide
 
 @dataclass(frozen=True)
 class FlowOutcome:
+    """How a witness flow stands. `suspects` are the policies whose failure to be enforced would
+    explain it failing: the rules that allow it on either side, or the policies that isolate the
+    side that denies it (from its verdict; empty: every policy that it witnesses)."""
+
     status: Status
     reason: str
     reality: str | None = None
+    suspects: frozenset[str] = frozenset()
 
 
 def evidence_of(plan: EvidencePlan, flows: Mapping[str, FlowOutcome]) -> list[PolicyEvidence]:
@@ -1019,9 +1024,12 @@ def evidence_of(plan: EvidencePlan, flows: Mapping[str, FlowOutcome]) -> list[Po
         everything = own + tuple(r for rule in rules for r in rule.witnesses)
         status, reason = _status_of(everything, policy.unprovable)
         if status == "NOT_ENFORCED":
-            culprit = next((r for r in everything if r.status == "ENFORCEMENT_DRIFT"), None)
-            if culprit is not None:
-                reason = f"{culprit.witness.subject} not enforced: {reason}"
+            culprit = next(r for r in everything if r.status == "ENFORCEMENT_DRIFT")
+            reason = f"{culprit.witness.subject} not enforced: {reason}"
+            others = sorted(flows[culprit.witness.flow_key].suspects - {policy.policy})
+            if others:
+                # A dropped flow allowed by a rule on each side cannot tell which side drops it.
+                reason += f" (or {', '.join(others)} is not: the probe cannot tell which side)"
         out.append(
             PolicyEvidence(
                 policy.policy,

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from collector.core.engine import suspects
 from collector.core.evidence import EvidencePlan, FlowOutcome, PolicyEvidence, evidence_of
 from collector.core.planning import DeclaredFlowPlan, PlannedFlow
 from collector.core.scheduling import PlanUpdate
@@ -514,7 +515,10 @@ class FlowState:
         """Every policy's evidence status from its witnesses' flows (collector.core.evidence)."""
         outcomes = {
             key: FlowOutcome(
-                record.status, record.reason, record.reality.verdict if record.reality else None
+                record.status,
+                record.reason,
+                record.reality.verdict if record.reality else None,
+                suspects(record.planned.verdict),
             )
             for key, record in self._flows.items()
             if record.planned.kind == "witness"

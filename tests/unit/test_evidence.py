@@ -15,7 +15,7 @@ from hypothesis import given
 from make import make_pod, make_policy, make_snapshot, peer, port, rule, sel
 from test_properties import PROPERTY_SETTINGS, snapshot_st
 
-from collector.core.engine import Engine
+from collector.core.engine import Engine, suspects
 from collector.core.evidence import (
     EvidencePlan,
     FlowOutcome,
@@ -333,3 +333,51 @@ def test_every_witness_flips_and_every_policy_that_matters_has_one_that_shows_it
                 removed.evaluate(w.source, w.destination, w.port, w.protocol).allowed != w.model
                 for w in evidence.all_witnesses()
             ), f"{policy.key} changes {changed[:3]} but no witness shows it"
+
+
+def test_a_dropped_flow_that_witnesses_both_sides_names_both_as_suspects() -> None:
+    api_out = make_policy(
+        "api-out",
+        "shop",
+        selector=sel({"app": "api"}),
+        egress=[rule(peer({"app": "db"}))],
+        types=("egress",),
+    )
+    job_out = make_policy(
+        "job-out",
+        "shop",
+        selector=sel({"app": "job"}),
+        egress=[rule(peer({"app": "db"}))],
+        types=("egress",),
+    )
+    db_in = make_policy(
+        "db-in",
+        "shop",
+        selector=sel({"app": "db"}),
+        ingress=[rule(peer({"app": "api"}), peer({"app": "job"}))],
+    )
+    snapshot = snap(api_out, job_out, db_in)
+    plan = plan_evidence(snapshot, running_only=False)
+    keys = {w.flow_key for w in plan.witnesses()}
+    engine = Engine(snapshot)
+    # db-in is not enforced: every flow into the database is dropped.
+    outcomes = {}
+    for key, witnesses in plan.by_flow().items():
+        w = witnesses[0]
+        verdict = engine.evaluate(w.source, w.destination, w.port, w.protocol)
+        into_db = w.destination == DB and w.model
+        outcomes[key] = FlowOutcome(
+            "ENFORCEMENT_DRIFT" if into_db else "PASS",
+            "dropped" if into_db else "",
+            None,
+            suspects(verdict),
+        )
+    assert len(keys) == len(outcomes)
+    by_policy = {e.policy: e for e in evidence_of(plan, outcomes)}
+    # The probes cannot tell which side drops them: each policy of a dropped flow is suspect, and
+    # says which other one could be the culprit instead.
+    assert by_policy["shop/db-in"].status == "NOT_ENFORCED"
+    assert "(or shop/" in by_policy["shop/db-in"].reason
+    for other in ("shop/api-out", "shop/job-out"):
+        assert by_policy[other].status == "NOT_ENFORCED", by_policy[other]
+        assert "or shop/db-in is not: the probe cannot tell which side" in by_policy[other].reason
