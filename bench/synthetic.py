@@ -8,6 +8,7 @@ the network, and never use randomness other than the seeded generator it is give
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import itertools
@@ -23,13 +24,17 @@ from collector.core.model import (
     NAMESPACE_NAME_LABEL,
     ContainerPort,
     Direction,
+    Expectations,
+    FlowExpectation,
     IPBlock,
     LabelSelector,
     Namespace,
     NetworkPolicy,
     Peer,
     Pod,
+    PodTarget,
     PolicyPort,
+    PortSpec,
     Requirement,
     Rule,
     Snapshot,
@@ -524,3 +529,33 @@ def _own_metrics(
     return _policy(
         names[n], name, _selector(), ("ingress",), ingress=(Rule(peers=(peer,), ports=ports),)
     )
+
+
+def with_expectations(snapshot: Snapshot, flows: int, seed: int) -> Snapshot:
+    """The snapshot with `flows` declared flows, one FlowExpectations document per namespace used:
+    from one app of a namespace to another of the same namespace, on a port the destination
+    declares, half expected allowed and half denied. Same arguments, same flows."""
+    rng = random.Random(seed)
+    apps: dict[str, dict[str, Pod]] = {}
+    for pod in snapshot.pods:
+        if pod.ports and pod.ips:
+            apps.setdefault(pod.namespace, {}).setdefault(pod.labels["app"], pod)
+    usable = sorted(ns for ns, found in apps.items() if len(found) >= 2)
+    documents: dict[str, list[FlowExpectation]] = {}
+    for i in range(flows):
+        namespace = usable[i % len(usable)]
+        source, destination = rng.sample(sorted(apps[namespace]), 2)
+        target = apps[namespace][destination].ports[0]
+        documents.setdefault(namespace, []).append(
+            FlowExpectation(
+                name=f"flow-{i}",
+                source=PodTarget(namespace, pod_selector=_selector({"app": source})),
+                destination=PodTarget(namespace, pod_selector=_selector({"app": destination})),
+                ports=(PortSpec(target.protocol, target.port),),
+                expect="allow" if i % 2 == 0 else "deny",
+            )
+        )
+    expectations = tuple(
+        Expectations(namespace, "bench", tuple(found)) for namespace, found in documents.items()
+    )
+    return dataclasses.replace(snapshot, expectations=expectations)
