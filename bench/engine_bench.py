@@ -6,20 +6,27 @@ alone (snapshot already built) is timed too. With `--nca`, np-guard's network-co
 (`nca`, installed for the benchmark only: `pip install network-config-analyzer` into any venv and
 pass `--nca PATH`) reads the same manifests at 1,000 pods, side by side in the same run.
 
+With `--distinct`, the clusters come from `make_distinct_cluster` (no selector repeats across
+namespaces) at PODS:NAMESPACES:POLICIES sizes, and the same command runs side by side on the
+engine of `--baseline` (a commit, extracted with `git archive` into a temporary directory and put
+first on PYTHONPATH) up to `--baseline-max-pods`, each run bounded by `--timeout` seconds.
+
     python -m bench.engine_bench [--sizes 1000 10000] [--nca /path/to/nca] [--repeat 3]
+    python -m bench.engine_bench --distinct 10000:1000:4000 100000:5000:20000 [--baseline ec75892]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.synthetic import make_cluster, write_manifests
+from bench.synthetic import make_cluster, make_distinct_cluster, write_manifests
 
 MEASURE = """
 import json, resource, sys, time
@@ -30,9 +37,28 @@ import io
 out = io.StringIO()
 rc = main(["matrix", "-f", sys.argv[1], "--port", "8080/TCP", "-o", "counts"], stdout=out)
 t1 = time.perf_counter()
-print(json.dumps({"rc": rc, "seconds": t1 - t0,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"rc": rc, "seconds": t1 - t0, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                  "rss_mb": usage.ru_maxrss / 1024,
                   "counts": json.loads(out.getvalue())}))
+"""
+
+PHASES = """
+import json, resource, sys, time
+from collector.reading.manifests import _load_documents
+from collector.reading.objects import build_snapshot
+from collector.core.classes import ClassModel
+marks = [time.process_time()]
+documents = _load_documents([sys.argv[1]], [], [])
+marks.append(time.process_time())
+snapshot = build_snapshot(documents, [])
+marks.append(time.process_time())
+model = ClassModel(snapshot)
+marks.append(time.process_time())
+counts = model.counts(8080, "TCP")
+marks.append(time.process_time())
+names = ("read_yaml", "build_snapshot", "classes", "counts")
+print(json.dumps({n + "_cpu_seconds": round(b - a, 2) for n, a, b in zip(names, marks, marks[1:])}))
 """
 
 ENGINE_ONLY = """
@@ -60,13 +86,84 @@ def time_command(args: list[str]) -> tuple[float, int]:
     return time.perf_counter() - start, done.returncode
 
 
+def _measure(directory: Path, pythonpath: str | None, timeout: float) -> dict[str, object]:
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", MEASURE, str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=pythonpath or None,
+        )
+    except subprocess.TimeoutExpired:
+        return {"finished": False, "why": f"over the {timeout:.0f} s bound"}
+    if done.returncode != 0:
+        return {"finished": False, "why": done.stderr.strip().splitlines()[-1:]}
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["finished"] = True
+    return result
+
+
+def distinct(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="fp-bench-") as tmp:
+        baseline = Path(tmp) / "baseline"
+        baseline.mkdir()
+        archive = subprocess.run(
+            ["git", "archive", args.baseline], capture_output=True, check=True, timeout=120
+        )
+        subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive.stdout, check=True)
+        for size in args.distinct:
+            pods, namespaces, policies = (int(x) for x in size.split(":"))
+            directory = Path(tmp) / f"d{pods}"
+            write_manifests(make_distinct_cluster(pods, namespaces, policies, 7), directory)
+            megabytes = sum(f.stat().st_size for f in directory.iterdir()) / 1e6
+            ours = _measure(directory, None, args.timeout)
+            phases = run_json([sys.executable, "-c", PHASES, str(directory)])
+            row: dict[str, object] = {
+                "pods": pods,
+                "namespaces": namespaces,
+                "policies": policies,
+                "yaml_mb": round(megabytes, 1),
+                "new": _rounded(ours),
+                "new_phases": phases,
+            }
+            if pods <= args.baseline_max_pods:
+                row["baseline"] = _rounded(_measure(directory, str(baseline), args.timeout))
+            else:
+                row["baseline"] = {"finished": False, "why": "not run (--baseline-max-pods)"}
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+def _rounded(result: dict[str, object]) -> dict[str, object]:
+    out = dict(result)
+    for key in ("seconds", "cpu_seconds", "rss_mb"):
+        if isinstance(out.get(key), float):
+            out[key] = round(float(out[key]), 2)  # type: ignore[arg-type]
+    counts = out.pop("counts", None)
+    if isinstance(counts, list) and counts:
+        out["allowed"] = counts[0]["allowed"]
+        out["classes"] = counts[0]["classes"]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--nca", help="path of np-guard's nca executable, for the side-by-side run")
     parser.add_argument("--nca-size", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--distinct", nargs="+", metavar="PODS:NAMESPACES:POLICIES")
+    parser.add_argument("--baseline", default="ec75892", help="the commit to compare with")
+    parser.add_argument("--baseline-max-pods", type=int, default=10000)
+    parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
+    if args.distinct:
+        return distinct(args)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fp-bench-") as tmp:
         for size in args.sizes:

@@ -8,7 +8,10 @@ the network, and never use randomness other than the seeded generator it is give
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import ipaddress
+import itertools
 import random
 import uuid
 from collections.abc import Sequence
@@ -21,13 +24,17 @@ from collector.core.model import (
     NAMESPACE_NAME_LABEL,
     ContainerPort,
     Direction,
+    Expectations,
+    FlowExpectation,
     IPBlock,
     LabelSelector,
     Namespace,
     NetworkPolicy,
     Peer,
     Pod,
+    PodTarget,
     PolicyPort,
+    PortSpec,
     Requirement,
     Rule,
     Snapshot,
@@ -366,3 +373,189 @@ class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[mi
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+
+# --- a cluster whose selectors do not repeat across namespaces --------------------------------------
+
+
+def make_distinct_cluster(pods: int, namespaces: int, policies: int, seed: int) -> Snapshot:
+    """A cluster where every namespace has its own apps, selectors, ports and external addresses.
+
+    Each namespace runs a few apps labelled `app: <app>-<n>` (so no selector of one namespace
+    selects pods of another), and its policies cycle through four kinds: an app-to-app ingress with
+    `matchExpressions`, an ingress from named partner namespaces on an `endPort` range of its own,
+    an egress to an `ipBlock` with an `except` of its own (one in ten into the pod network) plus DNS,
+    and a metrics ingress from monitoring namespaces on a range of its own. Policy i goes to
+    namespace i mod `namespaces`, so every namespace has `policies / namespaces` of them. Pods
+    carry a `pod-template-hash` per (app, version), as ReplicaSet pods do. Same arguments, same
+    snapshot.
+    """
+    if pods < 0 or policies < 0 or namespaces < 1:
+        raise ValueError("need pods >= 0, policies >= 0 and at least one namespace")
+    rng = random.Random(seed)
+    ns_objects = _namespaces(rng, namespaces)
+    names = list(ns_objects)
+    apps_of = {name: _namespace_apps(rng, i) for i, name in enumerate(names)}
+    pod_objects = _distinct_pods(rng, pods, names, apps_of)
+    made: list[NetworkPolicy] = []
+    kinds = (_own_app_ingress, _partner_ingress, _own_egress, _own_metrics)
+    for i in range(policies):
+        n = i % namespaces
+        maker = kinds[(i // namespaces) % len(kinds)]
+        made.append(
+            maker(
+                rng,
+                f"{maker.__name__.strip('_').replace('_', '-')}-{i}",
+                n,
+                names,
+                apps_of[names[n]],
+            )
+        )
+    return Snapshot(namespaces=ns_objects, pods=pod_objects, policies=tuple(made))
+
+
+def _namespace_apps(rng: random.Random, index: int) -> list[str]:
+    """The apps of one namespace: three to six of the vocabulary, named after the namespace."""
+    apps = rng.sample(list(APPS), rng.randint(3, 6))
+    return [f"{app}-{index}" for app in apps]
+
+
+def _base_app(app: str) -> str:
+    return app.rsplit("-", 1)[0]
+
+
+def _distinct_pods(
+    rng: random.Random,
+    count: int,
+    namespaces: Sequence[str],
+    apps_of: dict[str, list[str]],
+) -> tuple[Pod, ...]:
+    # Milder skew than `_pods`: with a thousand namespaces, a few are large and none is empty-heavy.
+    weights = list(itertools.accumulate(1.0 / (rank + 1) ** 0.5 for rank in range(len(namespaces))))
+    nodes = max(1, (count + PODS_PER_NODE - 1) // PODS_PER_NODE)
+    base = int(POD_NETWORK.network_address) + 2
+    result = []
+    for i in range(count):
+        namespace = rng.choices(namespaces, cum_weights=weights)[0]
+        app = rng.choice(apps_of[namespace])
+        tier, ports, _ = APPS[_base_app(app)]
+        version = rng.choices(VERSIONS, weights=VERSION_WEIGHTS)[0]
+        template = hashlib.blake2b(f"{namespace}/{app}/{version}".encode()).hexdigest()[:10]
+        labels = {"app": app, "tier": tier, "version": version, "pod-template-hash": template}
+        pending = rng.random() < 0.01
+        uid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        result.append(
+            Pod(
+                namespace=namespace,
+                name=f"{app}-{template}-{i:06d}",
+                labels=labels,
+                ports=ports,
+                ips=() if pending else (str(ipaddress.IPv4Address(base + i)),),
+                uid=uid,
+                node=f"node-{rng.randrange(nodes)}",
+                phase="Pending" if pending else "Running",
+            )
+        )
+    return tuple(result)
+
+
+def _own_app_ingress(
+    rng: random.Random, name: str, n: int, names: Sequence[str], apps: Sequence[str]
+) -> NetworkPolicy:
+    target, *callers = rng.sample(list(apps), min(3, len(apps)))
+    selector = _selector({"app": target}, Requirement("version", "In", ("v1", "v2")))
+    peer = Peer(
+        pod_selector=_selector(None, Requirement("app", "In", tuple(sorted(callers or [target]))))
+    )
+    rule = Rule(peers=(peer,), ports=(_port_of(_base_app(target), rng),))
+    return _policy(names[n], name, selector, ("ingress",), ingress=(rule,))
+
+
+def _partner_ingress(
+    rng: random.Random, name: str, n: int, names: Sequence[str], apps: Sequence[str]
+) -> NetworkPolicy:
+    partners = tuple(sorted(rng.sample(list(names), min(3, len(names)))))
+    peer = Peer(
+        pod_selector=_selector(None, Requirement("tier", "In", ("backend", "frontend"))),
+        namespace_selector=_selector(None, Requirement(NAMESPACE_NAME_LABEL, "In", partners)),
+    )
+    start = 8000 + (n % 97) * 10
+    ports = (PolicyPort("TCP", start, start + 5 + n % 7), PolicyPort("TCP", 8080))
+    target = rng.choice(list(apps))
+    return _policy(
+        names[n],
+        name,
+        _selector({"app": target}),
+        ("ingress",),
+        ingress=(Rule(peers=(peer,), ports=ports),),
+    )
+
+
+def _own_egress(
+    rng: random.Random, name: str, n: int, names: Sequence[str], apps: Sequence[str]
+) -> NetworkPolicy:
+    if n % 10 == 9:
+        # Into the pod network: one of four /16s with a /20 cut out (splits pods by address).
+        third = rng.randrange(4)
+        cidr = ipaddress.IPv4Network(f"10.{third}.0.0/16")
+        excepts: tuple[ipaddress.IPv4Network, ...] = (
+            ipaddress.IPv4Network(f"10.{third}.{rng.randrange(4) * 16}.0/20"),
+        )
+    else:
+        # An external service of this namespace: its own /24 with a /28 cut out.
+        cidr = ipaddress.IPv4Network(f"{100 + n // 65536 % 27}.{n // 256 % 256}.{n % 256}.0/24")
+        excepts = (ipaddress.IPv4Network(f"{cidr.network_address + 16 * rng.randrange(16)}/28"),)
+    source, destination = rng.sample(list(apps), 2)
+    rules = (
+        Rule(peers=(Peer(ip_block=IPBlock(cidr, excepts)),), ports=(PolicyPort("TCP", 443),)),
+        Rule(ports=(PolicyPort("UDP", 53), PolicyPort("TCP", 53))),
+        Rule(
+            peers=(Peer(pod_selector=_selector({"app": destination})),),
+            ports=(_port_of(_base_app(destination), rng),),
+        ),
+    )
+    return _policy(names[n], name, _selector({"app": source}), ("egress",), egress=rules)
+
+
+def _own_metrics(
+    rng: random.Random, name: str, n: int, names: Sequence[str], apps: Sequence[str]
+) -> NetworkPolicy:
+    peer = Peer(
+        namespace_selector=_selector(None, Requirement("monitoring", "Exists")),
+        pod_selector=_selector(None, Requirement("version", "NotIn", ("v3",))),
+    )
+    start = 9000 + n % 89
+    ports = (PolicyPort("TCP", start, start + 100), PolicyPort("TCP", "metrics"))
+    return _policy(
+        names[n], name, _selector(), ("ingress",), ingress=(Rule(peers=(peer,), ports=ports),)
+    )
+
+
+def with_expectations(snapshot: Snapshot, flows: int, seed: int) -> Snapshot:
+    """The snapshot with `flows` declared flows, one FlowExpectations document per namespace used:
+    from one app of a namespace to another of the same namespace, on a port the destination
+    declares, half expected allowed and half denied. Same arguments, same flows."""
+    rng = random.Random(seed)
+    apps: dict[str, dict[str, Pod]] = {}
+    for pod in snapshot.pods:
+        if pod.ports and pod.ips:
+            apps.setdefault(pod.namespace, {}).setdefault(pod.labels["app"], pod)
+    usable = sorted(ns for ns, found in apps.items() if len(found) >= 2)
+    documents: dict[str, list[FlowExpectation]] = {}
+    for i in range(flows):
+        namespace = usable[i % len(usable)]
+        source, destination = rng.sample(sorted(apps[namespace]), 2)
+        target = apps[namespace][destination].ports[0]
+        documents.setdefault(namespace, []).append(
+            FlowExpectation(
+                name=f"flow-{i}",
+                source=PodTarget(namespace, pod_selector=_selector({"app": source})),
+                destination=PodTarget(namespace, pod_selector=_selector({"app": destination})),
+                ports=(PortSpec(target.protocol, target.port),),
+                expect="allow" if i % 2 == 0 else "deny",
+            )
+        )
+    expectations = tuple(
+        Expectations(namespace, "bench", tuple(found)) for namespace, found in documents.items()
+    )
+    return dataclasses.replace(snapshot, expectations=expectations)

@@ -2,7 +2,9 @@
 
 Owns `Collector`, which joins the pure core: every inventory snapshot is planned (`Planner`) and
 judged (`FlowState`); due assignments go to the injected `send` (the dispatcher's submit, wired
-by collector.runtime); every result goes to the flow state, which may ask for a retry. Whatever
+by collector.runtime); every result goes to the flow state, which may ask for a retry. The slow,
+pure half of planning (`prepare_plan`) runs in a worker thread, never on the event loop; the
+`replanner` coalesces snapshots that arrive meanwhile (the newest wins). Whatever
 happens is published as a `LoopEvent` (one small frozen dataclass per kind) to the subscribers:
 the web view, the metrics and the status publisher. It never imports the dispatcher, the web or
 the metrics, and does no I/O of its own.
@@ -17,12 +19,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from collector.core.changes import ChangeEvent
+from collector.core.changes import ChangeEvent, merge_changes
 from collector.core.flowstate import FlowState, LatencySample, StatusChange
 from collector.core.model import Snapshot
 from collector.core.planning import needed_probe_pods
 from collector.core.probepods import ProbePodRequest
-from collector.core.scheduling import Planner
+from collector.core.scheduling import Planner, PreparedPlan, prepare_plan
 from collector.settings import CollectorSettings
 from flowproof.aio import SYSTEM_CLOCK, Clock, first_of
 from flowproof.probes import Assignment, ProbeResult
@@ -85,6 +87,20 @@ LoopEvent = SnapshotApplied | StatusChanged | ResultRecorded | LatencyMeasured
 Listener = Callable[[LoopEvent], None]
 
 
+def _settle(
+    waiters: Sequence[asyncio.Future[None]], error: Exception | None, *, cancelled: bool = False
+) -> None:
+    for waiter in waiters:
+        if waiter.done():
+            continue
+        if cancelled:
+            waiter.cancel()
+        elif error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(None)
+
+
 def _drop(_: Sequence[Assignment]) -> None:
     """The sender of a loop that nothing dispatches for (tests that only plan and judge)."""
 
@@ -120,28 +136,95 @@ class Collector:
         self._synced = asyncio.Event()
         self.results_total = 0
         self.results_unplanned_total = 0
+        self.replans_total = 0
+        self.snapshots_coalesced_total = 0  # snapshots replaced by a newer one before planning
+        self._pending: tuple[Snapshot, ChangeEvent] | None = None
+        self._pending_waiters: list[asyncio.Future[None]] = []
+        self._replan_wake = asyncio.Event()
+        self._replanner_running = False
+        self._planning = asyncio.Lock()
 
     # -- inputs ------------------------------------------------------------------------------------
 
-    async def on_snapshot(self, snapshot: Snapshot, change: ChangeEvent) -> None:
-        """A new inventory snapshot: re-plan what it touched and re-judge intent and model."""
+    async def on_snapshot(
+        self, snapshot: Snapshot, change: ChangeEvent, *, wait: bool = True
+    ) -> None:
+        """A new inventory snapshot: re-plan what it touched and re-judge intent and model.
+
+        The plan is built in a worker thread; its result is applied here, on the loop. While the
+        `replanner` root task runs, the snapshot is queued instead: a snapshot still waiting is
+        replaced by this one (their changes merged), and a replan in progress is never queued
+        behind. `wait` returns only once this snapshot (or a newer one) is applied.
+        """
+        if not self._replanner_running:
+            await self._replan(snapshot, change)
+            return
+        if self._pending is not None:
+            change = merge_changes(self._pending[1], change)
+            self.snapshots_coalesced_total += 1
+        self._pending = (snapshot, change)
+        self._replan_wake.set()
+        if wait:
+            waiter = asyncio.get_running_loop().create_future()
+            self._pending_waiters.append(waiter)
+            await waiter
+
+    async def replanner(self, stop: asyncio.Event) -> None:
+        """Plan the newest queued snapshot, one at a time, until `stop`."""
+        self._replanner_running = True
+        try:
+            while not stop.is_set():
+                if self._pending is None:
+                    self._replan_wake.clear()
+                    await first_of(self._replan_wake, stop)
+                    continue
+                (snapshot, change), self._pending = self._pending, None
+                waiters, self._pending_waiters = self._pending_waiters, []
+                try:
+                    await self._replan(snapshot, change)
+                except Exception as exc:  # a bug: the waiters see it, the root task fails
+                    _settle(waiters, exc)
+                    raise
+                except BaseException:
+                    _settle(waiters, None, cancelled=True)
+                    raise
+                _settle(waiters, None)
+        finally:
+            self._replanner_running = False
+            _settle(self._pending_waiters, None, cancelled=True)
+            self._pending_waiters = []
+
+    async def _replan(self, snapshot: Snapshot, change: ChangeEvent) -> None:
+        async with self._planning:  # callers without the replanner: one plan at a time, in order
+            prepared = await asyncio.to_thread(
+                prepare_plan, snapshot, self.settings.planner, generation=change.generation
+            )
+            self._apply(snapshot, change, prepared)
+            await self._reconcile_probe_pods()
+        self._synced.set()
+        self._wake.set()
+
+    def _apply(self, snapshot: Snapshot, change: ChangeEvent, prepared: PreparedPlan) -> None:
+        """The planner's and the flow state's half of a replan: on the loop, no await inside."""
         now = self.clock.time()
         self.snapshot = snapshot
         self.generation = change.generation
-        update = self.planner.update(snapshot, change, now)
+        self.replans_total += 1
+        update = self.planner.apply(prepared, change, now)
         self._emit_changes(self.state.sync(update))
         self._emit(SnapshotApplied(change.generation, change.describe()))
-        if self._probe_pods is not None:
-            needed = needed_probe_pods(update.plan)
-            keys = frozenset(r.key for r in needed)
-            if keys != self._probe_pod_keys:  # the manager is asked only when the set changes
-                try:
-                    await self._probe_pods(needed)
-                    self._probe_pod_keys = keys
-                except Exception:
-                    log.exception("probe pods could not be reconciled; flows stay INCONCLUSIVE")
-        self._synced.set()
-        self._wake.set()
+
+    async def _reconcile_probe_pods(self) -> None:
+        if self._probe_pods is None:
+            return
+        needed = needed_probe_pods(self.planner.plan)
+        keys = frozenset(r.key for r in needed)
+        if keys != self._probe_pod_keys:  # the manager is asked only when the set changes
+            try:
+                await self._probe_pods(needed)
+                self._probe_pod_keys = keys
+            except Exception:
+                log.exception("probe pods could not be reconciled; flows stay INCONCLUSIVE")
 
     def on_result(self, result: ProbeResult) -> None:
         """A result from an agent (exactly once per result id)."""

@@ -53,6 +53,10 @@ FEEDBACK_BUCKETS: tuple[float, ...] = (
     300.0,
 )
 
+LOOP_LAG_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
 FLOW_LABELS = ("expectation", "flow", "namespace")
 """The labels of every per-declared-flow series, in exposition (sorted) order."""
 
@@ -395,6 +399,13 @@ class CollectorMetrics:
             buckets=FEEDBACK_BUCKETS,
             registry=registry,
         )
+        self.event_loop_lag = Histogram(
+            "flowproof_event_loop_lag_seconds",
+            "How late the collector's event loop ran a timer (scheduling delay, sampled every "
+            "50 ms): how long gRPC streams, the web view and /metrics waited behind other work.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=registry,
+        )
         self.witness_probes = PromCounter(
             "flowproof_witness_probes",
             "Probe results of witness flows (the evidence that each policy is enforced).",
@@ -419,6 +430,10 @@ class CollectorMetrics:
             self.observe_result(event.result)
         elif isinstance(event, LatencyMeasured):
             self.observe_latency(event.samples)
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        """One sample of the event loop's scheduling delay (see `flowproof.aio.event_loop_lag`)."""
+        self.event_loop_lag.observe(seconds)
 
     def observe_result(self, result: ProbeResult) -> None:
         """Count one probe result and its duration."""

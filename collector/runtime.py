@@ -1,9 +1,11 @@
 """The collector's runtime: builds every object from the settings and runs the named root tasks.
 
 Wiring only. The root tasks, named at the top of `serve`: `inventory_watcher` (manifests or the
-Kubernetes API feeding `Collector.on_snapshot`), `plan_sender` (due assignments to the
-dispatcher), `state_refresher` (freshness, feedback latency), and in a cluster `status_publisher`,
-`probe_pod_manager` and `policy_report_publisher`. The gRPC server (the dispatcher) and the HTTP server (health, metrics, the
+Kubernetes API feeding `Collector.on_snapshot`), `replanner` (plans the newest snapshot in a
+worker thread), `loop_lag_probe` (the event loop's scheduling delay, for /metrics), `plan_sender`
+(due assignments to the dispatcher), `state_refresher` (freshness, feedback latency), and in a
+cluster `status_publisher`, `probe_pod_manager` and `policy_report_publisher`. The gRPC server
+(the dispatcher) and the HTTP server (health, metrics, the
 web view, /api/v1, verify) serve beside them. `main(argv)` loads the settings (exit 2 when they
 cannot work) and serves until SIGTERM (exit 0 after a bounded graceful stop); if a root task ends
 or fails on its own, the collector stops and exits 1 so Kubernetes restarts it. No module-level
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
@@ -42,7 +45,7 @@ from collector.sources import ManifestSource
 from collector.web.app import StateView, build_web_app
 from collector.web.events import Broadcaster
 from collector.web.verify import add_verify_routes
-from flowproof.aio import run_root_tasks, run_service, stop_event
+from flowproof.aio import event_loop_lag, run_root_tasks, run_service, stop_event
 from flowproof.errors import ConfigurationError
 
 log = logging.getLogger("collector")
@@ -66,15 +69,28 @@ def loop_status(collector: Collector, dispatcher: Dispatcher) -> LoopStatus:
     )
 
 
-def build_http_app(collector: Collector, dispatcher: Dispatcher) -> web.Application:
+def collector_metrics(collector: Collector, dispatcher: Dispatcher) -> CollectorMetrics:
+    """The collector's metrics, subscribed to its events."""
+    metrics = CollectorMetrics(
+        CollectorRegistry(),
+        state=collector.state,
+        loop_status=lambda: loop_status(collector, dispatcher),
+    )
+    collector.subscribe(metrics.on_loop_event)
+    return metrics
+
+
+def build_http_app(
+    collector: Collector, dispatcher: Dispatcher, metrics: CollectorMetrics | None = None
+) -> web.Application:
     """Health, readiness, verify, the web view, the JSON API and /metrics."""
 
     def status() -> LoopStatus:
         return loop_status(collector, dispatcher)
 
-    metrics = CollectorMetrics(CollectorRegistry(), state=collector.state, loop_status=status)
+    if metrics is None:
+        metrics = collector_metrics(collector, dispatcher)
     broadcaster = Broadcaster()
-    collector.subscribe(metrics.on_loop_event)
     collector.subscribe(broadcaster.on_loop_event)
     app = build_web_app(
         state_view=StateView(
@@ -99,11 +115,16 @@ def snapshot_feeder(collector: Collector) -> Callable[[InventoryUpdate], Awaitab
     async def on_update(update: InventoryUpdate) -> None:
         nonlocal previous, generation
         generation += 1
-        change = diff_snapshots(
-            previous, update.snapshot, generation=generation, at=collector.clock.time()
+        change = await asyncio.to_thread(  # a diff of 10,000 pods takes a good part of a second
+            diff_snapshots,
+            previous,
+            update.snapshot,
+            generation=generation,
+            at=collector.clock.time(),
         )
         previous = update.snapshot
-        await collector.on_snapshot(update.snapshot, change)
+        # Queued for the replanner: the newest snapshot wins; the watch goes on meanwhile.
+        await collector.on_snapshot(update.snapshot, change, wait=False)
 
     return on_update
 
@@ -175,7 +196,9 @@ async def _serve(
         roots: dict[str, Coroutine[Any, Any, None]] = {}
         if settings.source == "manifests":
             manifests = ManifestSource(list(settings.manifests), clock=collector.clock)
-            roots["inventory_watcher"] = manifests.run(collector.on_snapshot, stop)
+            roots["inventory_watcher"] = manifests.run(
+                functools.partial(collector.on_snapshot, wait=False), stop
+            )
         else:
             source = await resources.enter_async_context(
                 KubernetesSource(
@@ -186,6 +209,9 @@ async def _serve(
             )
             roots["inventory_watcher"] = kubernetes_inventory(source, stop)
             roots["status_publisher"] = status_publisher(collector, source, stop)
+        metrics = collector_metrics(collector, dispatcher)
+        roots["replanner"] = collector.replanner(stop)
+        roots["loop_lag_probe"] = event_loop_lag(metrics.observe_loop_lag, stop)
         roots["plan_sender"] = collector.plan_sender(stop)
         roots["state_refresher"] = collector.state_refresher(stop)
         if cluster_probe_pods is not None:
@@ -197,7 +223,7 @@ async def _serve(
             roots["policy_report_publisher"] = reports.run(stop)
 
         grpc_port = await dispatcher.start(f"{settings.listen_address}:{settings.grpc_port}")
-        runner = web.AppRunner(build_http_app(collector, dispatcher), access_log=None)
+        runner = web.AppRunner(build_http_app(collector, dispatcher, metrics), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.listen_address, settings.http_port)
         await site.start()

@@ -97,6 +97,18 @@ async def first_of(*events: asyncio.Event) -> None:
             waiter.cancel()
 
 
+async def event_loop_lag(
+    observe: Callable[[float], None], stop: asyncio.Event, *, interval_seconds: float = 0.05
+) -> None:
+    """Until `stop`, wake every `interval_seconds` and `observe` how late the wake-up came: the
+    event loop's scheduling delay, which is how long something held the loop (a stall)."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        started = loop.time()
+        await asyncio.sleep(interval_seconds)
+        observe(max(0.0, loop.time() - started - interval_seconds))
+
+
 @contextlib.contextmanager
 def stop_event(stop: asyncio.Event | None = None) -> Iterator[asyncio.Event]:
     """The event a service stops on: `stop` as given (tests pass their own), else a new one that
@@ -183,6 +195,7 @@ __all__ = [
     "Backoff",
     "Clock",
     "SystemClock",
+    "event_loop_lag",
     "first_of",
     "run_root_tasks",
     "run_service",

@@ -137,6 +137,24 @@ def diff_snapshots(
     )
 
 
+def merge_changes(first: ChangeEvent, then: ChangeEvent) -> ChangeEvent:
+    """One event for two consecutive changes planned as one (the newer snapshot replaced the older
+    before it was planned): every key either names, the newer generation, and the older dates, so
+    the feedback latency is still measured from the first change."""
+    keys = {
+        f.name: getattr(first, f.name) | getattr(then, f.name)
+        for f in dataclasses.fields(ChangeEvent)
+        if f.name not in ("generation", "at", "observed_at", "initial")
+    }
+    return ChangeEvent(
+        generation=then.generation,
+        at=min(first.at, then.at),
+        observed_at=min(first.observed_at, then.observed_at),
+        initial=first.initial or then.initial,
+        **keys,
+    )
+
+
 @dataclass(frozen=True)
 class FlowFacts:
     """What the planner knows about a flow that a change can alter.
@@ -174,4 +192,4 @@ def touched_flows(
     return frozenset(touched)
 
 
-__all__ = ["ChangeEvent", "FlowFacts", "diff_snapshots", "touched_flows"]
+__all__ = ["ChangeEvent", "FlowFacts", "diff_snapshots", "merge_changes", "touched_flows"]

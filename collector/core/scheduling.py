@@ -38,6 +38,21 @@ class PlanUpdate:
     touched: frozenset[str]
 
 
+@dataclass(frozen=True)
+class PreparedPlan:
+    """A plan built from a snapshot, with its flows' facts: the pure, slow half of an update,
+    which may be built in another thread (it reads only the snapshot and the settings)."""
+
+    plan: Plan
+    facts: dict[str, FlowFacts]
+
+
+def prepare_plan(snapshot: Snapshot, settings: PlannerSettings, *, generation: int) -> PreparedPlan:
+    """`build_plan` and the facts `Planner.apply` compares; touches no planner state."""
+    plan = build_plan(snapshot, settings, generation=generation)
+    return PreparedPlan(plan, plan.facts())
+
+
 class _TokenBucket:
     """`rate` per second with a burst of one second's worth (at least one)."""
 
@@ -125,8 +140,16 @@ class Planner:
     def update(self, snapshot: Snapshot, change: ChangeEvent | None, now: float) -> PlanUpdate:
         """Plan a new snapshot; keep the schedule of unchanged flows, queue the touched ones."""
         generation = change.generation if change is not None else self.plan.generation + 1
-        plan = self._with_sweep(build_plan(snapshot, self.settings, generation=generation))
-        facts = plan.facts()
+        return self.apply(prepare_plan(snapshot, self.settings, generation=generation), change, now)
+
+    def apply(self, prepared: PreparedPlan, change: ChangeEvent | None, now: float) -> PlanUpdate:
+        """`update` with the plan already built (`prepare_plan`, possibly in another thread); the
+        sweep's batch is carried over here, on the planner's side."""
+        plan = self._with_sweep(prepared.plan)
+        facts = dict(prepared.facts)
+        for key, flow in plan.flows.items():
+            if prepared.plan.flows.get(key) is not flow:  # a sweep cell carried over
+                facts[key] = flow.facts()
         touched = set(touched_flows(change, self._facts, facts))
         added = facts.keys() - self._facts.keys()
         removed = self._facts.keys() - facts.keys()

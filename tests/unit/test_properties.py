@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector.core.classes import reachability_counts
+from collector.core.classes import ClassModel, reachability_counts
 from collector.core.engine import Engine, infer_policy_types
 from collector.core.model import (
     NAMESPACE_NAME_LABEL,
@@ -366,6 +366,25 @@ def test_reachability_counts_equal_the_brute_force_count_over_every_ordered_pair
             protocol,
         )
         assert 1 <= counts.classes <= len(pods)
+
+
+@PROPERTY_SETTINGS
+@given(snapshot=snapshot_st())
+def test_pods_of_one_class_get_the_engine_s_verdict_towards_every_other_pod(
+    snapshot: Snapshot,
+) -> None:
+    engine = Engine(snapshot)
+    model = ClassModel(snapshot)
+    pods = snapshot.pods
+    for port, protocol in FLOWS:
+        allowed = model.allowed_matrix(port, protocol)
+        for i, src in enumerate(pods):
+            for j, dst in enumerate(pods):
+                if i == j:
+                    continue  # self pairs are always allowed, whatever the class pair says
+                verdict = engine.evaluate(src, dst, port, protocol)
+                cell = allowed[model.class_of[i], model.class_of[j]]
+                assert cell == verdict.allowed, (src.key, dst.key, port, protocol)
 
 
 @pytest.mark.parametrize(

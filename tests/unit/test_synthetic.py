@@ -5,8 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from bench.synthetic import make_cluster, write_manifests
+import pytest
+
+from bench.synthetic import make_cluster, make_distinct_cluster, write_manifests
+from collector.core import classes
 from collector.core.classes import reachability_counts
+from collector.core.engine import Engine
 from collector.core.model import Snapshot
 from collector.reading.manifests import load_snapshot
 
@@ -83,3 +87,49 @@ def test_written_manifests_load_back_to_an_equal_snapshot(tmp_path: Path) -> Non
     assert loaded.pods == snapshot.pods
     assert loaded.policies == snapshot.policies
     assert dict(loaded.namespaces) == dict(snapshot.namespaces)
+
+
+def test_the_distinct_generator_repeats_no_selector_across_namespaces() -> None:
+    snapshot = make_distinct_cluster(pods=600, namespaces=30, policies=120, seed=5)
+    assert (len(snapshot.pods), len(snapshot.namespaces), len(snapshot.policies)) == (600, 30, 120)
+    assert make_distinct_cluster(pods=600, namespaces=30, policies=120, seed=5) == snapshot
+    by_namespace = {}
+    for policy in snapshot.policies:
+        by_namespace.setdefault(policy.namespace, []).append(policy)
+    assert all(len(found) == 4 for found in by_namespace.values())
+    apps = {(p.namespace, v) for p in snapshot.pods for k, v in p.labels.items() if k == "app"}
+    assert len({v for _, v in apps}) == len(apps), "an app label belongs to one namespace"
+    peers = [peer for p in snapshot.policies for r in (*p.ingress, *p.egress) for peer in r.peers]
+    assert any(p.ip_block is not None and p.ip_block.excepts for p in peers)
+    assert any(
+        port.end_port is not None
+        for p in snapshot.policies
+        for r in (*p.ingress, *p.egress)
+        for port in r.ports
+    )
+
+
+@pytest.mark.parametrize(
+    "snapshot",
+    [
+        pytest.param(make_cluster(pods=120, namespaces=6, policies=40, seed=2), id="repeating"),
+        pytest.param(
+            make_distinct_cluster(pods=120, namespaces=12, policies=48, seed=2), id="distinct"
+        ),
+    ],
+)
+def test_counts_in_many_small_chunks_equal_the_engine_over_every_pair(
+    snapshot: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tiny chunks make every loop of the class-pair count run many times, as at 100,000 pods.
+    monkeypatch.setattr(classes, "_BLOCK_CELLS", 64)
+    engine = Engine(snapshot)
+    model = classes.ClassModel(snapshot)
+    assert model.classes > 16
+    for port, protocol in ((8080, "TCP"), (443, "TCP"), (53, "UDP"), (9050, "TCP")):
+        expected = sum(
+            engine.evaluate(src, dst, port, protocol).allowed
+            for src in snapshot.pods
+            for dst in snapshot.pods
+        )
+        assert model.counts(port, protocol).allowed == expected, (port, protocol)

@@ -1,0 +1,91 @@
+"""Planning off the event loop: the replanner builds plans in a worker thread, the newest snapshot
+wins, and the loop keeps running meanwhile (measured with the loop-lag probe)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+
+from collector import loop as loop_module
+from collector.core.changes import diff_snapshots
+from collector.core.model import Snapshot
+from collector.core.scheduling import PreparedPlan, prepare_plan
+from collector.core.settings import PlannerSettings
+from collector.loop import Collector
+from collector.settings import CollectorSettings
+from flowproof.aio import event_loop_lag
+from tests.unit.make import make_pod, make_snapshot
+
+
+def _snapshot(version: str) -> Snapshot:
+    return make_snapshot(
+        [make_pod("x/a", labels={"app": "a", "v": version}), make_pod("x/b", labels={"app": "b"})]
+    )
+
+
+@pytest.mark.asyncio
+async def test_snapshots_queued_during_a_replan_collapse_into_the_newest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    planned: list[int] = []
+
+    def slow_prepare(
+        snapshot: Snapshot, settings: PlannerSettings, *, generation: int
+    ) -> PreparedPlan:
+        time.sleep(0.3)  # a large cluster's build_plan, in the worker thread
+        planned.append(generation)
+        return prepare_plan(snapshot, settings, generation=generation)
+
+    monkeypatch.setattr(loop_module, "prepare_plan", slow_prepare)
+    collector = Collector(CollectorSettings(token="t"))
+    stop = asyncio.Event()
+    lags: list[float] = []
+    replanner = asyncio.create_task(collector.replanner(stop))
+    probe = asyncio.create_task(event_loop_lag(lags.append, stop, interval_seconds=0.01))
+    await asyncio.sleep(0)
+    snapshots = [_snapshot(str(i)) for i in range(4)]
+    previous = None
+    changes = []
+    for generation, snapshot in enumerate(snapshots, start=1):
+        changes.append(
+            diff_snapshots(previous, snapshot, generation=generation, at=float(generation))
+        )
+        previous = snapshot
+    await collector.on_snapshot(snapshots[0], changes[0], wait=False)
+    await asyncio.sleep(0.05)  # the first replan is under way in the thread
+    for snapshot, change in zip(snapshots[1:3], changes[1:3], strict=True):
+        await collector.on_snapshot(snapshot, change, wait=False)
+    await collector.on_snapshot(snapshots[3], changes[3])  # waits until it (or newer) is applied
+    stop.set()
+    await asyncio.gather(replanner, probe)
+    assert planned == [1, 4], "generations 2 and 3 were replaced by 4 before planning"
+    assert collector.snapshots_coalesced_total == 2
+    assert collector.generation == 4 and collector.snapshot is snapshots[3]
+    assert collector.planner.plan.generation == 4
+    assert max(lags) < 0.1, f"the loop stalled {max(lags):.3f}s while plans were built"
+    assert len(lags) > 20, "the probe ran all along"
+
+
+def test_a_merged_change_keeps_every_key_and_the_first_date() -> None:
+    first = diff_snapshots(_snapshot("0"), _snapshot("1"), generation=2, at=10.0)
+    then = dataclasses.replace(
+        diff_snapshots(_snapshot("1"), _snapshot("1"), generation=3, at=12.0),
+        pods_added=frozenset({"x/c"}),
+    )
+    merged = loop_module.merge_changes(first, then)
+    assert merged.generation == 3
+    assert merged.at == 10.0
+    assert merged.pods_changed == {"x/a"}
+    assert merged.pods_added == {"x/c"}
+
+
+@pytest.mark.asyncio
+async def test_without_the_replanner_a_snapshot_is_planned_before_on_snapshot_returns() -> None:
+    collector = Collector(CollectorSettings(token="t"))
+    snapshot = _snapshot("0")
+    await collector.on_snapshot(snapshot, diff_snapshots(None, snapshot, generation=1, at=1.0))
+    assert collector.planner.plan.generation == 1
+    assert collector.replans_total == 1
