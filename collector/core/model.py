@@ -323,7 +323,9 @@ class ClusterNetworkPolicy:
     @property
     def order(self) -> tuple[int, int]:
         """Precedence within the tier: lower first (a BaselineAdminNetworkPolicy comes last)."""
-        return (self.priority, 1 if self.kind == BASELINE_ADMIN_NETWORK_POLICY else 0)
+        if self.kind == BASELINE_ADMIN_NETWORK_POLICY:
+            return (1, 0)
+        return (0, self.priority)
 
     def action_word(self, action: RuleAction) -> str:
         """The action as this kind writes it (v1alpha1 says `Allow` for `Accept`)."""
