@@ -95,6 +95,44 @@ PLUGIN_DOMAINS: Final[Mapping[str, str]] = {
 is the domain or ends in `.domain`: `crd.projectcalico.org`, `crd.antrea.io`)."""
 
 
+WATCHED_POLICY_RESOURCES: Final[Mapping[str, tuple[str, ...]]] = {
+    CLUSTER_POLICY_GROUP: (
+        "clusternetworkpolicies",
+        "adminnetworkpolicies",
+        "baselineadminnetworkpolicies",
+    ),
+    "cilium.io": (
+        "ciliumnetworkpolicies",
+        "ciliumclusterwidenetworkpolicies",
+        "ciliumegressgatewaypolicies",
+        "ciliumlocalredirectpolicies",
+    ),
+    "crd.projectcalico.org": (
+        "networkpolicies",
+        "globalnetworkpolicies",
+        "stagednetworkpolicies",
+        "stagedglobalnetworkpolicies",
+        "stagedkubernetesnetworkpolicies",
+    ),
+    "projectcalico.org": (
+        "networkpolicies",
+        "globalnetworkpolicies",
+        "stagednetworkpolicies",
+        "stagedglobalnetworkpolicies",
+        "stagedkubernetesnetworkpolicies",
+    ),
+    "crd.antrea.io": ("networkpolicies", "clusternetworkpolicies"),
+    "k8s.ovn.org": ("egressfirewalls", "adminpolicybasedexternalroutes"),
+    "network.openshift.io": ("egressnetworkpolicies",),
+    "networking.gke.io": ("fqdnnetworkpolicies",),
+    "crd.nsx.vmware.com": ("securitypolicies",),
+}
+"""The policy resources the collector's read-only RBAC grants (deploy/base/collector.yaml): the
+cluster policy kinds and the plugins' policy kinds known today. API discovery may find more in a
+plugin's group; one that RBAC does not let the collector list makes the model unknown until it is
+granted."""
+
+
 _PLUGIN_POLICY_KINDS: Final = frozenset({"EgressFirewall"})
 """Plugin kinds that filter traffic without "Policy" in their name."""
 
