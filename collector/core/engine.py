@@ -741,19 +741,21 @@ class Engine:
         either pod (those of its namespace, and every cluster-scoped one)."""
         if not self._unmodelled:
             return ()
-        reasons = []
+        sides: dict[tuple[UnmodelledPolicy, ...], list[str]] = {}
         for side, endpoint in (("source", source), ("destination", destination)):
             if not isinstance(endpoint, Pod):
                 continue
-            found = [*self._unmodelled.get("", ()), *self._unmodelled.get(endpoint.namespace, ())]
-            if not found:
-                continue
+            found = (*self._unmodelled.get("", ()), *self._unmodelled.get(endpoint.namespace, ()))
+            if found:
+                sides.setdefault(found, []).append(f"the {side} {endpoint.key}")
+        reasons = []
+        for found, which in sides.items():
             names = ", ".join(u.describe() for u in found[:MAX_LISTED])
             if len(found) > MAX_LISTED:
                 names += f" and {len(found) - MAX_LISTED} more"
             reasons.append(
-                f"{names} may select the {side} {endpoint.key}; flowproof does not model these "
-                "kinds"
+                f"{names} may select {' and '.join(which)}; flowproof does not model "
+                f"{'this kind' if len({u.kind for u in found}) == 1 else 'these kinds'}"
             )
         return tuple(reasons)
 
