@@ -230,6 +230,7 @@ def cmd_matrix(args: argparse.Namespace, out: TextIO) -> int:
                     "pairs": counts.pods * counts.pods,
                     "allowed": counts.allowed,
                     "denied": counts.denied,
+                    "unknown": counts.unknown,
                     "classes": counts.classes,
                 }
             )

@@ -3,7 +3,9 @@
 Two pods that every policy selector, every peer and every ipBlock treats alike, and whose container
 ports carry the same referenced names, get the same verdict towards any third pod. Such pods form
 one class. The verdicts are computed once per pair of classes as boolean matrix products (numpy), and
-counts are weighted by class sizes. Same semantics as `collector.core.engine`; pure, no I/O.
+counts are weighted by class sizes. The tiers of cluster policies (and other plugins' objects) are
+collector.core.tiers': one more per-pod feature, and a tier-ordered combination in
+`allowed_matrix`. Same semantics as `collector.core.engine`; pure, no I/O.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from collector.core.model import LabelSelector, Peer, Pod, Protocol, Snapshot
+from collector.core.tiers import TierFeature, TierModel
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -28,6 +31,7 @@ class Counts:
     denied: int
     classes: int
     pods: int
+    unknown: int = 0  # pairs whose model is unknown (counted in allowed or denied as modelled)
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,12 @@ class ClassModel:
             peer_match[:, col] = match
 
         signature = np.concatenate(
-            [selected.view(np.uint8), peer_match.view(np.uint8), named_ports[:, : len(named)]],
+            [
+                selected.view(np.uint8),
+                peer_match.view(np.uint8),
+                named_ports[:, : len(named)],
+                _tier_column(snapshot, pods),
+            ],
             axis=1,
         ).astype(np.int64)
         if len(pods):
@@ -166,6 +175,7 @@ class ClassModel:
         self.named_ports = named_ports[first]
         self.policies = policies
         self.classes = len(first)
+        self._tiers = TierModel(snapshot, [pods[int(i)] for i in first])
 
     def representative(self, cls: int) -> Pod:
         return self.snapshot.pods[int(np.flatnonzero(self.class_of == cls)[0])]
@@ -193,6 +203,14 @@ class ClassModel:
 
     def allowed_matrix(self, port: int, protocol: Protocol) -> BoolArray:
         """allowed[s, d]: may a pod of class s reach a pod of class d (self pairs aside)."""
+        return self._matrices(port, protocol)[0]
+
+    def unknown_matrix(self, port: int, protocol: Protocol) -> BoolArray:
+        """unknown[s, d]: is the model unknown for a pod of class s to a pod of class d."""
+        return self._matrices(port, protocol)[1]
+
+    def _matrices(self, port: int, protocol: Protocol) -> tuple[BoolArray, BoolArray]:
+        """(allowed, unknown) as [source class, destination class] matrices."""
         k = self.classes
         iso_in = self._isolated("ingress")
         iso_eg = self._isolated("egress")
@@ -203,7 +221,6 @@ class ClassModel:
             sel_rules[:, j] = self.selected[:, row.policy] & self._port_ok(row, port, protocol)
             peers_rules[j] = self._peers(row)
         ingress = (sel_rules @ peers_rules) > 0
-        ingress |= ~iso_in[:, None]
         # egress[s, d] = not isolated(s) or some rule of a policy selecting s admits (d, port).
         sel_rules = np.zeros((k, len(self.rules_eg)), dtype=np.float32)
         peers_rules = np.zeros((len(self.rules_eg), k), dtype=np.float32)
@@ -211,8 +228,12 @@ class ClassModel:
             sel_rules[:, j] = self.selected[:, row.policy]
             peers_rules[j] = self._peers(row) & self._port_ok(row, port, protocol)
         egress = (sel_rules @ peers_rules) > 0
-        egress |= ~iso_eg[:, None]
-        return np.asarray(egress & ingress.T, dtype=np.bool_)
+        if not self._tiers.active:
+            ingress |= ~iso_in[:, None]
+            egress |= ~iso_eg[:, None]
+            unknown = np.zeros((k, k), dtype=np.bool_)
+            return np.asarray(egress & ingress.T, dtype=np.bool_), unknown
+        return _tiered(self._tiers, port, protocol, ingress, iso_in, egress, iso_eg)
 
     def _isolated(self, direction: str) -> BoolArray:
         cols = [i for i, p in enumerate(self.policies) if direction in p.policy_types]
@@ -221,15 +242,47 @@ class ClassModel:
         return np.asarray(self.selected[:, cols].any(axis=1), dtype=np.bool_)
 
     def counts(self, port: int, protocol: Protocol) -> Counts:
-        allowed = self.allowed_matrix(port, protocol).astype(np.float64)
+        allowed_matrix, unknown_matrix = self._matrices(port, protocol)
+        allowed = allowed_matrix.astype(np.float64)
         sizes = self.sizes
         total = float(sizes @ allowed @ sizes)
+        unknown = round(float(sizes @ unknown_matrix.astype(np.float64) @ sizes))
         # Self pairs: a pod cannot block access to itself, whatever its class's verdict says.
         diagonal = np.diagonal(allowed)
         total += float(sizes.sum() - (sizes * diagonal).sum())
         n = self.pod_count
         allowed_pairs = round(total)
-        return Counts(allowed_pairs, n * n - allowed_pairs, self.classes, n)
+        return Counts(allowed_pairs, n * n - allowed_pairs, self.classes, n, unknown)
+
+
+# --- the tiers (collector.core.tiers) ----------------------------------------------------------
+
+
+def _tier_column(snapshot: Snapshot, pods: Sequence[Pod]) -> npt.NDArray[np.int64]:
+    """One signature column: pods with equal tier features share an id (zeros without tiers)."""
+    feature = TierFeature(snapshot)
+    ids: dict[object, int] = {}
+    return np.array(
+        [[ids.setdefault(feature(pod), len(ids))] for pod in pods], dtype=np.int64
+    ).reshape(len(pods), 1)
+
+
+def _tiered(
+    tiers: TierModel,
+    port: int,
+    protocol: Protocol,
+    ingress: BoolArray,
+    iso_in: BoolArray,
+    egress: BoolArray,
+    iso_eg: BoolArray,
+) -> tuple[BoolArray, BoolArray]:
+    """(allowed, unknown) [source, destination] with the tiers around the NetworkPolicy tier;
+    `ingress[d, s]` and `egress[s, d]` are what NetworkPolicy rules allow."""
+    ingress_allowed, ingress_unknown = tiers.direction("ingress", port, protocol, ingress, iso_in)
+    egress_allowed, egress_unknown = tiers.direction("egress", port, protocol, egress, iso_eg)
+    allowed = egress_allowed & ingress_allowed.T
+    unknown = egress_unknown | ingress_unknown.T | tiers.unmodelled()
+    return np.asarray(allowed, dtype=np.bool_), np.asarray(unknown, dtype=np.bool_)
 
 
 def _ip_block_matrix(pods: Sequence[Pod], blocks: Sequence[Peer]) -> BoolArray:

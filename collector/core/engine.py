@@ -248,6 +248,10 @@ class Engine:
         self._tiers: Mapping[Tier, Sequence[ClusterNetworkPolicy]] = tier_order(
             snapshot.cluster_policies
         )
+        # (tier, namespace, labels, host network) -> the tier's policies whose subject it is
+        self._subjects: dict[
+            tuple[Tier, str, frozenset[tuple[str, str]], bool], list[ClusterNetworkPolicy]
+        ] = {}
         unmodelled: dict[str, list[UnmodelledPolicy]] = defaultdict(list)
         for item in snapshot.unmodelled:
             unmodelled[item.namespace].append(item)
@@ -494,7 +498,16 @@ class Engine:
         then the implementation can apply any of the matching policies": when they disagree, the
         verdict is incomplete.
         """
-        subjects = [p for p in self._tiers.get(tier, ()) if self.cluster_subject(p, subject)]
+        cache_key = (
+            tier,
+            subject.namespace,
+            frozenset(subject.labels.items()),
+            subject.host_network,
+        )
+        subjects = self._subjects.get(cache_key)
+        if subjects is None:
+            subjects = [p for p in self._tiers.get(tier, ()) if self.cluster_subject(p, subject)]
+            self._subjects[cache_key] = subjects
         incomplete: list[str] = []
         group: list[RuleMatch] = []
         group_order: tuple[int, int] | None = None
