@@ -14,6 +14,7 @@ from test_planning import cluster, flow, running
 from collector.core.changes import diff_snapshots
 from collector.core.flowstate import NOTHING_LISTENS, FlowState, reality_of
 from collector.core.model import Snapshot, UnmodelledPolicy
+from collector.core.planning import sweep_flow
 from collector.core.reporting import render_json, render_table, sort_rows
 from collector.core.scheduling import Planner
 from collector.core.settings import PlannerSettings
@@ -486,12 +487,21 @@ def test_a_flow_whose_model_is_unknown_is_never_a_mismatch_nor_drift() -> None:
     assert [r.status for r in loop.state.declared()] == ["REQUIRED_BLOCKED", "MODEL_INCOMPLETE"]
 
 
-def test_the_drift_sample_never_takes_a_flow_whose_model_is_unknown() -> None:
-    settings = replace(SETTINGS, drift_sample_size=10)
-    loop = Loop(replace(BASE, unmodelled=(CILIUM,)), settings)
-    assert not any(f.kind == "drift" for f in loop.planner.plan.flows.values())
-    loop = Loop(BASE, settings)
-    assert any(f.kind == "drift" for f in loop.planner.plan.flows.values())
+def test_no_witness_and_no_probed_sweep_cell_where_the_model_is_unknown() -> None:
+    settings = replace(SETTINGS, witnesses=True, sweep_probes_per_second=1.0)
+    known = Loop(replace(BASE, policies=(DENY_DB,)), settings)
+    assert any(f.kind == "witness" for f in known.planner.plan.flows.values())
+    loop = Loop(replace(BASE, policies=(DENY_DB,), unmodelled=(CILIUM,)), settings)
+    assert not any(f.kind == "witness" for f in loop.planner.plan.flows.values())
+    table = loop.planner.plan.sweep
+    engine = loop.planner.plan.engine
+    assert table is not None and engine is not None and table.size
+    for index in range(table.size):
+        cell = table.cell(index)
+        if cell is None:
+            continue
+        flow = sweep_flow(cell, engine, SETTINGS)
+        assert flow.template is None and flow.unprobeable.startswith("the model is unknown")
 
 
 def test_flows_that_cannot_be_probed_are_inconclusive_with_the_reason() -> None:
