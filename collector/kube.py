@@ -2,10 +2,12 @@
 
 Owns client configuration (kubeconfig or in-cluster), list+watch of pods, namespaces, NetworkPolicies,
 FlowExpectations and (opt-in) labelled ConfigMaps of expectations (resourceVersions, bookmarks, 410
--> relist, backoff, resync), the store, the FlowExpectations status patch, and KubeClient (probe
-pods: create, list, delete). The only module that imports `kubernetes`: the blocking client runs in
-worker threads, never on the event loop, and API objects become model objects here, once. A
-malformed object is logged once and left out; nothing in an object can stop the loop.
+-> relist, backoff, resync), API discovery of the Network Policy API's cluster policy kinds (watched
+with their semantics) and of other network plugins' policy kinds (watched for their presence
+only: metadata), the store, the FlowExpectations status patch, and KubeClient (probe pods: create,
+list, delete). The only module that imports `kubernetes`: the blocking client runs in worker
+threads, never on the event loop, and API objects become model objects here, once. A malformed
+object is logged once and left out; nothing in an object can stop the loop.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import urllib3
 import yaml
 from kubernetes.client import (
     ApiClient,
+    ApisApi,
     Configuration,
     CoreV1Api,
     CustomObjectsApi,
@@ -39,17 +42,46 @@ from kubernetes.config import kube_config
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 
-from collector.core.model import Expectations, Namespace, NetworkPolicy, Pod, Snapshot
+from collector.core.model import (
+    ClusterNetworkPolicy,
+    Expectations,
+    Namespace,
+    NetworkPolicy,
+    Pod,
+    Snapshot,
+    UnmodelledPolicy,
+)
+from collector.reading.clusterpolicies import (
+    CLUSTER_POLICY_GROUP,
+    CLUSTER_POLICY_KINDS,
+    cluster_policy_from_dict,
+)
 from collector.reading.expectations import expectations_from_configmap, expectations_from_dict
 from collector.reading.fields import Where
-from collector.reading.objects import namespace_from_dict, pod_from_dict, policy_from_dict
+from collector.reading.objects import (
+    is_plugin_policy_kind,
+    namespace_from_dict,
+    plugin_of,
+    pod_from_dict,
+    policy_from_dict,
+)
 from flowproof.aio import Backoff
 from flowproof.errors import ConfigurationError, FlowproofError, InputError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-ObjectKind = Literal["Namespace", "Pod", "NetworkPolicy", "FlowExpectations", "ConfigMap"]
+ObjectKind = Literal[
+    "Namespace",
+    "Pod",
+    "NetworkPolicy",
+    "FlowExpectations",
+    "ConfigMap",
+    "ClusterNetworkPolicy",
+    "AdminNetworkPolicy",
+    "BaselineAdminNetworkPolicy",
+    "UnmodelledPolicy",
+]
 Action = Literal["added", "modified", "deleted"]
 KubeConfiguration = Configuration
 """The client configuration `load_kube_config` returns (for annotations outside this module)."""
@@ -67,6 +99,13 @@ TERMINATING_PHASE: Final = "Terminating"
 EXPECTATIONS_CONFIGMAP_LABEL: Final = "flowproof.dev/expectations"
 """A ConfigMap labelled with this (value "true") holds FlowExpectations documents in its data."""
 EXPECTATIONS_CONFIGMAP_SELECTOR: Final = f"{EXPECTATIONS_CONFIGMAP_LABEL}=true"
+
+PARTIAL_METADATA_ACCEPT: Final = (
+    "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+)
+"""Lists and watches of other plugins' policy kinds ask for metadata only (their presence)."""
+MAX_DISCOVERED_RESOURCES: Final = 32
+"""Discovered resources watched at most (each watch holds a worker thread)."""
 
 _GONE: Final = 410
 _SHORT_WATCH_SECONDS: Final = 1.0  # a watch that ends sooner with no event is a failure (client-go)
@@ -143,7 +182,11 @@ class KubeSourceSettings:
     missing_crd_retry_seconds: float = 60.0
     """When the API does not serve FlowExpectations (CRD not installed), or refuses to list them
     or the expectations ConfigMaps (RBAC), look again this often; meanwhile the snapshot has no
-    expectations from there (the rest syncs without waiting)."""
+    expectations from there (the rest syncs without waiting). Also how often a discovered policy
+    kind that may not be listed (RBAC) is tried again."""
+    discovery_interval_seconds: float = 60.0
+    """How often API discovery looks for the Network Policy API's kinds and other network
+    plugins' policy kinds (a CRD installed or removed later is seen within this)."""
     stop_timeout_seconds: float = 5.0
     """How long stopping waits for worker threads to leave their requests."""
     expectations_configmaps: bool = False
@@ -158,6 +201,7 @@ class KubeSourceSettings:
             "backoff_max_seconds",
             "request_timeout_seconds",
             "missing_crd_retry_seconds",
+            "discovery_interval_seconds",
             "stop_timeout_seconds",
         )
         for name in positive:
@@ -245,7 +289,15 @@ class ExpectationsObject:
         return f"{self.namespace}/{self.name}"
 
 
-_Model = Namespace | Pod | NetworkPolicy | Expectations | ConfigMapExpectations
+_Model = (
+    Namespace
+    | Pod
+    | NetworkPolicy
+    | ClusterNetworkPolicy
+    | UnmodelledPolicy
+    | Expectations
+    | ConfigMapExpectations
+)
 
 
 # --- conversion (the one place API objects become model objects) ----------------------------------
@@ -253,9 +305,29 @@ _Model = Namespace | Pod | NetworkPolicy | Expectations | ConfigMapExpectations
 
 @dataclass(frozen=True)
 class _Resource:
+    """One resource the source lists and watches: fixed, or found by API discovery.
+
+    `kind` is the model kind it becomes; `api_kind` the API's kind (another plugin's kind for
+    UnmodelledPolicy). `key` names its store and its resourceVersion: the plural for the fixed
+    resources, `plural.group` for discovered ones.
+    """
+
     kind: ObjectKind
     plural: str
     namespaced: bool
+    group: str = ""
+    version: str = "v1"
+    api_kind: str = ""
+    discovered: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.plural}.{self.group}" if self.discovered else self.plural
+
+    @property
+    def label(self) -> str:
+        """How messages name its objects: `Pod`, `CiliumNetworkPolicy`."""
+        return self.api_kind or self.kind
 
 
 _RESOURCES: Final[tuple[_Resource, ...]] = (
@@ -267,8 +339,11 @@ _RESOURCES: Final[tuple[_Resource, ...]] = (
 )
 _OPTIONAL: Final = frozenset({"FlowExpectations", "ConfigMap"})
 """Resources whose absence (no CRD, no RBAC) leaves the snapshot without them, never waiting."""
-_KIND_ORDER: Final = {r.kind: i for i, r in enumerate(_RESOURCES)}
-_BY_KIND: Final = {r.kind: r for r in _RESOURCES}
+_KIND_ORDER: Final[Mapping[str, int]] = {
+    **{r.kind: i for i, r in enumerate(_RESOURCES)},
+    **{kind: len(_RESOURCES) + i for i, kind in enumerate(CLUSTER_POLICY_KINDS)},
+    "UnmodelledPolicy": len(_RESOURCES) + len(CLUSTER_POLICY_KINDS),
+}
 
 
 @dataclass(frozen=True)
@@ -282,6 +357,7 @@ class _Converted:
     value: _Model | None
     problem: str | None = None
     object: ExpectationsObject | None = None  # FlowExpectations only
+    warnings: tuple[str, ...] = ()  # what was read but should be changed (a legacy CIDR form)
 
 
 def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -308,9 +384,8 @@ def _resource_version(obj: Mapping[str, Any]) -> str | None:
     return rv if isinstance(rv, str) and rv else None
 
 
-def _convert(resource_kind: ObjectKind, obj: Mapping[str, Any]) -> _Converted:
+def _convert(resource: _Resource, obj: Mapping[str, Any]) -> _Converted:
     """Read one API object (a dict as the API sends it) into the model; never raises."""
-    resource = _BY_KIND[resource_kind]
     namespace, name = _object_key(resource, obj)
     key = _key_text(namespace, name)
     if not name or (resource.namespaced and not namespace):
@@ -322,10 +397,28 @@ def _convert(resource_kind: ObjectKind, obj: Mapping[str, Any]) -> _Converted:
         if namespace
         else f"{resource.plural}/{name}"
     )
+    if resource.group and resource.discovered:
+        path = f"{resource.group}/{path}"
     where = Where(file=f"api:{path}")
+    warnings: list[str] = []
     try:
         value: _Model
-        if resource.kind == "Pod":
+        if resource.kind == "UnmodelledPolicy":
+            # Presence only: the metadata is all that is read (the list asks for no more).
+            value = UnmodelledPolicy(
+                resource.group,
+                resource.version,
+                resource.api_kind,
+                namespace,
+                name,
+                f"api:{path}",
+            )
+        elif resource.kind in CLUSTER_POLICY_KINDS:
+            document = dict(obj)
+            document.setdefault("apiVersion", f"{resource.group}/{resource.version}")
+            document.setdefault("kind", resource.kind)
+            value = cluster_policy_from_dict(document, where, warnings=warnings)
+        elif resource.kind == "Pod":
             pod = pod_from_dict(obj, where)
             if _metadata(obj).get("deletionTimestamp"):
                 pod = dataclasses.replace(pod, phase=TERMINATING_PHASE)
@@ -333,7 +426,8 @@ def _convert(resource_kind: ObjectKind, obj: Mapping[str, Any]) -> _Converted:
         elif resource.kind == "Namespace":
             value = namespace_from_dict(obj, where)
         elif resource.kind == "NetworkPolicy":
-            value = policy_from_dict(obj, where)
+            # Served objects were accepted by an API server once, maybe under older rules.
+            value = policy_from_dict(obj, where, served=True, warnings=warnings)
         else:
             # The status is ours (written by the collector), not intent; a list item may lack
             # the type fields the format requires.
@@ -346,9 +440,9 @@ def _convert(resource_kind: ObjectKind, obj: Mapping[str, Any]) -> _Converted:
     except InputError as exc:
         return _with_object(resource, obj, _Converted(key, None, str(exc)))
     except Exception as exc:  # a converter bug on odd input must not stop the inventory
-        log.exception("reading %s %s failed", resource.kind, key)
+        log.exception("reading %s %s failed", resource.label, key)
         return _with_object(resource, obj, _Converted(key, None, f"could not be read: {exc!r}"))
-    return _with_object(resource, obj, _Converted(key, value))
+    return _with_object(resource, obj, _Converted(key, value, warnings=tuple(warnings)))
 
 
 def _with_object(resource: _Resource, obj: Mapping[str, Any], item: _Converted) -> _Converted:
@@ -413,7 +507,7 @@ _TRANSIENT: Final = (
 class _Replace:
     """The complete list of one resource."""
 
-    kind: ObjectKind
+    resource: _Resource
     items: Sequence[_Converted]
 
 
@@ -421,9 +515,14 @@ class _Replace:
 class _Event:
     """One watch event of one resource."""
 
-    kind: ObjectKind
+    resource: _Resource
     deleted: bool
     item: _Converted
+
+
+@dataclass(frozen=True)
+class _Discovered:
+    """API discovery ran (the applier may now publish the first snapshot)."""
 
 
 @dataclass
@@ -474,18 +573,26 @@ class KubernetesSource:
         self._resources = tuple(
             r for r in _RESOURCES if r.kind != "ConfigMap" or self.settings.expectations_configmaps
         )
+        self._apis = ApisApi(self._api)
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=len(self._resources) + 4, thread_name_prefix="kube-inventory"
+            max_workers=len(self._resources) + 4 + MAX_DISCOVERED_RESOURCES,
+            thread_name_prefix="kube-inventory",
         )
         self._in_flight: set[concurrent.futures.Future[Any]] = set()
         self._in_flight_lock = threading.Lock()
         self._stopping = _Stopping()
-        self._states = {r.kind: _ResourceState(r) for r in self._resources}
-        self._inbox: asyncio.Queue[_Replace | _Event] = asyncio.Queue()
-        self._store: dict[ObjectKind, dict[str, _Model]] = {r.kind: {} for r in _RESOURCES}
+        self._states: dict[str, _ResourceState] = {
+            r.key: _ResourceState(r) for r in self._resources
+        }
+        self._reflectors: dict[str, asyncio.Task[None]] = {}  # discovered resources' reflectors
+        self._discovered_once = False
+        self._inbox: asyncio.Queue[_Replace | _Event | _Discovered] = asyncio.Queue()
+        self._store: dict[str, dict[str, _Model]] = {r.key: {} for r in _RESOURCES}
+        self._labels: dict[str, _Resource] = {r.key: r for r in _RESOURCES}
         self._objects: dict[str, ExpectationsObject] = {}
-        self._listed: set[ObjectKind] = set()
-        self._problems: dict[tuple[ObjectKind, str], str] = {}
+        self._listed: set[str] = set()
+        self._problems: dict[tuple[str, str], str] = {}  # (resource label, object key) -> why
+        self._warned: dict[tuple[str, str], tuple[str, ...]] = {}
         self._shadowed: dict[str, str] = {}  # ConfigMap key -> why some of its documents are not in
         self._status_failures: dict[str, str] = {}  # FlowExpectations key -> why its patch failed
         self._snapshot = Snapshot()
@@ -508,7 +615,7 @@ class KubernetesSource:
     def problems(self) -> Mapping[str, str]:
         """Objects (or, for ConfigMaps, documents) left out because they could not be read or
         are declared twice: `"Kind ns/name"` -> why."""
-        found = {f"{kind} {key}": why for (kind, key), why in sorted(self._problems.items())}
+        found = {f"{label} {key}": why for (label, key), why in sorted(self._problems.items())}
         for key, why in sorted(self._shadowed.items()):
             name = f"ConfigMap {key}"
             found[name] = f"{found[name]}\n{why}" if name in found else why
@@ -534,12 +641,14 @@ class KubernetesSource:
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._applier(), name="kube-inventory-applier")
-                for state in self._states.values():
+                tasks.create_task(self._discoverer(tasks), name="kube-discovery")
+                for state in list(self._states.values()):
                     tasks.create_task(
                         self._reflector(state), name=f"kube-reflector-{state.resource.plural}"
                     )
         finally:
             self._running = False
+            self._reflectors.clear()
             await self._stop_threads()
 
     async def update_expectations_status(
@@ -649,6 +758,21 @@ class KubernetesSource:
         return (timeout, read if read is not None else timeout)
 
     def _lister(self, resource: _Resource) -> Callable[..., object]:
+        if resource.discovered:
+            if resource.kind == "UnmodelledPolicy":
+                return functools.partial(
+                    self._custom.list_cluster_custom_object,
+                    resource.group,
+                    resource.version,
+                    resource.plural,
+                    _headers={"Accept": PARTIAL_METADATA_ACCEPT},
+                )
+            return functools.partial(
+                self._custom.list_cluster_custom_object,
+                resource.group,
+                resource.version,
+                resource.plural,
+            )
         if resource.kind == "Pod":
             return self._core.list_pod_for_all_namespaces
         if resource.kind == "Namespace":
@@ -687,7 +811,7 @@ class KubernetesSource:
             raw_items = body.get("items")
             for raw in raw_items if isinstance(raw_items, list) else ():
                 if isinstance(raw, Mapping):
-                    items.append(_convert(resource.kind, raw))
+                    items.append(_convert(resource, raw))
             meta = _metadata(body)
             token = meta.get("continue") or None
             if token is None:
@@ -742,8 +866,8 @@ class KubernetesSource:
                         namespace, name = _object_key(resource, obj)
                         item = _Converted(_key_text(namespace, name), None)
                     else:
-                        item = _convert(resource.kind, obj)
-                    emit(_Event(resource.kind, kind == "DELETED", item))
+                        item = _convert(resource, obj)
+                    emit(_Event(resource, kind == "DELETED", item))
                     events += 1
                 elif kind != "BOOKMARK":
                     log.debug("ignoring a %s watch event of type %r", resource.plural, kind)
@@ -782,6 +906,9 @@ class KubernetesSource:
                     if exc.status in (403, 404) and resource.kind in _OPTIONAL:
                         await self._unavailable(state, exc)
                         continue
+                    if exc.status in (403, 404) and resource.discovered:
+                        await self._unlistable(state, exc)
+                        continue
                     await self._pause(backoff, f"listing {resource.plural} failed", exc)
                     continue
                 except _TRANSIENT as exc:
@@ -790,7 +917,7 @@ class KubernetesSource:
                 if state.unavailable:
                     log.info("%s can be listed now", resource.plural)
                     state.unavailable = False
-                self._inbox.put_nowait(_Replace(resource.kind, items))
+                self._inbox.put_nowait(_Replace(resource, items))
                 state.resource_version = version or None
                 state.lists += 1
                 backoff.reset()
@@ -853,8 +980,165 @@ class KubernetesSource:
             )
             state.unavailable = True
         state.resource_version = None
-        self._inbox.put_nowait(_Replace(state.resource.kind, ()))
+        self._inbox.put_nowait(_Replace(state.resource, ()))
         await asyncio.sleep(self.settings.missing_crd_retry_seconds)
+
+    async def _unlistable(self, state: _ResourceState, exc: ApiException) -> None:
+        """A discovered policy kind that cannot be listed. Forbidden (RBAC): its objects may exist
+        anywhere, so the snapshot says so (an UnmodelledPolicy without a name makes every flow's
+        model unknown) until a list succeeds. Gone (404: its CRD was just removed): none, until
+        discovery drops it."""
+        resource = state.resource
+        what = f"{resource.label} ({resource.group}/{resource.version})"
+        items: tuple[_Converted, ...] = ()
+        if exc.status == 403:
+            unknown = UnmodelledPolicy(resource.group, resource.version, resource.label)
+            items = (_Converted("*", unknown),)
+            if not state.unavailable:
+                log.warning(
+                    "listing %s is forbidden (%s): the model is unknown for every flow until it "
+                    "can be listed (grant get, list, watch on %s); looking again every %.0f s",
+                    what,
+                    _describe(exc),
+                    resource.key,
+                    self.settings.missing_crd_retry_seconds,
+                )
+        elif not state.unavailable:
+            log.info("%s is no longer served", what)
+        state.unavailable = True
+        state.resource_version = None
+        self._inbox.put_nowait(_Replace(resource, items))
+        await asyncio.sleep(self.settings.missing_crd_retry_seconds)
+
+    # --- API discovery --------------------------------------------------------------------------
+
+    def _discover_blocking(self) -> list[_Resource]:
+        """The cluster policy kinds and other plugins' policy kinds the API serves now.
+
+        `/apis` lists the groups; policy.networking.k8s.io is read in every version (each kind in
+        the first of its versions that serves it), a plugin's group (a known domain) in its
+        preferred version, keeping the kinds that filter traffic and can be listed and watched.
+        """
+        groups = self._json_body(self._apis.get_api_versions(_preload_content=False))
+        found: list[_Resource] = []
+        for group in groups.get("groups") or ():
+            if not isinstance(group, Mapping) or not isinstance(group.get("name"), str):
+                continue
+            name = group["name"]
+            versions = [
+                v.get("version") for v in group.get("versions") or () if isinstance(v, Mapping)
+            ]
+            if name == CLUSTER_POLICY_GROUP:
+                served: dict[str, Mapping[str, Any]] = {}
+                for listed in versions:
+                    for item in self._group_resources(name, str(listed)):
+                        served.setdefault(f"{item.get('kind')}/{listed}", item)
+                for cluster_kind, wanted in CLUSTER_POLICY_KINDS.items():
+                    use = next((v for v in wanted if f"{cluster_kind}/{v}" in served), None)
+                    if use is not None:
+                        found.append(
+                            _discovered(
+                                cast(ObjectKind, cluster_kind),
+                                name,
+                                use,
+                                served[f"{cluster_kind}/{use}"],
+                            )
+                        )
+                continue
+            if plugin_of(name) is None:
+                continue
+            preferred = group.get("preferredVersion")
+            chosen = (
+                preferred.get("version")
+                if isinstance(preferred, Mapping)
+                else (versions[0] if versions else None)
+            )
+            if not isinstance(chosen, str):
+                continue
+            for item in self._group_resources(name, chosen):
+                api_kind = item.get("kind")
+                if isinstance(api_kind, str) and is_plugin_policy_kind(name, api_kind):
+                    found.append(_discovered("UnmodelledPolicy", name, chosen, item))
+        return found
+
+    def _group_resources(self, group: str, version: str) -> list[Mapping[str, Any]]:
+        """The listable and watchable resources of one group version (no subresources)."""
+        body = self._json_body(
+            self._custom.get_api_resources(
+                group, version, _preload_content=False, _request_timeout=self._request_timeout()
+            )
+        )
+        return [
+            item
+            for item in body.get("resources") or ()
+            if isinstance(item, Mapping)
+            and isinstance(item.get("name"), str)
+            and "/" not in item["name"]
+            and {"list", "watch"} <= set(item.get("verbs") or ())
+        ]
+
+    def _json_body(self, response: object) -> Mapping[str, Any]:
+        answer = cast(urllib3.BaseHTTPResponse, response)
+        with self._tracked(answer):
+            return _read_json(answer)
+
+    async def _discoverer(self, tasks: asyncio.TaskGroup) -> None:
+        """Discover the policy kinds every `discovery_interval_seconds`; watch the new ones and
+        forget the ones the API no longer serves."""
+        settings = self.settings
+        backoff = Backoff(
+            settings.backoff_initial_seconds,
+            settings.backoff_max_seconds,
+            settings.backoff_jitter,
+            self._rng,
+        )
+        while True:
+            try:
+                found = await self._in_thread(self._discover_blocking)
+            except _TRANSIENT as exc:
+                await self._pause(backoff, "API discovery failed", exc)
+                continue
+            backoff.reset()
+            self._use_discovered(found[:MAX_DISCOVERED_RESOURCES], tasks)
+            if len(found) > MAX_DISCOVERED_RESOURCES:
+                log.warning(
+                    "API discovery found %d policy kinds; watching the first %d",
+                    len(found),
+                    MAX_DISCOVERED_RESOURCES,
+                )
+            self._discovered_once = True
+            self._inbox.put_nowait(_Discovered())
+            await asyncio.sleep(settings.discovery_interval_seconds)
+
+    def _use_discovered(self, found: Sequence[_Resource], tasks: asyncio.TaskGroup) -> None:
+        wanted = {r.key: r for r in found}
+        for key in [k for k, s in self._states.items() if s.resource.discovered]:
+            if wanted.get(key) != self._states[key].resource:
+                resource = self._states.pop(key).resource
+                task = self._reflectors.pop(key, None)
+                if task is not None:
+                    task.cancel()
+                self._listed.discard(key)
+                log.info("%s (%s) is no longer watched", resource.label, resource.key)
+                self._inbox.put_nowait(_Replace(resource, ()))
+        for key, resource in wanted.items():
+            if key in self._states:
+                continue
+            state = _ResourceState(resource)
+            self._states[key] = state
+            self._store.setdefault(key, {})
+            self._labels[key] = resource
+            what = "watching the presence of" if resource.kind == "UnmodelledPolicy" else "watching"
+            log.info(
+                "API discovery: %s %s (%s/%s)",
+                what,
+                resource.label,
+                resource.group,
+                resource.version,
+            )
+            self._reflectors[key] = tasks.create_task(
+                self._reflector(state), name=f"kube-reflector-{resource.key}"
+            )
 
     async def _applier(self) -> None:
         """Apply what the reflectors read, in order, and publish snapshots."""
@@ -862,14 +1146,19 @@ class KubernetesSource:
             batch = [await self._inbox.get()]
             while not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
-            before: dict[tuple[ObjectKind, str], _Model | None] = {}
+            before: dict[tuple[str, str], _Model | None] = {}
             for entry in batch:
+                if isinstance(entry, _Discovered):
+                    continue
+                gone = entry.resource.key not in self._states and entry.resource.discovered
+                if gone and not (isinstance(entry, _Replace) and not entry.items):
+                    continue  # a late result of a resource no longer watched: nothing stays
                 if isinstance(entry, _Replace):
                     self._replace(entry, before)
                 else:
                     self._apply_event(entry, before)
             if not self._synced.is_set():
-                if len(self._listed) == len(self._resources):
+                if self._discovered_once and set(self._states) <= self._listed:
                     await self._publish(InventoryUpdate(self._build_snapshot(), initial=True))
                     self._synced.set()
                 continue
@@ -877,71 +1166,74 @@ class KubernetesSource:
             if changes:
                 await self._publish(InventoryUpdate(self._build_snapshot(), changes))
 
-    def _replace(
-        self, entry: _Replace, before: dict[tuple[ObjectKind, str], _Model | None]
-    ) -> None:
-        old = self._store[entry.kind]
+    def _replace(self, entry: _Replace, before: dict[tuple[str, str], _Model | None]) -> None:
+        resource = entry.resource
+        old = self._store.get(resource.key, {})
         new: dict[str, _Model] = {}
         for item in entry.items:
-            if self._readable(entry.kind, item):
+            if self._readable(resource, item):
                 assert item.value is not None
                 new[item.key] = item.value
         for key in old.keys() | new.keys():
-            before.setdefault((entry.kind, key), old.get(key))
+            before.setdefault((resource.key, key), old.get(key))
         listed = {item.key for item in entry.items}
-        for kind, key in list(self._problems):
-            if kind == entry.kind and key not in listed:
-                del self._problems[(kind, key)]
-        self._store[entry.kind] = new
-        self._listed.add(entry.kind)
-        if entry.kind == "FlowExpectations":
+        for label, key in list(self._problems):
+            if label == resource.label and key not in listed:
+                del self._problems[(label, key)]
+        self._store[resource.key] = new
+        if resource.key in self._states:
+            self._listed.add(resource.key)
+        if resource.kind == "FlowExpectations":
             self._objects = {
                 item.key: item.object for item in entry.items if item.object is not None
             }
 
-    def _apply_event(
-        self, entry: _Event, before: dict[tuple[ObjectKind, str], _Model | None]
-    ) -> None:
-        store = self._store[entry.kind]
+    def _apply_event(self, entry: _Event, before: dict[tuple[str, str], _Model | None]) -> None:
+        resource = entry.resource
+        store = self._store.setdefault(resource.key, {})
         key = entry.item.key
-        before.setdefault((entry.kind, key), store.get(key))
-        if entry.kind == "FlowExpectations":
+        before.setdefault((resource.key, key), store.get(key))
+        if resource.kind == "FlowExpectations":
             if entry.deleted or entry.item.object is None:
                 self._objects.pop(key, None)
             else:
                 self._objects[key] = entry.item.object
         if entry.deleted:
             store.pop(key, None)
-            self._problems.pop((entry.kind, key), None)
-        elif self._readable(entry.kind, entry.item):
+            self._problems.pop((resource.label, key), None)
+        elif self._readable(resource, entry.item):
             assert entry.item.value is not None
             store[key] = entry.item.value
         else:
             store.pop(key, None)  # its current state is not understood; an old one would mislead
 
-    def _readable(self, kind: ObjectKind, item: _Converted) -> bool:
-        """True if the item has a value; log its problem, once per distinct problem."""
+    def _readable(self, resource: _Resource, item: _Converted) -> bool:
+        """True if the item has a value; log its problem and warnings, once each."""
+        label = resource.label
+        if item.warnings and self._warned.get((label, item.key)) != item.warnings:
+            for warning in item.warnings:
+                log.warning("%s %s: %s", label, item.key, warning)
+            self._warned[(label, item.key)] = item.warnings
         if item.problem is None:
-            self._problems.pop((kind, item.key), None)
+            self._problems.pop((label, item.key), None)
             return item.value is not None
-        if self._problems.get((kind, item.key)) != item.problem:
+        if self._problems.get((label, item.key)) != item.problem:
             if item.value is None:
-                log.warning("%s %s is left out of the snapshot: %s", kind, item.key, item.problem)
+                log.warning("%s %s is left out of the snapshot: %s", label, item.key, item.problem)
             else:
                 log.warning(
-                    "%s %s: documents left out of the snapshot:\n%s", kind, item.key, item.problem
+                    "%s %s: documents left out of the snapshot:\n%s", label, item.key, item.problem
                 )
-            self._problems[(kind, item.key)] = item.problem
+            self._problems[(label, item.key)] = item.problem
         return item.value is not None
 
-    def _changes(
-        self, before: Mapping[tuple[ObjectKind, str], _Model | None]
-    ) -> tuple[ObjectChange, ...]:
+    def _changes(self, before: Mapping[tuple[str, str], _Model | None]) -> tuple[ObjectChange, ...]:
         changes: list[ObjectChange] = []
-        for (kind, key), old in sorted(
-            before.items(), key=lambda i: (_KIND_ORDER[i[0][0]], i[0][1])
+        for (resource_key, key), old in sorted(
+            before.items(), key=lambda i: (_KIND_ORDER[self._labels[i[0][0]].kind], i[0])
         ):
-            new = self._store[kind].get(key)
+            new = self._store.get(resource_key, {}).get(key)
+            kind = self._labels[resource_key].kind
             namespace, _, name = key.rpartition("/")
             if old is None and new is None:
                 continue
@@ -957,14 +1249,18 @@ class KubernetesSource:
 
     def _build_snapshot(self) -> Snapshot:
         def ordered(kind: ObjectKind) -> list[_Model]:
-            store = self._store[kind]
-            return [store[key] for key in sorted(store)]
+            found: list[_Model] = []
+            for resource_key in sorted(self._store):
+                if self._labels[resource_key].kind == kind:
+                    store = self._store[resource_key]
+                    found += [store[key] for key in sorted(store)]
+            return found
 
         namespaces = [n for n in ordered("Namespace") if isinstance(n, Namespace)]
         expectations = [e for e in ordered("FlowExpectations") if isinstance(e, Expectations)]
         taken = {e.key: e.source for e in expectations}
         shadowed: dict[str, list[str]] = {}
-        configmaps = self._store["ConfigMap"]
+        configmaps = self._store.get("configmaps", {})
         for key in sorted(configmaps):
             held = configmaps[key]
             assert isinstance(held, ConfigMapExpectations)
@@ -978,11 +1274,27 @@ class KubernetesSource:
                 taken[document.key] = document.source
                 expectations.append(document)
         self._note_shadowed({key: "\n".join(why) for key, why in shadowed.items()})
+        cluster_policies = [
+            p
+            for kind in CLUSTER_POLICY_KINDS
+            for p in ordered(kind)  # type: ignore[arg-type]
+            if isinstance(p, ClusterNetworkPolicy)
+        ]
+        warnings = tuple(
+            f"api:{label} {key}: {w}"
+            for (label, key), ws in sorted(self._warned.items())
+            for w in ws
+        )
         return Snapshot(
             namespaces={n.name: n for n in namespaces},
             pods=tuple(p for p in ordered("Pod") if isinstance(p, Pod)),
             policies=tuple(p for p in ordered("NetworkPolicy") if isinstance(p, NetworkPolicy)),
             expectations=tuple(expectations),
+            cluster_policies=tuple(cluster_policies),
+            unmodelled=tuple(
+                u for u in ordered("UnmodelledPolicy") if isinstance(u, UnmodelledPolicy)
+            ),
+            warnings=warnings,
         )
 
     def _note_shadowed(self, shadowed: dict[str, str]) -> None:
@@ -996,6 +1308,19 @@ class KubernetesSource:
         self._snapshot = update.snapshot
         if self._on_update is not None:
             await self._on_update(update)
+
+
+def _discovered(kind: ObjectKind, group: str, version: str, item: Mapping[str, Any]) -> _Resource:
+    """A discovered resource from its APIResource entry."""
+    return _Resource(
+        kind=kind,
+        plural=str(item["name"]),
+        namespaced=bool(item.get("namespaced")),
+        group=group,
+        version=version,
+        api_kind=str(item.get("kind") or "") if kind == "UnmodelledPolicy" else "",
+        discovered=True,
+    )
 
 
 # --- direct requests (probe pods, owners) ---------------------------------------------------------

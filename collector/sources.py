@@ -116,6 +116,10 @@ class ManifestSource:
         )
         if self.snapshot is not None and change.empty:
             return None
+        seen = set(self.snapshot.warnings) if self.snapshot is not None else set()
+        for warning in snapshot.warnings:
+            if warning not in seen:
+                log.warning("manifests: %s", warning)
         self.snapshot = snapshot
         self.generation += 1
         log.info("snapshot generation %d: %s", self.generation, change.describe())

@@ -21,7 +21,7 @@ from collector.core.checking import check, is_ip, parse_port
 from collector.core.classes import ClassModel
 from collector.core.engine import Engine, endpoint_name
 from collector.core.evidence import plan_evidence
-from collector.core.model import Pod
+from collector.core.model import Pod, Snapshot
 from collector.core.reporting import (
     render_evidence_markdown,
     render_evidence_text,
@@ -184,6 +184,14 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
         return EXIT_INPUT
 
 
+def _load(args: argparse.Namespace, paths: Sequence[str]) -> Snapshot:
+    """The snapshot of the manifests, its warnings printed to stderr (file and line first)."""
+    snapshot = load_snapshot(paths)
+    for warning in snapshot.warnings:
+        print(f"flowproof {args.command}: warning: {warning}", file=sys.stderr)
+    return snapshot
+
+
 # --- matrix ---------------------------------------------------------------------------------------
 
 
@@ -207,7 +215,7 @@ def _ports(args: argparse.Namespace, snapshot: Any) -> list[tuple[int, str]]:
 
 def cmd_matrix(args: argparse.Namespace, out: TextIO) -> int:
 
-    snapshot = load_snapshot(_paths(args.files))
+    snapshot = _load(args, _paths(args.files))
     ports = _ports(args, snapshot)
     if args.output == "counts":
         model = ClassModel(snapshot)
@@ -222,6 +230,7 @@ def cmd_matrix(args: argparse.Namespace, out: TextIO) -> int:
                     "pairs": counts.pods * counts.pods,
                     "allowed": counts.allowed,
                     "denied": counts.denied,
+                    "unknown": counts.unknown,
                     "classes": counts.classes,
                 }
             )
@@ -242,11 +251,14 @@ def cmd_matrix(args: argparse.Namespace, out: TextIO) -> int:
                         "port": port,
                         "protocol": protocol,
                         "allowed": verdict.allowed,
+                        "model": verdict.model,
                         "ingress": verdict.ingress.to_dict(),
                         "egress": verdict.egress.to_dict(),
                     }
                     if verdict.notes:
                         cell["notes"] = list(verdict.notes)
+                    if verdict.incomplete:
+                        cell["incomplete"] = list(verdict.incomplete)
                     cells.append(cell)
         json.dump(cells, out, indent=1)
         out.write("\n")
@@ -263,8 +275,11 @@ def render_matrix_table(engine: Any, pods: list[Any], ports: list[tuple[int, str
     width = max(len(p.key) for p in pods)
     num = len(str(len(pods)))
     for port, protocol in ports:
-        allowed = 0
-        lines.append(f"{port}/{protocol}   ('.' allowed, 'X' denied; row = from, column = to)")
+        allowed = unknown = 0
+        lines.append(
+            f"{port}/{protocol}   ('.' allowed, 'X' denied, '?' unknown to the model; "
+            "row = from, column = to)"
+        )
         header = " " * (num + width + 3)
         # Column numbers written vertically so 30+ pods stay narrow.
         for digit in range(num):
@@ -272,12 +287,19 @@ def render_matrix_table(engine: Any, pods: list[Any], ports: list[tuple[int, str
         for i, src in enumerate(pods):
             cells = []
             for dst in pods:
-                ok = engine.evaluate(src, dst, port, protocol).allowed
-                allowed += ok
-                cells.append("." if ok else "X")
+                verdict = engine.evaluate(src, dst, port, protocol)
+                if not verdict.known:
+                    unknown += 1
+                    cells.append("?")
+                    continue
+                allowed += verdict.allowed
+                cells.append("." if verdict.allowed else "X")
             lines.append(f"{str(i + 1).rjust(num)} {src.key.ljust(width)}  " + " ".join(cells))
         total = len(pods) * len(pods)
-        lines.append(f"{allowed} of {total} pairs allowed, {total - allowed} denied")
+        line = f"{allowed} of {total} pairs allowed, {total - allowed - unknown} denied"
+        if unknown:
+            line += f", {unknown} unknown (policies flowproof does not model: see `explain`)"
+        lines.append(line)
         lines.append("")
     return "\n".join(lines)
 
@@ -289,7 +311,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 
     manifest_paths = _paths(args.files)
     expectation_paths = _paths(args.expectations)
-    snapshot = load_snapshot(manifest_paths + expectation_paths)
+    snapshot = _load(args, manifest_paths + expectation_paths)
     if not snapshot.expectations:
         raise InputError(
             "no FlowExpectations found in "
@@ -341,7 +363,7 @@ def cmd_evidence(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
 
-    snapshot = load_snapshot(_paths(args.files))
+    snapshot = _load(args, _paths(args.files))
 
     def endpoint(text: str, flag: str) -> Pod | str:
         if is_ip(text):
@@ -376,18 +398,25 @@ def cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
 def explain_text(verdict: Any, source: Any, destination: Any, port: int, protocol: str) -> str:
 
     name_src, name_dst = endpoint_name(source), endpoint_name(destination)
-    lines = [
-        f"{name_src} -> {name_dst} on {port}/{protocol}: "
-        + ("ALLOWED" if verdict.allowed else "DENIED"),
-        "",
-    ]
+    word = {"allow": "ALLOWED", "deny": "DENIED"}.get(verdict.model, "UNKNOWN")
+    lines = [f"{name_src} -> {name_dst} on {port}/{protocol}: {word}", ""]
+    if not verdict.known:
+        modelled = "allowed" if verdict.allowed else "denied"
+        lines.append(
+            f"  the model is incomplete for this flow (the policies flowproof models say {modelled}):"
+        )
+        lines += [f"    - {reason}" for reason in verdict.incomplete]
+        lines.append("")
     for label, part in (
         ("egress at the source", verdict.egress),
         ("ingress at the destination", verdict.ingress),
     ):
         state = "allows" if part.allowed else "DENIES"
-        lines.append(f"  {label}: {state}")
+        decided = f" (decided in the {part.tier} tier)" if part.tier != "none" else ""
+        lines.append(f"  {label}: {state}{decided}")
         lines.append(f"    {part.reason}")
+        if part.cluster_policies:
+            lines.append("    cluster policies of the pod: " + ", ".join(part.cluster_policies))
         if part.isolated:
             lines.append("    isolating policies: " + ", ".join(part.policies))
     for note in verdict.notes:

@@ -31,7 +31,7 @@ from lab.cluster import (
     pod_manifest,
 )
 from lab.config import AddressPlan, LabSettings
-from lab.enforcing import enforce, load_policies
+from lab.enforcing import enforce, load_cluster_policies, load_policies
 from lab.errors import LabError, LabExistsError
 from lab.loop import LoopSettings
 from lab.merging import (
@@ -114,6 +114,7 @@ def up(
             raise
         report.created = [f"{r.key} ({r.ip} on node-{r.node})" for r in records]
         report.policies = sorted(desired.policies)
+        report.notes += [f"warning: {w}" for w in manifests.warnings]
         report.seconds = time.monotonic() - started
         return report
 
@@ -149,6 +150,7 @@ def _planned(
     state.policies = list(desired.policies.values())
     state.expectations = list(desired.expectations.values())
     load_policies(state)  # the stored form must read back
+    load_cluster_policies(state)
 
     plan = AddressPlan(settings)
     # Start from a metric of the lab's own (from its name), so labs brought up at the same
@@ -222,6 +224,7 @@ def reconcile(paths: LabPaths, state: LabState, desired: Desired) -> ChangeRepor
     new_records = [placement.place(spec) for spec in new_specs]
     candidate = dataclasses.replace(state, policies=list(desired.policies.values()))
     load_policies(candidate)  # the stored form must read back before anything changes
+    load_cluster_policies(candidate)
 
     report = ChangeReport(policies=_policy_changes(state.policies, desired.policies))
     report.updated = _update_kept(keep, desired)
@@ -277,7 +280,9 @@ def _update_kept(keep: Mapping[str, PodRecord], desired: Desired) -> list[str]:
 
 def apply(paths: LabPaths, state: LabState, manifests: Manifests, *, prune: bool) -> ChangeReport:
     """Create or update what the manifests declare (`prune`: and delete everything else)."""
-    return reconcile(paths, state, merged(state, manifests, prune=prune))
+    report = reconcile(paths, state, merged(state, manifests, prune=prune))
+    report.notes += [f"warning: {w}" for w in manifests.warnings]
+    return report
 
 
 def delete(paths: LabPaths, state: LabState, manifests: Manifests) -> ChangeReport:

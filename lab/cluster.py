@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from collector.core.model import (
+    CLUSTER_NETWORK_POLICY,
     NAMESPACE_NAME_LABEL,
+    ClusterNetworkPolicy,
+    ClusterPeer,
+    ClusterPort,
+    ClusterRule,
     ContainerPort,
     LabelSelector,
     Namespace,
@@ -51,9 +56,10 @@ _NODE_NAME = re.compile(r"node-(\d+)")
 class Manifests:
     """What a set of manifest files declares, as the lab needs it.
 
-    `pods` may hold workload templates (`workload` set, `replicas` pods each); `policies` pairs
-    each model policy with the manifest it is stored as; `expectations` are FlowExpectations
-    documents, passed through untouched (the lab never interprets them).
+    `pods` may hold workload templates (`workload` set, `replicas` pods each); `policies` and
+    `cluster_policies` are model policies (stored as their manifests); `expectations` are
+    FlowExpectations documents, passed through untouched (the lab never interprets them);
+    `warnings` what reading them accepted with a warning (file and line first).
     """
 
     namespaces: Mapping[str, Namespace] = field(default_factory=dict)
@@ -61,6 +67,8 @@ class Manifests:
     pods: tuple[Pod, ...] = ()
     policies: tuple[NetworkPolicy, ...] = ()
     expectations: tuple[Mapping[str, Any], ...] = ()
+    cluster_policies: tuple[ClusterNetworkPolicy, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -432,6 +440,91 @@ def policy_manifest(policy: NetworkPolicy) -> dict[str, Any]:
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": {"name": policy.name, "namespace": policy.namespace},
+        "spec": spec,
+    }
+
+
+def _cluster_peer_manifest(peer: ClusterPeer) -> dict[str, Any]:
+    form = peer.form
+    if form == "pods":
+        assert peer.namespace_selector is not None
+        assert peer.pod_selector is not None
+        return {
+            "pods": {
+                "namespaceSelector": selector_manifest(peer.namespace_selector),
+                "podSelector": selector_manifest(peer.pod_selector),
+            }
+        }
+    if form == "namespaces":
+        assert peer.namespace_selector is not None
+        return {"namespaces": selector_manifest(peer.namespace_selector)}
+    if form == "networks":
+        return {"networks": [str(n) for n in peer.networks]}
+    if form == "nodes":
+        assert peer.nodes is not None
+        return {"nodes": selector_manifest(peer.nodes)}
+    return {"domainNames": list(peer.domain_names)}
+
+
+def _cluster_port_manifest(port: ClusterPort, v1alpha1: bool) -> dict[str, Any]:
+    if port.name is not None:
+        return {"namedPort": port.name} if v1alpha1 else {"destinationNamedPort": port.name}
+    if v1alpha1:
+        if port.end_port is not None:
+            return {
+                "portRange": {"protocol": port.protocol, "start": port.port, "end": port.end_port}
+            }
+        return {"portNumber": {"protocol": port.protocol, "port": port.port}}
+    number: dict[str, Any] = (
+        {"range": {"start": port.port, "end": port.end_port}}
+        if port.end_port is not None
+        else {"number": port.port}
+    )
+    return {str(port.protocol).lower(): {"destinationPort": number}}
+
+
+def _cluster_rule_manifest(
+    policy: ClusterNetworkPolicy, rule: ClusterRule, peers_key: str
+) -> dict[str, Any]:
+    v1alpha1 = policy.kind != CLUSTER_NETWORK_POLICY
+    data: dict[str, Any] = {"action": policy.action_word(rule.action)}
+    if rule.name:
+        data["name"] = rule.name
+    data[peers_key] = [_cluster_peer_manifest(p) for p in rule.peers]
+    if rule.ports:
+        data["ports" if v1alpha1 else "protocols"] = [
+            _cluster_port_manifest(p, v1alpha1) for p in rule.ports
+        ]
+    return data
+
+
+def cluster_policy_manifest(policy: ClusterNetworkPolicy) -> dict[str, Any]:
+    """The manifest of a model cluster policy, in its kind's version (v1beta1, v1alpha1)."""
+    subject: dict[str, Any]
+    if policy.subject_pods is None:
+        subject = {"namespaces": selector_manifest(policy.subject_namespaces)}
+    else:
+        subject = {
+            "pods": {
+                "namespaceSelector": selector_manifest(policy.subject_namespaces),
+                "podSelector": selector_manifest(policy.subject_pods),
+            }
+        }
+    spec: dict[str, Any] = {}
+    if policy.kind == CLUSTER_NETWORK_POLICY:
+        spec["tier"] = policy.tier
+    if policy.kind != "BaselineAdminNetworkPolicy":
+        spec["priority"] = policy.priority
+    spec["subject"] = subject
+    if policy.ingress:
+        spec["ingress"] = [_cluster_rule_manifest(policy, r, "from") for r in policy.ingress]
+    if policy.egress:
+        spec["egress"] = [_cluster_rule_manifest(policy, r, "to") for r in policy.egress]
+    version = "v1beta1" if policy.kind == CLUSTER_NETWORK_POLICY else "v1alpha1"
+    return {
+        "apiVersion": f"policy.networking.k8s.io/{version}",
+        "kind": policy.kind,
+        "metadata": {"name": policy.name},
         "spec": spec,
     }
 

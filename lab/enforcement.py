@@ -1,9 +1,11 @@
-"""NetworkPolicies compiled into one nftables table per pod namespace: the lab's "network plugin".
+"""Policies compiled into one nftables table per pod namespace: the lab's "network plugin".
 
-Owns the lab's own reading of NetworkPolicy semantics, written independently of the collector's
-engine (the lab is the reality the engine is checked against), and the fault modes that make it
-deviate on purpose. Pure: it turns pods, namespaces, policies and faults into nft text and never
-runs nft itself (see lab/system.py).
+Owns the lab's own reading of NetworkPolicy semantics and of the Network Policy API's tiers
+(ClusterNetworkPolicy Admin rules, then NetworkPolicies, then Baseline rules, then allow), written
+independently of the collector's engine (the lab is the reality the engine is checked against),
+and the fault modes that make it deviate on purpose. Pure: it turns pods, namespaces, policies and
+faults into nft text and never runs nft itself (see lab/system.py). `nodes` and `domainNames`
+peers are not enforced (they match nothing here).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from dataclasses import dataclass, field
 
 from collector.core.model import (
     NAMESPACE_NAME_LABEL,
+    ClusterNetworkPolicy,
+    ClusterPort,
+    ClusterRule,
     NetworkPolicy,
     Peer,
     Pod,
@@ -39,6 +44,7 @@ class EnforcementInput:
     namespaces: Mapping[str, Mapping[str, str]]  # namespace name -> labels
     policies: Sequence[NetworkPolicy]
     faults: Faults = field(default_factory=Faults)
+    cluster_policies: Sequence[ClusterNetworkPolicy] = ()
     dns_service_ip: str = DEFAULT_CLUSTER_DNS_IP
     dns_backends: Sequence[str] = ()  # addresses of the pods running the cluster DNS
 
@@ -90,6 +96,7 @@ class _Compiler:
         self.faults = inp.faults
         ignored = set(inp.faults.ignore_policies)
         self.policies = [p for p in inp.policies if p.key not in ignored]
+        self.cluster_policies = [p for p in inp.cluster_policies if p.key not in ignored]
         self.pods = [p for p in inp.pods if not p.host_network and p.ips]
 
     def namespace_labels(self, name: str) -> Mapping[str, str]:
@@ -227,35 +234,202 @@ class _Compiler:
                     lines.append(" ".join(filter(None, (dest, l4, "accept", comment))))
         return lines
 
-    def chain(self, pod: Pod, direction: str) -> list[str]:
+    # --- the cluster policy tiers -------------------------------------------------------------
+
+    def cluster_subjects(self, pod: Pod, tier: str, direction: str) -> list[ClusterNetworkPolicy]:
+        """The tier's policies whose subject is `pod` and that have rules for `direction`, in
+        precedence order: lower priority first, a BaselineAdminNetworkPolicy after the rest,
+        then by name. Host-network pods are never a subject."""
+        if pod.host_network:
+            return []
+        labels = self.namespace_labels(pod.namespace)
+        found = [
+            p
+            for p in self.cluster_policies
+            if p.tier == tier
+            and (p.ingress if direction == "ingress" else p.egress)
+            and p.subject_namespaces.matches(labels)
+            and (p.subject_pods is None or p.subject_pods.matches(pod.labels))
+        ]
+        return sorted(
+            found, key=lambda p: (p.kind == "BaselineAdminNetworkPolicy", p.priority, p.key)
+        )
+
+    def cluster_peer_groups(self, rule: ClusterRule, addr: str) -> list[tuple[str, list[Pod]]]:
+        """The rule's peers as (address match, the pods at those addresses)."""
+        groups: list[tuple[str, list[Pod]]] = []
+        selected: dict[str, Pod] = {}
+        for peer in rule.peers:
+            if peer.networks:
+                v4 = [n for n in peer.networks if isinstance(n, ipaddress.IPv4Network)]
+                if v4:
+                    inside = [
+                        p for p in self.pods if any(ipaddress.ip_address(p.ips[0]) in n for n in v4)
+                    ]
+                    groups.append((f"ip {addr} {_elements(str(n) for n in v4)}", inside))
+                continue
+            if peer.namespace_selector is None:
+                continue  # nodes, domainNames: not enforced by the lab
+            for pod in self.pods:
+                if not peer.namespace_selector.matches(self.namespace_labels(pod.namespace)):
+                    continue
+                if peer.pod_selector is not None and not peer.pod_selector.matches(pod.labels):
+                    continue
+                selected[pod.key] = pod
+        if selected:
+            ips = sorted({p.ips[0] for p in selected.values()}, key=ipaddress.ip_address)
+            groups.append((f"ip {addr} {_elements(ips)}", list(selected.values())))
+        return groups
+
+    def resolve_cluster_ports(
+        self, ports: Sequence[ClusterPort], destination: Pod | None
+    ) -> PortRanges:
+        """Port ranges per protocol; a named port takes the protocol and number its container
+        port declares on `destination` (none: it matches nothing)."""
+        result: PortRanges = {}
+        for entry in ports:
+            spans: list[tuple[Protocol, tuple[int, int]]] = []
+            if entry.name is not None:
+                if self.faults.ignore_named_ports or destination is None:
+                    continue
+                spans = [
+                    (cp.protocol, (cp.port, cp.port))
+                    for cp in destination.ports
+                    if cp.name == entry.name
+                ]
+            elif entry.protocol is not None and entry.port is not None:
+                end = entry.end_port
+                if end is None or self.faults.ignore_endport:
+                    end = entry.port
+                spans = [(entry.protocol, (entry.port, end))]
+            for protocol, span in spans:
+                existing = result.setdefault(protocol, set())
+                assert existing is not None
+                existing.add(span)
+        return result
+
+    def verdict_lines(
+        self, match: str, action: str, tier: str, direction: str, comment: str
+    ) -> list[str]:
+        """nft rules that give a matched packet the rule's action."""
+        if action == "Accept":
+            return [" ".join(filter(None, (match, "accept", comment)))]
+        if action == "Pass":
+            # The Admin tier hands over to the NetworkPolicy tier; the Baseline tier to the
+            # default, which allows.
+            target = f"goto {direction}_rest" if tier == "Admin" else "accept"
+            return [" ".join(filter(None, (match, target, comment)))]
+        if self.faults.reject:
+            return [
+                " ".join(filter(None, (match, "meta l4proto tcp reject with tcp reset", comment))),
+                " ".join(filter(None, (match, "reject with icmpx admin-prohibited", comment))),
+            ]
+        return [" ".join(filter(None, (match, "drop", comment)))]
+
+    def cluster_rule_lines(
+        self,
+        subject: Pod,
+        policy: ClusterNetworkPolicy,
+        rule: ClusterRule,
+        direction: str,
+        index: int,
+    ) -> list[str]:
+        comment = (
+            f"comment {_quote(f'{policy.tier} {policy.key} {direction}[{index}] {rule.action}')}"
+        )
+        groups = self.cluster_peer_groups(rule, "saddr" if direction == "ingress" else "daddr")
+        lines: list[str] = []
+        if not rule.ports:
+            for match, _ in groups:
+                lines += self.verdict_lines(match, rule.action, policy.tier, direction, comment)
+            return lines
+        named = [p for p in rule.ports if p.name is not None]
+        numeric = self.resolve_cluster_ports([p for p in rule.ports if p.name is None], None)
+        for match, destinations in groups:
+            for l4 in _l4_matches(numeric) if numeric else []:
+                lines += self.verdict_lines(
+                    f"{match} {l4}", rule.action, policy.tier, direction, comment
+                )
+            if not named:
+                continue
+            if direction == "ingress":
+                resolved = self.resolve_cluster_ports(named, subject)
+                for l4 in _l4_matches(resolved) if resolved else []:
+                    lines += self.verdict_lines(
+                        f"{match} {l4}", rule.action, policy.tier, direction, comment
+                    )
+                continue
+            # Egress: a name resolves on each destination pod of the group.
+            for pod in destinations:
+                resolved = self.resolve_cluster_ports(named, pod)
+                for l4 in _l4_matches(resolved) if resolved else []:
+                    dest = f"ip daddr {pod.ips[0]}"
+                    lines += self.verdict_lines(
+                        f"{dest} {l4}", rule.action, policy.tier, direction, comment
+                    )
+        return lines
+
+    # --- chains ----------------------------------------------------------------------------------
+
+    def network_policy_lines(self, pod: Pod, direction: str) -> list[str]:
+        """The NetworkPolicy tier: the allowing rules then the isolation's deny; [] if the pod is
+        not isolated for `direction`."""
         policies = self.selecting(pod, direction)
         if not policies:
             return []
-        hook = "input" if direction == "ingress" else "output"
-        lo = 'iif "lo"' if direction == "ingress" else 'oif "lo"'
-        names = ", ".join(p.key for p in policies)
-        lines = [
-            f"\tchain {direction} {{",
-            f"\t\ttype filter hook {hook} priority filter; policy accept;",
-            f"\t\tcomment {_quote('isolated by ' + names)}",
-            "\t\tct state established,related accept",
-            f"\t\t{lo} accept",
-        ]
         rules: list[str] = []
         for policy in sorted(policies, key=lambda p: p.key):
             policy_rules = policy.ingress if direction == "ingress" else policy.egress
             for i, rule in enumerate(policy_rules):
                 rules.extend(self.rule_lines(pod, policy, rule, direction, i))
-        seen: set[str] = set()
-        for line in rules:
-            if line not in seen:
-                seen.add(line)
-                lines.append("\t\t" + line)
         if self.faults.reject:
-            lines.append("\t\tmeta l4proto tcp reject with tcp reset")
-            lines.append("\t\treject with icmpx admin-prohibited")
+            rules.append("meta l4proto tcp reject with tcp reset")
+            rules.append("reject with icmpx admin-prohibited")
         else:
-            lines.append("\t\tdrop")
+            rules.append("drop")
+        return rules
+
+    def chain(self, pod: Pod, direction: str) -> list[str]:
+        policies = self.selecting(pod, direction)
+        admin = self.cluster_subjects(pod, "Admin", direction)
+        baseline = self.cluster_subjects(pod, "Baseline", direction)
+        if not (policies or admin or baseline):
+            return []
+        hook = "input" if direction == "ingress" else "output"
+        lo = 'iif "lo"' if direction == "ingress" else 'oif "lo"'
+        names = ", ".join(
+            [*(p.key for p in admin), *(p.key for p in policies), *(p.key for p in baseline)]
+        )
+        lines = [
+            f"\tchain {direction} {{",
+            f"\t\ttype filter hook {hook} priority filter; policy accept;",
+            f"\t\tcomment {_quote(('isolated by ' if policies else 'selected by ') + names)}",
+            "\t\tct state established,related accept",
+            f"\t\t{lo} accept",
+        ]
+        admin_lines = [
+            line
+            for policy in admin
+            for i, rule in enumerate(policy.ingress if direction == "ingress" else policy.egress)
+            for line in self.cluster_rule_lines(pod, policy, rule, direction, i)
+        ]
+        # "v1.NetworkPolicy always makes a final decision for selected pods"; else the Baseline
+        # tier, else the default (allow).
+        rest = self.network_policy_lines(pod, direction) or [
+            line
+            for policy in baseline
+            for i, rule in enumerate(policy.ingress if direction == "ingress" else policy.egress)
+            for line in self.cluster_rule_lines(pod, policy, rule, direction, i)
+        ]
+        if not admin and not baseline:
+            lines += [f"\t\t{line}" for line in _unique(rest)]
+            lines.append("\t}")
+            return lines
+        lines += [f"\t\t{line}" for line in _unique(admin_lines)]
+        lines.append(f"\t\tgoto {direction}_rest")
+        lines.append("\t}")
+        lines.append(f"\tchain {direction}_rest {{")
+        lines += [f"\t\t{line}" for line in _unique(rest)]
         lines.append("\t}")
         return lines
 
@@ -281,6 +455,11 @@ class _Compiler:
         lines += self.chain(pod, "egress")
         lines.append("}")
         return "\n".join(lines) + "\n"
+
+
+def _unique(lines: Iterable[str]) -> list[str]:
+    """The lines in order without repeats (a repeat can never match: the first one did)."""
+    return list(dict.fromkeys(lines))
 
 
 def isolation(inp: EnforcementInput) -> dict[str, tuple[bool, bool]]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 
-from collector.core.model import NetworkPolicy
+from collector.core.model import ClusterNetworkPolicy, NetworkPolicy
+from collector.reading.clusterpolicies import cluster_policy_from_dict
 from collector.reading.fields import Where
 from collector.reading.objects import policy_from_dict
 from lab.applying import apply_rulesets
@@ -24,10 +25,20 @@ from lab.state import LabPaths, LabState, PendingApply
 
 
 def load_policies(state: LabState) -> list[NetworkPolicy]:
-    """The stored policy manifests as model policies (read by the same reader as the collector)."""
+    """The stored NetworkPolicy manifests as model policies (the collector's own reader)."""
     return [
         policy_from_dict(doc, Where(file=f"lab:networkpolicies/{policy_key(doc)}"))
         for doc in state.policies
+        if doc.get("kind", "NetworkPolicy") == "NetworkPolicy"
+    ]
+
+
+def load_cluster_policies(state: LabState) -> list[ClusterNetworkPolicy]:
+    """The stored cluster policy manifests (ClusterNetworkPolicy and the v1alpha1 kinds)."""
+    return [
+        cluster_policy_from_dict(doc, Where(file=f"lab:{policy_key(doc)}"))
+        for doc in state.policies
+        if doc.get("kind", "NetworkPolicy") != "NetworkPolicy"
     ]
 
 
@@ -37,6 +48,7 @@ def enforcement_input(state: LabState) -> EnforcementInput:
         pods=pods,
         namespaces=state.namespaces,
         policies=load_policies(state),
+        cluster_policies=load_cluster_policies(state),
         faults=state.faults,
         dns_service_ip=state.settings.dns_service_ip,
         dns_backends=[

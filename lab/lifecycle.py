@@ -201,6 +201,8 @@ def read_manifests(paths: Sequence[str | os.PathLike[str]]) -> Manifests:
         pods=snapshot.pods,
         policies=snapshot.policies,
         expectations=expectations,
+        cluster_policies=snapshot.cluster_policies,
+        warnings=snapshot.warnings,
     )
 
 

@@ -14,11 +14,13 @@ from typing import Any
 
 from collector.core.model import NAMESPACE_NAME_LABEL
 from collector.core.probepods import PROBE_POD_LABEL, PROBE_POD_PREFIX
+from collector.reading.clusterpolicies import CLUSTER_POLICY_KINDS
 from collector.reading.fields import label_key_problem, label_value_problem
 from flowproof.errors import InputError
 from lab.cluster import (
     Manifests,
     PodSpec,
+    cluster_policy_manifest,
     concrete_pods,
     expectations_key,
     is_dns_pod,
@@ -45,9 +47,16 @@ class Desired:
 
 
 def policy_key(doc: Mapping[str, Any]) -> str:
-    """`namespace/name` of a stored NetworkPolicy manifest."""
+    """`namespace/name` of a stored NetworkPolicy manifest, `Kind/name` of a cluster policy's."""
     meta = doc.get("metadata") or {}
+    if doc.get("kind", "NetworkPolicy") != "NetworkPolicy":
+        return f"{doc.get('kind')}/{meta.get('name')}"
     return f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+
+
+def is_cluster_policy_key(key: str) -> bool:
+    """A cluster policy's key (`ClusterNetworkPolicy/name`): its first part is no namespace."""
+    return key.split("/", 1)[0] in CLUSTER_POLICY_KINDS
 
 
 def current(state: LabState) -> Desired:
@@ -97,7 +106,7 @@ def _ensure_dns(pods: dict[str, PodSpec], previous: Mapping[str, PodSpec]) -> No
 def ensure_namespaces(desired: Desired) -> None:
     """Add every namespace a pod, policy or expectation lives in (with its default labels)."""
     wanted = {s.namespace for s in desired.pods.values()}
-    wanted |= {k.split("/", 1)[0] for k in desired.policies}
+    wanted |= {k.split("/", 1)[0] for k in desired.policies if not is_cluster_policy_key(k)}
     wanted |= {k.split("/", 1)[0] for k in desired.expectations}
     for name in wanted:
         desired.namespaces.setdefault(name, namespace_labels(name))
@@ -127,6 +136,8 @@ def merged(state: LabState, manifests: Manifests, *, prune: bool) -> Desired:
             desired.namespaces[name] = namespace_labels(name, ns.labels)
     for policy in manifests.policies:
         desired.policies[policy.key] = policy_manifest(policy)
+    for cluster_policy in manifests.cluster_policies:
+        desired.policies[cluster_policy.key] = cluster_policy_manifest(cluster_policy)
     for doc in manifests.expectations:
         desired.expectations[expectations_key(doc)] = dict(doc)
     ensure_namespaces(desired)
@@ -162,6 +173,9 @@ def without(state: LabState, manifests: Manifests) -> tuple[Desired, list[str]]:
     for policy in manifests.policies:
         if desired.policies.pop(policy.key, None) is None:
             missing.append(f"networkpolicy {policy.key}")
+    for cluster_policy in manifests.cluster_policies:
+        if desired.policies.pop(cluster_policy.key, None) is None:
+            missing.append(f"{cluster_policy.kind.lower()} {cluster_policy.name}")
     for doc in manifests.expectations:
         if desired.expectations.pop(expectations_key(doc), None) is None:
             missing.append(f"flowexpectations {expectations_key(doc)}")

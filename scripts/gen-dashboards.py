@@ -34,6 +34,7 @@ STATUSES = (
     ("POLICY_MISMATCH", "#f5a524", "policy mismatch"),
     ("ENFORCEMENT_DRIFT", "#6d28d9", "enforcement drift"),
     ("INCONCLUSIVE", "#8c959f", "inconclusive"),
+    ("MODEL_INCOMPLETE", "#4a7fb0", "model incomplete"),
     ("STALE", "#b7791f", "stale"),
     ("PENDING", "#adb5bd", "pending"),
     ("PASS", "#2e7d32", "pass"),

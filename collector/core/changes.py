@@ -1,6 +1,7 @@
 """Change tracking: what differs between two snapshots, as a dated ChangeEvent, and what it touches.
 
-Owns `diff_snapshots` (pods, namespaces, NetworkPolicies and expectations added, removed or changed)
+Owns `diff_snapshots` (pods, namespaces, policies of every tier, other plugins' policy objects
+and expectations added, removed or changed)
 and `touched_flows`, the rule for which flows a change re-verifies first: new flows, flows whose
 intent, model verdict, explanation or probe parameters changed, and every flow of a pod that
 was added or whose labels, IPs, node, ports or phase changed. Pure: no I/O and no clock; the caller
@@ -14,7 +15,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from collector.core.model import Expectations, NetworkPolicy, Snapshot
+from collector.core.model import (
+    ClusterNetworkPolicy,
+    Expectations,
+    NetworkPolicy,
+    Snapshot,
+    UnmodelledPolicy,
+)
 
 T = TypeVar("T")
 
@@ -91,9 +98,15 @@ def _diff(
     return added, removed, changed
 
 
-def _policies(policies: Iterable[NetworkPolicy]) -> dict[str, NetworkPolicy]:
+Policy = NetworkPolicy | ClusterNetworkPolicy | UnmodelledPolicy
+
+
+def _policies(snapshot: Snapshot) -> dict[str, Policy]:
+    """NetworkPolicies (`ns/name`), cluster policies (`Kind/name`) and other plugins' policy
+    objects (`Kind.group ns/name`): three key forms that never collide."""
     # `source` is where the policy was read ("file.yaml:12"): moving it in a file changes nothing.
-    return {p.key: dataclasses.replace(p, source="") for p in policies}
+    found: list[Policy] = [*snapshot.policies, *snapshot.cluster_policies, *snapshot.unmodelled]
+    return {p.key: dataclasses.replace(p, source="") for p in found}
 
 
 def _expectations(documents: Iterable[Expectations]) -> dict[str, Expectations]:
@@ -115,7 +128,7 @@ def diff_snapshots(
         {n: dict(ns.labels) for n, ns in before.namespaces.items()},
         {n: dict(ns.labels) for n, ns in new.namespaces.items()},
     )
-    policies = _diff(_policies(before.policies), _policies(new.policies))
+    policies = _diff(_policies(before), _policies(new))
     expectations = _diff(_expectations(before.expectations), _expectations(new.expectations))
     return ChangeEvent(
         generation=generation,

@@ -1,7 +1,7 @@
 """Intent vs model, offline: every declared flow resolved and compared with the engine's verdict.
 
-Owns `check` (the offline statuses `PASS` and `POLICY_MISMATCH`, and `INCONCLUSIVE` for a host
-resolved only when probed) and the parsing of a command line's port. Resolution is
+Owns `check` (the offline statuses `PASS` and `POLICY_MISMATCH`, `MODEL_INCOMPLETE` where the
+model is unknown, and `INCONCLUSIVE` for a host resolved only when probed) and the parsing of a command line's port. Resolution is
 collector.core.resolving's; the live loop adds reality on top of the same flows. Pure: no I/O; an
 expectation that matches nothing is an InputError unless it says `allowEmpty`.
 """
@@ -101,7 +101,8 @@ def check(
             problems.extend(flow_problems)
             for item in concrete:
                 verdict = engine.evaluate(item.source, item.destination, item.port, item.protocol)
-                checks.append(FlowCheck(item, verdict, model_status(item.intent, verdict.allowed)))
+                status = model_status(item.intent, verdict.allowed, model_known=verdict.known)
+                checks.append(FlowCheck(item, verdict, status))
     if strict and problems:
         raise InputError(
             "expectations do not resolve",

@@ -6,7 +6,9 @@ one class. A pod's *signature* is the sorted tuple of its features, gathered by 
 `signature_extractors` (one per kind of feature; a new policy kind adds its own), and pods with
 equal signatures share a class: the cost grows with the features pods carry, not pods × features.
 Verdicts are computed per pair of classes, block by block over packed bit rows, and counts are
-weighted by class sizes. Same semantics as `collector.core.engine`; pure, no I/O.
+weighted by class sizes. The tiers of cluster policies (and other plugins' objects) are
+collector.core.tiers': one more per-pod feature (`_TierFeatures`), and a tier-ordered combination
+in `allowed_matrix` and `counts`. Same semantics as `collector.core.engine`; pure, no I/O.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from collector.core.model import LabelSelector, NetworkPolicy, Peer, Pod, Protocol, Snapshot
+from collector.core.tiers import TierFeature, TierModel
 
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
@@ -40,6 +43,7 @@ class Counts:
     denied: int
     classes: int
     pods: int
+    unknown: int = 0  # pairs whose model is unknown (counted in allowed or denied as modelled)
 
 
 @dataclass(frozen=True)
@@ -351,10 +355,45 @@ class _NamedPorts:
             yield col, np.array(pods, dtype=np.int64), np.array(ports, dtype=np.int64)
 
 
-def signature_extractors(tables: _Tables) -> list[FeatureExtractor]:
-    """Every kind of feature a class signature holds, in one place: a new policy kind (say
-    AdminNetworkPolicy subjects and peers) adds its extractor here."""
-    return [_PolicySelection(tables), _PeerMembership(tables), _NamedPorts(tables)]
+@dataclass
+class _TierFeatures:
+    """The tiers' per-pod feature (`collector.core.tiers.TierFeature`) as an interned id, split
+    over two columns of 17 bits each; no column at all without cluster policies or other
+    plugins' objects."""
+
+    feature: TierFeature
+    name: str = "tiers"
+
+    @property
+    def columns(self) -> int:
+        return 2 if self.feature.active else 0
+
+    def cells(self, index: PodIndex) -> CellFeatures:
+        return iter(())
+
+    def pods(self, index: PodIndex) -> PodFeatures:
+        if not self.feature.active:
+            return
+        ids: dict[object, int] = {}
+        values = np.array(
+            [ids.setdefault(self.feature(pod), len(ids)) for pod in index.snapshot.pods],
+            dtype=np.int64,
+        )
+        members = np.arange(len(values), dtype=np.int64)
+        mask = (1 << _VALUE_BITS) - 1
+        yield 0, members, values & mask
+        yield 1, members, values >> _VALUE_BITS
+
+
+def signature_extractors(tables: _Tables, snapshot: Snapshot) -> list[FeatureExtractor]:
+    """Every kind of feature a class signature holds, in one place: a new policy kind adds its
+    extractor here (the cluster policy tiers did)."""
+    return [
+        _PolicySelection(tables),
+        _PeerMembership(tables),
+        _NamedPorts(tables),
+        _TierFeatures(TierFeature(snapshot)),
+    ]
 
 
 @dataclass(frozen=True)
@@ -429,7 +468,7 @@ class ClassModel:
         self.named = tables.named
         self.peers = tables.peers
         index = PodIndex(snapshot)
-        extractors = signature_extractors(tables)
+        extractors = signature_extractors(tables, snapshot)
 
         # Gather every extractor's features as codes: (global column << bits) | value.
         offsets: list[int] = []
@@ -503,6 +542,7 @@ class ClassModel:
         self.named_ports = self.features["named_ports"].dense_values()
         if not self.named:
             self.named_ports = np.full((self.classes, 1), -1, dtype=np.int64)
+        self._tiers = TierModel(snapshot, [pods[i] for i in self.first.tolist()])
         self._ingress_rows: tuple[ByteArray, list[int]] | None = None
         self._ingress_peers: list[tuple[int, ...] | None] = []
         self._peer_rows: dict[tuple[int, ...] | None, ByteArray] = {}
@@ -633,8 +673,45 @@ class ClassModel:
         """allowed[s, d]: may a pod of class s reach a pod of class d (self pairs aside).
 
         Dense (classes²): for counting use `counts`, which never builds it."""
+        return self._matrices(port, protocol)[0]
+
+    def unknown_matrix(self, port: int, protocol: Protocol) -> BoolArray:
+        """unknown[s, d]: is the model unknown for a pod of class s to a pod of class d."""
+        return self._matrices(port, protocol)[1]
+
+    def _matrices(self, port: int, protocol: Protocol) -> tuple[BoolArray, BoolArray]:
+        """(allowed, unknown) as dense [source class, destination class] matrices."""
         ingress, egress = self._sides(port, protocol)
-        return np.asarray(egress.dense() & ingress.dense().T, dtype=np.bool_)
+        if not self._tiers.active:
+            allowed = egress.dense() & ingress.dense().T
+            unknown = np.zeros((self.classes, self.classes), dtype=np.bool_)
+            return np.asarray(allowed, dtype=np.bool_), unknown
+        # The tiers around the NetworkPolicy tier: what the NetworkPolicy rules allow matters
+        # only for the subjects NetworkPolicies isolate.
+        tiers = self._tiers
+        in_allowed, in_unknown = tiers.direction(
+            "ingress", port, protocol, ingress.dense(), ~ingress.open
+        )
+        eg_allowed, eg_unknown = tiers.direction(
+            "egress", port, protocol, egress.dense(), ~egress.open
+        )
+        allowed = eg_allowed & in_allowed.T
+        unknown = eg_unknown | in_unknown.T | tiers.unmodelled()
+        return np.asarray(allowed, dtype=np.bool_), np.asarray(unknown, dtype=np.bool_)
+
+    def _tiered_counts(self, port: int, protocol: Protocol) -> Counts:
+        """Counts with cluster policy tiers: over the dense class matrices (tiers are rare and
+        their subjects few, so the classes stay few)."""
+        allowed_matrix, unknown_matrix = self._matrices(port, protocol)
+        sizes = self.sizes
+        total = float(sizes @ allowed_matrix.astype(np.float64) @ sizes)
+        unknown = round(float(sizes @ unknown_matrix.astype(np.float64) @ sizes))
+        # Self pairs: a pod cannot block access to itself, whatever its class's verdict says.
+        diagonal = np.diagonal(allowed_matrix)
+        total += float(sizes.sum() - (sizes * diagonal).sum())
+        n = self.pod_count
+        allowed_pairs = round(total)
+        return Counts(allowed_pairs, n * n - allowed_pairs, self.classes, n, unknown)
 
     def counts(self, port: int, protocol: Protocol) -> Counts:
         """Allowed and denied ordered pod pairs on `port`, weighted by class sizes.
@@ -647,6 +724,8 @@ class ClassModel:
         n = self.pod_count
         if self.classes == 0:
             return Counts(0, 0, 0, n)
+        if self._tiers.active:
+            return self._tiered_counts(port, protocol)
         sizes = self.sizes
         ingress, egress = self._sides(port, protocol)
         weigh = _Weigher(sizes)

@@ -22,6 +22,9 @@ Decisions:
   same status, else the old status stays and a flap is recorded. Both results stay in the record.
 - Drift-sample flows take the model as intent, so they are PASS, ENFORCEMENT_DRIFT or INCONCLUSIVE
   once probed (PENDING and STALE before and between).
+- A flow whose model is unknown (`Verdict.incomplete`: another plugin's policies, peers or ties
+  the model cannot resolve) is MODEL_INCOMPLETE until reality contradicts intent, which is then
+  REQUIRED_BLOCKED or FORBIDDEN_OPEN as ever; never POLICY_MISMATCH nor ENFORCEMENT_DRIFT.
 - Feedback latency: for every flow a change touches, from the change's `at` to the receipt of the
   first result of a probe started at or after it (the initial snapshot is not a change).
 """
@@ -242,6 +245,10 @@ class FlowRecord:
         return self.planned.model
 
     @property
+    def model_known(self) -> bool:
+        return self.planned.verdict.known
+
+    @property
     def reality(self) -> Reality | None:
         return self.current.reality if self.current is not None else None
 
@@ -333,9 +340,10 @@ class FlowState:
             else:
                 old = record.planned
                 record.planned = planned
-                if (old.intent, old.model, old.unprobeable) != (
+                if (old.intent, old.model, old.verdict.known, old.unprobeable) != (
                     planned.intent,
                     planned.model,
+                    planned.verdict.known,
                     planned.unprobeable,
                 ):
                     record.basis_since = since if since > -math.inf else now
@@ -415,7 +423,13 @@ class FlowState:
             age = now - current.received_at
             if age <= self.settings.freshness_seconds:
                 continue
-            status = flow_status(record.intent, record.model, current.reality.verdict, stale=True)
+            status = flow_status(
+                record.intent,
+                record.model,
+                current.reality.verdict,
+                stale=True,
+                model_known=record.model_known,
+            )
             if status == "STALE":
                 record.confirming = None
                 reason = (
@@ -560,6 +574,11 @@ class FlowState:
         """Status before any counted result: intent against model, or why it cannot be probed."""
         planned = record.planned
         summary = planned.verdict.summary()
+        if not planned.verdict.known:
+            reason = f"the model is {summary}"
+            if planned.unprobeable:
+                reason += f"; not probed: {planned.unprobeable}"
+            return "MODEL_INCOMPLETE", reason
         if planned.intent != planned.model:
             reason = f"intent {_word(planned.intent)} but the policies {summary}"
             if planned.unprobeable:
@@ -572,11 +591,22 @@ class FlowState:
     def _judge(self, record: FlowRecord, entry: ResultRecord) -> tuple[Status, str]:
         """The status and reason this result alone leads to."""
         intent, model, reality = record.intent, record.model, entry.reality
-        status = flow_status(intent, model, reality.verdict)
+        status = flow_status(intent, model, reality.verdict, model_known=record.model_known)
         summary = record.planned.verdict.summary()
         seen = f"{entry.describe()}, {reality.reason}"
         if reality.status_mismatch:
             seen += f"; {reality.status_mismatch}"
+        if not record.model_known:
+            unknown: dict[Status, str] = {
+                "INCONCLUSIVE": reality.reason,
+                "MODEL_INCOMPLETE": f"{_word(intent)} as declared ({seen}), but the model is "
+                f"{summary}",
+                "REQUIRED_BLOCKED": f"declared allow, the network denies it ({seen}); the model "
+                f"is {summary}",
+                "FORBIDDEN_OPEN": f"declared deny, the network allows it ({seen}); the model is "
+                f"{summary}",
+            }
+            return status, unknown.get(status, seen)
         reasons: dict[Status, str] = {
             "INCONCLUSIVE": reality.reason,
             "PASS": f"{_word(intent)} as declared: {seen}",

@@ -1,8 +1,10 @@
-"""The snapshot: small immutable domain types for pods, namespaces, NetworkPolicies and expectations.
+"""The snapshot: small immutable domain types for pods, namespaces, policies and expectations.
 
-Owns the shapes every other part agrees on (DESIGN.md's words) and label-selector matching. It must
-never do I/O or import `kubernetes`, `grpc`, `aiohttp` or protobuf: sources convert into these types
-at the border, once.
+Owns the shapes every other part agrees on (DESIGN.md's words): NetworkPolicies, the tiered
+ClusterNetworkPolicies of the Network Policy API (with the older AdminNetworkPolicy and
+BaselineAdminNetworkPolicy mapped onto the same tiers), the presence of other plugins' policy
+objects the model does not know, and label-selector matching. It must never do I/O or import
+`kubernetes`, `grpc`, `aiohttp` or protobuf: sources convert into these types at the border, once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ Protocol = Literal["TCP", "UDP", "SCTP"]
 PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP", "SCTP")
 Operator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
 Direction = Literal["ingress", "egress"]
+Tier = Literal["Admin", "Baseline"]
+RuleAction = Literal["Accept", "Deny", "Pass"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -199,6 +203,177 @@ class NetworkPolicy:
         return f"{self.namespace}/{self.name}"
 
 
+# --- the Network Policy API's tiers (policy.networking.k8s.io) -----------------------------------
+
+CLUSTER_NETWORK_POLICY = "ClusterNetworkPolicy"
+ADMIN_NETWORK_POLICY = "AdminNetworkPolicy"
+BASELINE_ADMIN_NETWORK_POLICY = "BaselineAdminNetworkPolicy"
+
+
+@dataclass(frozen=True)
+class ClusterPeer:
+    """One entry of a cluster policy rule's `from`/`to`; exactly one form is set.
+
+    `namespaces` sets only `namespace_selector` (every pod of the selected namespaces); `pods`
+    sets both selectors (the selected pods in the selected namespaces); `networks` (egress) holds
+    CIDRs; `nodes` and `domain_names` (egress, experimental) are read but not modelled: a flow
+    they could decide has an unknown model.
+    """
+
+    namespace_selector: LabelSelector | None = None
+    pod_selector: LabelSelector | None = None
+    networks: tuple[IPNetwork, ...] = ()
+    nodes: LabelSelector | None = None
+    domain_names: tuple[str, ...] = ()
+
+    @property
+    def form(self) -> str:
+        if self.pod_selector is not None:
+            return "pods"
+        if self.namespace_selector is not None:
+            return "namespaces"
+        if self.networks:
+            return "networks"
+        if self.nodes is not None:
+            return "nodes"
+        return "domainNames"
+
+    @property
+    def modelled(self) -> bool:
+        """False for the peers whose match the model cannot tell (nodes, domain names)."""
+        return self.form in ("pods", "namespaces", "networks")
+
+    def describe(self) -> str:
+        form = self.form
+        if form == "pods":
+            assert self.pod_selector is not None
+            assert self.namespace_selector is not None
+            return (
+                f"pods {self.pod_selector.describe()} in namespaces "
+                f"{self.namespace_selector.describe()}"
+            )
+        if form == "namespaces":
+            assert self.namespace_selector is not None
+            return f"namespaces {self.namespace_selector.describe()}"
+        if form == "networks":
+            return "networks " + ", ".join(str(n) for n in self.networks)
+        if form == "nodes":
+            assert self.nodes is not None
+            return f"nodes {self.nodes.describe()}"
+        return "domainNames " + ", ".join(self.domain_names)
+
+
+@dataclass(frozen=True)
+class ClusterPort:
+    """One entry of a cluster policy rule's `protocols` (or v1alpha1 `ports`).
+
+    A protocol with a port (`end_port` for an inclusive range), or a named container port of the
+    destination pod (`name`, `protocol` None: the named port's own protocol).
+    """
+
+    protocol: Protocol | None = "TCP"
+    port: int | None = None
+    end_port: int | None = None
+    name: str | None = None
+
+    def describe(self) -> str:
+        if self.name is not None:
+            return f"named port {self.name}"
+        if self.end_port is not None:
+            return f"{self.port}-{self.end_port}/{self.protocol}"
+        return f"{self.port}/{self.protocol}"
+
+
+@dataclass(frozen=True)
+class ClusterRule:
+    """One ingress or egress rule: its action applies to traffic from/to any of `peers` on any of
+    `ports` (empty: all traffic). `name` is the rule's optional name."""
+
+    action: RuleAction
+    peers: tuple[ClusterPeer, ...]
+    ports: tuple[ClusterPort, ...] = ()
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ClusterNetworkPolicy:
+    """A cluster-scoped policy of the Admin or Baseline tier.
+
+    A `ClusterNetworkPolicy` (v1alpha2, v1beta1) as written, or an `AdminNetworkPolicy` (Admin
+    tier; `Allow` read as `Accept`) or `BaselineAdminNetworkPolicy` (Baseline tier, no priority:
+    evaluated after every Baseline ClusterNetworkPolicy) of v1alpha1, named by `kind`. The subject
+    is the pods of the namespaces `subject_namespaces` selects that `subject_pods` selects (None:
+    all of them); host-network pods are never a subject.
+    """
+
+    name: str
+    tier: Tier
+    priority: int
+    subject_namespaces: LabelSelector = LabelSelector()
+    subject_pods: LabelSelector | None = None
+    ingress: tuple[ClusterRule, ...] = ()
+    egress: tuple[ClusterRule, ...] = ()
+    kind: str = CLUSTER_NETWORK_POLICY
+    source: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Precedence within the tier: lower first (a BaselineAdminNetworkPolicy comes last)."""
+        if self.kind == BASELINE_ADMIN_NETWORK_POLICY:
+            return (1, 0)
+        return (0, self.priority)
+
+    def action_word(self, action: RuleAction) -> str:
+        """The action as this kind writes it (v1alpha1 says `Allow` for `Accept`)."""
+        if action == "Accept" and self.kind != CLUSTER_NETWORK_POLICY:
+            return "Allow"
+        return action
+
+    def describe(self) -> str:
+        if self.kind == BASELINE_ADMIN_NETWORK_POLICY:
+            return self.key
+        return f"{self.key} (priority {self.priority})"
+
+
+# --- other plugins' policies: presence only -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnmodelledPolicy:
+    """An object of a policy kind the model does not know (Cilium, Calico, Antrea, ...).
+
+    Only its presence is known. A namespaced object may select any pod of its namespace, a
+    cluster-scoped one any pod: flows of those pods have an unknown model. An empty `name` stands
+    for the objects of a kind that could not be listed (their presence itself is unknown).
+    """
+
+    group: str
+    version: str
+    kind: str
+    namespace: str = ""
+    name: str = ""
+    source: str = ""
+
+    @property
+    def key(self) -> str:
+        where = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        return f"{self.kind}.{self.group} {where or '*'}"
+
+    def covers(self, namespace: str) -> bool:
+        """Whether it may select pods of `namespace`."""
+        return not self.namespace or self.namespace == namespace
+
+    def describe(self) -> str:
+        if not self.name:
+            return f"{self.kind} ({self.group}), which could not be listed"
+        where = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        return f"{self.kind} {where} ({self.group}/{self.version})"
+
+
 # --- expectations -------------------------------------------------------------------------------
 
 
@@ -291,6 +466,9 @@ class Snapshot:
     pods: tuple[Pod, ...] = ()
     policies: tuple[NetworkPolicy, ...] = ()
     expectations: tuple[Expectations, ...] = ()
+    cluster_policies: tuple[ClusterNetworkPolicy, ...] = ()
+    unmodelled: tuple[UnmodelledPolicy, ...] = ()
+    warnings: tuple[str, ...] = ()  # what reading accepted but a user should know, file:line first
 
     def namespace_labels(self, name: str) -> Mapping[str, str]:
         ns = self.namespaces.get(name)

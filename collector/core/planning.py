@@ -12,7 +12,8 @@ Decisions: a source is a running pod with an IP on a node, real pods before prob
 flows probe the cluster DNS address (`cluster_dns_ip`) with a DNS query, one concrete flow per DNS
 pod as the model sees it. A destination pod that declares no container port for the flow's port
 gets a responder (the agent on its node listens there). Witness and sweep flows take the model's
-verdict as their intent: they pass or show enforcement drift.
+verdict as their intent: they pass or show enforcement drift; so a flow whose model is unknown
+is never a witness, and a sweep cell whose model is unknown is not probed.
 """
 
 from __future__ import annotations
@@ -375,7 +376,14 @@ def witness_flows(
     for key, witnesses in evidence.by_flow().items():
         w = witnesses[0]
         verdict = engine.evaluate(w.source, w.destination, w.port, w.protocol)
-        if verdict.allowed != w.model:  # the witness computation and the engine must agree
+        if not verdict.known:
+            continue  # a model that cannot say what the policies do cannot witness one of them
+        if verdict.allowed != w.model:
+            if snapshot.cluster_policies:
+                # A cluster policy tier decides this flow, which the witness computation (over
+                # NetworkPolicies alone) does not know: it witnesses no NetworkPolicy.
+                continue
+            # The witness computation and the engine must agree.
             raise AssertionError(f"witness {w.describe()} but the engine says {verdict.summary()}")
         subject = ", ".join(dict.fromkeys(x.subject for x in witnesses))
         flow = ConcreteFlow(
@@ -415,6 +423,9 @@ def sweep_flow(cell: SweepCell, engine: Engine, settings: PlannerSettings) -> Pl
         verdict.allowed,
     )
     template, unprobeable, listener = _template(flow, key, settings)
+    if not verdict.known:
+        # Its intent would be a model that cannot say what the policies do: never probed.
+        template, unprobeable = None, f"the model is unknown for this cell: {verdict.incomplete[0]}"
     return PlannedFlow(
         key=key,
         kind="sweep",

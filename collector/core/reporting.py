@@ -90,7 +90,7 @@ def render_table(
             r.destination,
             f"{r.port}/{r.protocol}",
             "allow" if r.intent else "deny",
-            _word(r.model),
+            r.model_word or "-",
         ]
         if with_reality:
             line.append(r.reality_text() or "-")
@@ -163,7 +163,7 @@ def render_junit(
                 name=f"{r.source} -> {r.destination} {r.port}/{r.protocol}",
             )
             text = (
-                f"intent {_word(r.intent)}, model {_word(r.model)}"
+                f"intent {_word(r.intent)}, model {r.model_word or '-'}"
                 + (f", reality {r.reality_text()}" if r.reality else "")
                 + f": {r.reason}"
             )
@@ -230,7 +230,7 @@ def render_markdown(
             r.destination,
             f"{r.port}/{r.protocol}",
             _word(r.intent),
-            _word(r.model),
+            r.model_word or "-",
         ]
         if with_reality:
             cells.append(r.reality_text() or "-")

@@ -17,6 +17,7 @@ Status = Literal[
     "POLICY_MISMATCH",
     "ENFORCEMENT_DRIFT",
     "INCONCLUSIVE",
+    "MODEL_INCOMPLETE",
     "PENDING",
     "STALE",
 ]
@@ -29,6 +30,7 @@ STATUS_ORDER: tuple[Status, ...] = (
     "POLICY_MISMATCH",
     "ENFORCEMENT_DRIFT",
     "INCONCLUSIVE",
+    "MODEL_INCOMPLETE",
     "STALE",
     "PENDING",
     "PASS",
@@ -40,8 +42,15 @@ FAILING: frozenset[Status] = frozenset(
 )
 """Statuses that fail a gate (exit 1)."""
 
-UNDECIDED: frozenset[Status] = frozenset({"INCONCLUSIVE", "PENDING", "STALE"})
-"""Statuses that leave a gate undecided (exit 2 when nothing fails)."""
+UNDECIDED: frozenset[Status] = frozenset({"INCONCLUSIVE", "MODEL_INCOMPLETE", "PENDING", "STALE"})
+"""Statuses that leave a gate undecided (exit 2 when nothing fails).
+
+MODEL_INCOMPLETE: the model cannot say what the policies do for this flow (another plugin's policy
+objects may select its pods, a peer or a tie the model does not resolve), so intent cannot be
+compared with the model, nor the model with reality: never POLICY_MISMATCH or ENFORCEMENT_DRIFT.
+It is not INCONCLUSIVE, which says the probe could not decide: here reality may be perfectly
+clear, the model is what is missing, and the remedy is another (know that kind of policy, or
+accept that flowproof does not), so it is kept apart in reports, metrics and alerts."""
 
 RealityVerdict = Literal["allow", "deny", "inconclusive"]
 """What a probe result says about a flow."""
@@ -51,19 +60,39 @@ def status_rank(status: Status) -> int:
     return STATUS_ORDER.index(status)
 
 
-def model_status(intent: bool, model_allowed: bool) -> Status:
-    """Offline status: intent against the model."""
+def model_status(intent: bool, model_allowed: bool, *, model_known: bool = True) -> Status:
+    """Offline status: intent against the model (MODEL_INCOMPLETE when the model is unknown)."""
+    if not model_known:
+        return "MODEL_INCOMPLETE"
     return "PASS" if intent == model_allowed else "POLICY_MISMATCH"
 
 
 def flow_status(
-    intent: bool, model: bool, reality: RealityVerdict | None, *, stale: bool = False
+    intent: bool,
+    model: bool,
+    reality: RealityVerdict | None,
+    *,
+    stale: bool = False,
+    model_known: bool = True,
 ) -> Status:
     """The status of a flow from its three truths (DESIGN.md), `stale` when its result is old.
 
     Intent against the model needs no packet: when reality is missing, inconclusive or old, a
-    disagreement between them is still a certain POLICY_MISMATCH.
+    disagreement between them is still a certain POLICY_MISMATCH. With the model unknown
+    (`model_known` False) only intent and reality can be compared: a reality that contradicts
+    intent is still REQUIRED_BLOCKED or FORBIDDEN_OPEN, one that agrees is MODEL_INCOMPLETE (the
+    model cannot confirm it), and nothing is ever POLICY_MISMATCH or ENFORCEMENT_DRIFT.
     """
+    if not model_known:
+        if stale and reality is not None:
+            return "STALE"
+        if reality is None:
+            return "MODEL_INCOMPLETE"
+        if reality == "inconclusive":
+            return "INCONCLUSIVE"
+        if (reality == "allow") == intent:
+            return "MODEL_INCOMPLETE"
+        return "REQUIRED_BLOCKED" if intent else "FORBIDDEN_OPEN"
     if (reality is None or reality == "inconclusive" or stale) and intent != model:
         return "POLICY_MISMATCH"
     if reality is None:

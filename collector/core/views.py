@@ -73,8 +73,9 @@ def _group(endpoint: Endpoint) -> tuple[str, str]:
 @dataclass(frozen=True)
 class FlowView:
     """One concrete flow as every reader sees it. `model` is None when no verdict could be had
-    (a host resolved only when probed); `reality` is the reality verdict and `observed` the
-    outcome that gave it (None before any result, and always offline)."""
+    (a host resolved only when probed); `model_known` False when the verdict is incomplete (the
+    model is UNKNOWN: `model` then holds what the modelled policies say); `reality` is the reality
+    verdict and `observed` the outcome that gave it (None before any result, and always offline)."""
 
     key: str
     kind: str  # "declared", "witness" or "sweep"
@@ -98,6 +99,14 @@ class FlowView:
     last_verified_at: float | None = None
     latency_seconds: float | None = None
     confirming: Status | None = None
+    model_known: bool = True
+
+    @property
+    def model_word(self) -> str | None:
+        """`allow`, `deny`, `unknown`, or None when there is no verdict."""
+        if not self.model_known:
+            return "unknown"
+        return _word(self.model)
 
     @property
     def declared(self) -> str | None:
@@ -126,7 +135,7 @@ class FlowView:
             "port": self.port,
             "protocol": self.protocol,
             "intent": _word(self.intent),
-            "model": _word(self.model),
+            "model": self.model_word,
             "reality": self.reality,
             "observed": self.observed,
             "status": self.status,
@@ -141,6 +150,7 @@ class FlowView:
     def from_json(cls, data: Mapping[str, Any]) -> FlowView:
         """The view back from `to_json` (or a detail, whose extra keys are ignored)."""
         model = data.get("model")
+        known = model != "unknown"
         return cls(
             key=str(data["key"]),
             kind=str(data["kind"]),
@@ -155,7 +165,8 @@ class FlowView:
             port=int(data["port"]),
             protocol=str(data["protocol"]),
             intent=data["intent"] == "allow",
-            model=None if model is None else model == "allow",
+            model=None if model is None or not known else model == "allow",
+            model_known=known,
             reality=data.get("reality"),
             observed=data.get("observed"),
             status=data["status"],
@@ -189,6 +200,7 @@ def flow_view(record: FlowRecord) -> FlowView:
         protocol=planned.protocol,
         intent=planned.intent,
         model=planned.model,
+        model_known=planned.verdict.known,
         reality=current.reality.verdict if current else None,
         observed=current.observed() if current else None,
         status=record.status,
@@ -221,6 +233,7 @@ def check_view(item: FlowCheck) -> FlowView:
         protocol=flow.protocol,
         intent=flow.intent,
         model=None if verdict is None else verdict.allowed,
+        model_known=verdict is None or verdict.known,
         reality=None,
         observed=None,
         status=item.status,

@@ -211,10 +211,11 @@ def _read_target(
     if external:
         key = external[0]
         if key == "cidr":
-            cidr, problem = parse_cidr(obj["cidr"])
-            if problem is not None:
-                r.problem((*path, "cidr"), problem)
-            return ExternalTarget(cidr=cidr)
+            text = r.string(obj["cidr"], (*path, "cidr"))
+            parsed = parse_cidr(text, masked_only=True) if text is not None else None
+            if parsed is not None and parsed.problem is not None:
+                r.problem((*path, "cidr"), parsed.problem)
+            return ExternalTarget(cidr=parsed.network if parsed is not None else None)
         if key == "host":
             return ExternalTarget(host=str(obj["host"]).rstrip("."))
         return ExternalTarget(dns=str(obj["dns"]))

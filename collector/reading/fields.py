@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from collector.core.model import (
     PROTOCOLS,
+    IPAddress,
     IPNetwork,
     LabelSelector,
     Operator,
@@ -103,6 +104,10 @@ class Where:
             field=render_field(self.prefix + path) or None,
         )
 
+    def warning(self, path: FieldPath, reason: str) -> str:
+        """A warning in the form of an error's line: `file:line: field: reason`."""
+        return self.error(path, reason).render()
+
     @property
     def source(self) -> str:
         """`file:line` of the object itself, for messages and `NetworkPolicy.source`."""
@@ -172,14 +177,28 @@ class Reader:
     after recording why, so a single read reports every problem of an input.
     """
 
-    __slots__ = ("problems", "where")
+    __slots__ = ("problems", "served", "warnings", "where")
 
-    def __init__(self, where: Where, problems: list[InputError] | None = None) -> None:
+    def __init__(
+        self,
+        where: Where,
+        problems: list[InputError] | None = None,
+        *,
+        warnings: list[str] | None = None,
+        served: bool = False,
+    ) -> None:
         self.where = where
         self.problems: list[InputError] = [] if problems is None else problems
+        self.warnings: list[str] = [] if warnings is None else warnings
+        # An object the API server serves was accepted once, maybe under older rules (legacy
+        # CIDR forms): read it the way the server's own legacy parser does.
+        self.served = served
 
     def problem(self, path: FieldPath, reason: str) -> None:
         self.problems.append(self.where.error(path, reason))
+
+    def warn(self, path: FieldPath, reason: str) -> None:
+        self.warnings.append(self.where.warning(path, reason))
 
     def mapping(
         self,
@@ -315,23 +334,88 @@ def dns_subdomain_problem(name: str) -> str | None:
     return f"{name!r} is not a valid name: {_DNS1123_SUBDOMAIN_RULE}"
 
 
-_CIDR_SHAPE = re.compile(r"[^/\s]+/[0-9]{1,3}")
+_CIDR_BAD = "is not a valid CIDR (e.g. 10.9.8.0/24 or 2001:db8::/64)"
 
 
-def parse_cidr(text: str) -> tuple[IPNetwork | None, str | None]:
-    """(network, None) if valid, else (None, why); host bits set are an error, as in the API."""
-    bad = f"{text!r} is not a valid CIDR (e.g. 10.9.8.0/24 or 2001:db8::/64)"
-    if not _CIDR_SHAPE.fullmatch(text):
-        return None, bad
+@dataclass(frozen=True)
+class ParsedCidr:
+    """A CIDR as read: the network (masked), or why it is refused; `warning` when it is accepted
+    in a form a user should change (host bits set, a legacy form)."""
+
+    network: IPNetwork | None
+    problem: str | None = None
+    warning: str | None = None
+
+
+def _sloppy_ipv4(text: str) -> str | None:
+    """An IPv4 address with leading zeros in its octets read as decimal (k8s.io/utils/net's
+    ParseIPSloppy, the API server's legacy parser), in canonical form; None if not IPv4."""
+    parts = text.split(".")
+    if len(parts) != 4 or not all(p.isascii() and p.isdigit() for p in parts):
+        return None
+    numbers = [int(p) for p in parts]
+    if any(n > 255 for n in numbers):
+        return None
+    return ".".join(str(n) for n in numbers)
+
+
+def parse_cidr(text: str, *, served: bool = False, masked_only: bool = False) -> ParsedCidr:
+    """A NetworkPolicy CIDR (`ipBlock.cidr`, `except`) read as the API server reads it.
+
+    The API server parses with `netutils.ParseCIDRSloppy` (Go's `net.ParseCIDR` that also takes
+    leading zeros) and, with StrictIPCIDRValidation (on by default since Kubernetes 1.36), refuses
+    on create "leading 0s in IP or prefix length", "an IPv4-mapped IPv6 address" and "bits set
+    beyond the prefix length". flowproof refuses the first two in manifests as it does. Host bits
+    set are accepted as the masked network, with a warning naming the canonical form: older API
+    servers accept them, clusters keep them, and network plugins enforce the masked network.
+    Objects the API serves (`served`) were accepted once: every legacy form is read as the
+    server's parser reads it (leading zeros as decimal, an IPv4-mapped prefix as IPv4), with a
+    warning. `masked_only` (the Network Policy API's `cidr(self) == cidr(self).masked()`) refuses
+    host bits instead.
+    """
+    bad = f"{text!r} {_CIDR_BAD}"
+    address_text, slash, bits_text = text.partition("/")
+    if not slash or "/" in bits_text or not bits_text.isascii() or not bits_text.isdigit():
+        return ParsedCidr(None, bad)
+    if "%" in address_text:
+        return ParsedCidr(None, bad)  # a zone is not part of a CIDR
+    legacy: list[str] = []
     try:
-        return ipaddress.ip_network(text, strict=True), None
+        address = ipaddress.ip_address(address_text)
     except ValueError:
-        pass
-    try:
-        network = ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        return None, bad
-    return None, f"{text!r} has host bits set: did you mean {network}?"
+        canonical = _sloppy_ipv4(address_text)
+        if canonical is None:
+            return ParsedCidr(None, bad)
+        address = ipaddress.ip_address(canonical)
+        legacy.append("leading 0s in IP or prefix length")
+    if len(bits_text) > 1 and bits_text.startswith("0"):
+        legacy.append("leading 0s in IP or prefix length")
+    bits = int(bits_text)
+    if bits > address.max_prefixlen:
+        return ParsedCidr(None, bad)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        legacy.append("an IPv4-mapped IPv6 address")
+    if legacy and not served:
+        return ParsedCidr(None, f"{text!r} must not have {legacy[0]}")
+    base: IPAddress = address
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # Go's IPNet of a mapped address matches IPv4 addresses with the mask's last 32 bits.
+        base, bits = address.ipv4_mapped, max(bits - 96, 0)
+    network: IPNetwork = ipaddress.ip_network(f"{base}/{bits}", strict=False)
+    host_bits = network.network_address != base
+    if host_bits and masked_only:
+        return ParsedCidr(None, f"{text!r} has host bits set: did you mean {network}?")
+    if not legacy and not host_bits:
+        return ParsedCidr(network)
+    if legacy:
+        how = f"{' and '.join(dict.fromkeys(legacy))}: read as {network}, as the API server's legacy parser reads it"
+    else:
+        how = f"host bits set: read as the masked network {network}, which network plugins enforce"
+    return ParsedCidr(
+        network,
+        warning=f"{text!r} has {how}; write {network} (a Kubernetes 1.36+ API server refuses "
+        "this form on create)",
+    )
 
 
 _SELECTOR_FIELDS: Final = ("matchLabels", "matchExpressions")

@@ -1,14 +1,16 @@
-"""Kubernetes objects as API-shaped dicts -> the model: Namespaces, Pods, workloads, NetworkPolicies.
+"""Kubernetes objects as API-shaped dicts -> the model: Namespaces, Pods, workloads, policies.
 
-Owns the converters (also used by the Kubernetes source), the kinds the snapshot reads, and the
+Owns the converters (also used by the Kubernetes source), the kinds the snapshot reads (KINDS),
+the other network plugins' policy kinds it detects but does not model (PLUGIN_DOMAINS), and the
 snapshot of a set of Documents, each problem named by file, line, field and reason; a bad input is
-rejected as a whole, so nothing downstream ever sees a half-read input. Never reads files.
+rejected as a whole, so nothing downstream ever sees a half-read input. What is accepted but should
+be known (a kind that is ignored, a CIDR with host bits) becomes a warning with file and line.
+Never reads files.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Any, Final
 
 from collector.core.model import (
     NAMESPACE_NAME_LABEL,
+    ClusterNetworkPolicy,
     ContainerPort,
     Direction,
     Expectations,
@@ -30,14 +33,21 @@ from collector.core.model import (
     PolicyPort,
     Rule,
     Snapshot,
+    UnmodelledPolicy,
 )
 from collector.reading import expectations as expectations_format
+from collector.reading.clusterpolicies import (
+    CLUSTER_POLICY_GROUP,
+    CLUSTER_POLICY_KINDS,
+    read_cluster_policy,
+)
 from collector.reading.documents import Document
 from collector.reading.fields import (
     FieldPath,
     Reader,
     Where,
     _unsupported,
+    close_spelling,
     describe_type,
     dns_label_problem,
     dns_subdomain_problem,
@@ -53,7 +63,8 @@ from collector.reading.fields import (
 from flowproof.errors import InputError
 
 # kind -> (API group, served versions) for the kinds the snapshot reads. A kind of the same name in
-# another group (Calico's crd.projectcalico.org NetworkPolicy) is a different object and is ignored.
+# another group (Calico's crd.projectcalico.org NetworkPolicy) is a different object: a plugin's
+# policy kind (PLUGIN_DOMAINS) is detected, anything else is ignored with a warning.
 KINDS: Final[Mapping[str, tuple[str, tuple[str, ...]]]] = {
     "Namespace": ("", ("v1",)),
     "Pod": ("", ("v1",)),
@@ -66,7 +77,85 @@ KINDS: Final[Mapping[str, tuple[str, tuple[str, ...]]]] = {
     "Job": ("batch", ("v1",)),
     "CronJob": ("batch", ("v1",)),
     "FlowExpectations": ("flowproof.dev", ("v1alpha1",)),
+    **{kind: (CLUSTER_POLICY_GROUP, versions) for kind, versions in CLUSTER_POLICY_KINDS.items()},
 }
+
+
+PLUGIN_DOMAINS: Final[Mapping[str, str]] = {
+    "cilium.io": "Cilium",
+    "projectcalico.org": "Calico",
+    "antrea.io": "Antrea",
+    "k8s.ovn.org": "OVN-Kubernetes",
+    "kubeovn.io": "Kube-OVN",
+    "network.openshift.io": "OpenShift SDN",
+    "networking.gke.io": "GKE Dataplane V2",
+    "nsx.vmware.com": "VMware NSX",
+}
+"""API group domains of network plugins with policy kinds of their own (a group is theirs when it
+is the domain or ends in `.domain`: `crd.projectcalico.org`, `crd.antrea.io`)."""
+
+
+WATCHED_POLICY_RESOURCES: Final[Mapping[str, tuple[str, ...]]] = {
+    CLUSTER_POLICY_GROUP: (
+        "clusternetworkpolicies",
+        "adminnetworkpolicies",
+        "baselineadminnetworkpolicies",
+    ),
+    "cilium.io": (
+        "ciliumnetworkpolicies",
+        "ciliumclusterwidenetworkpolicies",
+        "ciliumegressgatewaypolicies",
+        "ciliumlocalredirectpolicies",
+    ),
+    "crd.projectcalico.org": (
+        "networkpolicies",
+        "globalnetworkpolicies",
+        "stagednetworkpolicies",
+        "stagedglobalnetworkpolicies",
+        "stagedkubernetesnetworkpolicies",
+    ),
+    "projectcalico.org": (
+        "networkpolicies",
+        "globalnetworkpolicies",
+        "stagednetworkpolicies",
+        "stagedglobalnetworkpolicies",
+        "stagedkubernetesnetworkpolicies",
+    ),
+    "crd.antrea.io": ("networkpolicies", "clusternetworkpolicies"),
+    "k8s.ovn.org": ("egressfirewalls", "adminpolicybasedexternalroutes"),
+    "network.openshift.io": ("egressnetworkpolicies",),
+    "networking.gke.io": ("fqdnnetworkpolicies",),
+    "crd.nsx.vmware.com": ("securitypolicies",),
+}
+"""The policy resources the collector's read-only RBAC grants (deploy/base/collector.yaml): the
+cluster policy kinds and the plugins' policy kinds known today. API discovery may find more in a
+plugin's group; one that RBAC does not let the collector list makes the model unknown until it is
+granted."""
+
+
+_PLUGIN_POLICY_KINDS: Final = frozenset({"EgressFirewall"})
+"""Plugin kinds that filter traffic without "Policy" in their name."""
+
+
+def plugin_of(group: str) -> str | None:
+    """The network plugin whose domain `group` ends in, if any."""
+    for domain, plugin in PLUGIN_DOMAINS.items():
+        if group == domain or group.endswith("." + domain):
+            return plugin
+    return None
+
+
+def is_plugin_policy_kind(group: str, kind: str) -> bool:
+    """Whether a kind is another plugin's policy: its group is a plugin's and it filters traffic
+    (its name says Policy, as CiliumNetworkPolicy, GlobalNetworkPolicy, ClusterNetworkPolicy do)."""
+    return plugin_of(group) is not None and ("Policy" in kind or kind in _PLUGIN_POLICY_KINDS)
+
+
+def plugin_kind_is_cluster_scoped(kind: str) -> bool:
+    """For manifests, which carry no scope: plugin policy kinds named Global*, *Cluster* are
+    cluster-scoped (CiliumClusterwideNetworkPolicy, GlobalNetworkPolicy, ClusterNetworkPolicy).
+    The Kubernetes source takes the scope from API discovery instead."""
+    return kind.startswith("Global") or "Cluster" in kind
 
 
 WORKLOAD_KINDS: Final = frozenset(
@@ -230,32 +319,41 @@ def _read_peer(r: Reader, value: object, path: FieldPath) -> Peer:
     return Peer(pod_selector=pod_selector, namespace_selector=namespace_selector, ip_block=ip_block)
 
 
+def _read_cidr(r: Reader, value: object, path: FieldPath) -> IPNetwork | None:
+    """A NetworkPolicy CIDR as the API server reads it (collector.reading.fields.parse_cidr)."""
+    text = r.string(value, path)
+    if text is None:
+        return None
+    parsed = parse_cidr(text, served=r.served)
+    if parsed.problem is not None:
+        r.problem(path, parsed.problem)
+    elif parsed.warning is not None:
+        r.warn(path, parsed.warning)
+    return parsed.network
+
+
 def _read_ip_block(r: Reader, value: object, path: FieldPath) -> IPBlock | None:
     obj = r.mapping(value, path, _IPBLOCK_FIELDS)
-    text = r.required_string(obj.get("cidr"), (*path, "cidr"))
     cidr: IPNetwork | None = None
-    if text is not None:
-        cidr, problem = parse_cidr(text)
-        if problem is not None:
-            r.problem((*path, "cidr"), problem)
+    # validation.go ValidateIPBlock: "cidr" is required, then IsValidCIDRForLegacyField.
+    if r.required_string(obj.get("cidr"), (*path, "cidr")) is not None:
+        cidr = _read_cidr(r, obj["cidr"], (*path, "cidr"))
     excepts: list[IPNetwork] = []
     for i, raw in enumerate(r.sequence(obj.get("except"), (*path, "except"))):
         here = (*path, "except", i)
-        item = r.string(raw, here)
-        if item is None:
-            continue
-        ex, problem = parse_cidr(item)
-        if problem is not None or ex is None:
-            r.problem(here, problem or "invalid")
+        ex = _read_cidr(r, raw, here)
+        if ex is None:
             continue
         if cidr is not None:
+            # "if !cidrIPNet.Contains(exceptCIDR.IP) || cidrMaskLen >= exceptMaskLen": "must be a
+            # strict subset of `cidr`" (of the masked networks, as ParseCIDRSloppy returns them).
             if ex.version != cidr.version:
                 r.problem(
-                    here, f"{item!r} must be a strict subset of cidr {cidr} (another IP family)"
+                    here, f"{raw!r} must be a strict subset of cidr {cidr} (another IP family)"
                 )
                 continue
             if not (ex.subnet_of(cidr) and ex.prefixlen > cidr.prefixlen):  # type: ignore[arg-type]
-                r.problem(here, f"{item!r} must be a strict subset of cidr {cidr}")
+                r.problem(here, f"{raw!r} must be a strict subset of cidr {cidr}")
                 continue
         excepts.append(ex)
     if cidr is None:
@@ -264,22 +362,30 @@ def _read_ip_block(r: Reader, value: object, path: FieldPath) -> IPBlock | None:
 
 
 def _read_policy_port(r: Reader, value: object, path: FieldPath) -> PolicyPort:
+    """validation.go ValidateNetworkPolicyPort, on the port as it arrives (an IntOrString)."""
     obj = r.mapping(value, path, _POLICY_PORT_FIELDS)
+    # "protocol ... If not specified, this field defaults to TCP" (defaults.go); TCP, UDP, SCTP.
     protocol = read_protocol(r, obj.get("protocol"), (*path, "protocol"))
     raw_port = obj.get("port")
     port: int | str | None = None
-    if isinstance(raw_port, str) and raw_port.isdigit():
-        raw_port = int(raw_port)
     if isinstance(raw_port, int) and not isinstance(raw_port, bool):
+        # An int: IsValidPortNum (1-65535).
         port = raw_port
         if (problem := port_number_problem(raw_port)) is not None:
             r.problem((*path, "port"), problem)
     elif isinstance(raw_port, str):
+        # A string is always a name, also "8080": IsValidPortName (an IANA_SVC_NAME).
         port = raw_port
         if (problem := port_name_problem(raw_port)) is not None:
+            if raw_port.isdigit():
+                problem += f" (a quoted number is a name; write the number unquoted: {raw_port})"
             r.problem((*path, "port"), problem)
     elif raw_port is not None:
-        r.problem((*path, "port"), f"must be a number or a name, not {describe_type(raw_port)}")
+        r.problem(
+            (*path, "port"),
+            f"must be a port number (an integer) or a port name, not {describe_type(raw_port)}"
+            + (f" ({raw_port!r})" if isinstance(raw_port, float) else ""),
+        )
     end_port = r.integer(obj.get("endPort"), (*path, "endPort"))
     if end_port is not None:
         here = (*path, "endPort")
@@ -294,9 +400,19 @@ def _read_policy_port(r: Reader, value: object, path: FieldPath) -> PolicyPort:
     return PolicyPort(protocol=protocol, port=port, end_port=end_port)
 
 
-def policy_from_dict(obj: Mapping[str, Any], where: Where) -> NetworkPolicy:
-    """A networking.k8s.io/v1 NetworkPolicy from its API dict; raises InputError (every problem)."""
-    r = Reader(where)
+def policy_from_dict(
+    obj: Mapping[str, Any],
+    where: Where,
+    *,
+    served: bool = False,
+    warnings: list[str] | None = None,
+) -> NetworkPolicy:
+    """A networking.k8s.io/v1 NetworkPolicy from its API dict; raises InputError (every problem).
+
+    `served`: the object comes from the API server (legacy CIDR forms are read, with a warning);
+    `warnings` receives what was accepted but should be changed.
+    """
+    r = Reader(where, warnings=warnings, served=served)
     policy = _read_policy(r, obj)
     raise_problems(r.problems)
     return policy
@@ -543,17 +659,62 @@ def _split_api_version(api_version: str) -> tuple[str, str]:
     return group, version
 
 
-def _check_header(r: Reader, doc: Document) -> str | None:
-    """The kind to read the document as, None to ignore it; records header problems."""
+def _ignored_reason(kind: str, group: str) -> str:
+    """Why a document is ignored, with the known kind it most likely means."""
+    close = close_spelling(kind, KINDS)
+    if kind in KINDS:
+        want = KINDS[kind][0]
+        return (
+            f"{kind} of {group or 'the core group'!r} is not {want or 'the core group'}'s {kind}: "
+            f"ignored (did you mean apiVersion {f'{want}/{KINDS[kind][1][0]}'.lstrip('/')}?)"
+        )
+    if close is not None:
+        return f"{kind!r} is not a kind flowproof knows: ignored (did you mean {close!r}?)"
+    return f"{kind!r} is ignored: flowproof does not read this kind"
+
+
+def _unmodelled(r: Reader, doc: Document, kind: str, group: str, version: str) -> UnmodelledPolicy:
+    meta = doc.obj.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    name = str(meta.get("name") or "")
+    namespace = ""
+    if not plugin_kind_is_cluster_scoped(kind):
+        namespace = str(meta.get("namespace") or "default")
+    found = UnmodelledPolicy(group, version, kind, namespace, name, r.where.source)
+    scope = f"pods of namespace {namespace}" if namespace else "every pod"
+    r.warn(
+        ("kind",),
+        f"{found.describe()} is a policy of {plugin_of(group)} that flowproof does not model: "
+        f"flows of {scope} get an unknown model (MODEL_INCOMPLETE), never drift",
+    )
+    return found
+
+
+@dataclass(frozen=True)
+class _Ignored:
+    """A document of a kind flowproof does not read: why, and the field the warning names."""
+
+    reason: str
+    field: str
+
+
+_SHOWN_PER_KIND: Final = 3  # ignored objects of one kind warned about one by one; then counted
+
+
+def _check_header(r: Reader, doc: Document) -> str | UnmodelledPolicy | _Ignored | None:
+    """The kind to read the document as, a plugin's policy, what is ignored and why, or None
+    (header problems recorded)."""
     obj = doc.obj
     kind = r.required_string(obj.get("kind"), ("kind",))
     api_version = r.required_string(obj.get("apiVersion"), ("apiVersion",))
     if kind is None or api_version is None:
         return None
+    group, version = _split_api_version(api_version)
+    if is_plugin_policy_kind(group, kind):
+        return _unmodelled(r, doc, kind, group, version)
     known = KINDS.get(kind)
     if known is None:
-        return None
-    group, version = _split_api_version(api_version)
+        return _Ignored(_ignored_reason(kind, group), "kind")
     want_group, versions = known
     if group == want_group and version not in versions:
         served = ", ".join(f"{want_group}/{v}".lstrip("/") for v in versions)
@@ -566,8 +727,36 @@ def _check_header(r: Reader, doc: Document) -> str | None:
         )
         return None
     if group != want_group:
-        return None  # same kind name, another API (e.g. Calico's NetworkPolicy)
+        return _Ignored(_ignored_reason(kind, group), "apiVersion")
     return kind
+
+
+class _IgnoredKinds:
+    """Warnings about ignored objects: one per object with file and line, and past a few of one
+    kind, one more that counts the rest and names where they are."""
+
+    def __init__(self, warnings: list[str]) -> None:
+        self._warnings = warnings
+        self._rest: dict[str, list[tuple[_Ignored, Document]]] = {}
+        self._seen: dict[str, int] = {}
+
+    def add(self, what: _Ignored, doc: Document) -> None:
+        count = self._seen[what.reason] = self._seen.get(what.reason, 0) + 1
+        if count <= _SHOWN_PER_KIND:
+            self._warnings.append(doc.where.warning((what.field,), what.reason))
+        else:
+            self._rest.setdefault(what.reason, []).append((what, doc))
+
+    def finish(self) -> None:
+        for reason, rest in self._rest.items():
+            places = ", ".join(doc.where.source for _, doc in rest[:_SHOWN_PER_KIND])
+            more = f" and {len(rest) - _SHOWN_PER_KIND} more" if len(rest) > _SHOWN_PER_KIND else ""
+            first, doc = rest[0]
+            self._warnings.append(
+                doc.where.warning(
+                    (first.field,), f"{reason}: {len(rest)} more such objects ({places}{more})"
+                )
+            )
 
 
 def _index_pods(pods: Iterable[Pod]) -> dict[str, list[Mapping[str, str]]]:
@@ -578,9 +767,9 @@ def _index_pods(pods: Iterable[Pod]) -> dict[str, list[Mapping[str, str]]]:
     return {ns: list(sets.values()) for ns, sets in seen.items()}
 
 
-log = logging.getLogger(__name__)
-
-_Converted = Namespace | Pod | NetworkPolicy | Expectations | _Workload | None
+_Converted = (
+    Namespace | Pod | NetworkPolicy | ClusterNetworkPolicy | Expectations | _Workload | None
+)
 
 
 def _convert(r: Reader, kind: str, doc: Document) -> tuple[_Converted, tuple[str, str, str]]:
@@ -597,26 +786,39 @@ def _convert(r: Reader, kind: str, doc: Document) -> tuple[_Converted, tuple[str
         return policy, ("NetworkPolicy", policy.namespace, policy.name)
     if kind == "FlowExpectations":
         return expectations_format.read_expectations(r, doc.obj), doc.key
+    if kind in CLUSTER_POLICY_KINDS:
+        cluster_policy = read_cluster_policy(r, doc.obj, kind)
+        return cluster_policy, (kind, "", cluster_policy.name)
     workload = _read_workload(r, doc.obj, kind)
     return workload, (kind, workload.pod.namespace, workload.pod.name)
 
 
-def build_snapshot(docs: Sequence[Document], problems: list[InputError]) -> Snapshot:
+def build_snapshot(
+    docs: Sequence[Document], problems: list[InputError], warnings: list[str] | None = None
+) -> Snapshot:
+    """The snapshot of `docs`; problems go to `problems`, warnings to `warnings` and the
+    snapshot's own `warnings`."""
     declared: dict[str, Namespace] = {}
     pods: list[Pod] = []
     workloads: list[tuple[_Workload, Document]] = []
     policies: list[NetworkPolicy] = []
+    cluster_policies: list[ClusterNetworkPolicy] = []
+    unmodelled: list[UnmodelledPolicy] = []
     expectation_sets: list[Expectations] = []
-    ignored: list[str] = []
+    found_warnings: list[str] = [] if warnings is None else warnings
+    ignored = _IgnoredKinds(found_warnings)
     first_seen: dict[tuple[str, str, str], str] = {}
 
     for doc in docs:
-        r = Reader(doc.where, problems)
+        r = Reader(doc.where, problems, warnings=found_warnings)
         kind = _check_header(r, doc)
+        if isinstance(kind, UnmodelledPolicy):
+            unmodelled.append(kind)
+            continue
+        if isinstance(kind, _Ignored):
+            ignored.add(kind, doc)
+            continue
         if kind is None:
-            if doc.kind and isinstance(doc.obj.get("apiVersion"), str):
-                name = "/".join(filter(None, doc.key[1:]))
-                ignored.append(f"{doc.kind} {name} ({r.where.source})")
             continue
         before = len(problems)
         converted, identity = _convert(r, kind, doc)
@@ -635,17 +837,13 @@ def build_snapshot(docs: Sequence[Document], problems: list[InputError]) -> Snap
             pods.append(converted)
         elif isinstance(converted, NetworkPolicy):
             policies.append(converted)
+        elif isinstance(converted, ClusterNetworkPolicy):
+            cluster_policies.append(converted)
         elif isinstance(converted, Expectations):
             expectation_sets.append(converted)
         elif isinstance(converted, _Workload):
             workloads.append((converted, doc))
-
-    if ignored:
-        log.debug(
-            "ignored %d objects of kinds flowproof does not read: %s",
-            len(ignored),
-            "; ".join(ignored),
-        )
+    ignored.finish()
 
     pods += _workload_pods(workloads, pods, problems)
     referenced = {pod.namespace for pod in pods} | {policy.namespace for policy in policies}
@@ -663,6 +861,9 @@ def build_snapshot(docs: Sequence[Document], problems: list[InputError]) -> Snap
         pods=tuple(pods),
         policies=tuple(policies),
         expectations=tuple(expectation_sets),
+        cluster_policies=tuple(cluster_policies),
+        unmodelled=tuple(unmodelled),
+        warnings=tuple(found_warnings),
     )
 
 
@@ -702,9 +903,10 @@ def _workload_pods(
 def snapshot_from_documents(docs: Sequence[Document]) -> Snapshot:
     """The snapshot of the objects read; raises one InputError listing every problem.
 
-    Reads Namespace, Pod, NetworkPolicy, the workload kinds (which stand for their pods through
-    their template when no Pod of theirs is given) and flowproof.dev FlowExpectations; other kinds
-    are ignored and named in a debug log line.
+    Reads Namespace, Pod, NetworkPolicy, the cluster policy kinds of policy.networking.k8s.io, the
+    workload kinds (which stand for their pods through their template when no Pod of theirs is
+    given) and flowproof.dev FlowExpectations; other plugins' policy kinds are kept as
+    UnmodelledPolicy; every other kind is ignored with a warning in `Snapshot.warnings`.
     """
     problems: list[InputError] = []
     snapshot = build_snapshot(docs, problems)

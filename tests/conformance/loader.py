@@ -1,13 +1,16 @@
-"""The upstream e2e NetworkPolicy cases as data: load them, and write one step as Kubernetes manifests.
+"""Upstream conformance cases as data: load them, and write one step as Kubernetes manifests.
 
-Owns the reading and checking of tests/conformance/base.yaml and cases/*.yaml (format in README.md)
-and the one way every consumer (the engine through `flowproof matrix`, the lab with real packets)
-turns a case step into manifest files. It must never evaluate a policy: the expected tables are data.
+Owns the reading and checking of the Kubernetes e2e NetworkPolicy cases (base.yaml, cases/*.yaml)
+and of the Network Policy API's ClusterNetworkPolicy cases (npapi/base.yaml, npapi/cases/*.yaml),
+formats in README.md, and the one way every consumer (the engine through `flowproof`, the lab with
+real packets) turns a case step into manifest files. It must never evaluate a policy: the expected
+verdicts are data.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,3 +266,272 @@ def _only_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
 def _dump(path: Path, docs: list[dict[str, Any]], origin: str) -> None:
     header = f"# Written by tests/conformance/loader.py for {origin}.\n"
     path.write_text(header + yaml.safe_dump_all(docs, sort_keys=False, explicit_start=True))
+
+
+# --- the Network Policy API's cases (npapi/) ------------------------------------------------------
+
+NPAPI_DIR = HERE / "npapi"
+NPAPI_BASE_FILE = NPAPI_DIR / "base.yaml"
+NPAPI_CASES_DIR = NPAPI_DIR / "cases"
+NPAPI_NAMESPACE_PREFIX = "network-policy-conformance-"
+HOUSES = ("gryffindor", "slytherin", "hufflepuff", "ravenclaw")
+CLUSTER_POLICY_API = "policy.networking.k8s.io/v1beta1"
+_PROBE_TEXT = re.compile(
+    r"(?P<src>[a-z]+/[a-z0-9-]+) -> (?P<dst>[a-z]+/[a-z0-9-]+) (?P<port>\d+)/(?P<proto>TCP|UDP|SCTP) "
+    r"(?P<verdict>allow|deny)"
+)
+_CHANGES = (
+    "swapRules",
+    "setRuleAction",
+    "setRuleProtocols",
+    "insertRule",
+    "setPriority",
+    "deletePolicy",
+    "namespaceLabels",
+    "setPodLabels",
+    "removePodLabels",
+)
+
+
+def house_namespace(house: str) -> str:
+    return NPAPI_NAMESPACE_PREFIX + house
+
+
+@dataclass(frozen=True)
+class PodProbe:
+    """One upstream PokeServer: from a pod to a pod on a port and protocol, allowed or not.
+
+    Pods are `namespace/name` with the full namespace name (`network-policy-conformance-x/name`).
+    """
+
+    source: str
+    destination: str
+    port: int
+    protocol: str
+    allowed: bool
+
+    @property
+    def text(self) -> str:
+        src = self.source.removeprefix(NPAPI_NAMESPACE_PREFIX)
+        dst = self.destination.removeprefix(NPAPI_NAMESPACE_PREFIX)
+        verdict = "allow" if self.allowed else "deny"
+        return f"{src} -> {dst} {self.port}/{self.protocol} {verdict}"
+
+
+@dataclass(frozen=True)
+class ApiStep:
+    """The complete state after one upstream t.Run's changes (applied on the previous step's)."""
+
+    index: int  # 1-based
+    run: str  # the upstream t.Run text
+    policies: tuple[Mapping[str, Any], ...]
+    namespace_labels: Mapping[str, Labels]
+    pod_labels: Mapping[str, Labels]
+    probes: tuple[PodProbe, ...]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ApiCase:
+    stem: str
+    name: str  # the upstream ShortName
+    description: str
+    upstream: str
+    manifests: str
+    steps: tuple[ApiStep, ...]
+    path: Path
+
+
+def load_npapi_base(path: Path = NPAPI_BASE_FILE) -> list[dict[str, Any]]:
+    return load_base(path)
+
+
+def load_npapi_cases(directory: Path = NPAPI_CASES_DIR) -> list[ApiCase]:
+    paths = sorted(directory.glob("*.yaml"))
+    if not paths:
+        raise CaseError(f"{directory}: no case files")
+    return [load_npapi_case(path) for path in paths]
+
+
+def load_npapi_case(path: Path) -> ApiCase:
+    with path.open() as handle:
+        raw = yaml.safe_load(handle)
+    where = str(path)
+    data = _mapping(raw, where)
+    _only_keys(data, {"name", "description", "upstream", "manifests", "policies", "steps"}, where)
+    base = load_npapi_base()
+    namespace_labels = {
+        d["metadata"]["name"]: dict(d["metadata"].get("labels") or {})
+        for d in base
+        if d["kind"] == "Namespace"
+    }
+    pod_labels = {
+        f"{d['metadata']['namespace']}/{d['metadata']['name']}": dict(d["metadata"]["labels"])
+        for d in base
+        if d["kind"] == "Pod"
+    }
+    raw_policies = data.get("policies")
+    if not isinstance(raw_policies, list) or not raw_policies:
+        raise CaseError(f"{where}: policies must be a non-empty list")
+    policies: list[dict[str, Any]] = [
+        _api_policy(p, f"{where}: policies[{i}]") for i, p in enumerate(raw_policies)
+    ]
+    steps_raw = data.get("steps")
+    if not isinstance(steps_raw, list) or not steps_raw:
+        raise CaseError(f"{where}: steps must be a non-empty list")
+    steps: list[ApiStep] = []
+    for index, raw_step in enumerate(steps_raw, start=1):
+        here = f"{where}: steps[{index - 1}]"
+        step = _mapping(raw_step, here)
+        _only_keys(step, {"run", "note", "changes", "probes"}, here)
+        changes = step.get("changes", [])
+        if not isinstance(changes, list):
+            raise CaseError(f"{here}: changes must be a list")
+        for j, change in enumerate(changes):
+            _apply_change(change, policies, namespace_labels, pod_labels, f"{here}: changes[{j}]")
+        probes_raw = step.get("probes")
+        if not isinstance(probes_raw, list) or not probes_raw:
+            raise CaseError(f"{here}: probes must be a non-empty list")
+        steps.append(
+            ApiStep(
+                index=index,
+                run=_text(step.get("run"), f"{here}: run"),
+                policies=tuple(copy.deepcopy(policies)),
+                namespace_labels=copy.deepcopy(namespace_labels),
+                pod_labels=copy.deepcopy(pod_labels),
+                probes=tuple(
+                    _pod_probe(p, pod_labels, f"{here}: probes[{k}]")
+                    for k, p in enumerate(probes_raw)
+                ),
+                note=str(step.get("note", "")),
+            )
+        )
+    return ApiCase(
+        stem=path.stem,
+        name=_text(data.get("name"), f"{where}: name"),
+        description=str(data.get("description", "")),
+        upstream=_text(data.get("upstream"), f"{where}: upstream"),
+        manifests=_text(data.get("manifests"), f"{where}: manifests"),
+        steps=tuple(steps),
+        path=path,
+    )
+
+
+def write_npapi_step_manifests(step: ApiStep, directory: Path, origin: str) -> None:
+    """The houses with the step's labels (`00-namespaces.yaml`, `01-pods.yaml`) and the step's
+    policies (`02-policies.yaml`), as for the e2e cases."""
+    directory.mkdir(parents=True, exist_ok=True)
+    namespaces: list[dict[str, Any]] = []
+    pods: list[dict[str, Any]] = []
+    for doc in load_npapi_base():
+        doc = copy.deepcopy(doc)
+        meta = doc["metadata"]
+        if doc["kind"] == "Namespace":
+            labels = dict(step.namespace_labels[meta["name"]])
+            labels[NAMESPACE_NAME_LABEL] = meta["name"]
+            meta["labels"] = labels
+            namespaces.append(doc)
+        else:
+            meta["labels"] = dict(step.pod_labels[f"{meta['namespace']}/{meta['name']}"])
+            pods.append(doc)
+    _dump(directory / "00-namespaces.yaml", namespaces, origin)
+    _dump(directory / "01-pods.yaml", pods, origin)
+    _dump(directory / "02-policies.yaml", [dict(p) for p in step.policies], origin)
+
+
+def _api_policy(raw: Any, where: str) -> dict[str, Any]:
+    data = _mapping(raw, where)
+    kind = data.get("kind")
+    if (data.get("apiVersion"), kind) not in (
+        (CLUSTER_POLICY_API, "ClusterNetworkPolicy"),
+        ("networking.k8s.io/v1", "NetworkPolicy"),
+    ):
+        raise CaseError(
+            f"{where}: must be a {CLUSTER_POLICY_API} ClusterNetworkPolicy or a NetworkPolicy"
+        )
+    _mapping(data.get("metadata"), f"{where}: metadata")
+    _mapping(data.get("spec"), f"{where}: spec")
+    return copy.deepcopy(data)
+
+
+def _pod_probe(raw: Any, pod_labels: Mapping[str, Labels], where: str) -> PodProbe:
+    match = _PROBE_TEXT.fullmatch(raw) if isinstance(raw, str) else None
+    if match is None:
+        raise CaseError(f"{where}: must read 'house/pod -> house/pod PORT/PROTO allow|deny'")
+    source = house_namespace(match["src"].split("/")[0]) + "/" + match["src"].split("/")[1]
+    destination = house_namespace(match["dst"].split("/")[0]) + "/" + match["dst"].split("/")[1]
+    for pod in (source, destination):
+        if pod not in pod_labels:
+            raise CaseError(f"{where}: no pod {pod} in npapi/base.yaml")
+    return PodProbe(
+        source, destination, int(match["port"]), match["proto"], match["verdict"] == "allow"
+    )
+
+
+def _find_policy(
+    policies: list[dict[str, Any]], name: str, where: str, namespace: str | None = None
+) -> dict[str, Any]:
+    for policy in policies:
+        meta = policy["metadata"]
+        if meta["name"] == name and meta.get("namespace") == namespace:
+            return policy
+    raise CaseError(f"{where}: no policy {name!r} in this step")
+
+
+def _rules(policy: dict[str, Any], direction: Any, where: str) -> list[Any]:
+    if direction not in ("ingress", "egress"):
+        raise CaseError(f"{where}: direction must be ingress or egress")
+    rules = policy["spec"].get(direction)
+    if not isinstance(rules, list):
+        raise CaseError(f"{where}: the policy has no {direction} rules")
+    return rules
+
+
+def _apply_change(
+    raw: Any,
+    policies: list[dict[str, Any]],
+    namespace_labels: dict[str, dict[str, str]],
+    pod_labels: dict[str, dict[str, str]],
+    where: str,
+) -> None:
+    """Apply one upstream mutation (README.md lists them) to the state, in place."""
+    change = _mapping(raw, where)
+    if len(change) != 1 or next(iter(change)) not in _CHANGES:
+        raise CaseError(f"{where}: a change is one of {', '.join(_CHANGES)}")
+    op, args = next(iter(change.items()))
+    args = _mapping(args, f"{where}: {op}")
+    if op == "namespaceLabels":
+        for house, labels in args.items():
+            if house not in HOUSES:
+                raise CaseError(f"{where}: unknown house {house!r}")
+            namespace_labels[house_namespace(house)] = dict(labels or {})
+        return
+    if op in ("setPodLabels", "removePodLabels"):
+        house, _, name = str(args.get("pod", "")).partition("/")
+        key = f"{house_namespace(house)}/{name}"
+        if key not in pod_labels:
+            raise CaseError(f"{where}: no pod {args.get('pod')!r}")
+        if op == "setPodLabels":
+            pod_labels[key].update(_mapping(args.get("labels"), f"{where}: labels"))
+        else:
+            for label in args.get("keys") or ():
+                pod_labels[key].pop(label, None)
+        return
+    if op == "deletePolicy":
+        policy = _find_policy(policies, str(args.get("name")), where, args.get("namespace"))
+        policies.remove(policy)
+        return
+    policy = _find_policy(policies, str(args.get("policy")), where)
+    if op == "setPriority":
+        policy["spec"]["priority"] = int(args["priority"])
+        return
+    rules = _rules(policy, args.get("direction"), where)
+    if op == "swapRules":
+        i, j = args["rules"]
+        rules[i], rules[j] = rules[j], rules[i]
+    elif op == "setRuleAction":
+        rules[int(args["rule"])]["action"] = args["action"]
+    elif op == "setRuleProtocols":
+        rules[int(args["rule"])]["protocols"] = copy.deepcopy(args["protocols"])
+    elif op == "insertRule":
+        rules.insert(int(args["index"]), copy.deepcopy(_mapping(args["rule"], f"{where}: rule")))

@@ -1,8 +1,10 @@
-"""The upstream e2e NetworkPolicy cases against the model: `flowproof matrix` must print upstream's table.
+"""Upstream conformance cases against the model: `flowproof matrix` must say what upstream expects.
 
-One test per (case, step, probe). Each writes the step's manifests, runs the CLI in-process with
-`-o json` and compares every off-diagonal cell with the case's expected table. Like upstream
-(network_policy.go: ignoreLoopback), a pod to itself is never compared.
+The Kubernetes e2e NetworkPolicy cases: one test per (case, step, probe). Each writes the step's
+manifests, runs the CLI in-process with `-o json` and compares every off-diagonal cell with the
+case's expected table. Like upstream (network_policy.go: ignoreLoopback), a pod to itself is never
+compared. The Network Policy API's ClusterNetworkPolicy cases: one test per (case, step), every
+upstream probe of the step compared with the cell's model (allow, deny; unknown is a failure).
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import pytest
 from loader import (
     NAMESPACE_NAME_LABEL,
     POD_ORDER,
+    ApiCase,
+    ApiStep,
     Case,
     Probe,
     Step,
     load_base,
     load_cases,
+    load_npapi_cases,
     render_table,
+    write_npapi_step_manifests,
     write_step_manifests,
 )
 
@@ -146,3 +152,57 @@ def test_a_step_without_policies_writes_no_policy_file(tmp_path: Path) -> None:
     case = next(c for c in CASES if c.stem.startswith("033-"))  # stop enforcing after delete
     write_step_manifests(case, case.steps[1], tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00-namespaces.yaml", "01-pods.yaml"]
+
+
+# --- the Network Policy API's ClusterNetworkPolicy cases ----------------------------------------
+
+API_CASES = load_npapi_cases()
+
+
+def _api_params() -> list[Any]:
+    return [
+        pytest.param(case, step, id=f"{case.stem}-step{step.index}")
+        for case in API_CASES
+        for step in case.steps
+    ]
+
+
+@pytest.mark.parametrize(("case", "step"), _api_params())
+def test_matrix_matches_upstream_cluster_network_policy_probes(
+    case: ApiCase, step: ApiStep, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flowproof.cli import main
+
+    write_npapi_step_manifests(step, tmp_path, f"{case.stem} step {step.index}")
+    cells: dict[tuple[str, str, int, str], dict[str, Any]] = {}
+    for port, protocol in sorted({(p.port, p.protocol) for p in step.probes}):
+        capsys.readouterr()
+        rc = main(["matrix", "-f", str(tmp_path), "--port", f"{port}/{protocol}", "-o", "json"])
+        out = capsys.readouterr()
+        assert rc == 0, f"flowproof matrix exited {rc}: {out.err}"
+        assert out.err == "", f"the case's manifests gave warnings: {out.err}"
+        for cell in json.loads(out.out):
+            cells[(cell["from"], cell["to"], cell["port"], cell["protocol"])] = cell
+    wrong = []
+    for probe in step.probes:
+        cell = cells[(probe.source, probe.destination, probe.port, probe.protocol)]
+        if cell["model"] != ("allow" if probe.allowed else "deny"):
+            wrong.append(
+                f"{probe.text}: the model says {cell['model']}\n"
+                f"    egress:  {cell['egress']['reason']}\n"
+                f"    ingress: {cell['ingress']['reason']}"
+                + (f"\n    incomplete: {cell['incomplete']}" if cell.get("incomplete") else "")
+            )
+    if wrong:
+        pytest.fail(
+            f"{case.name} ({case.upstream}), step {step.index} ({step.run!r}): "
+            f"{len(wrong)} of {len(step.probes)} probes differ\n" + "\n".join(wrong),
+            pytrace=False,
+        )
+
+
+def test_every_network_policy_api_case_loads_with_unique_names() -> None:
+    names = [case.name for case in API_CASES]
+    assert len(names) == len(set(names))
+    assert len(API_CASES) >= 26
+    assert sum(len(step.probes) for case in API_CASES for step in case.steps) >= 350

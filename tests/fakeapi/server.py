@@ -1,8 +1,9 @@
 """A fake Kubernetes API server that speaks the real list/watch wire protocol, for tests only.
 
 Owns an aiohttp app on 127.0.0.1 (port 0, its own thread and event loop) holding pods, namespaces,
-ConfigMaps, networking.k8s.io/v1 NetworkPolicies and flowproof.dev/v1alpha1 FlowExpectations under
-one global resourceVersion counter: paged lists, chunked `?watch=true` streams (history replay,
+ConfigMaps, networking.k8s.io/v1 NetworkPolicies and flowproof.dev/v1alpha1 FlowExpectations (and,
+once their group is installed, policy.networking.k8s.io cluster policies and Cilium's policies),
+with API discovery (`/apis`, `/apis/GROUP/VERSION`), under one global resourceVersion counter: paged lists, chunked `?watch=true` streams (history replay,
 bookmarks, timeoutSeconds, `410 Gone` as HTTP status or ERROR event), `labelSelector` on lists and
 watches, GET of one object, POST (create) and DELETE of pods, merge-patch of `/status`, bearer-token
 auth and TLS. Test controls change objects, expire history, drop connections, slow responses and
@@ -55,6 +56,14 @@ class ResourceType:
     def builtin(self) -> bool:
         return self.group in ("", "networking.k8s.io")
 
+    @property
+    def optional_group(self) -> bool:
+        """Served only once its group is installed (a CRD the cluster may not have)."""
+        return self.group in OPTIONAL_GROUPS
+
+
+OPTIONAL_GROUPS: Final = frozenset({"policy.networking.k8s.io", "cilium.io"})
+
 
 RESOURCES: Final[Mapping[str, ResourceType]] = {
     r.plural: r
@@ -73,6 +82,36 @@ RESOURCES: Final[Mapping[str, ResourceType]] = {
             namespaced=True,
             status_subresource=True,
         ),
+        ResourceType(
+            "clusternetworkpolicies",
+            "ClusterNetworkPolicy",
+            "policy.networking.k8s.io",
+            "v1beta1",
+            namespaced=False,
+        ),
+        ResourceType(
+            "adminnetworkpolicies",
+            "AdminNetworkPolicy",
+            "policy.networking.k8s.io",
+            "v1alpha1",
+            namespaced=False,
+        ),
+        ResourceType(
+            "baselineadminnetworkpolicies",
+            "BaselineAdminNetworkPolicy",
+            "policy.networking.k8s.io",
+            "v1alpha1",
+            namespaced=False,
+        ),
+        ResourceType("ciliumnetworkpolicies", "CiliumNetworkPolicy", "cilium.io", "v2", True),
+        ResourceType(
+            "ciliumclusterwidenetworkpolicies",
+            "CiliumClusterwideNetworkPolicy",
+            "cilium.io",
+            "v2",
+            namespaced=False,
+        ),
+        ResourceType("ciliumendpoints", "CiliumEndpoint", "cilium.io", "v2", namespaced=True),
     )
 }
 _BY_KIND: Final = {r.kind: r for r in RESOURCES.values()}
@@ -206,6 +245,7 @@ class RequestRecord:
     path: str
     query: Mapping[str, str]
     at: float = 0.0  # time.monotonic() when it arrived (before any latency)
+    accept: str = ""  # the Accept header
 
     @property
     def is_watch(self) -> bool:
@@ -252,10 +292,13 @@ class FakeApiServer:
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         crd_installed: bool = True,
+        installed_groups: frozenset[str] = frozenset(),
     ) -> None:
         self.token = token
         self.ssl_context = ssl_context
         self.crd_installed = crd_installed
+        self.installed_groups = set(installed_groups)
+        """The optional groups (OPTIONAL_GROUPS) served, as if their CRDs were installed."""
         self.latency_seconds = 0.0
         """Every request waits this long before it is handled: a slow API server."""
         self.gone_as: Literal["event", "http"] = "event"
@@ -494,6 +537,18 @@ class FakeApiServer:
     def install_crd(self) -> None:
         self._control(lambda: setattr(self, "crd_installed", True))
 
+    def install_group(self, group: str, *, installed: bool = True) -> None:
+        """Serve an optional group from now on (or stop serving it), as a CRD install does."""
+        if group not in OPTIONAL_GROUPS:
+            raise KeyError(f"{group!r} is not an optional group of the fake")
+        self._control(
+            lambda: (
+                self.installed_groups.add(group)
+                if installed
+                else self.installed_groups.discard(group)
+            )
+        )
+
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """While held, new requests wait (before they are looked at) until the block ends."""
@@ -633,7 +688,15 @@ class FakeApiServer:
             return web.json_response(
                 {"major": "1", "minor": "37", "gitVersion": "v1.37.0-fakeapi", "platform": "fake"}
             )
-        self.requests.append(RequestRecord(request.method, path, dict(request.query), arrived))
+        self.requests.append(
+            RequestRecord(
+                request.method,
+                path,
+                dict(request.query),
+                arrived,
+                request.headers.get("Accept", ""),
+            )
+        )
         if self.token is not None:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or given.strip() != self.token:
@@ -651,13 +714,15 @@ class FakeApiServer:
                     'flowproof:flowproof-collector" cannot do this',
                 )
 
+        if request.method == "GET" and (discovery := self._discovery(path)) is not None:
+            return discovery
         route = _parse_path(path)
         if route is None:
             return _error(
                 404, "NotFound", f"the server could not find the requested resource {path}"
             )
         resource, namespace, name, subresource = route
-        if resource.kind == "FlowExpectations" and not self.crd_installed:
+        if not self._served(resource):
             return _error(404, "NotFound", "the server could not find the requested resource")
 
         selector: Selector | None = None
@@ -682,6 +747,75 @@ class FakeApiServer:
         if request.method == "PATCH" and name is not None and subresource == "status":
             return await self._patch_status(request, resource, namespace or "", name)
         return _error(405, "MethodNotAllowed", f"{request.method} {path} is not served by the fake")
+
+    def _served(self, resource: ResourceType) -> bool:
+        if resource.kind == "FlowExpectations":
+            return self.crd_installed
+        return not resource.optional_group or resource.group in self.installed_groups
+
+    def _discovery(self, path: str) -> web.Response | None:
+        """`/apis` (an APIGroupList) and `/apis/GROUP/VERSION` (an APIResourceList) of what is
+        served now; None for any other path."""
+        parts = [p for p in path.split("/") if p]
+        served = [r for r in RESOURCES.values() if r.group and self._served(r)]
+        if parts == ["apis"]:
+            groups: dict[str, list[str]] = {}
+            for r in served:
+                versions = groups.setdefault(r.group, [])
+                if r.version not in versions:
+                    versions.append(r.version)
+            return web.json_response(
+                {
+                    "kind": "APIGroupList",
+                    "apiVersion": "v1",
+                    "groups": [
+                        {
+                            "name": group,
+                            "versions": [
+                                {"groupVersion": f"{group}/{v}", "version": v} for v in versions
+                            ],
+                            "preferredVersion": {
+                                "groupVersion": f"{group}/{versions[0]}",
+                                "version": versions[0],
+                            },
+                        }
+                        for group, versions in groups.items()
+                    ],
+                }
+            )
+        if len(parts) == 3 and parts[0] == "apis":
+            found = [r for r in served if (r.group, r.version) == (parts[1], parts[2])]
+            if not found:
+                return _error(404, "NotFound", f"the server could not find {path}")
+            resources: list[Obj] = []
+            for r in found:
+                resources.append(
+                    {
+                        "name": r.plural,
+                        "singularName": r.kind.lower(),
+                        "namespaced": r.namespaced,
+                        "kind": r.kind,
+                        "verbs": ["get", "list", "watch", "create", "delete", "patch", "update"],
+                    }
+                )
+                if r.status_subresource:
+                    resources.append(
+                        {
+                            "name": f"{r.plural}/status",
+                            "namespaced": r.namespaced,
+                            "kind": r.kind,
+                            "verbs": ["get", "patch", "update"],
+                        }
+                    )
+            return web.json_response(
+                {
+                    "kind": "APIResourceList",
+                    "apiVersion": "v1",
+                    "groupVersion": f"{parts[1]}/{parts[2]}",
+                    "resources": resources,
+                }
+            )
+        return None
 
     def _list(
         self,

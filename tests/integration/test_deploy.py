@@ -29,6 +29,7 @@ import jsonschema
 import pytest
 import yaml
 
+from collector.reading.objects import WATCHED_POLICY_RESOURCES
 from flowproof import __version__
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -347,6 +348,12 @@ def test_the_collector_reads_the_cluster_and_writes_only_expectation_status() ->
         | {("networking.k8s.io", "networkpolicies", v) for v in read}
         | {("flowproof.dev", "flowexpectations", v) for v in read}
         | {("flowproof.dev", "flowexpectations/status", v) for v in ("update", "patch")}
+        | {
+            (group, resource, verb)
+            for group, resources in WATCHED_POLICY_RESOURCES.items()
+            for resource in resources
+            for verb in read
+        }
     )
     assert granted == expected
     binding = one(docs, "ClusterRoleBinding", "flowproof-collector")

@@ -59,6 +59,7 @@ ZERO = {
     "POLICY_MISMATCH": 0,
     "ENFORCEMENT_DRIFT": 0,
     "INCONCLUSIVE": 0,
+    "MODEL_INCOMPLETE": 0,
     "PENDING": 0,
     "STALE": 0,
 }

@@ -7,6 +7,10 @@ from collections.abc import Iterable, Mapping
 
 from collector.core.model import (
     NAMESPACE_NAME_LABEL,
+    ClusterNetworkPolicy,
+    ClusterPeer,
+    ClusterPort,
+    ClusterRule,
     ContainerPort,
     IPBlock,
     LabelSelector,
@@ -111,8 +115,78 @@ def make_policy(
     )
 
 
+def cpeer(
+    namespaces: Mapping[str, str] | None = None,
+    pods: Mapping[str, str] | None = None,
+    *,
+    networks: Iterable[str] = (),
+    nodes: Mapping[str, str] | None = None,
+    domains: Iterable[str] = (),
+) -> ClusterPeer:
+    """A cluster policy peer: `namespaces` alone, `pods` (in `namespaces`, default all), networks,
+    nodes or domain names."""
+    networks = tuple(ipaddress.ip_network(n) for n in networks)
+    if networks:
+        return ClusterPeer(networks=networks)
+    if nodes is not None:
+        return ClusterPeer(nodes=sel(nodes))
+    if domains:
+        return ClusterPeer(domain_names=tuple(domains))
+    if pods is not None:
+        return ClusterPeer(namespace_selector=sel(namespaces), pod_selector=sel(pods))
+    return ClusterPeer(namespace_selector=sel(namespaces))
+
+
+def cport(
+    number: int | None = 80,
+    protocol: str | None = "TCP",
+    end: int | None = None,
+    *,
+    name: str | None = None,
+) -> ClusterPort:
+    if name is not None:
+        return ClusterPort(protocol=None, name=name)
+    return ClusterPort(protocol=protocol, port=number, end_port=end)  # type: ignore[arg-type]
+
+
+def crule(
+    action: str, *peers: ClusterPeer, ports: Iterable[ClusterPort] = (), name: str = ""
+) -> ClusterRule:
+    return ClusterRule(
+        action=action, peers=tuple(peers) or (cpeer(),), ports=tuple(ports), name=name
+    )  # type: ignore[arg-type]
+
+
+def make_cnp(
+    name: str = "cnp",
+    *,
+    tier: str = "Admin",
+    priority: int = 10,
+    namespaces: Mapping[str, str] | None = None,
+    pods: Mapping[str, str] | None = None,
+    ingress: Iterable[ClusterRule] = (),
+    egress: Iterable[ClusterRule] = (),
+    kind: str = "ClusterNetworkPolicy",
+) -> ClusterNetworkPolicy:
+    """A cluster policy whose subject is the pods `pods` selects (all) in `namespaces` (all)."""
+    return ClusterNetworkPolicy(
+        name=name,
+        tier=tier,  # type: ignore[arg-type]
+        priority=priority,
+        subject_namespaces=sel(namespaces),
+        subject_pods=sel(pods) if pods is not None else None,
+        ingress=tuple(ingress),
+        egress=tuple(egress),
+        kind=kind,
+    )
+
+
 def make_snapshot(
-    pods: Iterable[Pod], policies: Iterable[NetworkPolicy] = (), **ns_labels: Mapping[str, str]
+    pods: Iterable[Pod],
+    policies: Iterable[NetworkPolicy] = (),
+    *,
+    cluster_policies: Iterable[ClusterNetworkPolicy] = (),
+    **ns_labels: Mapping[str, str],
 ) -> Snapshot:
     pods = tuple(pods)
     names = sorted({p.namespace for p in pods} | set(ns_labels))
@@ -120,4 +194,9 @@ def make_snapshot(
     for n in names:
         extra = dict(ns_labels.get(n, {}))
         namespaces[n] = make_namespace(n, **extra)
-    return Snapshot(namespaces=namespaces, pods=pods, policies=tuple(policies))
+    return Snapshot(
+        namespaces=namespaces,
+        pods=pods,
+        policies=tuple(policies),
+        cluster_policies=tuple(cluster_policies),
+    )

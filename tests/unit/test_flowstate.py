@@ -13,7 +13,8 @@ from test_planning import cluster, flow, running
 
 from collector.core.changes import diff_snapshots
 from collector.core.flowstate import NOTHING_LISTENS, FlowState, reality_of
-from collector.core.model import Snapshot
+from collector.core.model import Snapshot, UnmodelledPolicy
+from collector.core.planning import sweep_flow
 from collector.core.reporting import render_json, render_table, sort_rows
 from collector.core.scheduling import Planner
 from collector.core.settings import PlannerSettings
@@ -88,11 +89,36 @@ def test_flow_status(
     )
 
 
+UNKNOWN_MODEL = [
+    # (intent, reality, stale) -> status, with the model unknown: only intent and reality compare.
+    pytest.param(True, None, False, "MODEL_INCOMPLETE", id="no result yet: the model is unknown"),
+    pytest.param(True, "allow", False, "MODEL_INCOMPLETE", id="reality as declared: not a PASS"),
+    pytest.param(False, "deny", False, "MODEL_INCOMPLETE", id="a deny as declared: not a PASS"),
+    pytest.param(
+        True, "deny", False, "REQUIRED_BLOCKED", id="declared allow, denied: blocked, not drift"
+    ),
+    pytest.param(False, "allow", False, "FORBIDDEN_OPEN", id="declared deny, allowed: open"),
+    pytest.param(True, "inconclusive", False, "INCONCLUSIVE", id="the probe could not decide"),
+    pytest.param(True, "deny", True, "STALE", id="an old result says nothing about now"),
+]
+
+
+@pytest.mark.parametrize(("intent", "reality", "stale", "status"), UNKNOWN_MODEL)
+@pytest.mark.parametrize("modelled", [True, False], ids=["modelled allow", "modelled deny"])
+def test_flow_status_with_the_model_unknown(
+    intent: bool, reality: RealityVerdict | None, stale: bool, status: Status, modelled: bool
+) -> None:
+    # What the modelled policies say does not matter: never POLICY_MISMATCH, never drift.
+    assert flow_status(intent, modelled, reality, stale=stale, model_known=False) == status
+
+
 def test_every_status_is_reachable_from_the_table_and_worst_follows_the_order() -> None:
     realities: tuple[RealityVerdict | None, ...] = (None, "allow", "deny", "inconclusive")
     reached = {
-        flow_status(i, m, r, stale=s)
-        for i, m, r, s in itertools.product((True, False), (True, False), realities, (False, True))
+        flow_status(i, m, r, stale=s, model_known=k)
+        for i, m, r, s, k in itertools.product(
+            (True, False), (True, False), realities, (False, True), (True, False)
+        )
     }
     assert reached == set(STATUS_ORDER)
     assert worst(["PASS", "STALE", "FORBIDDEN_OPEN", "PENDING"]) == "FORBIDDEN_OPEN"
@@ -438,6 +464,44 @@ def test_feedback_latency_runs_from_the_change_to_the_first_fresh_verdict() -> N
     assert sample.seconds == pytest.approx(2.5)
     loop.probe("fe-api", Outcome.TIMEOUT, latency=2.0)
     assert loop.state.take_latency_samples() == [], "only the first fresh verdict counts"
+
+
+CILIUM = UnmodelledPolicy("cilium.io", "v2", "CiliumNetworkPolicy", "shop", "l7", "c.yaml:1")
+
+
+def test_a_flow_whose_model_is_unknown_is_never_a_mismatch_nor_drift() -> None:
+    # DENY_API makes the modelled verdict of fe-api deny against an intent of allow: without the
+    # Cilium object that would be POLICY_MISMATCH, and a CONNECTED result would not change that.
+    loop = Loop(replace(BASE, policies=(DENY_API,), unmodelled=(CILIUM,)))
+    assert loop.status("fe-api") == "MODEL_INCOMPLETE"
+    record = loop.state.flow(loop.key("fe-api"))
+    assert record is not None and "CiliumNetworkPolicy shop/l7" in record.reason
+    loop.probe("fe-api", Outcome.CONNECTED)
+    assert loop.status("fe-api") == "MODEL_INCOMPLETE", "reality as declared, the model unknown"
+    assert "allow as declared" in loop.state.flow(loop.key("fe-api")).reason  # type: ignore[union-attr]
+    loop.clock.now += 12.1
+    loop.probe("fe-api", Outcome.TIMEOUT)
+    assert loop.status("fe-api") == "MODEL_INCOMPLETE", "a failing result is confirmed first"
+    loop.probe("fe-api", Outcome.TIMEOUT)
+    assert loop.status("fe-api") == "REQUIRED_BLOCKED", "reality against intent still fails"
+    assert [r.status for r in loop.state.declared()] == ["REQUIRED_BLOCKED", "MODEL_INCOMPLETE"]
+
+
+def test_no_witness_and_no_probed_sweep_cell_where_the_model_is_unknown() -> None:
+    settings = replace(SETTINGS, witnesses=True, sweep_probes_per_second=1.0)
+    known = Loop(replace(BASE, policies=(DENY_DB,)), settings)
+    assert any(f.kind == "witness" for f in known.planner.plan.flows.values())
+    loop = Loop(replace(BASE, policies=(DENY_DB,), unmodelled=(CILIUM,)), settings)
+    assert not any(f.kind == "witness" for f in loop.planner.plan.flows.values())
+    table = loop.planner.plan.sweep
+    engine = loop.planner.plan.engine
+    assert table is not None and engine is not None and table.size
+    for index in range(table.size):
+        cell = table.cell(index)
+        if cell is None:
+            continue
+        flow = sweep_flow(cell, engine, SETTINGS)
+        assert flow.template is None and flow.unprobeable.startswith("the model is unknown")
 
 
 def test_flows_that_cannot_be_probed_are_inconclusive_with_the_reason() -> None:

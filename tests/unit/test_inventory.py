@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 import textwrap
 import time
 from pathlib import Path
@@ -167,18 +166,17 @@ def test_policy_types(tmp_path: Path, spec: str, expected: tuple[str, ...]) -> N
             id="an ipBlock peer with except",
         ),
         pytest.param(
-            "ingress: [{ports: [{port: 80}, {port: '8080'}, {port: http, protocol: UDP},"
+            "ingress: [{ports: [{port: 80}, {port: http, protocol: UDP},"
             " {port: 9000, endPort: 9100}, {protocol: SCTP}]}]",
             Rule(
                 ports=(
                     PolicyPort("TCP", 80),
-                    PolicyPort("TCP", 8080),
                     PolicyPort("UDP", "http"),
                     PolicyPort("TCP", 9000, 9100),
                     PolicyPort("SCTP"),
                 )
             ),
-            id="ports: TCP by default, digit strings are numbers, names, ranges, all ports",
+            id="ports: TCP by default, numbers, names, ranges, all ports",
         ),
         pytest.param(
             "ingress: [{from: [{podSelector: {matchLabels: {b: '2', a: '1'}, matchExpressions:"
@@ -435,10 +433,11 @@ def test_absent_pod_selector_selects_all(tmp_path: Path) -> None:
             id="port 0",
         ),
         pytest.param(
-            "podSelector: {}\ningress:\n  - ports:\n      - port: '70000'  # <-",
+            "podSelector: {}\ningress:\n  - ports:\n      - port: '8080'  # <-",
             "spec.ingress[0].ports[0].port",
-            "70000 is not a valid port number: must be between 1 and 65535, inclusive",
-            id="a port above 65535, given as a digit string",
+            "'8080' is not a valid IANA service name: must contain at least one letter (a-z) "
+            "(a quoted number is a name; write the number unquoted: 8080)",
+            id="a quoted number is a port name, and not a valid one (IsValidPortName)",
         ),
         pytest.param(
             "podSelector: {}\ningress:\n  - ports:\n      - port: 80\n        endPort: 70000  # <-",
@@ -467,20 +466,8 @@ def test_absent_pod_selector_selects_all(tmp_path: Path) -> None:
         pytest.param(
             "podSelector: {}\ningress:\n  - ports:\n      - port: 1.5  # <-",
             "spec.ingress[0].ports[0].port",
-            "must be a number or a name, not a number",
+            "must be a port number (an integer) or a port name, not a number (1.5)",
             id="a fractional port",
-        ),
-        pytest.param(
-            "podSelector: {}\ningress:\n  - from:\n      - ipBlock: {cidr: 10.0.0.1/8}  # <-",
-            "spec.ingress[0].from[0].ipBlock.cidr",
-            "'10.0.0.1/8' has host bits set: did you mean 10.0.0.0/8?",
-            id="a CIDR with host bits set",
-        ),
-        pytest.param(
-            "podSelector: {}\ningress:\n  - from:\n      - ipBlock: {cidr: 'fd00::1/64'}  # <-",
-            "spec.ingress[0].from[0].ipBlock.cidr",
-            "'fd00::1/64' has host bits set: did you mean fd00::/64?",
-            id="an IPv6 CIDR with host bits set",
         ),
         pytest.param(
             "podSelector: {}\ningress:\n  - from:\n      - ipBlock: {cidr: 10.0.0.0}  # <-",
@@ -520,13 +507,6 @@ def test_absent_pod_selector_selects_all(tmp_path: Path) -> None:
             "spec.ingress[0].from[0].ipBlock.except[0]",
             "'fd00::/64' must be a strict subset of cidr 10.0.0.0/16 (another IP family)",
             id="an except of another IP family",
-        ),
-        pytest.param(
-            "podSelector: {}\ningress:\n  - from:\n      - ipBlock:\n          cidr: 10.0.0.0/16\n"
-            "          except: [10.0.1.1/24]  # <-",
-            "spec.ingress[0].from[0].ipBlock.except[0]",
-            "'10.0.1.1/24' has host bits set: did you mean 10.0.1.0/24?",
-            id="an except with host bits set",
         ),
         pytest.param(
             "podSelector: {}\ningress:\n  - from:\n      - ipBlock: {cidr: 10.0.0.0/8}  # <-\n"
@@ -1260,7 +1240,7 @@ def test_list_and_typed_list(tmp_path: Path) -> None:
     assert [p.key for p in good.policies] == ["shop/p"]
 
 
-def test_kustomize_build_output(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_kustomize_build_output(tmp_path: Path) -> None:
     # What `kustomize build` prints: sorted keys, `---` between objects, kinds interleaved.
     text = """
     apiVersion: v1
@@ -1326,16 +1306,22 @@ def test_kustomize_build_output(tmp_path: Path, caplog: pytest.LogCaptureFixture
       selector: all()
     """
     path = write(tmp_path, text)
-    with caplog.at_level(logging.DEBUG, logger="collector.reading.objects"):
-        snapshot = load_snapshot([path])
+    snapshot = load_snapshot([path])
     assert snapshot.namespaces["shop"].labels["team"] == "shop"
     assert [p.workload for p in snapshot.pods] == ["Deployment/api"]
     assert [p.key for p in snapshot.policies] == ["shop/api"], "Calico's NetworkPolicy is not ours"
+    assert [u.key for u in snapshot.unmodelled] == [
+        "NetworkPolicy.crd.projectcalico.org shop/calico"
+    ]
     lines = path.read_text().splitlines()
-    service = lines.index("kind: Service")  # the line before it, counted from 1
-    calico = lines.index("apiVersion: crd.projectcalico.org/v1") + 1
-    assert f"Service shop/api ({path}:{service})" in caplog.text
-    assert f"NetworkPolicy shop/calico ({path}:{calico})" in caplog.text
+    service = lines.index("kind: Service") + 1
+    calico = lines.index("apiVersion: crd.projectcalico.org/v1") + 2
+    assert snapshot.warnings == (
+        f"{path}:{service}: kind: 'Service' is ignored: flowproof does not read this kind",
+        f"{path}:{calico}: kind: NetworkPolicy shop/calico (crd.projectcalico.org/v1) is a policy "
+        "of Calico that flowproof does not model: flows of pods of namespace shop get an unknown "
+        "model (MODEL_INCOMPLETE), never drift",
+    )
 
 
 # --- converters from API dicts ------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import sys
+from pathlib import Path
 
 import dns.message
 import dns.rcode
@@ -11,6 +13,9 @@ import dns.rdatatype
 import pytest
 
 from collector.core.model import (
+    ClusterNetworkPolicy,
+    ClusterPeer,
+    ClusterRule,
     IPBlock,
     LabelSelector,
     NetworkPolicy,
@@ -19,10 +24,18 @@ from collector.core.model import (
     Requirement,
     Rule,
 )
+from collector.reading.clusterpolicies import cluster_policy_from_dict
 from collector.reading.fields import Where
 from collector.reading.objects import policy_from_dict
 from flowproof.errors import InputError
-from lab.cluster import Placement, PodSpec, concrete_pods, dns_records, policy_manifest
+from lab.cluster import (
+    Placement,
+    PodSpec,
+    cluster_policy_manifest,
+    concrete_pods,
+    dns_records,
+    policy_manifest,
+)
 from lab.config import LabSettings, Names
 from lab.dnsserver import answer
 from lab.enforcement import EnforcementInput, compile_rulesets, transaction
@@ -30,6 +43,9 @@ from lab.faults import parse_fault
 from lab.merging import parse_label_changes
 from lab.state import Faults, LabState, PodRecord
 from tests.support.builders import pod
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conformance"))
+from loader import load_npapi_cases
 
 SEL_A = LabelSelector(match_labels=(("app", "a"),))
 
@@ -438,3 +454,48 @@ def test_state_survives_a_round_trip_through_json() -> None:
     state.faults.lag_seconds = 2.0
     again = LabState.from_json(state.to_json())
     assert again == state
+
+
+# --- cluster policies in the lab ----------------------------------------------------------------
+
+
+def _npapi_policies() -> list[dict]:
+    return [
+        dict(p)
+        for case in load_npapi_cases()
+        for step in case.steps
+        for p in step.policies
+        if p["kind"] != "NetworkPolicy"
+    ]
+
+
+def test_a_cluster_policy_stored_by_the_lab_reads_back_as_the_same_policy() -> None:
+    for doc in _npapi_policies():
+        read = cluster_policy_from_dict(doc, Where(file="case"))
+        again = cluster_policy_from_dict(cluster_policy_manifest(read), Where(file="case"))
+        assert again == read, doc["metadata"]["name"]
+
+
+def test_admin_rules_come_first_and_pass_goes_to_the_network_policy_tier() -> None:
+    everyone = ClusterPeer(namespace_selector=LabelSelector())
+    admin = ClusterNetworkPolicy(
+        "a",
+        "Admin",
+        5,
+        ingress=(ClusterRule("Pass", (everyone,)), ClusterRule("Deny", (everyone,))),
+    )
+    baseline = ClusterNetworkPolicy("b", "Baseline", 5, ingress=(ClusterRule("Deny", (everyone,)),))
+    rulesets = compile_rulesets(
+        EnforcementInput(
+            pods=lab_pods(),
+            namespaces={"x": {"kubernetes.io/metadata.name": "x"}},
+            policies=(),
+            cluster_policies=(admin, baseline),
+        )
+    )
+    text = rulesets["x/a"]
+    ingress = text[text.index("chain ingress {") : text.index("chain ingress_rest")]
+    assert ingress.index("goto ingress_rest comment") < ingress.index("drop comment")
+    rest = text[text.index("chain ingress_rest") :]
+    assert 'drop comment "Baseline ClusterNetworkPolicy/b ingress[0] Deny"' in rest
+    assert "y/h" not in rulesets, "a host-network pod has no table of its own"

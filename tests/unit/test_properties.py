@@ -5,7 +5,10 @@ of the API (selectors with all operators, ipBlocks with excepts over the pod ran
 numbered ports with endPort, policyTypes given or inferred) are built directly as `collector.core.model`
 objects. The model has one form for an empty and an absent from/to/ports list (both match
 everything), so both are one case here. The properties hold for NetworkPolicy semantics whatever the
-data; a counterexample is a bug.
+data; a counterexample is a bug. The tiered snapshots add cluster policies of both tiers (every
+action, priorities that tie, every peer form including the unmodelled ones, ports, ranges and named
+ports) and other plugins' objects: the class counts, allowed and unknown, must still equal the
+brute force over `Engine.evaluate`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from hypothesis import strategies as st
 from collector.core.classes import ClassModel, reachability_counts
 from collector.core.engine import Engine, infer_policy_types
 from collector.core.model import (
+    BASELINE_ADMIN_NETWORK_POLICY,
+    CLUSTER_NETWORK_POLICY,
     NAMESPACE_NAME_LABEL,
+    ClusterNetworkPolicy,
+    ClusterPeer,
+    ClusterPort,
+    ClusterRule,
     ContainerPort,
     Direction,
     IPBlock,
@@ -39,6 +48,7 @@ from collector.core.model import (
     Requirement,
     Rule,
     Snapshot,
+    UnmodelledPolicy,
 )
 
 T = TypeVar("T")
@@ -385,6 +395,101 @@ def test_pods_of_one_class_get_the_engine_s_verdict_towards_every_other_pod(
                 verdict = engine.evaluate(src, dst, port, protocol)
                 cell = allowed[model.class_of[i], model.class_of[j]]
                 assert cell == verdict.allowed, (src.key, dst.key, port, protocol)
+
+
+# --- the tiers: the fast path still agrees -------------------------------------------------------
+
+
+@st.composite
+def cluster_peer_st(draw: st.DrawFn) -> ClusterPeer:
+    form = draw(st.sampled_from(("namespaces", "pods", "pods", "networks", "nodes", "domains")))
+    if form == "namespaces":
+        return ClusterPeer(namespace_selector=draw(namespace_selector_st()))
+    if form == "pods":
+        return ClusterPeer(
+            namespace_selector=draw(st.one_of(st.just(LabelSelector()), namespace_selector_st())),
+            pod_selector=draw(selector_st()),
+        )
+    if form == "networks":
+        block = draw(ip_block_st())
+        host = ipaddress.ip_network(f"{HOST_NETWORK_IP}/32")
+        return ClusterPeer(networks=(block.cidr,) + ((host,) if draw(st.booleans()) else ()))
+    if form == "nodes":
+        return ClusterPeer(nodes=draw(selector_st()))
+    return ClusterPeer(domain_names=("example.com",))
+
+
+@st.composite
+def cluster_port_st(draw: st.DrawFn) -> ClusterPort:
+    form = draw(st.sampled_from(("number", "range", "name")))
+    if form == "name":
+        return ClusterPort(protocol=None, name=draw(st.sampled_from(PORT_NAMES)))
+    port = draw(st.sampled_from((53, 79, 80, 81, 8080)))
+    end = port + draw(st.sampled_from((1, 2, 8000))) if form == "range" else None
+    return ClusterPort(protocol=draw(protocol_st), port=port, end_port=end)
+
+
+@st.composite
+def cluster_rule_st(draw: st.DrawFn, actions: tuple[str, ...]) -> ClusterRule:
+    return ClusterRule(
+        action=draw(st.sampled_from(actions)),  # type: ignore[arg-type]
+        peers=tuple(draw(st.lists(cluster_peer_st(), min_size=1, max_size=2))),
+        ports=tuple(draw(st.lists(cluster_port_st(), max_size=2))),
+    )
+
+
+@st.composite
+def cluster_policy_st(draw: st.DrawFn, index: int) -> ClusterNetworkPolicy:
+    kind = draw(st.sampled_from((CLUSTER_NETWORK_POLICY,) * 4 + (BASELINE_ADMIN_NETWORK_POLICY,)))
+    tier = (
+        "Baseline"
+        if kind == BASELINE_ADMIN_NETWORK_POLICY
+        else draw(st.sampled_from(("Admin", "Baseline")))
+    )
+    actions = (
+        ("Accept", "Deny") if kind == BASELINE_ADMIN_NETWORK_POLICY else ("Accept", "Deny", "Pass")
+    )
+    rules = st.lists(cluster_rule_st(actions), max_size=3).map(tuple)
+    return ClusterNetworkPolicy(
+        name=f"cnp-{index}",
+        tier=tier,  # type: ignore[arg-type]
+        priority=draw(st.sampled_from((1, 5, 5, 9))),  # ties on purpose
+        subject_namespaces=draw(st.one_of(st.just(LabelSelector()), namespace_selector_st())),
+        subject_pods=draw(st.one_of(st.none(), selector_st())),
+        ingress=draw(rules),
+        egress=draw(rules),
+        kind=kind,
+    )
+
+
+@st.composite
+def tiered_snapshot_st(draw: st.DrawFn) -> Snapshot:
+    snapshot = draw(snapshot_st())
+    cluster = tuple(draw(cluster_policy_st(i)) for i in range(draw(st.integers(0, 4))))
+    unmodelled = tuple(
+        UnmodelledPolicy("cilium.io", "v2", "CiliumNetworkPolicy", namespace, "x")
+        for namespace in draw(st.lists(st.sampled_from(("", *NAMESPACE_NAMES)), max_size=1))
+    )
+    return replace(snapshot, cluster_policies=cluster, unmodelled=unmodelled)
+
+
+@PROPERTY_SETTINGS
+@given(snapshot=tiered_snapshot_st())
+def test_class_counts_with_admin_and_baseline_tiers_equal_the_brute_force(
+    snapshot: Snapshot,
+) -> None:
+    engine = Engine(snapshot)
+    pods = snapshot.pods
+    for port, protocol in FLOWS:
+        verdicts = [engine.evaluate(src, dst, port, protocol) for src in pods for dst in pods]
+        allowed = sum(v.allowed for v in verdicts)
+        unknown = sum(not v.known for v in verdicts)
+        counts = reachability_counts(snapshot, port, protocol)
+        assert (counts.allowed, counts.denied, counts.unknown) == (
+            allowed,
+            len(pods) ** 2 - allowed,
+            unknown,
+        ), (port, protocol)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ REQUIRED_ALERTS = {
     "FlowproofPolicyMismatch",
     "FlowproofEnforcementDrift",
     "FlowproofVerificationStale",
+    "FlowproofModelIncomplete",
     "FlowproofAgentsMissing",
     "FlowproofProbeErrorsHigh",
     "FlowproofPolicyNotEnforced",

@@ -6,7 +6,7 @@
 
   const ORDER = [
     "REQUIRED_BLOCKED", "FORBIDDEN_OPEN", "POLICY_MISMATCH", "ENFORCEMENT_DRIFT",
-    "INCONCLUSIVE", "STALE", "PENDING", "PASS",
+    "INCONCLUSIVE", "MODEL_INCOMPLETE", "STALE", "PENDING", "PASS",
   ];
   const FAILING = new Set(ORDER.slice(0, 4));
   const LOOK = {
@@ -16,13 +16,15 @@
     POLICY_MISMATCH: ["≠", "policy", "policy mismatch: the policies disagree with the intent"],
     ENFORCEMENT_DRIFT: ["≈", "drift", "enforcement drift: the network does not do what the policies say"],
     INCONCLUSIVE: ["?", "unsure", "inconclusive: the probe could not decide"],
+    MODEL_INCOMPLETE: ["◌", "unmodelled", "model incomplete: policies flowproof does not model may decide this flow"],
     STALE: ["◷", "stale", "stale: the last result is too old"],
     PENDING: ["…", "pending", "pending: not probed yet"],
   };
   const NAME = {
     PASS: "pass", REQUIRED_BLOCKED: "required blocked", FORBIDDEN_OPEN: "forbidden open",
     POLICY_MISMATCH: "policy mismatch", ENFORCEMENT_DRIFT: "enforcement drift",
-    INCONCLUSIVE: "inconclusive", STALE: "stale", PENDING: "pending",
+    INCONCLUSIVE: "inconclusive", MODEL_INCOMPLETE: "model incomplete", STALE: "stale",
+    PENDING: "pending",
   };
   const MAX_MISMATCHES = 200;
   // Evidence statuses, worst first, each drawn in the colours of the flow status it resembles.
@@ -629,8 +631,10 @@
   function direction(name, side) {
     const parts = [];
     if (!side.applies) parts.push("does not apply (outside the pod network or host network)");
+    else if (side.tier === "Admin" || side.tier === "Baseline") parts.push(`decided in the ${side.tier} tier`);
     else if (!side.isolated) parts.push("not isolated: no policy selects this pod for " + name);
     else parts.push(`isolated by ${side.policies.join(", ")}`);
+    if (side.clusterPolicies && side.clusterPolicies.length) parts.push(`cluster policies: ${side.clusterPolicies.join(", ")}`);
     return el("li", null, el("strong", { text: `${name}: ` }), `${side.allowed ? "allowed" : "denied"}; ${parts.join("; ")}`,
       side.reason ? el("div", { class: "muted", text: side.reason }) : null,
       side.allowedBy.length ? el("ul", { class: "rules" }, ...side.allowedBy.map((m) => el("li", { class: "mono", text: m.text }))) : null);
@@ -650,7 +654,12 @@
         el("dt", { text: "model" }), el("dd", { text: model.summary }),
         el("dt", { text: "reality" }), el("dd", { text: flow.reality ? `${flow.reality} (${flow.observed})` : (flow.unprobeable ? `not probed: ${flow.unprobeable}` : "not probed yet") }),
         el("dt", { text: "since" }), el("dd", { title: fmtTime(flow.since), text: `${fmtTime(flow.since)} (${ago(flow.since)})` })),
-      el("h3", { text: "Deciding policy and rule" }),
+      model.incomplete && model.incomplete.length
+        ? el("div", { class: "incomplete", dataset: { status: "MODEL_INCOMPLETE" } },
+          el("strong", { text: "The model is incomplete for this flow:" }),
+          el("ul", null, ...model.incomplete.map((reason) => el("li", { text: reason }))))
+        : null,
+      el("h3", { text: "Deciding tier, policy, rule and action" }),
       model.deciding.length
         ? el("ul", { class: "rules" }, ...model.deciding.map((d) => el("li", { class: "mono" }, d, " ", policyLink(d.split(" ")[0], "evidence"))))
         : el("p", { text: model.allowed ? "No policy isolates either side." : "No rule allows it." }),
