@@ -43,11 +43,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Protocol, Self
 
 import trustme
 from cryptography.hazmat.primitives import serialization
@@ -58,9 +58,18 @@ __all__ = [
     "ApiResponse",
     "ControlPlane",
     "ControlPlaneError",
+    "Launcher",
+    "RunningProcess",
 ]
 
 LOOPBACK = "127.0.0.1"
+# Every request once, when its answer is ready (and for watches when they start), without bodies.
+_AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [{"level": "Metadata"}],
+}
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"  # never routed anywhere: only numbers to the API server
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMIN_USER = "flowproof-admin"
@@ -70,6 +79,52 @@ _PR_SET_PDEATHSIG = 1
 
 class ControlPlaneError(RuntimeError):
     """The control plane could not be started, or a call to it failed."""
+
+
+BIN_ENV = "FLOWPROOF_CONTROLPLANE_BIN"
+"""A directory holding prebuilt kube-apiserver and etcd (scripts/test.sh sets it after its build)."""
+BUILD_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build-controlplane.sh"
+BUILD_TIMEOUT_SECONDS = 3000.0  # a first build from an empty Go cache takes minutes on two cores
+
+
+def binaries(
+    explicit: Path | str | None = None, *, environ: Mapping[str, str] | None = None
+) -> Path:
+    """The directory holding kube-apiserver and etcd: `explicit`, else $FLOWPROOF_CONTROLPLANE_BIN,
+    else what scripts/build-controlplane.sh builds (or finds in its cache; the first build takes
+    minutes). ControlPlaneError, with the end of the build's log, when there are none."""
+    env = os.environ if environ is None else environ
+    given = explicit or env.get(BIN_ENV)
+    if given:
+        found = Path(given)
+    else:
+        if not BUILD_SCRIPT.exists():
+            raise ControlPlaneError(f"no {BUILD_SCRIPT}: the control plane is built from the repo")
+        with tempfile.TemporaryFile() as log:
+            try:
+                proc = subprocess.run(
+                    ["bash", str(BUILD_SCRIPT)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    timeout=BUILD_TIMEOUT_SECONDS,
+                    check=False,
+                )
+                failed = f"failed (exit {proc.returncode})" if proc.returncode else ""
+            except subprocess.TimeoutExpired:
+                proc, failed = None, f"did not finish in {BUILD_TIMEOUT_SECONDS:.0f} s"
+            log.seek(0)
+            errors = log.read().decode(errors="replace")
+        lines = proc.stdout.decode().strip().splitlines() if proc is not None else []
+        if failed or not lines:
+            raise ControlPlaneError(
+                f"{BUILD_SCRIPT} {failed or 'printed no directory'}:\n{errors[-4000:]}"
+            )
+        found = Path(lines[-1])
+    for name in ("kube-apiserver", "etcd"):
+        if not os.access(found / name, os.X_OK):
+            raise ControlPlaneError(f"{found / name} is missing or not executable")
+    return found
 
 
 @dataclass(frozen=True)
@@ -115,6 +170,32 @@ def _decode(raw: bytes) -> Any:
         return raw.decode(errors="replace")
 
 
+class RunningProcess(Protocol):
+    """A started etcd or kube-apiserver, as the control plane needs to know it."""
+
+    name: str
+    pid: int
+
+    def alive(self) -> bool: ...
+
+    def stop(self, timeout: float) -> None:
+        """End it (by its pid) and reap it; safe to call when it has exited already."""
+
+    def failure(self, what: str) -> ControlPlaneError:
+        """The error saying it `what` (did not start, exited...), with the tail of its log."""
+
+
+Launcher = Callable[[str, Sequence[str], Path, Path], RunningProcess]
+"""Starts one process: (name, argv, log file, working directory) -> the running process. The
+default runs it as a child of this process; the lab has its supervisor run it instead."""
+
+
+def _tail_failure(name: str, what: str, state: str, log_path: Path) -> ControlPlaneError:
+    return ControlPlaneError(
+        f"{name} {what} ({state}); last lines of {log_path}:\n{_tail(log_path)}"
+    )
+
+
 class _Process:
     """One child process, its log file and its pid."""
 
@@ -158,9 +239,7 @@ class _Process:
     def failure(self, what: str) -> ControlPlaneError:
         code = self.popen.poll()
         state = "still running" if code is None else f"exited with code {code}"
-        return ControlPlaneError(
-            f"{self.name} {what} ({state}); last lines of {self.log_path}:\n{_tail(self.log_path)}"
-        )
+        return _tail_failure(self.name, what, state, self.log_path)
 
 
 class ControlPlane:
@@ -175,6 +254,12 @@ class ControlPlane:
     that started them ends (PR_SET_PDEATHSIG), so a test process that dies without stop() leaves
     nothing running. Start from a thread that lives as long as the control plane (the main thread,
     not a worker of `asyncio.to_thread`), or pass `die_with_parent=False`.
+
+    For a control plane that outlives the process starting it (the lab's): `workdir` names its
+    directory (created, kept on stop), `launcher` starts the processes (the lab's supervisor),
+    `pick_ports(count)` chooses the loopback ports. `audit_log` records every request the API
+    server answers in `audit.log` (one JSON event per line, `audit_events()`), for tests that
+    check what a client asked.
     """
 
     def __init__(
@@ -189,6 +274,10 @@ class ControlPlane:
         workdir_parent: Path | str | None = None,
         keep_workdir: bool = False,
         die_with_parent: bool = True,
+        workdir: Path | str | None = None,
+        launcher: Launcher | None = None,
+        pick_ports: Callable[[int], Sequence[int]] | None = None,
+        audit_log: bool = False,
     ) -> None:
         self.bin_dir = Path(bin_dir)
         self.kube_apiserver_bin = self.bin_dir / "kube-apiserver"
@@ -199,13 +288,17 @@ class ControlPlane:
         self.uncached_resources = tuple(uncached_resources)
         self.extra_apiserver_args = tuple(extra_apiserver_args)
         self._workdir_parent = None if workdir_parent is None else Path(workdir_parent)
-        self.keep_workdir = keep_workdir
+        self._fixed_workdir = None if workdir is None else Path(workdir)
+        self.keep_workdir = keep_workdir or workdir is not None
         self.die_with_parent = die_with_parent
+        self._launcher = launcher
+        self._pick = pick_ports
+        self.audit_log = audit_log
 
         self.admin_token = secrets.token_urlsafe(32)
         self._workdir: Path | None = None
-        self._etcd: _Process | None = None
-        self._apiserver: _Process | None = None
+        self._etcd: RunningProcess | None = None
+        self._apiserver: RunningProcess | None = None
         self._apiserver_argv: list[str] = []
         self._ssl: ssl.SSLContext | None = None
         self.apiserver_port = 0
@@ -247,6 +340,22 @@ class ControlPlane:
         return self.workdir / "etcd.log"
 
     @property
+    def audit_log_path(self) -> Path:
+        return self.workdir / "audit.log"
+
+    def audit_events(self, user: str | None = None) -> list[dict[str, Any]]:
+        """The audit events recorded so far (with `audit_log`), oldest first; only those of
+        `user` (a username such as `system:serviceaccount:ns:name`) when given."""
+        try:
+            lines = self.audit_log_path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        events = [json.loads(line) for line in lines if line.strip()]
+        if user is not None:
+            events = [e for e in events if e.get("user", {}).get("username") == user]
+        return events
+
+    @property
     def pids(self) -> dict[str, int]:
         """The pids of the processes this control plane started (and has not yet reaped)."""
         return {p.name: p.pid for p in (self._etcd, self._apiserver) if p is not None}
@@ -284,7 +393,13 @@ class ControlPlane:
                 )
         began = time.monotonic()
         try:
-            self._workdir = Path(tempfile.mkdtemp(prefix="flowproof-cp-", dir=self._workdir_parent))
+            if self._fixed_workdir is not None:
+                self._fixed_workdir.mkdir(mode=0o700, parents=True, exist_ok=False)
+                self._workdir = self._fixed_workdir
+            else:
+                self._workdir = Path(
+                    tempfile.mkdtemp(prefix="flowproof-cp-", dir=self._workdir_parent)
+                )
             self._write_credentials()
             for attempt in range(3):  # a free port can be taken by someone else before we bind it
                 self._pick_ports()
@@ -302,13 +417,26 @@ class ControlPlane:
                 self._stop_apiserver()
                 if attempt == 2:
                     raise self._apiserver_failure()
-                self.apiserver_port = _free_port()
+                self.apiserver_port = self._ports(1)[0]
             self.time_to_ready = time.monotonic() - began
             self._write_kubeconfig()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def restart_apiserver(self) -> None:
+        """Stop kube-apiserver (every open connection and watch drops) and start it again on
+        the same port against the same etcd; returns once /readyz says ok again."""
+        began = time.monotonic()
+        self._stop_apiserver()
+        for attempt in range(3):
+            self._start_apiserver()
+            if self._wait_ready(began):
+                return
+            self._stop_apiserver()
+            if attempt == 2:
+                raise self._apiserver_failure()
 
     def stop(self) -> None:
         """End both processes by their recorded pids and remove the work directory."""
@@ -332,11 +460,16 @@ class ControlPlane:
         if apiserver is not None:
             apiserver.stop(self.stop_timeout)
 
-    def _pick_ports(self) -> None:
+    def _ports(self, count: int) -> list[int]:
+        if self._pick is not None:
+            return list(self._pick(count))
         ports: set[int] = set()
-        while len(ports) < 3:
+        while len(ports) < count:
             ports.add(_free_port())
-        self.etcd_client_port, self.etcd_peer_port, self.apiserver_port = sorted(ports)
+        return sorted(ports)
+
+    def _pick_ports(self) -> None:
+        self.etcd_client_port, self.etcd_peer_port, self.apiserver_port = self._ports(3)
 
     # ----- credentials and configuration -----
 
@@ -370,6 +503,10 @@ class ControlPlane:
             path.chmod(0o600)
 
     def _write_kubeconfig(self) -> None:
+        self.write_kubeconfig(self.kubeconfig_path, self.admin_token, ADMIN_USER)
+
+    def write_kubeconfig(self, path: Path, token: str, user: str) -> Path:
+        """A kubeconfig (mode 0600) for this API server that authenticates with `token`."""
         config = {  # JSON is YAML: kubectl and the kubernetes client read it as it is
             "apiVersion": "v1",
             "kind": "Config",
@@ -379,18 +516,20 @@ class ControlPlane:
                     "cluster": {"server": self.url, "certificate-authority": str(self.ca_path)},
                 }
             ],
-            "users": [{"name": ADMIN_USER, "user": {"token": self.admin_token}}],
+            "users": [{"name": user, "user": {"token": token}}],
             "contexts": [
                 {
                     "name": "flowproof-test",
-                    "context": {"cluster": "flowproof-test", "user": ADMIN_USER},
+                    "context": {"cluster": "flowproof-test", "user": user},
                 }
             ],
             "current-context": "flowproof-test",
             "preferences": {},
         }
-        self.kubeconfig_path.write_text(json.dumps(config, indent=2) + "\n")
-        self.kubeconfig_path.chmod(0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(config, indent=2) + "\n")
+        return path
 
     def _etcd_argv(self) -> list[str]:
         client = f"http://{LOOPBACK}:{self.etcd_client_port}"
@@ -438,26 +577,32 @@ class ControlPlane:
             argv.append(
                 "--watch-cache-sizes=" + ",".join(f"{r}#0" for r in self.uncached_resources)
             )
+        if self.audit_log:
+            policy = self.workdir / "audit-policy.json"
+            policy.write_text(json.dumps(_AUDIT_POLICY))
+            argv += [
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.audit_log_path}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",  # an event is in the file before the answer leaves
+            ]
         argv.extend(self.extra_apiserver_args)
         return argv
 
     # ----- starting and waiting -----
 
+    def _launch(self, name: str, argv: Sequence[str], log_path: Path) -> RunningProcess:
+        if self._launcher is not None:
+            return self._launcher(name, argv, log_path, self.workdir)
+        return _Process(name, argv, log_path, self.workdir, self.die_with_parent)
+
     def _start_etcd(self) -> None:
         shutil.rmtree(self.workdir / "etcd-data", ignore_errors=True)  # from a failed attempt
-        self._etcd = _Process(
-            "etcd", self._etcd_argv(), self.etcd_log, self.workdir, self.die_with_parent
-        )
+        self._etcd = self._launch("etcd", self._etcd_argv(), self.etcd_log)
 
     def _start_apiserver(self) -> None:
         self._apiserver_argv = self._apiserver_argv_for()
-        self._apiserver = _Process(
-            "kube-apiserver",
-            self._apiserver_argv,
-            self.apiserver_log,
-            self.workdir,
-            self.die_with_parent,
-        )
+        self._apiserver = self._launch("kube-apiserver", self._apiserver_argv, self.apiserver_log)
 
     def _etcd_failure(self) -> ControlPlaneError:
         return ControlPlaneError(

@@ -5,6 +5,9 @@
 # The binaries go to a cache outside the repository, keyed by a hash of the module files and the
 # Go version:
 #     ${FLOWPROOF_CACHE:-/var/cache/flowproof}/controlplane/<key>/bin/{kube-apiserver,etcd}
+# and beside them the third-party CRDs the tests install (tests/controlplane/third-party-crds.txt,
+# each taken from its Go module and checked against the module hash pinned there):
+#     ${FLOWPROOF_CACHE:-/var/cache/flowproof}/controlplane/<key>/crds/*.yaml
 # A cached build is reused as it is (a no-op run). A build goes to a temporary directory beside the
 # cache entry and is renamed into place only when both binaries are there, so an interrupted build
 # never leaves a half entry. Concurrent runs for the same key wait on a lock.
@@ -54,13 +57,35 @@ go_platform="$("$go_cmd" env GOOS)/$("$go_cmd" env GOARCH)"
 key="$(
     {
         printf 'go=%s %s\nbuild=-trimpath -ldflags=%s\n' "$go_version" "$go_platform" "$ldflags"
-        cat go.mod go.sum cmd/kube-apiserver/main.go cmd/etcd/main.go
+        cat go.mod go.sum cmd/kube-apiserver/main.go cmd/etcd/main.go third-party-crds.txt
     } | sha256sum | cut -c1-16
 )"
 dest="$cache_root/$key"
 
 complete() {
-    [ -x "$dest/bin/kube-apiserver" ] && [ -x "$dest/bin/etcd" ]
+    [ -x "$dest/bin/kube-apiserver" ] && [ -x "$dest/bin/etcd" ] && [ -f "$dest/crds/.complete" ]
+}
+
+# Copy the files each line of third-party-crds.txt names out of its Go module into $1.
+fetch_crds() {
+    local out="$1" module version sum files dir got
+    mkdir -p "$out"
+    while read -r module version sum files; do
+        case "$module" in '' | '#'*) continue ;; esac
+        # Outside any module: the download is verified against the checksum database.
+        dir="$(cd "$out" && GOFLAGS=-mod=mod "$go_cmd" mod download -json "$module@$version")"
+        got="$(printf '%s' "$dir" | sed -n 's/^[[:space:]]*"Sum": "\(.*\)",\{0,1\}$/\1/p')"
+        if [ "$got" != "$sum" ]; then
+            echo "build-controlplane: $module@$version has hash '$got', not the pinned $sum" >&2
+            return 1
+        fi
+        dir="$(printf '%s' "$dir" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
+        for file in $files; do
+            cp "$dir/$file" "$out/"
+            chmod 644 "$out/$(basename "$file")"
+        done
+    done <third-party-crds.txt
+    touch "$out/.complete"
 }
 
 if complete; then
@@ -95,6 +120,7 @@ end=$(date +%s)
 
 "$tmp/bin/kube-apiserver" --version >&2
 "$tmp/bin/etcd" --version >&2
+fetch_crds "$tmp/crds"
 {
     echo "key=$key"
     echo "go=$go_version $go_platform"

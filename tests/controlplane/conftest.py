@@ -1,18 +1,13 @@
 """A real control plane (etcd + kube-apiserver, built from Go modules) for the tests here.
 
-The session fixture runs scripts/build-controlplane.sh, which builds the binaries once into a cache
-outside the repository (several minutes the first time on two cores, under a second when cached),
-then starts a `lab.controlplane.ControlPlane` and stops it at the end. Nothing is skipped: when the
-binaries cannot be built or the control plane does not start, the tests fail with the reason.
-
-FLOWPROOF_CONTROLPLANE_BIN names a directory with prebuilt kube-apiserver and etcd to use instead.
+`controlplane_bin` (tests/conftest.py) builds or finds the binaries; a failed build fails these
+tests, never skips them. The session's control plane keeps ConfigMaps out of the watch cache (so
+`compact_etcd()` gives them 410 Gone) and has the FlowExpectations CRD from deploy/crds applied;
+tests that need another shape (pods and policies uncached, an audit log) start their own.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,63 +15,17 @@ import pytest
 from kubernetes import client
 
 from lab.controlplane import ControlPlane
+from tests.support.kubetools import apply_all, install_crd, render
 
-REPO = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO / "scripts" / "build-controlplane.sh"
-BUILD_TIMEOUT = 3000.0  # seconds; a first build from an empty Go cache takes minutes on two cores
-
-
-def _build() -> Path:
-    override = os.environ.get("FLOWPROOF_CONTROLPLANE_BIN")
-    if override:
-        return Path(override)
-    with tempfile.TemporaryFile() as log:
-        try:
-            proc = subprocess.run(
-                ["bash", str(BUILD_SCRIPT)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                timeout=BUILD_TIMEOUT,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            log.seek(0)
-            pytest.fail(
-                f"{BUILD_SCRIPT} did not finish in {BUILD_TIMEOUT:.0f} s:\n"
-                + log.read().decode(errors="replace")[-4000:],
-                pytrace=False,
-            )
-        log.seek(0)
-        errors = log.read().decode(errors="replace")
-    lines = proc.stdout.decode().strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        pytest.fail(
-            f"{BUILD_SCRIPT} failed (exit {proc.returncode}); the control plane tests need it:\n"
-            + errors[-4000:],
-            pytrace=False,
-        )
-    return Path(lines[-1])
-
-
-@pytest.fixture(scope="session")
-def controlplane_bin() -> Path:
-    """The directory holding kube-apiserver and etcd, built (or found in the cache)."""
-    bin_dir = _build()
-    for name in ("kube-apiserver", "etcd"):
-        if not os.access(bin_dir / name, os.X_OK):
-            pytest.fail(f"{bin_dir / name} is missing after the build", pytrace=False)
-    return bin_dir
+ClientFactory = Callable[..., client.ApiClient]
 
 
 @pytest.fixture(scope="session")
 def controlplane(controlplane_bin: Path) -> Iterator[ControlPlane]:
-    """One control plane for the session. ConfigMaps bypass the watch cache (see compact_etcd)."""
-    with ControlPlane(controlplane_bin, uncached_resources=["configmaps"]) as cp:
+    """One control plane for the session, the FlowExpectations CRD installed."""
+    with ControlPlane(controlplane_bin, uncached_resources=["configmaps"], audit_log=True) as cp:
+        install_crd(cp)
         yield cp
-
-
-ClientFactory = Callable[..., client.ApiClient]
 
 
 @pytest.fixture
@@ -104,3 +53,18 @@ def make_client(controlplane: ControlPlane) -> Iterator[ClientFactory]:
 def core(make_client: ClientFactory) -> client.CoreV1Api:
     """CoreV1Api of the official client, as the admin."""
     return client.CoreV1Api(make_client())
+
+
+COLLECTOR_KINDS = ("Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding")
+
+
+@pytest.fixture(scope="session")
+def collector_kubeconfig(
+    controlplane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """A kubeconfig with the token of the collector's ServiceAccount, bound to exactly the
+    ClusterRole that deploy/overlays/plain ships (the collector as it runs in a cluster)."""
+    apply_all(controlplane, [d for d in render("overlays/plain") if d["kind"] in COLLECTOR_KINDS])
+    token = controlplane.service_account_token("flowproof", "flowproof-collector", create=False)
+    path = tmp_path_factory.mktemp("collector") / "kubeconfig"
+    return str(controlplane.write_kubeconfig(path, token, "flowproof-collector"))

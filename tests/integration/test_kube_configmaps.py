@@ -19,7 +19,7 @@ import pytest
 from collector.core.model import Snapshot
 from collector.kube import InventoryUpdate, KubernetesSource, KubeSourceSettings, load_kube_config
 from tests.fakeapi import FakeApiServer
-from tests.fakeapi.builders import (
+from tests.support.apiobjects import (
     TOKEN,
     kubeconfig_for,
     make_configmap,

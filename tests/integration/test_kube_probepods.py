@@ -35,7 +35,7 @@ from collector.loop import Collector
 from collector.settings import CollectorSettings
 from flowproof.probes import SourceKind
 from tests.fakeapi import FakeApiServer
-from tests.fakeapi.builders import (
+from tests.support.apiobjects import (
     TOKEN,
     kubeconfig_for,
     make_expectations,

@@ -38,7 +38,7 @@ from collector.loop import Collector
 from collector.settings import CollectorSettings
 from flowproof.probes import Outcome, ProbeResult
 from tests.fakeapi import FakeApiServer
-from tests.fakeapi.builders import (
+from tests.support.apiobjects import (
     TOKEN,
     kubeconfig_for,
     make_expectations,

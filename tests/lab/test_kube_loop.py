@@ -39,8 +39,8 @@ from collector.settings import CollectorSettings
 from lab.config import LabSettings, Names
 from lab.lifecycle import Lab, read_manifests
 from tests.fakeapi import FakeApiServer
-from tests.fakeapi.builders import TOKEN as API_TOKEN
-from tests.fakeapi.builders import kubeconfig_for
+from tests.support.apiobjects import TOKEN as API_TOKEN
+from tests.support.apiobjects import kubeconfig_for
 
 pytestmark = pytest.mark.lab
 
