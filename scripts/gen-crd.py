@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,10 @@ _EXTERNAL = "(has(self.to.dns) || has(self.to.cidr) || has(self.to.host))"
 
 
 def _rule(rule: str, message: str, **extra: str) -> dict[str, str]:
-    return {"rule": rule, "message": message, **extra}
+    # Lines of a rule are joined by CEL as whitespace; short ones keep the deeply nested YAML
+    # within yamllint's line length (a multi-line string is written as a literal block).
+    text = textwrap.fill(rule, width=56, break_long_words=False, break_on_hyphens=False)
+    return {"rule": text, "message": message, **extra}
 
 
 def _flow_rules() -> list[dict[str, str]]:
@@ -394,6 +398,14 @@ class _IndentedDumper(yaml.SafeDumper):
 
     def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
         super().increase_indent(flow, False)
+
+
+def _text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None  # a multi-line CEL rule as a literal block
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_IndentedDumper.add_representer(str, _text)
 
 
 def render(crd: Mapping[str, Any]) -> str:
