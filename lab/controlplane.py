@@ -564,6 +564,7 @@ class ControlPlane:
             f"--token-auth-file={pki / 'tokens.csv'}",
             f"--anonymous-auth={'true' if self.anonymous_auth else 'false'}",
             "--authorization-mode=Node,RBAC",
+            "--allow-privileged=true",  # as kubeadm runs it: admission decides, not this flag
             "--enable-admission-plugins=ValidatingAdmissionPolicy",  # added to the defaults
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
