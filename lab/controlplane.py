@@ -173,8 +173,11 @@ def _decode(raw: bytes) -> Any:
 class RunningProcess(Protocol):
     """A started etcd or kube-apiserver, as the control plane needs to know it."""
 
-    name: str
-    pid: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def pid(self) -> int: ...
 
     def alive(self) -> bool: ...
 
