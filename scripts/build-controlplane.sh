@@ -38,7 +38,10 @@ if ! command -v "$go_cmd" >/dev/null 2>&1; then
 fi
 
 cd "$mod"
-go_version="$("$go_cmd" env GOVERSION)"
+go_version="$("$go_cmd" env GOVERSION)" || {
+    echo "build-controlplane: '$go_cmd env GOVERSION' failed: no working Go toolchain" >&2
+    exit 2
+}
 # Stamp the release into the binary as upstream's build does (a plain go build reports
 # v0.0.0-master, which /version, kubectl's skew check and version-gated code would see).
 k8s_version="$(awk '$1 == "k8s.io/kubernetes" { print $2 }' go.mod)"  # offline, unlike go list -m
