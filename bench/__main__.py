@@ -18,6 +18,7 @@ BENCHES = {
     "loop": "bench.loop_bench",
     "evidence": "bench.evidence_bench",
     "replan": "bench.replan_bench",
+    "apiserver": "bench.apiserver_bench",
 }
 
 

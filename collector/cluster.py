@@ -487,13 +487,16 @@ async def status_publisher(
     stop: asyncio.Event,
     *,
     debounce_seconds: float = 1.0,
+    conflict_retry_seconds: float = 1.0,
 ) -> None:
     """Write every FlowExpectations' status until `stop` (a root task of the kubernetes source).
 
     Every `status_interval_seconds`, and `debounce_seconds` after a status or snapshot change
     (changes meanwhile are written together), each object whose status differs from what it
-    has (or from what was last written) gets one merge patch. An API error is logged by the
-    source and the object is tried again on the next pass; nothing here ends the loop.
+    has (or from what was last written) gets one merge patch, made against the resourceVersion
+    the source last read. A conflict (the object changed meanwhile) is tried again
+    `conflict_retry_seconds` later, by when the watch has brought the new version; another API
+    error is logged by the source and tried on the next pass; nothing here ends the loop.
     """
     interval = collector.settings.status_interval_seconds
     if interval <= 0:
@@ -525,25 +528,40 @@ async def status_publisher(
         changed.clear()
         due = loop.time() + interval
         try:
-            await publish_statuses(collector, source, written)
+            outcome = await publish_statuses(collector, source, written)
         except Exception:  # a bug here must not end the collector
             log.exception("writing FlowExpectations status failed")
+            continue
+        if outcome.conflicts:
+            due = min(due, loop.time() + conflict_retry_seconds)
+
+
+@dataclass(frozen=True)
+class StatusPass:
+    """What one pass of the status publisher did."""
+
+    patched: int = 0
+    conflicts: int = 0
+    """Objects that changed between the source's read and the write (409): written later."""
+    gone: int = 0
+    """Objects deleted between the source's read and the write (404)."""
 
 
 async def publish_statuses(
     collector: Collector,
     source: KubernetesSource,
     written: dict[tuple[str, str, str], dict[str, Any]],
-) -> int:
+) -> StatusPass:
     """One pass of status_publisher; `written` remembers what each object was given (by
-    namespace, name and uid). Returns how many objects were patched."""
+    namespace, name and uid). Each patch is made against the resourceVersion the source read,
+    so a status never lands on a version of the object (or a namesake) it was not made for."""
     if collector.snapshot is None:
-        return 0
+        return StatusPass()
     by_document: dict[str, list[DeclaredStatus]] = defaultdict(list)
     for flow in collector.state.declared():
         by_document[flow.expectation].append(flow)
     objects = source.expectation_objects()
-    patched = 0
+    patched = conflicts = gone = 0
     for obj in sorted(objects.values(), key=lambda o: o.key):
         identity = (obj.namespace, obj.name, obj.uid)
         status = expectations_status(obj, by_document.get(obj.key, []))
@@ -553,14 +571,22 @@ async def publish_statuses(
             written[identity] = status  # it has this already (a restart)
             continue
         body = status_patch(status, {**obj.status, **written.get(identity, {})})
-        if await source.update_expectations_status(obj.namespace, obj.name, body):
+        result = await source.update_expectations_status(
+            obj.namespace, obj.name, body, resource_version=obj.resource_version or None
+        )
+        if result == "written":
             written[identity] = status
             patched += 1
+        elif result == "conflict":
+            conflicts += 1
+        elif result == "gone":
+            written.pop(identity, None)
+            gone += 1
     for identity in list(written):
         held = objects.get(f"{identity[0]}/{identity[1]}")
         if held is None or held.uid != identity[2]:
             del written[identity]
-    return patched
+    return StatusPass(patched, conflicts, gone)
 
 
 def kube_source_settings(settings: CollectorSettings) -> KubeSourceSettings:

@@ -4,10 +4,11 @@ Owns client configuration (kubeconfig or in-cluster), list+watch of pods, namesp
 FlowExpectations and (opt-in) labelled ConfigMaps of expectations (resourceVersions, bookmarks, 410
 -> relist, backoff, resync), API discovery of the Network Policy API's cluster policy kinds (watched
 with their semantics) and of other network plugins' policy kinds (watched for their presence
-only: metadata), the store, the FlowExpectations status patch, and KubeClient (probe pods: create,
-list, delete). The only module that imports `kubernetes`: the blocking client runs in worker
-threads, never on the event loop, and API objects become model objects here, once. A malformed
-object is logged once and left out; nothing in an object can stop the loop.
+only: metadata), the store, the FlowExpectations status patch, KubeClient (probe pods: create,
+list, delete) and ApiObjects (any object by its path, for the lab's mirror above the collector).
+The only module that imports `kubernetes`: the blocking client runs in worker threads, never on
+the event loop, and API objects become model objects here, once. A malformed object is logged
+once and left out; nothing in an object can stop the loop.
 """
 
 from __future__ import annotations
@@ -283,10 +284,19 @@ class ExpectationsObject:
     """Why the object is left out of the snapshot; None when it is in."""
     status: Mapping[str, Any]
     """Its status as last read from the API."""
+    resource_version: str = ""
+    """The resourceVersion it was last read at: a status write is made against exactly this
+    version (optimistic concurrency), so it never lands on a newer or re-created object."""
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+StatusWrite = Literal["written", "conflict", "gone", "failed"]
+"""How a status write ended: written; refused with 409 because the object changed since it was
+read (write again once the watch brings the new version); the object is gone (404); or any
+other failure (logged once per object and reason)."""
 
 
 _Model = (
@@ -463,6 +473,7 @@ def _with_object(resource: _Resource, obj: Mapping[str, Any], item: _Converted) 
         flows=len(flows) if isinstance(flows, list) else 0,
         problem=item.problem,
         status=status if isinstance(status, Mapping) else {},
+        resource_version=_resource_version(obj) or "",
     )
     return dataclasses.replace(item, object=found)
 
@@ -652,14 +663,23 @@ class KubernetesSource:
             await self._stop_threads()
 
     async def update_expectations_status(
-        self, namespace: str, name: str, status: Mapping[str, Any]
-    ) -> bool:
+        self,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+        *,
+        resource_version: str | None = None,
+    ) -> StatusWrite:
         """Merge-patch the `/status` subresource of a FlowExpectations object.
 
-        Returns False (and logs why, once per object and reason) when the object is gone or the
-        API refused; never raises for the API's answer.
+        With `resource_version` the patch carries it as a precondition: the API server refuses
+        it with 409 Conflict when the object changed (or was deleted and made again) since that
+        version was read. Never raises for the API's answer; a failure other than a conflict or
+        a vanished object is logged once per object and reason.
         """
-        body = {"status": dict(status)}
+        body: dict[str, Any] = {"status": dict(status)}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
 
         def patch() -> None:
             response = self._custom.patch_namespaced_custom_object_status(
@@ -682,14 +702,28 @@ class KubernetesSource:
         key = _key_text(namespace, name)
         try:
             await self._in_thread(patch)
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                log.info(
+                    "FlowExpectations %s %s; its status is written again once the watch "
+                    "brings the current object",
+                    key,
+                    "is gone" if exc.status == 404 else "changed since it was read (409)",
+                )
+                return "gone" if exc.status == 404 else "conflict"
+            self._status_failed(key, exc)
+            return "failed"
         except _TRANSIENT as exc:
-            why = _describe(exc)
-            if self._status_failures.get(key) != why:  # once per distinct reason
-                log.warning("cannot update the status of FlowExpectations %s: %s", key, why)
-                self._status_failures[key] = why
-            return False
+            self._status_failed(key, exc)
+            return "failed"
         self._status_failures.pop(key, None)
-        return True
+        return "written"
+
+    def _status_failed(self, key: str, exc: BaseException) -> None:
+        why = _describe(exc)
+        if self._status_failures.get(key) != why:  # once per distinct reason
+            log.warning("cannot update the status of FlowExpectations %s: %s", key, why)
+            self._status_failures[key] = why
 
     async def aclose(self) -> None:
         """Stop the worker threads and close the client's connections."""
@@ -1606,6 +1640,183 @@ class KubeClient:
             raise KubeApiError(what, exc.status, _describe(exc)) from exc
         except (urllib3.exceptions.HTTPError, OSError, _StreamError, ConfigException) as exc:
             raise KubeApiError(what, None, _describe(exc)) from exc
+
+
+class ApiObjects:
+    """Blocking JSON requests on any API path, for code above the collector that plays a part
+    of the cluster itself (the lab's mirror: kubelet, scheduler, namespace controller). The
+    collector never uses it. Every method blocks: call it from a synchronous program or a
+    worker thread, never from the event loop. A refused or failed request raises KubeApiError
+    (`status` None when no answer came).
+
+    Paths are the API's own (`/api/v1/namespaces/shop/pods/web`, `/apis/networking.k8s.io/v1/
+    networkpolicies`); bodies and answers are the API's JSON, as dicts.
+    """
+
+    def __init__(
+        self,
+        configuration: Configuration,
+        *,
+        request_timeout_seconds: float = 30.0,
+        list_page_size: int = 500,
+    ) -> None:
+        self._api = ApiClient(configuration)
+        self._timeout = (request_timeout_seconds, request_timeout_seconds)
+        self._page_size = list_page_size
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        *,
+        query: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        """One request; its decoded answer ({} when the body is empty)."""
+        what = f"{method} {path}"
+        try:
+            response = self._send(method, path, body, query, content_type, self._timeout)
+            try:
+                return dict(_read_json(response))
+            finally:
+                response.release_conn()
+        except ApiException as exc:
+            raise KubeApiError(what, exc.status, _describe(exc)) from exc
+        except (urllib3.exceptions.HTTPError, OSError, _StreamError) as exc:
+            raise KubeApiError(what, None, _describe(exc)) from exc
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        """The object at `path`, or None when there is none (404)."""
+        try:
+            return self.request("GET", path)
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(
+        self, path: str, *, label_selector: str | None = None
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Every item of the collection at `path` (page by page) and the list's resourceVersion."""
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            query = {"limit": str(self._page_size)}
+            if token:
+                query["continue"] = token
+            if label_selector:
+                query["labelSelector"] = label_selector
+            body = self.request("GET", path, query=query)
+            raw = body.get("items")
+            items += (
+                [dict(i) for i in raw if isinstance(i, Mapping)] if isinstance(raw, list) else []
+            )
+            meta = _metadata(body)
+            token = meta.get("continue") or None
+            if token is None:
+                return items, str(meta.get("resourceVersion") or "")
+
+    def watch(
+        self, path: str, resource_version: str, *, timeout_seconds: int
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The events (type, object) of a watch of the collection at `path` from
+        `resource_version`, with bookmarks, until the server ends it. An expired
+        resourceVersion raises KubeApiError with status 410 (list again)."""
+        what = f"watching {path}"
+        query = {
+            "watch": "true",
+            "allowWatchBookmarks": "true",
+            "resourceVersion": resource_version,
+            "timeoutSeconds": str(timeout_seconds),
+        }
+        timeout = (self._timeout[0], timeout_seconds + self._timeout[1])
+        try:
+            response = self._send("GET", path, None, query, "application/json", timeout)
+            try:
+                for line in _lines(response):
+                    event = json.loads(line)
+                    obj = event.get("object") if isinstance(event, Mapping) else None
+                    kind = event.get("type") if isinstance(event, Mapping) else None
+                    if not isinstance(obj, Mapping) or not isinstance(kind, str):
+                        raise _StreamError(f"a watch event without an object: {line[:200]!r}")
+                    if kind == "ERROR":
+                        raise KubeApiError(what, _integer(obj.get("code")), str(obj.get("message")))
+                    yield kind, dict(obj)
+            finally:
+                response.close()
+                response.release_conn()
+        except ApiException as exc:
+            raise KubeApiError(what, exc.status, _describe(exc)) from exc
+        except (urllib3.exceptions.HTTPError, OSError, _StreamError, ValueError) as exc:
+            raise KubeApiError(what, None, _describe(exc)) from exc
+
+    def apply(self, path: str, body: Mapping[str, Any], *, field_manager: str) -> dict[str, Any]:
+        """Server-side apply `body` at `path` (the object's own path), taking over conflicts."""
+        return self.request(
+            "PATCH",
+            path,
+            dict(body),
+            query={"fieldManager": field_manager, "force": "true"},
+            content_type="application/apply-patch+yaml",
+        )
+
+    def delete(
+        self, path: str, *, uid: str | None = None, grace_period_seconds: int | None = None
+    ) -> bool:
+        """Delete the object at `path` (only the one with `uid`, if given); False when it was
+        not there (404) or is another one now (409: the uid precondition failed)."""
+        options: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions"}
+        if uid:
+            options["preconditions"] = {"uid": uid}
+        if grace_period_seconds is not None:
+            options["gracePeriodSeconds"] = grace_period_seconds
+        try:
+            self.request("DELETE", path, options)
+        except KubeApiError as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        self._api.close()  # type: ignore[no-untyped-call]
+
+    def __enter__(self) -> ApiObjects:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: object,
+        query: Mapping[str, str] | None,
+        content_type: str,
+        timeout: tuple[float, float],
+    ) -> urllib3.BaseHTTPResponse:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        serialized = self._api.param_serialize(
+            method,
+            path,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        answer = self._api.call_api(*serialized, _request_timeout=timeout)
+        if not 200 <= answer.status <= 299:
+            answer.read()  # type: ignore[no-untyped-call]
+            raise ApiException.from_response(http_resp=answer, body=None, data=None)
+        return cast(urllib3.BaseHTTPResponse, answer.response)
+
+
+def _integer(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _pod_summary(obj: Mapping[str, Any]) -> PodSummary:

@@ -229,12 +229,15 @@ class Collector:
     def on_result(self, result: ProbeResult) -> None:
         """A result from an agent (exactly once per result id)."""
         self.results_total += 1
-        if self.planner.completed(result.assignment_id) is None:
+        key = self.planner.completed(result.assignment_id)
+        if key is None:
             # Issued by an earlier collector (a restart) or given up on: delivered, not lost.
             self.results_unplanned_total += 1
         effect = self.state.record_result(result)
         self._emit(ResultRecorded(result))
         if effect is None:
+            if key is not None and self.planner.settling(key):
+                self._wake.set()  # its probe after the change settled may go now
             return
         if effect.retry_attempt is not None:
             self.planner.retry(effect.flow_key, attempt=effect.retry_attempt)

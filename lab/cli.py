@@ -23,6 +23,7 @@ from lab.errors import LabError
 from lab.faults import FAULT_MODES
 from lab.lifecycle import Lab, read_manifests
 from lab.loop import LoopSettings
+from lab.mirroring import ApiServerOptions
 from lab.report import ChangeReport
 
 NAME_ENV = "FLOWPROOF_LAB_NAME"
@@ -97,6 +98,31 @@ def _add_up(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     )
     up.add_argument(
         "--cgroup-root", default="", help="cgroup hierarchy to use (default: the cgroup v2 mount)"
+    )
+    api = up.add_argument_group(
+        "API server",
+        "--apiserver gives the lab a kube-apiserver and etcd of its own (built from their Go "
+        "modules by scripts/build-controlplane.sh) holding its cluster; kubectl changes to it "
+        "reach the lab's enforcement, and the collector reads the cluster from it, as in a "
+        "cluster (docs/lab.md)",
+    )
+    api.add_argument("--apiserver", action="store_true", help="run the lab with an API server")
+    api.add_argument(
+        "--apiserver-bin",
+        default="",
+        metavar="DIR",
+        help="prebuilt kube-apiserver and etcd (default: $FLOWPROOF_CONTROLPLANE_BIN, else build)",
+    )
+    api.add_argument(
+        "--probe-pod-namespaces",
+        default=None,
+        metavar="NS,...",
+        help="where the collector may create probe pods (default: the manifests' namespaces)",
+    )
+    api.add_argument(
+        "--expectations-configmaps",
+        action="store_true",
+        help="the collector also reads expectations from labelled ConfigMaps",
     )
     _loop_flags(up)
 
@@ -286,6 +312,11 @@ def _print_status(data: dict[str, Any]) -> None:
     print(f"cluster DNS {data['dns']['service']} -> {', '.join(data['dns']['pods']) or 'nobody'}")
     print(f"outside ({data['outside']['netns']}): {', '.join(data['outside']['ips'])}")
     print(f"cluster manifests: {data['clusterDir']}")
+    api = data.get("apiserver")
+    if api is not None:
+        down = [r for r, p in api["processes"].items() if not p["running"]]
+        state = f"NOT RUNNING: {', '.join(down)}" if down else "running"
+        print(f"API server: {api['url']} ({state}); kubectl --kubeconfig {api['kubeconfig']}")
     loop = data.get("loop")
     if loop is None:
         print("loop: none (started with --no-loop)")
@@ -346,9 +377,28 @@ def run(args: argparse.Namespace, test: LabTest | None = None) -> int:
     raise AssertionError(command)
 
 
+def _apiserver_options(args: argparse.Namespace) -> ApiServerOptions | None:
+    if not args.apiserver:
+        for flag in ("apiserver_bin", "probe_pod_namespaces", "expectations_configmaps"):
+            if getattr(args, flag):
+                raise InputError("needs --apiserver", field="--" + flag.replace("_", "-"))
+        return None
+    namespaces = None
+    if args.probe_pod_namespaces is not None:
+        namespaces = tuple(
+            n for n in (p.strip() for p in args.probe_pod_namespaces.split(",")) if n
+        )
+    return ApiServerOptions(
+        bin_dir=args.apiserver_bin,
+        probe_pod_namespaces=namespaces,
+        expectations_configmaps=args.expectations_configmaps,
+    )
+
+
 def _run_up(lab: Lab, args: argparse.Namespace) -> int:
     loop = _loop_settings(args)
-    report = lab.up(read_manifests(args.filename), _settings(args), loop)
+    apiserver = _apiserver_options(args)
+    report = lab.up(read_manifests(args.filename), _settings(args), loop, apiserver)
     _print_report(report)
     status = lab.status()
     print(

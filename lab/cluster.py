@@ -278,10 +278,12 @@ class Placement:
 
 
 def needs_new_pod(record: PodRecord, spec: PodSpec) -> bool:
-    """Does changing `record` into `spec` need a new pod (address, node or network changes)?"""
+    """Does changing `record` into `spec` need a new pod (address, node, network or uid changes)?"""
     if record.host_network != spec.host_network:
         return True
     if spec.ip is not None and spec.ip != record.ip:
+        return True
+    if spec.uid is not None and spec.uid != record.uid:  # deleted and made again under its name
         return True
     return spec.node is not None and spec.node != record.node
 

@@ -19,13 +19,22 @@ from typing import Any
 from collector.core.model import NetworkPolicy
 from collector.reading.manifests import load_documents
 from collector.reading.objects import snapshot_from_documents
-from lab import changing, processes, system, teardown
+from lab import changing, mirroring, processes, system, teardown
 from lab.cluster import Manifests
 from lab.config import DEFAULT_NAME, DEFAULT_STATE_DIR, LabSettings, check_name
 from lab.errors import LabError, NoSuchLabError
 from lab.faults import change_faults, ignored_policy_notes, parse_fault
 from lab.loop import LoopSettings
-from lab.merging import parse_label_changes, parse_namespace_label_changes, probe_pod_requests
+from lab.merging import (
+    merged,
+    parse_label_changes,
+    parse_namespace_label_changes,
+    probe_pod_requests,
+    with_namespace_labels,
+    with_pod_labels,
+    without,
+)
+from lab.mirroring import ApiServerOptions
 from lab.pods import OUTSIDE_KEY
 from lab.report import ChangeReport
 from lab.state import LabPaths, LabState, ProcessRecord
@@ -106,32 +115,52 @@ class Lab:
         manifests: Manifests,
         settings: LabSettings | None = None,
         loop: LoopSettings | None = None,
+        apiserver: ApiServerOptions | None = None,
     ) -> ChangeReport:
         """Build the lab; LabExistsError when it is already there (nothing is changed then).
 
         With `loop` it also starts the loop (a collector and one agent per node) and returns once
-        every agent is connected.
+        every agent is connected. With `apiserver` the lab gets an API server of its own that
+        holds its cluster (lab/mirroring.py), and the collector reads the cluster from it.
         """
+        if apiserver is not None:
+            return mirroring.up(self.paths, manifests, settings or LabSettings(), loop, apiserver)
         return changing.up(self.paths, manifests, settings or LabSettings(), loop)
+
+    # With an API server every change is written into the API and the lab follows the API
+    # (lab/mirroring.py); without one the lab changes itself (lab/changing.py).
 
     def apply(self, manifests: Manifests, *, prune: bool = False) -> ChangeReport:
         """Create or update what the manifests declare (`prune`: and delete everything else)."""
         with self._changing() as state:
+            if state.apiserver is not None:
+                desired = merged(state, manifests, prune=prune)
+                return mirroring.change(self.paths, state, desired)
             return changing.apply(self.paths, state, manifests, prune=prune)
 
     def delete(self, manifests: Manifests) -> ChangeReport:
         """Delete what the manifests name (a Namespace document takes everything in it along)."""
         with self._changing() as state:
+            if state.apiserver is not None:
+                desired, missing = without(state, manifests)
+                report = mirroring.change(self.paths, state, desired)
+                report.notes += [f"not found (nothing to delete): {m}" for m in missing]
+                return report
             return changing.delete(self.paths, state, manifests)
 
     def label_pod(self, key: str, changes: Sequence[str]) -> ChangeReport:
         parsed = parse_label_changes(changes)
         with self._changing() as state:
+            if state.apiserver is not None:
+                return mirroring.change(self.paths, state, with_pod_labels(state, key, parsed))
             return changing.label_pod(self.paths, state, key, parsed)
 
     def label_namespace(self, name: str, changes: Sequence[str]) -> ChangeReport:
         parsed = parse_namespace_label_changes(name, changes)
         with self._changing() as state:
+            if state.apiserver is not None:
+                desired = with_namespace_labels(state, name, parsed)
+                return mirroring.change(self.paths, state, desired)
             return changing.label_namespace(self.paths, state, name, parsed)
 
     def fault(self, mode: str, args: Sequence[str] = ()) -> ChangeReport:
@@ -151,6 +180,8 @@ class Lab:
         requested are deleted. None when nothing had to change (then the lock is not taken).
         """
         wanted = probe_pod_requests(requests)
+        if self.state().apiserver is not None:
+            raise LabError("a lab with an API server has its collector make probe pods there")
         if changing.probe_pods_settled(self.state(), wanted):
             return None
         with self._changing() as state:

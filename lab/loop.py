@@ -2,7 +2,8 @@
 
 Owns the loop's settings, the per-lab random token (0600 in the state directory), the free
 loopback ports, the command lines of the collector (`--source manifests` on the lab's cluster
-file, `--probe-pods lab`) and of the agents (node name = the lab's node name, /proc), and the
+file, `--probe-pods lab`; with the lab's own API server `--source kubernetes` and probe pods
+through the API) and of the agents (node name = the lab's node name, /proc), and the
 wait until they are ready. Everything listens on 127.0.0.1 only. It never starts a process except
 through the supervisor, and never stops one except by its recorded pid and start time.
 """
@@ -173,6 +174,52 @@ def collector_argv(
         lab_name,
         "--lab-state-dir",
         str(state_dir),
+        *planner_flags(settings.planner),
+        "--log-level",
+        settings.log_level,
+    ]
+
+
+def kube_collector_argv(
+    record: LoopRecord,
+    settings: LoopSettings,
+    *,
+    kubeconfig: str,
+    probe_pod_namespaces: Sequence[str],
+    expectations_configmaps: bool,
+) -> list[str]:
+    """The collector as it runs in a cluster, against the lab's own API server (`lab up
+    --apiserver`): the Kubernetes source, probe pods made through the API, its status writes."""
+    probe_pods = ["--probe-pods", "off"]
+    if probe_pod_namespaces:
+        probe_pods = [
+            "--probe-pods",
+            "kubernetes",
+            "--probe-pod-namespaces",
+            ",".join(probe_pod_namespaces),
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "flowproof.cli",
+        "collector",
+        "--source",
+        "kubernetes",
+        "--kubeconfig",
+        kubeconfig,
+        "--listen-address",
+        LOOPBACK,
+        "--grpc-port",
+        str(record.grpc_port),
+        "--http-port",
+        str(record.http_port),
+        "--token-file",
+        record.token_file,
+        *probe_pods,
+        "--expectations-configmaps",
+        "true" if expectations_configmaps else "false",
+        "--status-interval-seconds",
+        "5",
         *planner_flags(settings.planner),
         "--log-level",
         settings.log_level,

@@ -261,9 +261,18 @@ def start_roles(paths: LabPaths, state: LabState, roles: Sequence[str]) -> list[
 
     collector = running.get(looping.COLLECTOR_ROLE)
     if looping.COLLECTOR_ROLE in roles and collector is None:
-        argv = looping.collector_argv(
-            paths.name, paths.state_dir, paths.cluster_file, loop, settings
-        )
+        if state.apiserver is not None:  # the lab's own API server: as in a cluster
+            argv = looping.kube_collector_argv(
+                loop,
+                settings,
+                kubeconfig=state.apiserver.collector_kubeconfig,
+                probe_pod_namespaces=state.apiserver.probe_pod_namespaces,
+                expectations_configmaps=state.apiserver.expectations_configmaps,
+            )
+        else:
+            argv = looping.collector_argv(
+                paths.name, paths.state_dir, paths.cluster_file, loop, settings
+            )
         collector = start(looping.COLLECTOR_ROLE, argv, "collector.log")
     # Ready means every agent that runs is connected (after a collector restart too).
     agents: list[tuple[str, ProcessRecord]] = []

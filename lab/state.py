@@ -162,6 +162,35 @@ class LoopRecord:
         return f"http://127.0.0.1:{self.http_port}"
 
 
+APISERVER_ROLES = ("etcd", "kube-apiserver", "mirror")
+"""The processes of a lab's own API server, as LabState.processes records them."""
+
+
+@dataclass
+class ApiServerRecord:
+    """The lab's own API server (`lab up --apiserver`, lab/mirroring.py): etcd and kube-apiserver
+    on loopback ports, their files in `directory` (certificates, data, kubeconfigs, logs). The
+    processes are in `LabState.processes` with roles `etcd`, `kube-apiserver` and `mirror`."""
+
+    directory: str
+    url: str
+    apiserver_port: int
+    etcd_client_port: int
+    etcd_peer_port: int
+    probe_pod_namespaces: list[str] = field(default_factory=list)
+    """Where the lab's collector may create probe pods (the probe-pods Role is bound there)."""
+    expectations_configmaps: bool = False
+    """The lab's collector also reads ConfigMap expectations (with the overlay's ClusterRole)."""
+
+    @property
+    def admin_kubeconfig(self) -> str:
+        return str(Path(self.directory) / "admin.kubeconfig")
+
+    @property
+    def collector_kubeconfig(self) -> str:
+        return str(Path(self.directory) / "collector.kubeconfig")
+
+
 @dataclass
 class PendingApply:
     """Rulesets computed at a change, to be enforced at `due` (the lag fault)."""
@@ -195,6 +224,7 @@ class LabState:
     next_index: int = 1
     applier: ProcessRecord | None = None
     loop: LoopRecord | None = None
+    apiserver: ApiServerRecord | None = None
 
     def pod(self, key: str) -> PodRecord | None:
         for pod in self.pods:
@@ -218,6 +248,7 @@ class LabState:
             raise LabError(f"state format {version!r} is not {STATE_VERSION}: remove it by hand")
         applier = data.get("applier")
         loop = data.get("loop")
+        apiserver = data.get("apiserver")
         return cls(
             settings=LabSettings.from_dict(data["settings"]),
             phase=data.get("phase", "building"),
@@ -239,6 +270,7 @@ class LabState:
             next_index=int(data.get("next_index", 1)),
             applier=ProcessRecord(**applier) if applier else None,
             loop=LoopRecord(**loop) if loop else None,
+            apiserver=ApiServerRecord(**apiserver) if apiserver else None,
         )
 
 

@@ -18,7 +18,7 @@ from lab.enforcement import isolation
 from lab.enforcing import enforcement_input
 from lab.merging import policy_key
 from lab.processes import loop_processes, node_names
-from lab.state import LabPaths, LabState, ProcessRecord
+from lab.state import APISERVER_ROLES, LabPaths, LabState, ProcessRecord
 
 
 def status(paths: LabPaths) -> dict[str, Any]:
@@ -57,6 +57,7 @@ def status(paths: LabPaths) -> dict[str, Any]:
         "outside": {"netns": settings.names.outside_netns, "ips": list(settings.outside_ips)},
         "routes": [f"blackhole {r.dst} metric {r.metric}" for r in state.routes],
         "loop": _loop(state),
+        "apiserver": _apiserver(state),
     }
 
 
@@ -118,4 +119,17 @@ def _loop(state: LabState) -> dict[str, Any] | None:
             {"node": node, **_process(processes.get(looping.agent_role(node)))}
             for node in node_names(state)
         ],
+    }
+
+
+def _apiserver(state: LabState) -> dict[str, Any] | None:
+    """The lab's own API server (`up --apiserver`), or None."""
+    if state.apiserver is None:
+        return None
+    processes = {p.role: p for p in state.processes}
+    return {
+        "url": state.apiserver.url,
+        "kubeconfig": state.apiserver.admin_kubeconfig,
+        "probePodNamespaces": state.apiserver.probe_pod_namespaces,
+        "processes": {role: _process(processes.get(role)) for role in APISERVER_ROLES},
     }

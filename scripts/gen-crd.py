@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -171,9 +172,183 @@ def _int_or_string(node: dict[str, Any], where: str) -> dict[str, Any]:
     return {**rest, "anyOf": [{"type": "integer"}, {"type": "string"}], **hoisted}
 
 
+# --- the reader's checks the schema cannot say, as CEL rules the API server runs --------------------
+#
+# collector/reading/expectations.py checks a few things beyond the JSON Schema (one destination per
+# flow, CIDRs, port numbers and names, label syntax, ...). The same checks, written as CEL
+# `x-kubernetes-validations`, make the API server refuse what `flowproof check` refuses; the
+# schema's maxItems/maxLength/maxProperties bound what each rule may cost.
+# tests/controlplane/test_api_validation.py keeps the two in step against a real API server.
+
+_NUMBERS = "'^[0-9]+(-[0-9]+)?$'"
+_PORT_PART = "self.split('/')[0]"
+_EXTERNAL = "(has(self.to.dns) || has(self.to.cidr) || has(self.to.host))"
+
+
+def _rule(rule: str, message: str, **extra: str) -> dict[str, str]:
+    # Lines of a rule are joined by CEL as whitespace; short ones keep the deeply nested YAML
+    # within yamllint's line length (a multi-line string is written as a literal block).
+    text = textwrap.fill(rule, width=56, break_long_words=False, break_on_hyphens=False)
+    return {"rule": text, "message": message, **extra}
+
+
+def _flow_rules() -> list[dict[str, str]]:
+    """One flow: ports, their kind for the destination, the HTTP check's protocol."""
+    return [
+        _rule(
+            "has(self.ports) || has(self.to.dns)",
+            'list the ports of the flow, e.g. ["8080/TCP"] (only a dns destination has a default)',
+            fieldPath=".ports",
+            reason="FieldValueRequired",
+        ),
+        _rule(
+            f"!{_EXTERNAL} || !has(self.ports) || self.ports.all(p, type(p) == int || "
+            f"p.split('/')[0].matches({_NUMBERS}))",
+            "a named port is resolved on destination pods; a dns, cidr or host destination "
+            "needs a port number",
+            fieldPath=".ports",
+        ),
+        _rule(
+            "!has(self.http) || (has(self.ports) ? self.ports.all(p, type(p) == int || "
+            "!(p.endsWith('/UDP') || p.endsWith('/SCTP'))) : !has(self.to.dns))",
+            "an HTTP check needs TCP ports (a dns destination defaults to 53/UDP)",
+            fieldPath=".http",
+        ),
+    ]
+
+
+def _target_rules() -> list[dict[str, str]]:
+    """`from` and `to`: a namespace by name or by labels, not both."""
+    return [
+        _rule(
+            "!(has(self.namespace) && has(self.namespaceSelector))",
+            "namespace and namespaceSelector are exclusive: give one",
+        )
+    ]
+
+
+def _destination_rules() -> list[dict[str, str]]:
+    """`to`: pods, or exactly one of dns, cidr and host."""
+    return [
+        _rule(
+            "[has(self.dns), has(self.cidr), has(self.host)].filter(x, x).size() <= 1",
+            "dns, cidr and host are exclusive: give one destination per flow",
+        ),
+        _rule(
+            "!(has(self.dns) || has(self.cidr) || has(self.host)) || "
+            "!(has(self.namespace) || has(self.namespaceSelector) || has(self.podSelector))",
+            "a dns, cidr or host destination may not be combined with namespace, "
+            "namespaceSelector or podSelector",
+        ),
+    ]
+
+
+def _cidr_rules() -> list[dict[str, str]]:
+    return [
+        _rule("isCIDR(self)", "not a valid CIDR (e.g. 10.9.8.0/24 or 2001:db8::/64)"),
+        _rule(
+            "!isCIDR(self) || cidr(self) == cidr(self).masked()",
+            "host bits are set: give the network address",
+        ),
+    ]
+
+
+def _port_rules() -> list[dict[str, str]]:
+    """One entry of `ports` (an int-or-string): what the reader checks of numbers and names."""
+    text = "type(self) != string || "
+    return [
+        _rule(
+            f"{text}!{_PORT_PART}.matches({_NUMBERS}) || "
+            f"{_PORT_PART}.split('-').all(n, int(n) >= 1 && int(n) <= 65535)",
+            "a port number must be between 1 and 65535, inclusive",
+        ),
+        _rule(
+            f"{text}!{_PORT_PART}.matches('^[0-9]+-[0-9]+$') || "
+            f"int({_PORT_PART}.split('-')[0]) <= int({_PORT_PART}.split('-')[1])",
+            "a port range must not end below its start",
+        ),
+        _rule(
+            f"{text}{_PORT_PART}.matches({_NUMBERS}) || (size({_PORT_PART}) <= 15 && "
+            f"!{_PORT_PART}.contains('--') && {_PORT_PART}.matches('[a-z]'))",
+            "a named port is an IANA service name: at most 15 characters, at least one letter, "
+            "no consecutive hyphens",
+        ),
+    ]
+
+
+def _label_map_rules() -> list[dict[str, str]]:
+    return [
+        _rule(
+            "self.all(k, size(k) <= 317 && !format.qualifiedName().validate(k).hasValue())",
+            "label keys are qualified names: an optional DNS subdomain prefix and '/', and a "
+            "name of at most 63 alphanumerics, '-', '_' or '.', starting and ending with an "
+            "alphanumeric",
+        ),
+        _rule(
+            "self.all(k, !format.labelValue().validate(self[k]).hasValue())",
+            "label values are empty or at most 63 alphanumerics, '-', '_' or '.', starting and "
+            "ending with an alphanumeric",
+        ),
+    ]
+
+
+def _requirement_rules() -> list[dict[str, str]]:
+    """One entry of matchExpressions."""
+    return [
+        _rule(
+            "!format.qualifiedName().validate(self.key).hasValue()",
+            "the key is a label key (a qualified name)",
+            fieldPath=".key",
+        ),
+        _rule(
+            "!has(self.values) || self.values.all(v, !format.labelValue().validate(v).hasValue())",
+            "values are label values",
+            fieldPath=".values",
+        ),
+        _rule(
+            "!(self.operator in ['In', 'NotIn']) || (has(self.values) && size(self.values) > 0)",
+            "values must be non-empty when operator is In or NotIn",
+            fieldPath=".values",
+        ),
+        _rule(
+            "!(self.operator in ['Exists', 'DoesNotExist']) || !has(self.values) || "
+            "size(self.values) == 0",
+            "values must be empty when operator is Exists or DoesNotExist",
+            fieldPath=".values",
+        ),
+    ]
+
+
+def _with_rules(node: dict[str, Any], rules: list[dict[str, str]]) -> None:
+    node.setdefault("x-kubernetes-validations", []).extend(rules)
+
+
+def with_validations(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The CRD's `spec` schema with the reader's own checks as CEL rules, and `flows` a list map
+    keyed by `name` (the API server refuses two flows of one name, as the reader does)."""
+    out = copy.deepcopy(dict(spec))
+    flows = out["properties"]["flows"]
+    flows["x-kubernetes-list-type"] = "map"
+    flows["x-kubernetes-list-map-keys"] = ["name"]
+    flow = flows["items"]
+    _with_rules(flow, _flow_rules())
+    for end in ("from", "to"):
+        target = flow["properties"][end]
+        _with_rules(target, _target_rules())
+        for selector in ("namespaceSelector", "podSelector"):
+            props = target["properties"][selector]["properties"]
+            _with_rules(props["matchLabels"], _label_map_rules())
+            _with_rules(props["matchExpressions"]["items"], _requirement_rules())
+    to = flow["properties"]["to"]
+    _with_rules(to, _destination_rules())
+    _with_rules(to["properties"]["cidr"], _cidr_rules())
+    _with_rules(flow["properties"]["ports"]["items"], _port_rules())
+    return out
+
+
 def build_crd(schema: Mapping[str, Any]) -> dict[str, Any]:
     """The CustomResourceDefinition (a plain dict) for the given file-format schema."""
-    spec = structural(schema["properties"]["spec"])
+    spec = with_validations(structural(schema["properties"]["spec"]))
     open_api = {
         "description": DESCRIPTION,
         "type": "object",
@@ -223,6 +398,14 @@ class _IndentedDumper(yaml.SafeDumper):
 
     def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
         super().increase_indent(flow, False)
+
+
+def _text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None  # a multi-line CEL rule as a literal block
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_IndentedDumper.add_representer(str, _text)
 
 
 def render(crd: Mapping[str, Any]) -> str:

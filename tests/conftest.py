@@ -7,6 +7,9 @@
 - With FLOWPROOF_NO_SKIPS=1 (scripts/test.sh sets it), the run fails when any test was skipped
   for a reason other than one of ALLOWED_SKIPS: what the kernel of this machine kind lacks and no
   package can install. Everything else CI installs, so a skip there hides a test that never ran.
+- Every test that needs the real control plane (the `controlplane_bin` fixture, directly or
+  through another fixture) is marked `controlplane`, so that scripts/test.sh can run the others
+  while kube-apiserver and etcd are being built (tests/support/controlplane.py).
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.support.controlplane import controlplane_binaries
 
 ALLOWED_SKIPS = ("kernel has no SCTP module",)
 """Skip reasons CI accepts: each names something the kernel lacks (FIELD-NOTES)."""
@@ -58,6 +64,18 @@ def no_leaked_tasks(request: pytest.FixtureRequest) -> Iterator[None]:
         for task in leaked:
             task.cancel()
         pytest.fail(f"the test leaked {len(leaked)} asyncio task(s) still running: {names}")
+
+
+@pytest.fixture(scope="session")
+def controlplane_bin() -> Path:
+    """The directory holding kube-apiserver and etcd (built once; a failed build fails)."""
+    return controlplane_binaries()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "controlplane_bin" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.controlplane)
 
 
 _SKIPPED: list[tuple[str, str]] = []

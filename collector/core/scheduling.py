@@ -1,10 +1,10 @@
 """The scheduler: which assignments of the current plan are due, in which order, at what rate.
 
-Owns `Planner`: retries at once, touched flows first after a change, then a steady cadence with
-jitter per flow, bounded per source node and per destination; lost assignments are redone; and the
-sweep's rotation: every cadence interval the next batch of truth-table cells replaces the last
-(cells that fail stay until they pass). Pure: no I/O, no clock of its own (`now` is passed in), no
-grpc, aiohttp or protobuf.
+Owns `Planner`: retries at once, touched flows first after a change (and once more when the change
+has settled), then a steady cadence with jitter per flow, bounded per source node and per
+destination; lost assignments are redone; and the sweep's rotation: every cadence interval the next
+batch of truth-table cells replaces the last (cells that fail stay until they pass). Pure: no I/O,
+no clock of its own (`now` is passed in), no grpc, aiohttp or protobuf.
 """
 
 from __future__ import annotations
@@ -101,8 +101,9 @@ class Planner:
     """Holds the current plan and decides which assignments are due.
 
     Order: retries first, then flows touched by a change (declared before witnesses and sweep
-    cells), then the cadence
-    (`interval_seconds` ± jitter per flow, earliest first). A flow with a probe in flight is not
+    cells), then the cadence (`interval_seconds` ± jitter per flow, earliest first). A touched
+    flow's first probe is followed by one more `settle_seconds` later, then the cadence goes on. A
+    flow with a probe in flight is not
     sent again by the cadence; retries and touched flows are (the probe in flight may predate the
     change). Nothing is sent beyond `max_per_node_per_second` or `max_per_destination_per_second`:
     what is held back stays queued in its place.
@@ -127,6 +128,8 @@ class Planner:
         self._urgent_keys: dict[str, _Urgent] = {}
         self._in_flight: dict[str, _InFlight] = {}
         self._keys_in_flight: dict[str, int] = defaultdict(int)
+        self._settling: set[str] = set()  # touched by a change, its first probe not sent yet
+        self._settle_at: dict[str, float] = {}  # first probe sent: once more at this time
         self._nodes: dict[str, _TokenBucket] = {}
         self._destinations: dict[str, _TokenBucket] = {}
         self.stats = PlannerStats()
@@ -155,11 +158,15 @@ class Planner:
         removed = self._facts.keys() - facts.keys()
         # A sweep cell is there because the sweep reached it, not because the change touched it.
         touched -= {k for k in added if plan.flows[k].kind == "sweep"}
+        # Not on the first plan: nothing there was enforced before, and nothing has to settle.
+        settle = self.settings.settle_seconds > 0 and bool(self._facts)
         self.plan = plan
         self._facts = facts
         for key in removed:
             self._next_due.pop(key, None)
             self._urgent_keys.pop(key, None)
+            self._settling.discard(key)
+            self._settle_at.pop(key, None)
         for key in sorted(added - touched):
             self._schedule(key, now + self._rng.uniform(0, self.settings.interval_seconds))
         for key in sorted(touched):
@@ -170,6 +177,9 @@ class Planner:
             self._push_urgent(
                 key, URGENT_DECLARED if flow.kind == "declared" else URGENT_UNDECLARED
             )
+            if settle:
+                self._settling.add(key)
+                self._settle_at.pop(key, None)
             if key not in self._next_due:
                 self._schedule(key, now + self._interval())
         live_nodes = {f.template.source_node for f in plan.flows.values() if f.template}
@@ -322,6 +332,7 @@ class Planner:
             issued.append(self._issue(flow.template, now, item.attempt))
         for item in held:
             heapq.heappush(self._urgent, item)
+        issued += self._settled(now)
         later: list[tuple[float, int, str]] = []
         while self._cadence and self._cadence[0][0] <= now:
             entry = heapq.heappop(self._cadence)
@@ -343,10 +354,45 @@ class Planner:
             heapq.heappush(self._cadence, entry)
         return issued
 
+    def _settled(self, now: float) -> list[Assignment]:
+        """The probes of touched flows whose change has settled, once nothing of theirs is in
+        flight (a retry that confirms a mismatch goes first)."""
+        issued = []
+        for key, at in sorted(self._settle_at.items(), key=lambda item: item[1]):
+            if at > now:
+                break
+            if self._keys_in_flight.get(key) or key in self._urgent_keys:
+                continue
+            flow = self.plan.flows.get(key)
+            if flow is None or flow.template is None:
+                del self._settle_at[key]
+                continue
+            if not self._admit(flow.template, now):
+                continue
+            del self._settle_at[key]
+            issued.append(self._issue(flow.template, now, 1))
+        return issued
+
+    def settling(self, key: str) -> bool:
+        """Does `key` wait for its probe after a change has settled (then a result of it may
+        let that probe go: wake the sender)?"""
+        return key in self._settle_at
+
     def next_wakeup(self, now: float) -> float | None:
         """When `due` may next return something (now if anything urgent is queued)."""
         if self._urgent_keys or self.sweep_due(now):
             return now
+        ready = [
+            at
+            for key, at in self._settle_at.items()
+            if not self._keys_in_flight.get(key) and key not in self._urgent_keys
+        ]
+        if ready:
+            cadence = self._next_cadence()
+            return min(min(ready), cadence if cadence is not None else math.inf)
+        return self._next_cadence()
+
+    def _next_cadence(self) -> float | None:
         while self._cadence:
             due_at, _, key = self._cadence[0]
             if self._next_due.get(key) == due_at:
@@ -412,7 +458,11 @@ class Planner:
         deadline = now + template.timeout_seconds + self.settings.result_grace_seconds
         self._in_flight[assignment.id] = _InFlight(template.flow_key, now, deadline)
         self._keys_in_flight[template.flow_key] += 1
-        self._schedule(template.flow_key, now + self._interval())
+        key = template.flow_key
+        self._schedule(key, now + self._interval())
+        if key in self._settling:  # the first probe since a change: again once it has settled
+            self._settling.discard(key)
+            self._settle_at[key] = now + self.settings.settle_seconds
         self.stats.issued_total += 1
         return assignment
 

@@ -46,6 +46,10 @@ class PlannerSettings:
     """At most this many assignments per second for one source node."""
     max_per_destination_per_second: float = 20.0
     """At most this many assignments per second towards one destination address."""
+    settle_seconds: float = 1.0
+    """A flow a change touched is probed at once and again this long after (0: not again): the
+    network may enforce the change a moment after the API holds it (a CNI agent, the lab's
+    mirror), and that is then seen at once instead of a whole interval later."""
     result_grace_seconds: float = 10.0
     """An assignment with no result after its timeout plus this is taken as lost and redone."""
     freshness_seconds: float = 30.0
@@ -78,7 +82,12 @@ class PlannerSettings:
         for name in ("max_pairs_per_flow", "representatives_per_class_pair", "results_kept"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("sweep_probes_per_second", "history_kept", "result_grace_seconds"):
+        for name in (
+            "sweep_probes_per_second",
+            "history_kept",
+            "result_grace_seconds",
+            "settle_seconds",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, not {getattr(self, name)}")
         freshness = freshness_problem(

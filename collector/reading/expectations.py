@@ -160,6 +160,12 @@ def _schema_problems(
         yield _SchemaProblem(path, f"{instance!r} is not valid: expected {rule}")
     elif keyword == "minItems":
         yield _SchemaProblem(path, "must not be empty")
+    elif keyword == "maxItems":
+        yield _SchemaProblem(path, f"must have at most {error.validator_value} items")
+    elif keyword == "maxProperties":
+        yield _SchemaProblem(path, f"must have at most {error.validator_value} entries")
+    elif keyword == "maxLength":
+        yield _SchemaProblem(path, f"must be at most {error.validator_value} characters long")
     elif keyword in ("minimum", "maximum"):
         low, high = here.get("minimum"), here.get("maximum")
         yield _SchemaProblem(path, f"{instance} is out of range: must be between {low} and {high}")

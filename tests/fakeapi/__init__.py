@@ -1,4 +1,4 @@
-"""A fake Kubernetes API server for tests: real list/watch wire protocol, test controls."""
+"""A fake Kubernetes API server for the faults the real one cannot be made to show on demand."""
 
 from .server import RESOURCES, FakeApiServer, RequestRecord, ResourceType, merge_patch, resource_of
 

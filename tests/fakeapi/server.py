@@ -1,14 +1,18 @@
-"""A fake Kubernetes API server that speaks the real list/watch wire protocol, for tests only.
+"""A fake Kubernetes API server for what the real one cannot be made to do on demand.
 
-Owns an aiohttp app on 127.0.0.1 (port 0, its own thread and event loop) holding pods, namespaces,
-ConfigMaps, networking.k8s.io/v1 NetworkPolicies and flowproof.dev/v1alpha1 FlowExpectations (and,
-once their group is installed, policy.networking.k8s.io cluster policies and Cilium's policies),
-with API discovery (`/apis`, `/apis/GROUP/VERSION`), under one global resourceVersion counter: paged lists, chunked `?watch=true` streams (history replay,
-bookmarks, timeoutSeconds, `410 Gone` as HTTP status or ERROR event), `labelSelector` on lists and
-watches, GET of one object, POST (create) and DELETE of pods, merge-patch of `/status`, bearer-token
-auth and TLS. Test controls change objects, expire history, drop connections, slow responses and
-forbid paths.
-It is never used outside tests and never listens anywhere but 127.0.0.1.
+The tests run against a real kube-apiserver (tests/controlplane, lab/controlplane.py). This fake
+stays for the faults a real API server shows only by accident: a connection dropped mid-stream
+while the server keeps its history (`drop_connections`), a server that stalls every request
+(`latency_seconds`, `hold`), 5xx answers on demand (`fail_next`), an event that never reaches a
+watch (`update(silent=True)`: only a resync can repair it), and objects the real API server would
+never store (a pod with an invalid IP, a FlowExpectations the CRD's validation refuses). It speaks
+the real list/watch wire protocol: an aiohttp app on 127.0.0.1 (port 0, its own thread and event
+loop) holding pods, namespaces, ConfigMaps, NetworkPolicies and FlowExpectations (and, once their
+group is installed, policy.networking.k8s.io cluster policies and Cilium's policies, with API
+discovery) under one global resourceVersion counter: paged lists, chunked `?watch=true` streams (history replay,
+timeoutSeconds), `labelSelector`, GET of one object, POST and DELETE of pods, merge-patch of
+`/status`, bearer-token auth. It is never used outside tests and never listens anywhere but
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import contextlib
 import copy
 import json
 import re
-import ssl
 import threading
 import time
 import uuid
@@ -290,20 +293,13 @@ class FakeApiServer:
         self,
         *,
         token: str | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        crd_installed: bool = True,
         installed_groups: frozenset[str] = frozenset(),
     ) -> None:
         self.token = token
-        self.ssl_context = ssl_context
-        self.crd_installed = crd_installed
         self.installed_groups = set(installed_groups)
         """The optional groups (OPTIONAL_GROUPS) served, as if their CRDs were installed."""
         self.latency_seconds = 0.0
         """Every request waits this long before it is handled: a slow API server."""
-        self.gone_as: Literal["event", "http"] = "event"
-        """How a watch from an expired resourceVersion is refused: an ERROR event with code 410
-        in a 200 stream (what the API server does) or an HTTP 410 response."""
         self.requests: list[RequestRecord] = []
         self.patches: list[tuple[str, str, Obj]] = []  # (content type, path, body)
         self.creations: list[tuple[str, Obj]] = []  # (path, body) of every POST, as received
@@ -311,7 +307,6 @@ class FakeApiServer:
 
         self._objects: dict[str, dict[tuple[str, str], Obj]] = {p: {} for p in RESOURCES}
         self._rv = 1
-        self._compacted_rv = 0
         self._history: list[_History] = []
         self._continues: dict[str, tuple[int, list[Obj]]] = {}
         self._watchers: set[_Watcher] = set()
@@ -328,8 +323,7 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        scheme = "https" if self.ssl_context is not None else "http"
-        return f"{scheme}://127.0.0.1:{self._port}"
+        return f"http://127.0.0.1:{self._port}"
 
     @property
     def port(self) -> int:
@@ -370,7 +364,7 @@ class FakeApiServer:
         app.router.add_route("*", "/{path:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         self._port = int(self._runner.addresses[0][1])
 
@@ -423,18 +417,6 @@ class FakeApiServer:
         only a relist can find)."""
         return self._control(lambda: self._update(copy.deepcopy(dict(obj)), silent=silent))
 
-    def apply(self, obj: Mapping[str, Any]) -> Obj:
-        """Create the object, or update it when it exists."""
-        resource = resource_of(str(obj.get("kind")))
-        given = copy.deepcopy(dict(obj))
-
-        def run() -> Obj:
-            if self._key(resource, given.get("metadata") or {}) in self._objects[resource.plural]:
-                return self._update(given, silent=False)
-            return self._create(given)
-
-        return self._control(run)
-
     def delete(self, kind: str, namespace: str, name: str) -> Obj:
         """Delete an object (namespace "" for namespaces); returns its final state."""
         return self._control(lambda: self._delete(resource_of(kind), namespace, name))
@@ -447,56 +429,6 @@ class FakeApiServer:
     def objects(self, kind: str) -> list[Obj]:
         resource = resource_of(kind)
         return [copy.deepcopy(o) for _, o in sorted(self._objects[resource.plural].items())]
-
-    def bookmark(self) -> str:
-        """Send a BOOKMARK at the current resourceVersion to every watch that asked for them."""
-
-        def send() -> str:
-            for watcher in self._watchers:
-                if watcher.bookmarks:
-                    watcher.queue.put_nowait(
-                        {
-                            "type": "BOOKMARK",
-                            "object": {
-                                "kind": watcher.resource.kind,
-                                "apiVersion": watcher.resource.api_version,
-                                "metadata": {"resourceVersion": str(self._rv)},
-                            },
-                        }
-                    )
-            return str(self._rv)
-
-        return self._control(send)
-
-    def compact(self) -> str:
-        """Expire all history: a watch or list continuation from an older resourceVersion gets
-        410 Gone from now on. Returns the resourceVersion still served."""
-
-        def run() -> str:
-            self._compacted_rv = self._rv
-            self._history.clear()
-            self._continues.clear()
-            return str(self._rv)
-
-        return self._control(run)
-
-    def expire_watches(self) -> int:
-        """Compact, and end every open watch with an ERROR event carrying code 410 (what the API
-        server does when a watch falls out of its window). Returns how many watches ended."""
-
-        def run() -> int:
-            self._compacted_rv = self._rv
-            self._history.clear()
-            self._continues.clear()
-            watchers = list(self._watchers)
-            for watcher in watchers:
-                watcher.queue.put_nowait(
-                    {"type": "ERROR", "object": self._gone_status(watcher.resource, "")}
-                )
-                watcher.queue.put_nowait(_END)
-            return len(watchers)
-
-        return self._control(run)
 
     def drop_connections(self) -> int:
         """Abort every open connection that is serving a request (watches included), with no
@@ -515,16 +447,6 @@ class FakeApiServer:
 
         return self._control(run)
 
-    def end_watches(self) -> int:
-        """End every open watch cleanly, as a server-side timeout does."""
-
-        def run() -> int:
-            for watcher in self._watchers:
-                watcher.queue.put_nowait(_END)
-            return len(self._watchers)
-
-        return self._control(run)
-
     def fail_next(self, count: int, *, status: int = 500, path_contains: str | None = None) -> None:
         """Answer the next `count` requests (whose path contains `path_contains`) with `status`."""
         self._control(lambda: self._failures.extend([(status, path_contains)] * count))
@@ -533,9 +455,6 @@ class FakeApiServer:
         """From now on, answer 403 Forbidden (as RBAC does) to every request whose path contains
         `path_contains` (and whose method is `method`, if given)."""
         self._control(lambda: self._forbidden.append((path_contains, method)))
-
-    def install_crd(self) -> None:
-        self._control(lambda: setattr(self, "crd_installed", True))
 
     def install_group(self, group: str, *, installed: bool = True) -> None:
         """Serve an optional group from now on (or stop serving it), as a CRD install does."""
@@ -663,11 +582,6 @@ class FakeApiServer:
         self._record(resource, "DELETED", final)
         return final
 
-    def _gone_status(self, resource: ResourceType, rv: str) -> Obj:
-        return status_object(
-            410, "Expired", f"too old resource version: {rv or '?'} ({self._compacted_rv})"
-        )
-
     # --- HTTP -------------------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -749,8 +663,6 @@ class FakeApiServer:
         return _error(405, "MethodNotAllowed", f"{request.method} {path} is not served by the fake")
 
     def _served(self, resource: ResourceType) -> bool:
-        if resource.kind == "FlowExpectations":
-            return self.crd_installed
         return not resource.optional_group or resource.group in self.installed_groups
 
     def _discovery(self, path: str) -> web.Response | None:
@@ -883,7 +795,6 @@ class FakeApiServer:
         bookmarks = request.query.get("allowWatchBookmarks") in ("true", "1")
 
         initial: list[Obj] = []
-        gone = False
         if rv_text in ("", "0"):
             # "Get state and start at most recent": synthetic ADDED events for what exists.
             initial = [
@@ -897,36 +808,23 @@ class FakeApiServer:
                 since = int(rv_text)
             except ValueError:
                 return _error(400, "BadRequest", f"invalid resourceVersion {rv_text!r}")
-            if since < self._compacted_rv:
-                gone = True
-            else:
-                replayed = (
-                    _as_seen(h.event, h.old, selector)
-                    for h in self._history
-                    if h.rv > since
-                    and h.plural == resource.plural
-                    and namespace in (None, h.namespace)
-                )
-                initial = [event for event in replayed if event is not None]
-        if gone and self.gone_as == "http":
-            return web.json_response(self._gone_status(resource, rv_text), status=410)
+            replayed = (
+                _as_seen(h.event, h.old, selector)
+                for h in self._history
+                if h.rv > since and h.plural == resource.plural and namespace in (None, h.namespace)
+            )
+            initial = [event for event in replayed if event is not None]
 
         # Registered before anything is awaited: no change can slip between replay and live.
         watcher = _Watcher(resource, namespace, bookmarks, request, selector)
-        if not gone:
-            self._watchers.add(watcher)
+        self._watchers.add(watcher)
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         try:
             await response.prepare(request)
-            if gone:
-                await _send(
-                    response, {"type": "ERROR", "object": self._gone_status(resource, rv_text)}
-                )
-            else:
-                for event in initial:
-                    await _send(response, event)
-                await _stream(response, watcher.queue, timeout)
+            for event in initial:
+                await _send(response, event)
+            await _stream(response, watcher.queue, timeout)
             await response.write_eof()
         except ConnectionError:
             pass  # dropped: the client sees a broken chunked stream

@@ -34,7 +34,13 @@ from flowproof import __version__
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ("plain", "prometheus-operator", "probe-pods", "policy-reports")
+OVERLAYS = (
+    "plain",
+    "prometheus-operator",
+    "probe-pods",
+    "policy-reports",
+    "configmap-expectations",
+)
 TOKEN_DIR = "/var/run/secrets/flowproof"
 # Kinds kubernetes-validate has no schema for, each checked by its own test below.
 CUSTOM_KINDS = {
@@ -342,12 +348,12 @@ def test_the_collector_reads_the_cluster_and_writes_only_expectation_status() ->
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
-    read = {"get", "list", "watch"}
+    read = {"list", "watch"}  # each one needed: tests/controlplane/test_api_rbac.py
     expected = (
         {("", r, v) for r in ("pods", "namespaces") for v in read}
         | {("networking.k8s.io", "networkpolicies", v) for v in read}
         | {("flowproof.dev", "flowexpectations", v) for v in read}
-        | {("flowproof.dev", "flowexpectations/status", v) for v in ("update", "patch")}
+        | {("flowproof.dev", "flowexpectations/status", "patch")}
         | {
             (group, resource, verb)
             for group, resources in WATCHED_POLICY_RESOURCES.items()
@@ -382,6 +388,27 @@ def test_overlays_other_than_probe_pods_grant_nothing_beyond_the_base(overlay: s
     assert _rbac(render(f"overlays/{overlay}")) == _rbac(render("base"))
 
 
+def test_configmap_expectations_adds_list_and_watch_of_configmaps_and_turns_them_on() -> None:
+    docs = render("overlays/configmap-expectations")
+    added = sorted(set(_rbac(docs)) - set(_rbac(render("base"))))
+    assert added == [
+        ("ClusterRole", "", "flowproof-collector-configmaps"),
+        ("ClusterRoleBinding", "", "flowproof-collector-configmaps"),
+    ]
+    role = one(docs, "ClusterRole", "flowproof-collector-configmaps")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch"]}
+    ]
+    binding = one(docs, "ClusterRoleBinding", "flowproof-collector-configmaps")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "flowproof-collector", "namespace": "flowproof"}
+    ]
+    assert (
+        "--expectations-configmaps=true"
+        in container(docs, "Deployment", "flowproof-collector")["args"]
+    )
+
+
 def test_probe_pods_adds_create_and_delete_on_pods_in_named_namespaces_only() -> None:
     docs = render("overlays/probe-pods")
     added = sorted(set(_rbac(docs)) - set(_rbac(render("base"))))
@@ -394,7 +421,9 @@ def test_probe_pods_adds_create_and_delete_on_pods_in_named_namespaces_only() ->
             d for d in docs if d["kind"] == "Role" and d["metadata"].get("namespace") == namespace
         )
         assert role["rules"] == [
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "delete"]}
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "delete"]},
+            {"apiGroups": ["flowproof.dev"], "resources": ["flowexpectations"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]},
         ]
         binding = next(
             d

@@ -1,7 +1,9 @@
-"""KubernetesSource through the real `kubernetes` client against the fake API server (tests/fakeapi).
+"""KubernetesSource under faults the real API server cannot be made to show on demand (tests/fakeapi).
 
-The fake runs in its own thread and event loop and speaks the real wire protocol: paged lists,
-chunked watch streams, bookmarks, 410 Gone, dropped connections, slow responses, TLS and tokens.
+Everything else the source does is tested against a real kube-apiserver in
+tests/controlplane/test_api_source.py. Here: a connection dropped mid-stream while the server
+keeps its history, a missed event only a resync repairs, 5xx answers in a row, a stalling server,
+and objects the real API server would never store. Also the client configuration, without a server.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import itertools
 import json
 import logging
 import random
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
@@ -23,7 +24,7 @@ import aiohttp
 import pytest
 import trustme
 
-from collector.core.model import NAMESPACE_NAME_LABEL, ContainerPort, Snapshot
+from collector.core.model import Snapshot
 from collector.kube import (
     InventoryUpdate,
     KubernetesSource,
@@ -253,233 +254,10 @@ def pod_keys(snapshot: Snapshot) -> list[str]:
 # --- the initial list -----------------------------------------------------------------------------
 
 
-async def test_initial_list_builds_the_snapshot_page_by_page(
-    server: FakeApiServer, kubeconfig: str
-) -> None:
-    seed(server)
-    async with running(server, kubeconfig, replace(FAST, list_page_size=2)) as (source, updates):
-        first = updates.items[0]
-        assert first.initial and first.changes == ()
-        snapshot = first.snapshot
-        assert snapshot is source.snapshot
-
-        assert sorted(snapshot.namespaces) == ["other", "shop"]
-        assert snapshot.namespaces["shop"].labels == {"team": "shop", NAMESPACE_NAME_LABEL: "shop"}
-        assert pod_keys(snapshot) == ["other/db", "shop/api", "shop/web"]
-        web = snapshot.pod("shop/web")
-        assert web is not None
-        assert web.labels == {"app": "web"}
-        assert web.ips == ("10.244.1.10",)
-        assert web.node == "node-1"
-        assert web.phase == "Running"
-        assert web.ports == (ContainerPort(8080, "TCP", "http"),)
-        assert web.uid == server.get("Pod", "shop", "web")["metadata"]["uid"]  # type: ignore[index]
-
-        [policy] = snapshot.policies
-        assert policy.key == "shop/api-ingress"
-        assert policy.source == "api:namespaces/shop/networkpolicies/api-ingress"
-        assert policy.ingress[0].ports[0].port == 8080
-
-        [expectations] = snapshot.expectations
-        assert expectations.key == "shop/shop-flows"
-        assert [f.name for f in expectations.flows] == ["web-to-api"]
-        assert source.problems == {}
-
-        pod_lists = server.requests_for("Pod", watch=False)
-        assert [r.query.get("limit") for r in pod_lists] == ["2", "2"]
-        assert "continue" in pod_lists[1].query, "the second page is fetched with the token"
-        watch = server.requests_for("Pod", watch=True)[0].query
-        assert watch["allowWatchBookmarks"] == "true"
-        assert watch["resourceVersion"] == source.resource_versions["pods"]
-        assert int(watch["timeoutSeconds"]) >= 30
-
-
 # --- every change of every kind -------------------------------------------------------------------
-
-CHANGE_CASES = [
-    pytest.param(
-        lambda s: s.create(make_namespace("new", {"team": "x"})),
-        ("Namespace", "new", "added", frozenset()),
-        id="a namespace created is added",
-    ),
-    pytest.param(
-        lambda s: s.update(make_namespace("shop", {"team": "payments"})),
-        ("Namespace", "shop", "modified", frozenset({"labels"})),
-        id="a namespace relabelled is modified in its labels",
-    ),
-    pytest.param(
-        lambda s: s.delete("Namespace", "", "other"),
-        ("Namespace", "other", "deleted", frozenset()),
-        id="a namespace deleted is deleted",
-    ),
-    pytest.param(
-        lambda s: s.create(make_pod("cache", labels={"app": "cache"}, ip="10.244.1.20")),
-        ("Pod", "shop/cache", "added", frozenset()),
-        id="a pod created is added",
-    ),
-    pytest.param(
-        lambda s: s.update(make_pod("web", labels={"app": "web", "v": "2"}, ip="10.244.1.10")),
-        ("Pod", "shop/web", "modified", frozenset({"labels"})),
-        id="a pod relabelled changes its labels only",
-    ),
-    pytest.param(
-        lambda s: s.update(make_pod("web", labels={"app": "web"}, ip="10.244.1.99")),
-        ("Pod", "shop/web", "modified", frozenset({"ips"})),
-        id="a pod with a new IP changes its ips only",
-    ),
-    pytest.param(
-        lambda s: s.update(
-            make_pod("web", labels={"app": "web"}, ip="10.244.1.10", phase="Failed")
-        ),
-        ("Pod", "shop/web", "modified", frozenset({"phase"})),
-        id="a pod that failed changes its phase only",
-    ),
-    pytest.param(
-        lambda s: s.delete("Pod", "shop", "api"),
-        ("Pod", "shop/api", "deleted", frozenset()),
-        id="a pod deleted is deleted",
-    ),
-    pytest.param(
-        lambda s: s.create(make_policy("second")),
-        ("NetworkPolicy", "shop/second", "added", frozenset()),
-        id="a NetworkPolicy created is added",
-    ),
-    pytest.param(
-        lambda s: s.update(make_policy("api-ingress", port=9090)),
-        ("NetworkPolicy", "shop/api-ingress", "modified", frozenset({"ingress"})),
-        id="a NetworkPolicy with another port changes its ingress",
-    ),
-    pytest.param(
-        lambda s: s.delete("NetworkPolicy", "shop", "api-ingress"),
-        ("NetworkPolicy", "shop/api-ingress", "deleted", frozenset()),
-        id="a NetworkPolicy deleted is deleted",
-    ),
-    pytest.param(
-        lambda s: s.create(make_expectations("more", "other")),
-        ("FlowExpectations", "other/more", "added", frozenset()),
-        id="a FlowExpectations created is added",
-    ),
-    pytest.param(
-        lambda s: s.update(make_expectations("shop-flows", expect="deny")),
-        ("FlowExpectations", "shop/shop-flows", "modified", frozenset({"flows"})),
-        id="a FlowExpectations with another expect changes its flows",
-    ),
-    pytest.param(
-        lambda s: s.delete("FlowExpectations", "shop", "shop-flows"),
-        ("FlowExpectations", "shop/shop-flows", "deleted", frozenset()),
-        id="a FlowExpectations deleted is deleted",
-    ),
-]
-
-
-@pytest.mark.parametrize(("act", "expected"), CHANGE_CASES)
-async def test_a_change_arrives_as_a_new_snapshot_within_a_second(
-    server: FakeApiServer,
-    kubeconfig: str,
-    act: Callable[[FakeApiServer], object],
-    expected: tuple[str, str, str, frozenset[str]],
-) -> None:
-    seed(server)
-    kind, key, action, fields = expected
-    async with running(server, kubeconfig) as (source, updates):
-        mark = updates.mark
-        started = time.monotonic()
-        act(server)
-        update = await updates.after(mark, changed(kind, key, action), within=1.0)
-        assert time.monotonic() - started < 1.0
-        [change] = update.changes
-        assert change.fields == fields
-        snapshot = update.snapshot
-        present = {
-            "Namespace": key in snapshot.namespaces,
-            "Pod": snapshot.pod(key) is not None,
-            "NetworkPolicy": any(p.key == key for p in snapshot.policies),
-            "FlowExpectations": any(e.key == key for e in snapshot.expectations),
-        }[kind]
-        assert present == (action != "deleted")
-        assert source.snapshot is update.snapshot
-
-
-async def test_events_that_change_nothing_in_the_model_publish_nothing(
-    server: FakeApiServer, kubeconfig: str
-) -> None:
-    seed(server)
-    async with running(server, kubeconfig) as (_, updates):
-        mark = updates.mark
-        pod = make_pod("web", labels={"app": "web"}, ip="10.244.1.10")
-        pod["status"]["conditions"] = [{"type": "Ready", "status": "True"}]  # not in the model
-        server.update(pod)
-        server.create(make_namespace("marker"))
-        await updates.after(mark, changed("Namespace", "marker", "added"))
-        assert [c.key for c in updates.changes_since(mark)] == ["marker"]
 
 
 # --- resourceVersion, bookmarks, 410, dropped connections ------------------------------------------
-
-
-async def test_bookmarks_advance_the_resource_version_a_watch_resumes_from(
-    server: FakeApiServer, kubeconfig: str
-) -> None:
-    seed(server)
-    async with running(server, kubeconfig) as (source, _):
-        server.create(make_namespace("elsewhere"))  # the global resourceVersion moves on
-        before = source.resource_versions["pods"]
-        assert before is not None and int(before) < int(server.resource_version)
-
-        sent = server.bookmark()
-        await eventually(lambda: source.resource_versions["pods"] == sent)
-
-        watches = len(server.requests_for("Pod", watch=True))
-        server.drop_connections()
-        await eventually(lambda: len(server.requests_for("Pod", watch=True)) > watches)
-        resumed = server.requests_for("Pod", watch=True)[-1]
-        assert resumed.query["resourceVersion"] == sent
-        assert len(server.requests_for("Pod", watch=False)) == 1, "no relist was needed"
-
-
-@pytest.mark.parametrize(
-    "gone_as",
-    [
-        pytest.param("event", id="410 as an ERROR event in the watch stream relists"),
-        pytest.param("http", id="410 as the HTTP status of a new watch relists"),
-    ],
-)
-async def test_410_gone_relists_with_no_lost_or_duplicated_object(
-    server: FakeApiServer, kubeconfig: str, gone_as: str
-) -> None:
-    seed(server)
-    server.gone_as = gone_as  # type: ignore[assignment]
-    async with running(server, kubeconfig) as (source, updates):
-        mark = updates.mark
-        with server.hold():  # the source cannot come back until history is gone
-            if gone_as == "event":
-                assert server.expire_watches() == 4
-            else:
-                server.drop_connections()
-            server.delete("Pod", "shop", "api")
-            server.update(make_pod("web", labels={"app": "web", "v": "2"}, ip="10.244.1.10"))
-            server.create(make_pod("cache", labels={"app": "cache"}, ip="10.244.1.30"))
-            server.compact()
-        update = await updates.after(mark, changed("Pod", "shop/cache", "added"), within=2.0)
-
-        assert pod_keys(update.snapshot) == ["other/db", "shop/cache", "shop/web"]
-        pod_changes = sorted(
-            (c.key, c.action) for c in updates.changes_since(mark) if c.kind == "Pod"
-        )
-        assert pod_changes == [
-            ("shop/api", "deleted"),
-            ("shop/cache", "added"),
-            ("shop/web", "modified"),
-        ]
-        assert not [c for c in updates.changes_since(mark) if c.kind != "Pod"], (
-            "a relist of unchanged objects publishes no change"
-        )
-        assert len(server.requests_for("Pod", watch=False)) == 2
-        await eventually(lambda: server.open_watches("Pod") == 1)
-        assert (
-            source.resource_versions["pods"]
-            == server.requests_for("Pod", watch=True)[-1].query["resourceVersion"]
-        )
 
 
 async def test_dropped_connections_reconnect_and_catch_up_without_relisting(
@@ -499,20 +277,6 @@ async def test_dropped_connections_reconnect_and_catch_up_without_relisting(
         assert pod_keys(update.snapshot) == ["shop/api", "shop/late", "shop/web"]
         assert server.requests_for("Pod", watch=True)[1].query["resourceVersion"] == resume_from
         assert len(server.requests_for("Pod", watch=False)) == 1
-
-
-async def test_watch_timeout_rewatches_from_the_last_resource_version(
-    server: FakeApiServer, kubeconfig: str
-) -> None:
-    seed(server)
-    async with running(server, kubeconfig, replace(FAST, watch_timeout_seconds=1)) as (_, updates):
-        await eventually(lambda: len(server.requests_for("Pod", watch=True)) >= 3, within=4)
-        mark = updates.mark
-        server.create(make_pod("after-timeouts", ip="10.244.1.50"))
-        await updates.after(mark, changed("Pod", "shop/after-timeouts", "added"))
-    watches = server.requests_for("Pod", watch=True)
-    assert {w.query["timeoutSeconds"] for w in watches} == {"1"}
-    assert len(server.requests_for("Pod", watch=False)) == 1
 
 
 async def test_resync_relists_and_repairs_a_missed_event(
@@ -595,84 +359,6 @@ async def test_a_slow_api_server_does_not_block_the_event_loop(
 
 # --- pods in every state, malformed objects ---------------------------------------------------------
 
-POD_CASES = [
-    pytest.param(
-        make_pod("pending", ip=None, phase="Pending"),
-        "Pending",
-        (),
-        False,
-        id="a pending pod without an IP is kept as Pending with no IPs",
-    ),
-    pytest.param(
-        make_pod("done", phase="Succeeded"),
-        "Succeeded",
-        ("10.244.1.10",),
-        False,
-        id="a succeeded pod is kept as Succeeded",
-    ),
-    pytest.param(
-        make_pod("crashed", phase="Failed"),
-        "Failed",
-        ("10.244.1.10",),
-        False,
-        id="a failed pod is kept as Failed",
-    ),
-    pytest.param(
-        make_pod("hostnet", ip="192.0.2.7", host_network=True),
-        "Running",
-        ("192.0.2.7",),
-        True,
-        id="a hostNetwork pod is kept and flagged",
-    ),
-    pytest.param(
-        make_pod("leaving", terminating=True),
-        "Terminating",
-        ("10.244.1.10",),
-        False,
-        id="a pod with a deletionTimestamp is Terminating",
-    ),
-    pytest.param(
-        make_pod("noip", ip=None),
-        "Running",
-        (),
-        False,
-        id="a running pod without an IP yet has no IPs",
-    ),
-]
-
-
-@pytest.mark.parametrize(("obj", "phase", "ips", "host_network"), POD_CASES)
-async def test_pods_in_any_state_are_kept_with_their_phase_and_flags(
-    server: FakeApiServer,
-    kubeconfig: str,
-    obj: dict[str, Any],
-    phase: str,
-    ips: tuple[str, ...],
-    host_network: bool,
-) -> None:
-    seed(server)
-    name = obj["metadata"]["name"]
-    async with running(server, kubeconfig) as (source, updates):
-        mark = updates.mark
-        server.create(obj)
-        update = await updates.after(mark, changed("Pod", f"shop/{name}", "added"))
-        pod = update.snapshot.pod(f"shop/{name}")
-        assert pod is not None
-        assert (pod.phase, pod.ips, pod.host_network) == (phase, ips, host_network)
-        assert source.problems == {}
-
-
-async def test_a_pod_that_starts_terminating_changes_its_phase(
-    server: FakeApiServer, kubeconfig: str
-) -> None:
-    seed(server)
-    async with running(server, kubeconfig) as (_, updates):
-        mark = updates.mark
-        server.update(make_pod("web", labels={"app": "web"}, terminating=True))
-        update = await updates.after(mark, changed("Pod", "shop/web", "modified"))
-        assert update.changes[0].fields == {"phase"}
-        assert update.snapshot.pod("shop/web").phase == "Terminating"  # type: ignore[union-attr]
-
 
 async def test_a_malformed_object_is_logged_once_and_left_out(
     server: FakeApiServer, kubeconfig: str, caplog: pytest.LogCaptureFixture
@@ -719,122 +405,10 @@ async def test_a_valid_object_turning_malformed_is_removed(
         assert "Pod shop/api" in source.problems
 
 
-async def test_without_the_crd_the_source_syncs_and_picks_expectations_up_later(
-    tmp_path: Path,
-) -> None:
-    with FakeApiServer(crd_installed=False) as fake:
-        seed_without_expectations = [make_namespace("shop"), make_pod("web", labels={"app": "web"})]
-        for obj in seed_without_expectations:
-            fake.create(obj)
-        path = str(write_kubeconfig(tmp_path / "kubeconfig", fake.url, token=None))
-        async with running(fake, path, watches=3) as (source, updates):
-            assert source.snapshot.expectations == ()
-            assert len(source.snapshot.pods) == 1
-            mark = updates.mark
-            fake.install_crd()
-            fake.create(make_expectations("shop-flows"))
-            await updates.after(
-                mark, changed("FlowExpectations", "shop/shop-flows", "added"), within=2
-            )
-
-
 # --- status ---------------------------------------------------------------------------------------
 
 
-async def test_status_patch_reaches_the_server_and_changes_no_expectation(
-    server: FakeApiServer, kubeconfig: str
-) -> None:
-    seed(server)
-    status = {
-        "lastVerified": "2026-01-01T00:00:00Z",
-        "flows": [{"name": "web-to-api", "status": "PASS"}],
-    }
-    async with running(server, kubeconfig) as (source, updates):
-        mark = updates.mark
-        assert await source.update_expectations_status("shop", "shop-flows", status) is True
-        stored = server.get("FlowExpectations", "shop", "shop-flows")
-        assert stored is not None and stored["status"] == status
-        [(content_type, path, body)] = server.patches
-        assert content_type == "application/merge-patch+json"
-        assert (
-            path
-            == "/apis/flowproof.dev/v1alpha1/namespaces/shop/flowexpectations/shop-flows/status"
-        )
-        assert body == {"status": status}
-
-        server.create(make_namespace("marker"))
-        await updates.after(mark, changed("Namespace", "marker", "added"))
-        assert [c.key for c in updates.changes_since(mark)] == ["marker"], (
-            "our own status write is not a change of intent"
-        )
-        assert await source.update_expectations_status("shop", "gone", status) is False
-    async with KubernetesSource(load_kube_config(kubeconfig), settings=FAST) as stopped:
-        task = asyncio.create_task(stopped.run())
-        await asyncio.wait_for(stopped.wait_synced(), 5)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        # run() has stopped, the source is still open: status can still be written.
-        assert await stopped.update_expectations_status("shop", "shop-flows", {"idle": True})
-    assert server.get("FlowExpectations", "shop", "shop-flows")["status"] == {  # type: ignore[index]
-        **status,
-        "idle": True,
-    }, "a merge patch keeps what it does not name"
-
-
 # --- configuration --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tls_server(tmp_path: Path) -> Iterator[tuple[FakeApiServer, Path]]:
-    ca = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
-    ca_path = tmp_path / "ca.crt"
-    ca.cert_pem.write_to_path(str(ca_path))
-    with FakeApiServer(token=TOKEN, ssl_context=context) as fake:
-        yield fake, ca_path
-
-
-async def test_in_cluster_config_uses_the_service_account_token_and_ca(
-    tls_server: tuple[FakeApiServer, Path], tmp_path: Path
-) -> None:
-    fake, ca_path = tls_server
-    seed(fake)
-    token_path = tmp_path / "token"
-    token_path.write_text(TOKEN)
-    environ = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(fake.port)}
-    configuration = load_kube_config(
-        environ=environ, token_path=str(token_path), ca_path=str(ca_path)
-    )
-    assert configuration.host == fake.url
-    updates = Updates()
-    async with KubernetesSource(configuration, settings=FAST, on_update=updates) as source:
-        task = asyncio.create_task(source.run())
-        try:
-            snapshot = await asyncio.wait_for(source.wait_synced(), 5)
-            assert pod_keys(snapshot) == ["other/db", "shop/api", "shop/web"]
-            assert await source.update_expectations_status("shop", "shop-flows", {"ok": True})
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    assert fake.get("FlowExpectations", "shop", "shop-flows")["status"] == {"ok": True}  # type: ignore[index]
-
-
-async def test_a_wrong_token_is_refused_and_retried_not_fatal(
-    server: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    path = str(write_kubeconfig(tmp_path / "kubeconfig", server.url, token="wrong"))
-    source = KubernetesSource(load_kube_config(path), settings=FAST)
-    async with source:
-        task = asyncio.create_task(source.run())
-        await eventually(lambda: len(server.requests_for("Namespace", watch=False)) >= 3)
-        assert not task.done()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert any("HTTP 401" in r.getMessage() for r in caplog.records)
 
 
 def test_kubeconfig_precedence(server: FakeApiServer, tmp_path: Path) -> None:

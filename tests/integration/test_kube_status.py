@@ -1,8 +1,8 @@
-"""FlowExpectations status: the collector's verdicts written to `/status` through the real client.
+"""FlowExpectations status under what the real API server cannot be made to do (tests/fakeapi).
 
-A real Collector is fed by a KubernetesSource over the fake API server (as the runtime feeds it);
-probe results are handed to it as an agent's would be. `expectations_status` is also tested on its
-own, table-style.
+The status as written to a real kube-apiserver (per object, 409, deletion, 403) is tested in
+tests/controlplane/test_api_status.py. Here: an object the CRD's validation would refuse (so it
+gets a `problem`), 5xx answers on demand; and `expectations_status` on its own, table-style.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from collector.loop import Collector
 from collector.settings import CollectorSettings
 from flowproof.probes import Outcome, ProbeResult
 from tests.fakeapi import FakeApiServer
-from tests.fakeapi.builders import (
+from tests.support.apiobjects import (
     TOKEN,
     kubeconfig_for,
     make_expectations,
@@ -163,77 +163,6 @@ def probe_everything(collector: Collector, outcome: Outcome) -> None:
 
 
 # --- through the API ------------------------------------------------------------------------------
-
-
-async def test_status_is_written_per_object_and_follows_its_flows(
-    server: FakeApiServer, kubeconfig: str
-) -> None:
-    server.create(make_expectations("shop-flows"))
-    server.create(make_expectations("wrong-flows", flows=[make_flow("web-not-api", expect="deny")]))
-    async with publishing(kubeconfig, interval=60) as loop:
-        await eventually(
-            lambda: status_of(server, "shop-flows") and status_of(server, "wrong-flows")
-        )
-        assert status_of(server, "shop-flows") == {
-            "observedGeneration": 1,
-            "flows": 1,
-            "failing": 0,
-            "counts": {**ZERO, "PENDING": 1},
-            "failures": [],
-        }
-        [first] = patches_of(server, "shop-flows")
-        assert first["lastVerified"] is None and first["problem"] is None, (
-            "fields the status does not have are removed by the merge patch"
-        )
-        wrong = status_of(server, "wrong-flows")
-        assert wrong["failing"] == 1
-        assert wrong["counts"] == {**ZERO, "POLICY_MISMATCH": 1}
-        [failure] = wrong["failures"]
-        assert failure["name"] == "web-not-api" and failure["status"] == "POLICY_MISMATCH"
-        assert "intent deny" in failure["reason"]
-
-        probe_everything(loop.collector, Outcome.CONNECTED)  # a status change: written soon
-        await eventually(lambda: status_of(server, "shop-flows")["counts"]["PASS"] == 1)
-        assert status_of(server, "shop-flows") == {
-            "observedGeneration": 1,
-            "lastVerified": NOW_TEXT,
-            "flows": 1,
-            "failing": 0,
-            "counts": {**ZERO, "PASS": 1},
-            "failures": [],
-        }
-
-        server.update(make_expectations("shop-flows", flows=[make_flow(port="9090/TCP")]))
-        await eventually(lambda: status_of(server, "shop-flows")["observedGeneration"] == 2)
-        changed = status_of(server, "shop-flows")
-        assert changed["counts"] == {**ZERO, "POLICY_MISMATCH": 1}
-        assert changed["failures"][0]["status"] == "POLICY_MISMATCH"
-        assert "lastVerified" not in changed, "a flow waiting for its first probe has none"
-
-
-async def test_an_unchanged_status_is_not_written_again(
-    server: FakeApiServer, kubeconfig: str
-) -> None:
-    server.create(make_expectations("shop-flows"))
-    async with publishing(kubeconfig, interval=0.05) as loop:
-        await eventually(lambda: len(patches_of(server, "shop-flows")) == 1)
-        written = status_of(server, "shop-flows")
-        await asyncio.sleep(0.5)  # ten intervals
-        assert len(patches_of(server, "shop-flows")) == 1
-        assert loop.source.snapshot is loop.collector.snapshot, (
-            "our own status write is no new snapshot"
-        )
-
-        # A restarted collector finds the status in place and writes nothing either.
-        again = asyncio.Event()
-        restarted = asyncio.create_task(
-            status_publisher(loop.collector, loop.source, again, debounce_seconds=0.05)
-        )
-        await asyncio.sleep(0.3)
-        again.set()
-        await asyncio.wait_for(restarted, 5)
-        assert len(patches_of(server, "shop-flows")) == 1
-        assert status_of(server, "shop-flows") == written
 
 
 async def test_a_rejected_object_gets_a_problem_that_goes_when_it_is_fixed(

@@ -531,6 +531,67 @@ def test_touched_flows_go_first_and_untouched_ones_keep_their_schedule() -> None
     assert sent.flow_key == fe_api
 
 
+def test_a_touched_flow_is_probed_again_once_the_change_has_settled() -> None:
+    settings = PlannerSettings(drift_sample_size=0, settle_seconds=1.0, interval_seconds=10.0)
+    snapshot = two_flows()
+    planner = start(snapshot, settings)
+    for a in planner.due(1000.0):
+        planner.completed(a.id)
+    deny_api = make_policy("deny-api", "shop", selector=sel({"app": "api"}), types=["ingress"])
+    changed = replace(snapshot, policies=(deny_api,))
+    update = planner.update(
+        changed, diff_snapshots(snapshot, changed, generation=2, at=1003.0), 1003.0
+    )
+    (first,) = planner.due(1003.0)
+    planner.completed(first.id)
+    assert planner.due(1003.9) == [], "not before the change has settled"
+    (again,) = planner.due(1004.0)
+    assert again.flow_key == first.flow_key and update.touched == {first.flow_key}
+    planner.completed(again.id)
+    assert planner.due(1005.0) == [], "then the cadence, not another settle probe"
+    early = planner.due(1004.0 + 7.9)  # the cadence is 10 s ± 20 %
+    assert first.flow_key not in [a.flow_key for a in early]
+    for a in early:
+        planner.completed(a.id)
+    assert first.flow_key in [a.flow_key for a in planner.due(1004.0 + 12.1)]
+
+
+def test_the_settle_probe_waits_for_a_retry_in_flight_then_goes() -> None:
+    settings = PlannerSettings(drift_sample_size=0, settle_seconds=1.0, interval_seconds=10.0)
+    snapshot = two_flows()
+    planner = start(snapshot, settings)
+    for a in planner.due(1000.0):
+        planner.completed(a.id)
+    deny_api = make_policy("deny-api", "shop", selector=sel({"app": "api"}), types=["ingress"])
+    changed = replace(snapshot, policies=(deny_api,))
+    planner.update(changed, diff_snapshots(snapshot, changed, generation=2, at=1003.0), 1003.0)
+    (first,) = planner.due(1003.0)
+    planner.completed(first.id)
+    planner.retry(first.flow_key, attempt=2)  # a mismatch, confirmed before it is reported
+    (retry,) = planner.due(1003.5)
+    assert planner.settling(first.flow_key)
+    assert planner.due(1004.0) == [], "the retry is still in flight"
+    assert planner.next_wakeup(1004.0) != 1004.0, "and the sender does not spin on it"
+    planner.completed(retry.id)
+    (settled,) = planner.due(1004.2)
+    assert (settled.flow_key, settled.attempt) == (first.flow_key, 1)
+    assert not planner.settling(first.flow_key)
+
+
+def test_without_settling_a_touched_flow_waits_for_its_cadence() -> None:
+    settings = PlannerSettings(drift_sample_size=0, settle_seconds=0.0, interval_seconds=10.0)
+    snapshot = two_flows()
+    planner = start(snapshot, settings)
+    for a in planner.due(1000.0):
+        planner.completed(a.id)
+    deny_api = make_policy("deny-api", "shop", selector=sel({"app": "api"}), types=["ingress"])
+    changed = replace(snapshot, policies=(deny_api,))
+    planner.update(changed, diff_snapshots(snapshot, changed, generation=2, at=1003.0), 1003.0)
+    (first,) = planner.due(1003.0)
+    planner.completed(first.id)
+    assert planner.due(1004.0) == []
+
+
 def test_flows_that_disappear_are_dropped_and_never_sent() -> None:
     snapshot = two_flows()
     planner = start(snapshot)

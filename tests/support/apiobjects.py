@@ -1,7 +1,8 @@
-"""Builders of API objects and client configuration for tests against the fake API server.
+"""Builders of API objects (plain dicts, as the API sends them) and client configuration for tests.
 
-Small functions with keyword overrides (`make_pod(labels=...)`), returning plain dicts as the API
-sends them; `kubeconfig_for` writes a kubeconfig that points the real client at a fake server.
+Small functions with keyword overrides (`make_pod(labels=...)`), shared by the tests against the
+real API server (tests/controlplane) and the fake one (tests/fakeapi); `kubeconfig_for` writes a
+kubeconfig that points the real client at a plain-HTTP fake server.
 """
 
 from __future__ import annotations
