@@ -252,6 +252,7 @@ def test_the_demo_lab_passes_and_verify_once_exits_0_with_reports(lab: Lab, tmp_
     [policies] = [s for s in suites if s.get("name") == "NetworkPolicies"]
     assert len(policies) == 9
     data = json.loads(report.read_text())
+    assert data["summary"]["verdict"] == "OK"
     assert {k: data["summary"][k] for k in ("flows", "failed", "statuses")} == {
         "flows": 20,
         "failed": 0,
