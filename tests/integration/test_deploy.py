@@ -427,6 +427,7 @@ def test_the_collector_reads_the_cluster_and_writes_only_expectation_status() ->
         | {("networking.k8s.io", "networkpolicies", v) for v in read}
         | {("flowproof.dev", "flowexpectations", v) for v in read}
         | {("flowproof.dev", "flowexpectations/status", v) for v in ("update", "patch")}
+        | {("events.k8s.io", "events", "create")}
     )
     assert granted == expected
     binding = one(docs, "ClusterRoleBinding", "flowproof-collector")
@@ -439,6 +440,28 @@ def test_the_collector_reads_the_cluster_and_writes_only_expectation_status() ->
             "namespace": account["metadata"]["namespace"],
         }
     ]
+
+
+def test_edit_and_view_users_get_flowexpectations_through_aggregation() -> None:
+    docs = render("base")
+    edit = one(docs, "ClusterRole", "flowproof-edit")
+    view = one(docs, "ClusterRole", "flowproof-view")
+    labels = "rbac.authorization.k8s.io/aggregate-to-"
+    assert edit["metadata"]["labels"][labels + "edit"] == "true"
+    assert edit["metadata"]["labels"][labels + "admin"] == "true"
+    assert view["metadata"]["labels"][labels + "view"] == "true"
+    assert labels + "view" not in edit["metadata"]["labels"], "view must not aggregate writes"
+    [can_edit] = edit["rules"]
+    assert can_edit["resources"] == ["flowexpectations"], (
+        "never the status: that is the collector's"
+    )
+    assert {"create", "update", "patch", "delete"} <= set(can_edit["verbs"])
+    [can_view] = view["rules"]
+    assert set(can_view["verbs"]) == {"get", "list", "watch"}
+    bound = {
+        b["roleRef"]["name"] for b in docs if b["kind"] in ("RoleBinding", "ClusterRoleBinding")
+    }
+    assert not bound & {"flowproof-edit", "flowproof-view"}, "aggregated, never bound"
 
 
 def _rbac(docs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
