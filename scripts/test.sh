@@ -11,6 +11,10 @@ ruff format --check .
 mypy
 lint-imports
 
+echo "== helm for the chart tests (built from its Go module into a cache outside the repository)"
+FLOWPROOF_HELM="$(bash scripts/build-helm.sh)/helm"
+export FLOWPROOF_HELM
+
 echo "== tests"
 mkdir -p test-artifacts
 export FLOWPROOF_NO_SKIPS=1  # tests/conftest.py: a skip fails the run unless the kernel lacks it

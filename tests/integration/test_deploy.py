@@ -630,7 +630,7 @@ def test_the_collector_manifest_is_accepted_by_the_collector_settings(token_file
 
     docs = render("base")
     c = container(docs, "Deployment", "flowproof-collector")
-    assert c["image"].startswith("flowproof/collector:")
+    assert c["image"].startswith("localhost/flowproof-collector:")
     settings = load_settings(_argv(c, token_file), _environment(c, {}))
     assert settings.source == "kubernetes"
     assert settings.token == "a-test-token"
@@ -646,7 +646,7 @@ def test_the_agent_manifest_is_accepted_by_the_agent_settings(token_file: Path) 
 
     docs = render("base")
     c = container(docs, "DaemonSet", "flowproof-agent")
-    assert c["image"].startswith("flowproof/agent:")
+    assert c["image"].startswith("localhost/flowproof-agent:")
     env = _environment(c, {"spec.nodeName": "node-a"})
     settings = load_settings(_argv(c, token_file), env)
     assert settings.node_name == "node-a"
