@@ -17,6 +17,7 @@ BENCHES = {
     "web": "bench.web_bench",
     "loop": "bench.loop_bench",
     "evidence": "bench.evidence_bench",
+    "watch": "bench.watch_bench",
 }
 
 
