@@ -62,6 +62,7 @@ PROMETHEUS_OPERATOR = {
     "dashboards": {"enabled": True},
 }
 PROBE_PODS = {**PLAIN, "probePods": {"enabled": True, "namespaces": ["shop"]}}
+POLICY_REPORTS = {**PLAIN, "policyReports": {"enabled": True}}
 
 
 @functools.cache
@@ -142,7 +143,9 @@ def test_the_chart_copies_of_deploy_are_not_stale() -> None:
     [
         pytest.param({}, id="defaults"),
         pytest.param(
-            merged(PROMETHEUS_OPERATOR, PROBE_PODS, {"monitoring": {"release": "kps"}}),
+            merged(
+                PROMETHEUS_OPERATOR, PROBE_PODS, POLICY_REPORTS, {"monitoring": {"release": "kps"}}
+            ),
             id="everything on",
         ),
     ],
@@ -162,6 +165,7 @@ def test_helm_lint_strict_passes(values: dict[str, Any], tmp_path: Path) -> None
         pytest.param("overlays/plain", PLAIN, id="plain"),
         pytest.param("overlays/prometheus-operator", PROMETHEUS_OPERATOR, id="prometheus-operator"),
         pytest.param("overlays/probe-pods", PROBE_PODS, id="probe-pods"),
+        pytest.param("overlays/policy-reports", POLICY_REPORTS, id="policy-reports"),
     ],
 )
 def test_the_chart_renders_the_same_objects_as_kustomize(
