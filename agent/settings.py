@@ -8,12 +8,14 @@ so it does not show in process listings. This module must never start anything.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flowproof import settings as loader
 from flowproof.errors import ConfigurationError
+from flowproof.output import examples
 
 ENV_PREFIX = "FLOWPROOF_AGENT_"
 
@@ -110,6 +112,23 @@ class AgentSettings:
         return loader.describe(self, secrets=("token",))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """Every setting as a flag, with its help and Examples (what `--help` prints)."""
+    return loader.build_parser(
+        AgentSettings,
+        prog="flowproof agent",
+        description="The flowproof node agent: probes from inside pod network namespaces.",
+        secrets=("token",),
+        epilog=examples(
+        ("as the DaemonSet runs it (python -m agent in the image)",
+         "NODE_NAME=node-a flowproof agent --collector-address flowproof-collector:9443 "
+         "--token-file /var/run/secrets/flowproof/token"),
+        ("every setting is also an environment variable",
+         "FLOWPROOF_AGENT_LOG_LEVEL=DEBUG FLOWPROOF_TOKEN=s3cret flowproof agent"),
+        ),
+    )  # fmt: skip
+
+
 def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> AgentSettings:
     """Build and validate the settings from command-line flags, then environment, then defaults."""
     try:
@@ -117,8 +136,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> AgentSetti
             AgentSettings,
             argv,
             environ,
-            prog="flowproof agent",
-            description="The flowproof node agent: probes from inside pod network namespaces.",
+            parser=build_parser(),
             env_prefix=ENV_PREFIX,
             aliases={"node_name": ("NODE_NAME",), "collector_address": ("FLOWPROOF_COLLECTOR",)},
             secrets={"token": "FLOWPROOF_TOKEN"},

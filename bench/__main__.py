@@ -19,6 +19,7 @@ BENCHES = {
     "evidence": "bench.evidence_bench",
     "replan": "bench.replan_bench",
     "apiserver": "bench.apiserver_bench",
+    "watch": "bench.watch_bench",
 }
 
 

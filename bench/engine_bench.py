@@ -1,7 +1,7 @@
 """Engine benchmark: verdicts for every ordered pod pair on one port, 1,000 and 10,000 pods.
 
 Synthetic clusters (bench/synthetic.py: 100 namespaces, 500 policies) are written as YAML and fed to
-`flowproof matrix -o counts` in a fresh process each, measuring wall time and peak RSS; the engine
+`flowproof matrix --counts -o json` in a fresh process each, measuring wall time and peak RSS; the engine
 alone (snapshot already built) is timed too. With `--nca`, np-guard's network-config-analyzer
 (`nca`, installed for the benchmark only: `pip install network-config-analyzer` into any venv and
 pass `--nca PATH`) reads the same manifests at 1,000 pods, side by side in the same run.
@@ -35,7 +35,7 @@ t0 = time.perf_counter()
 from flowproof.cli import main
 import io
 out = io.StringIO()
-rc = main(["matrix", "-f", sys.argv[1], "--port", "8080/TCP", "-o", "counts"], stdout=out)
+rc = main(["matrix", "-f", sys.argv[1], "--port", "8080/TCP", "--counts", "-o", "json"], stdout=out)
 t1 = time.perf_counter()
 usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"rc": rc, "seconds": t1 - t0, "cpu_seconds": usage.ru_utime + usage.ru_stime,
@@ -207,8 +207,9 @@ def main() -> int:
                     str(directory),
                     "--port",
                     "8080/TCP",
+                    "--counts",
                     "-o",
-                    "counts",
+                    "json",
                 ]
             )
             # nca answers every port at once: also time flowproof on every declared port.
@@ -220,8 +221,9 @@ def main() -> int:
                     "matrix",
                     "-f",
                     str(directory),
+                    "--counts",
                     "-o",
-                    "counts",
+                    "json",
                 ]
             )
             theirs, nca_rc = time_command(

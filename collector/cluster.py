@@ -1,9 +1,11 @@
-"""What the collector writes to a cluster: its probe pods, and the status of FlowExpectations.
+"""What the collector writes to a cluster: its probe pods, the status of FlowExpectations (with
+the conditions Verified and Ready) and the Events of their transitions.
 
 Glue between the runtime, the flow state and collector.kube, which makes every request; this module
 never imports `kubernetes`. It creates and deletes only pods labelled as flowproof's probe pods, only
-in `probe_pod_namespaces`, and writes only the `/status` of FlowExpectations custom resources. An
-API error is logged (once per distinct reason) and retried later; it never ends a loop.
+in `probe_pod_namespaces`, writes only the `/status` of FlowExpectations custom resources, and
+creates only Events about them. An API error is logged (once per distinct reason) and retried later
+(an Event is not retried); it never ends a loop.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ STATUS_FIELDS: Final = (
     "counts",
     "failures",
     "problem",
+    "conditions",
 )
 """Every field of FlowExpectations status the collector writes (deploy/crds)."""
 
@@ -475,6 +478,136 @@ def expectations_status(
     return status
 
 
+# --- conditions and events -----------------------------------------------------------------------
+
+VERIFIED: Final = "Verified"
+"""True when every flow passes; False when one fails (or the object is invalid); Unknown while a
+flow is pending, inconclusive or stale. `kubectl wait --for=condition=Verified fe/NAME`."""
+READY: Final = "Ready"
+"""True when the collector holds a current verdict for every flow of this generation; False while
+a flow waits for its first probe or its verdict is stale, and when the object is invalid."""
+MAX_NAMED_FLOWS: Final = 5
+"""Flows a condition's message names (the rest are counted)."""
+
+
+def _condition(kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
+    return {"type": kind, "status": status, "reason": reason, "message": _text(message)}
+
+
+def _named(failures: Sequence[Mapping[str, Any]], total: int) -> str:
+    names = [f"{f['name']} ({f['status']})" for f in failures[:MAX_NAMED_FLOWS]]
+    more = total - len(names)
+    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
+
+
+def conditions_of(status: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The Verified and Ready conditions (without times) that `status` (expectations_status's)
+    implies; reasons are CamelCase words, as Kubernetes has them."""
+    flows = int(status.get("flows", 0))
+    if status.get("problem"):
+        why = f"the collector rejected this object: {status['problem']}"
+        return [
+            _condition(VERIFIED, "False", "Invalid", why),
+            _condition(READY, "False", "Invalid", why),
+        ]
+    counts: Mapping[str, int] = status.get("counts", {})
+    failures: Sequence[Mapping[str, Any]] = status.get("failures", [])
+    failing = int(status.get("failing", 0))
+    if failing:
+        bad = [f for f in failures if f["status"] in FAILING]
+        verified = _condition(
+            VERIFIED,
+            "False",
+            "FlowsFailing",
+            f"{failing} of {flows} flows fail: {_named(bad, failing)}",
+        )
+    elif counts.get("PENDING"):
+        verified = _condition(
+            VERIFIED, "Unknown", "Pending", f"{counts['PENDING']} of {flows} flows wait for a probe"
+        )
+    elif counts.get("INCONCLUSIVE"):
+        inconclusive = [f for f in failures if f["status"] == "INCONCLUSIVE"]
+        verified = _condition(
+            VERIFIED,
+            "Unknown",
+            "Inconclusive",
+            f"{counts['INCONCLUSIVE']} of {flows} flows could not be decided: "
+            + _named(inconclusive, counts["INCONCLUSIVE"]),
+        )
+    elif counts.get("STALE"):
+        verified = _condition(
+            VERIFIED, "Unknown", "Stale", f"{counts['STALE']} of {flows} flows have no fresh result"
+        )
+    else:
+        verified = _condition(VERIFIED, "True", "AllFlowsPass", f"all {flows} flows pass")
+    if counts.get("PENDING"):
+        ready = _condition(
+            READY, "False", "Pending", f"{counts['PENDING']} of {flows} flows wait for a probe"
+        )
+    elif counts.get("STALE"):
+        ready = _condition(
+            READY, "False", "Stale", f"{counts['STALE']} of {flows} flows have no fresh result"
+        )
+    else:
+        ready = _condition(READY, "True", "Decided", f"every one of {flows} flows has a verdict")
+    return [verified, ready]
+
+
+def with_conditions(
+    status: Mapping[str, Any], previous: Sequence[Mapping[str, Any]], *, now: float
+) -> dict[str, Any]:
+    """`status` with its conditions (observedGeneration, and lastTransitionTime kept from
+    `previous` while a condition's status stays the same)."""
+    before = {c.get("type"): c for c in previous if isinstance(c, Mapping)}
+    conditions = []
+    for condition in conditions_of(status):
+        old = before.get(condition["type"])
+        since = (
+            old["lastTransitionTime"]
+            if old is not None
+            and old.get("status") == condition["status"]
+            and old.get("lastTransitionTime")
+            else rfc3339(now)
+        )
+        conditions.append(
+            {
+                **condition,
+                "observedGeneration": status["observedGeneration"],
+                "lastTransitionTime": since,
+            }
+        )
+    return {**status, "conditions": conditions}
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A condition that changed its status: what an Event says."""
+
+    type: str
+    """Normal or Warning."""
+    reason: str
+    message: str
+
+
+def transitions(
+    old: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]]
+) -> list[Transition]:
+    """The Events `new` conditions call for, against `old` (a condition not there before counts
+    as Unknown, and a first Pending says nothing): Warning when a condition turns False."""
+    before = {c.get("type"): c.get("status", "Unknown") for c in old if isinstance(c, Mapping)}
+    found = []
+    for condition in new:
+        was = before.get(condition["type"])
+        if was is None and condition["reason"] == "Pending":
+            continue  # a new object waiting for its first probes: nothing happened yet
+        if (was or "Unknown") == condition["status"]:
+            continue
+        kind = "Warning" if condition["status"] == "False" else "Normal"
+        text = f"{condition['type']} is {condition['status']}: {condition['message']}"
+        found.append(Transition(kind, condition["reason"], text))
+    return found
+
+
 def status_patch(status: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
     """A merge patch of `/status` that leaves exactly `status`: fields it lacks are removed."""
     removed = (set(STATUS_FIELDS) | set(current)) - set(status)
@@ -561,10 +694,15 @@ async def publish_statuses(
     for flow in collector.state.declared():
         by_document[flow.expectation].append(flow)
     objects = source.expectation_objects()
+    now = collector.clock.time()
     patched = conflicts = gone = 0
     for obj in sorted(objects.values(), key=lambda o: o.key):
         identity = (obj.namespace, obj.name, obj.uid)
-        status = expectations_status(obj, by_document.get(obj.key, []))
+        found = written.get(identity, obj.status).get("conditions")
+        previous: list[Mapping[str, Any]] = found if isinstance(found, list) else []
+        status = with_conditions(
+            expectations_status(obj, by_document.get(obj.key, [])), previous, now=now
+        )
         if written.get(identity) == status:
             continue
         if identity not in written and dict(obj.status) == status:
@@ -577,6 +715,8 @@ async def publish_statuses(
         if result == "written":
             written[identity] = status
             patched += 1
+            for change in transitions(previous, status["conditions"]):
+                await source.record_event(obj, change.type, change.reason, change.message)
         elif result == "conflict":
             conflicts += 1
         elif result == "gone":

@@ -9,6 +9,11 @@ list, delete) and ApiObjects (any object by its path, for the lab's mirror above
 The only module that imports `kubernetes`: the blocking client runs in worker threads, never on
 the event loop, and API objects become model objects here, once. A malformed object is logged
 once and left out; nothing in an object can stop the loop.
+
+The watch reads the API's stream itself (`_watch_blocking`) rather than through the client's
+`watch.Watch`: that one deserialises every event into the client's models, which the source never
+reads (2.8x the CPU per pod event, bench/watch_bench.py), and its `deserialize=False` mode tracks
+no resourceVersion, ignores bookmarks and fails on an ERROR event (KeyError 'raw_object').
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import logging
 import math
 import os
 import random
+import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +43,7 @@ from kubernetes.client import (
     Configuration,
     CoreV1Api,
     CustomObjectsApi,
+    EventsV1Api,
     NetworkingV1Api,
 )
 from kubernetes.client.exceptions import ApiException
@@ -100,6 +108,8 @@ TERMINATING_PHASE: Final = "Terminating"
 EXPECTATIONS_CONFIGMAP_LABEL: Final = "flowproof.dev/expectations"
 """A ConfigMap labelled with this (value "true") holds FlowExpectations documents in its data."""
 EXPECTATIONS_CONFIGMAP_SELECTOR: Final = f"{EXPECTATIONS_CONFIGMAP_LABEL}=true"
+EVENT_CONTROLLER: Final = "flowproof.dev/collector"
+"""The reportingController of the Events the collector records (events.k8s.io/v1)."""
 
 PARTIAL_METADATA_ACCEPT: Final = (
     "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
@@ -581,6 +591,9 @@ class KubernetesSource:
         self._core = CoreV1Api(self._api)
         self._networking = NetworkingV1Api(self._api)
         self._custom = CustomObjectsApi(self._api)
+        self._events = EventsV1Api(self._api)
+        self._event_failure: str | None = None
+        self._instance = os.environ.get("HOSTNAME") or socket.gethostname()
         self._resources = tuple(
             r for r in _RESOURCES if r.kind != "ConfigMap" or self.settings.expectations_configmaps
         )
@@ -724,6 +737,57 @@ class KubernetesSource:
         if self._status_failures.get(key) != why:  # once per distinct reason
             log.warning("cannot update the status of FlowExpectations %s: %s", key, why)
             self._status_failures[key] = why
+
+    async def record_event(
+        self, regarding: ExpectationsObject, kind: str, reason: str, note: str
+    ) -> bool:
+        """Create an Event (events.k8s.io/v1) about a FlowExpectations object: `kind` Normal or
+        Warning, a CamelCase `reason` and a `note` (at most 1 kB). Returns False (and logs why,
+        once per reason) when the API refused; it is not retried."""
+        now = datetime.datetime.now(datetime.UTC)
+        body = {
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{regarding.name}.", "namespace": regarding.namespace},
+            "eventTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "type": kind,
+            "reason": reason,
+            "action": "Verify",
+            "note": note[:1024],
+            "reportingController": EVENT_CONTROLLER,
+            "reportingInstance": self._instance[:128],
+            "regarding": {
+                "apiVersion": f"{FLOWEXPECTATIONS_GROUP}/{FLOWEXPECTATIONS_VERSION}",
+                "kind": "FlowExpectations",
+                "namespace": regarding.namespace,
+                "name": regarding.name,
+                "uid": regarding.uid,
+            },
+        }
+
+        def create() -> None:
+            response = self._events.create_namespaced_event(
+                regarding.namespace,
+                cast(Any, body),  # a dict is sent as it is
+                _preload_content=False,
+                _request_timeout=self._request_timeout(),
+            )
+            answer = cast(urllib3.BaseHTTPResponse, response)
+            try:
+                _read_json(answer)
+            finally:
+                answer.release_conn()
+
+        try:
+            await self._in_thread(create)
+        except _TRANSIENT as exc:
+            why = _describe(exc)
+            if self._event_failure != why:
+                log.warning("cannot record an Event about %s: %s", regarding.key, why)
+                self._event_failure = why
+            return False
+        self._event_failure = None
+        return True
 
     async def aclose(self) -> None:
         """Stop the worker threads and close the client's connections."""

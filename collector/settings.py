@@ -7,6 +7,7 @@ validates everything at start; the runtime logs the result once. This module sta
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from collector.core.settings import PlannerSettings
 from flowproof import settings as loader
 from flowproof.errors import ConfigurationError
+from flowproof.output import examples
 
 ENV_PREFIX = "FLOWPROOF_"
 SOURCES = ("kubernetes", "manifests")
@@ -77,6 +79,10 @@ class CollectorSettings:
             problems.append(f"source: {self.source!r} is not one of {', '.join(SOURCES)}")
         if self.source == "manifests" and not self.manifests:
             problems.append("manifests: --source manifests needs at least one path")
+        if "-" in self.manifests:
+            problems.append(
+                "manifests: `-` (standard input) cannot be watched for changes; give files"
+            )
         if self.probe_pods not in PROBE_POD_MODES:
             problems.append(
                 f"probe_pods: {self.probe_pods!r} is not one of {', '.join(PROBE_POD_MODES)}"
@@ -111,6 +117,24 @@ class CollectorSettings:
         return loader.describe(self, secrets=("token",))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """Every setting as a flag, with its help and Examples (what `--help` prints)."""
+    return loader.build_parser(
+        CollectorSettings,
+        prog="flowproof collector",
+        description="The flowproof collector: inventory, engine, planner, agents' streams.",
+        secrets=("token",),
+        epilog=examples(
+        ("in a cluster, as the Deployment runs it (python -m collector in the image)",
+         "flowproof collector --source kubernetes --token-file /var/run/secrets/flowproof/token"),
+        ("offline, from manifest files that it re-reads when they change",
+         "FLOWPROOF_TOKEN=s3cret flowproof collector --source manifests --manifests examples/shop"),
+        ("probe pods in two namespaces",
+         "flowproof collector --probe-pods kubernetes --probe-pod-namespaces shop,batch"),
+        ),
+    )  # fmt: skip
+
+
 def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> CollectorSettings:
     """Settings from flags, then environment, then defaults; validated."""
     try:
@@ -118,8 +142,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> CollectorS
             CollectorSettings,
             argv,
             environ,
-            prog="flowproof collector",
-            description="The flowproof collector: inventory, engine, planner, agents' streams.",
+            parser=build_parser(),
             env_prefix=ENV_PREFIX,
             secrets={"token": "FLOWPROOF_TOKEN"},
         )

@@ -61,7 +61,17 @@ SYSTEM_CLOCK: Clock = SystemClock()
 
 class Backoff:
     """Exponential backoff with jitter: attempt n waits `min(max, initial * 2**n)` minus up to
-    `jitter` of itself at random (`jitter=1`, the default, is full jitter: uniform in (0, step])."""
+    `jitter` of itself at random (`jitter=1`, the default, is full jitter: uniform in (0, step]).
+
+    The one implementation (the agent's reconnects, the Kubernetes reflectors). Not stamina or
+    tenacity, on purpose: they drive the retry of one call until it succeeds, sleeping on their
+    own. Our loops run forever and need what they do not give: the wait reset after a healthy
+    session (a stream that ran for an hour and broke starts again at `initial`), a wait that ends
+    at once on the service's stop event (the caller sleeps, so SIGTERM is bounded), seeded
+    randomness for tests instead of stamina's process-wide test switch, and failures that are not
+    failures (a 410 relists at once, a missing CRD waits its own interval). What would be left to
+    borrow is the two lines of arithmetic below.
+    """
 
     def __init__(
         self,

@@ -12,10 +12,15 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
+
+import shtab
+from tabulate import tabulate
 
 from agent import runtime as agent_runtime
+from agent.settings import build_parser as agent_parser
 from collector import runtime as collector_runtime
 from collector.core.checking import check, is_ip, parse_port
 from collector.core.classes import ClassModel
@@ -29,14 +34,18 @@ from collector.core.reporting import (
     render_junit,
     render_markdown,
     render_table,
+    report_document,
     rows_from_check,
+    to_yaml,
 )
 from collector.core.resolving import DEFAULT_CLUSTER_DNS_IP
 from collector.core.views import evidence_plan_json
 from collector.reading.manifests import load_snapshot
+from collector.settings import build_parser as collector_parser
 from flowproof import __version__, verifying
 from flowproof.errors import FlowproofError, InputError
 from flowproof.labtest import run_lab_test
+from flowproof.output import add_output_flag, quiet_broken_pipe, with_examples
 from lab import cli as lab_cli
 from lab.probepods import lab_probe_pods
 
@@ -53,12 +62,32 @@ def run_lab(argv: list[str]) -> int:
     return lab_cli.main(argv, test=run_lab_test)
 
 
-DELEGATED: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "lab": (run_lab, "the local lab: up, apply, delete, label, fault, status, down, test"),
-    "agent": (agent_runtime.main, "run the node agent"),
-    "collector": (run_collector, "run the collector"),
-    "verify": (verifying.main, "run every expectation now against a collector"),
+@dataclass(frozen=True)
+class Delegated:
+    """A command whose own package parses its arguments (`flowproof lab …` runs lab.cli)."""
+
+    run: Callable[[list[str]], int]
+    help: str
+    parser: Callable[[], argparse.ArgumentParser]
+    """Its whole parser, for `flowproof --help` and shell completion."""
+
+
+DELEGATED: dict[str, Delegated] = {
+    "lab": Delegated(
+        run_lab,
+        "the local lab: up, apply, delete, label, fault, status, down, test",
+        lab_cli.build_parser,
+    ),
+    "agent": Delegated(agent_runtime.main, "run the node agent", agent_parser),
+    "collector": Delegated(run_collector, "run the collector", collector_parser),
+    "verify": Delegated(
+        verifying.main, "run every expectation now against a collector", verifying.build_parser
+    ),
 }
+SHELLS = ("bash", "zsh", "tcsh")
+
+Stdin = BinaryIO | None
+"""Where `-f -` reads from (None: the process's standard input)."""
 
 
 def _paths(values: list[list[str]] | None) -> list[str]:
@@ -66,10 +95,22 @@ def _paths(values: list[list[str]] | None) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command of `flowproof`, the delegated ones with their whole parsers (for help and
+    completion; they parse their own arguments when run)."""
     parser = argparse.ArgumentParser(
         prog="flowproof",
         description="Prove Kubernetes NetworkPolicies with real packets: intent, model, reality.",
     )
+    with_examples(
+        parser,
+        ("offline: do the policies give what the expectations declare?",
+         "flowproof check -f manifests/ -e expectations.yaml"),
+        ("the same for a kustomization or a Helm chart",
+         "kustomize build overlays/prod | flowproof check -f - -e expectations.yaml"),
+        ("real packets in a lab of network namespaces, up and down in one command",
+         "flowproof lab test -f manifests/ -e expectations.yaml --junit report.xml"),
+        ("shell completion", "source <(flowproof completion bash)"),
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"flowproof {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -82,12 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
             nargs="+",
             required=True,
             metavar="PATH",
-            help="manifests: files or directories (YAML/JSON, multi-document, List, kustomize)",
-        )
+            help="manifests: files or directories (YAML/JSON, multi-document, List); a directory "
+            "with a kustomization file is rendered with `kubectl kustomize`; - reads standard "
+            "input (repeatable)",
+        ).complete = shtab.FILE  # type: ignore[attr-defined]
 
     matrix = sub.add_parser(
-        "matrix", help="the model's reachability matrix with the deciding rules"
+        "matrix",
+        help="the model's reachability matrix with the deciding rules",
+        description="The model's verdict for every pod pair on each port: a grid per port "
+        "(table), a line per pair with the deciding rules (wide), or every cell as data.",
     )
+    with_examples(
+        matrix,
+        ("a grid per declared port", "flowproof matrix -f examples/shop"),
+        ("every pair on 5432/TCP with the rule that decides it",
+         "flowproof matrix -f examples/shop --port 5432/TCP -o wide"),
+        ("only the totals, fast on large clusters",
+         "flowproof matrix -f big/ --port 8080/TCP --counts -o json"),
+    )  # fmt: skip
     manifests(matrix)
     matrix.add_argument(
         "--port",
@@ -97,16 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="port to evaluate, e.g. 80/TCP (repeatable; default: every declared container port)",
     )
     matrix.add_argument(
-        "-o",
-        "--output",
-        choices=("table", "json", "counts"),
-        default="table",
-        help="table (a grid per port), json (a cell per pod pair), counts (totals only, fast)",
+        "--counts",
+        action="store_true",
+        help="only the totals per port (pods, pairs, allowed, denied, classes): fast at any size",
     )
+    add_output_flag(matrix, formats=("table", "wide", "json", "yaml"))
 
     check = sub.add_parser(
-        "check", help="offline: intent vs model, no cluster; exit 1 on violation"
+        "check",
+        help="offline: intent vs model, no cluster; exit 1 on violation",
+        description="Offline: compare the declared flows (intent) with what the NetworkPolicies "
+        "say (model), no cluster. Exit 0 all hold, 1 a violation, 2 bad input.",
     )
+    with_examples(
+        check,
+        ("the example shop", "flowproof check -f examples/shop"),
+        ("manifests and expectations apart, a JUnit report for CI",
+         "flowproof check -f k8s/ -e flows.yaml --junit check.xml"),
+        ("a kustomization directory is rendered, never read file by file",
+         "flowproof check -f deploy/overlays/prod -e flows.yaml"),
+        ("a Helm chart", "helm template my-app ./chart | flowproof check -f - -e flows.yaml"),
+        ("a comment for the pull request", "flowproof check -f k8s/ -o markdown > comment.md"),
+    )  # fmt: skip
     manifests(check)
     check.add_argument(
         "-e",
@@ -115,16 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="PATH",
-        help="FlowExpectations files (default: the ones among the manifests)",
-    )
-    check.add_argument("-o", "--output", choices=("table", "json", "markdown"), default="table")
-    check.add_argument("--junit", metavar="FILE", help="also write JUnit XML here")
-    check.add_argument("--json", dest="json_file", metavar="FILE", help="also write JSON here")
-    check.add_argument("--markdown", metavar="FILE", help="also write Markdown here")
+        help="FlowExpectations files or directories; - reads standard input (default: the "
+        "ones among the manifests)",
+    ).complete = shtab.FILE  # type: ignore[attr-defined]
+    add_output_flag(check)
+    check.add_argument(
+        "--junit", metavar="FILE", help="also write JUnit XML here"
+    ).complete = shtab.FILE  # type: ignore[attr-defined]
+    check.add_argument(
+        "--json", dest="json_file", metavar="FILE", help="also write JSON here"
+    ).complete = shtab.FILE  # type: ignore[attr-defined]
+    check.add_argument(
+        "--markdown", metavar="FILE", help="also write Markdown here"
+    ).complete = shtab.FILE  # type: ignore[attr-defined]
     check.add_argument(
         "--cluster-dns-ip",
         default=DEFAULT_CLUSTER_DNS_IP,
-        help="address of the cluster DNS when no kube-dns pod is in the manifests",
+        help=f"address of the cluster DNS when no kube-dns pod is in the manifests (default "
+        f"{DEFAULT_CLUSTER_DNS_IP})",
     )
 
     evidence = sub.add_parser(
@@ -134,14 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
         "when it is removed: what `flowproof verify` and the live loop probe to prove the policy "
         "is enforced as written. Lists redundant policies and shadowed rules. Offline: no cluster.",
     )
+    with_examples(
+        evidence,
+        ("every policy of the example shop and its witnesses", "flowproof evidence -f examples/shop"),
+        ("one policy, as JSON",
+         "flowproof evidence -f examples/shop --policy shop/default-deny -o json"),
+        ("a rendered chart", "helm template app ./chart | flowproof evidence -f - -o markdown"),
+    )  # fmt: skip
     manifests(evidence)
-    evidence.add_argument(
-        "-o",
-        "--output",
-        choices=("table", "json", "markdown"),
-        default="table",
-        help="table (grouped text, default), json, or markdown",
-    )
+    add_output_flag(evidence)
     evidence.add_argument(
         "--policy",
         action="append",
@@ -150,27 +225,93 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this policy (repeatable)",
     )
 
-    explain = sub.add_parser("explain", help="why a flow is allowed or denied, in words")
+    explain = sub.add_parser(
+        "explain",
+        help="why a flow is allowed or denied, in words",
+        description="Why the policies allow or deny one flow: each side (egress at the "
+        "source, ingress at the destination), the policies that isolate it, the deciding rule.",
+    )
+    with_examples(
+        explain,
+        ("why may the frontend not reach the database?",
+         "flowproof explain -f examples/shop --from shop/frontend --to shop/db --port 5432/TCP"),
+        ("to an address outside the cluster, as JSON",
+         "flowproof explain -f k8s/ --from shop/api --to 203.0.113.7 --port 443/TCP -o json"),
+    )  # fmt: skip
     manifests(explain)
-    explain.add_argument("--from", dest="source", required=True, metavar="NS/POD or IP")
-    explain.add_argument("--to", dest="destination", required=True, metavar="NS/POD or IP")
-    explain.add_argument("--port", required=True, metavar="PORT/PROTO")
-    explain.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    explain.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="NS/POD or IP",
+        help="the source: a pod of the manifests (namespace/name) or an IP address",
+    )
+    explain.add_argument(
+        "--to",
+        dest="destination",
+        required=True,
+        metavar="NS/POD or IP",
+        help="the destination: a pod of the manifests (namespace/name) or an IP address",
+    )
+    explain.add_argument(
+        "--port",
+        required=True,
+        metavar="PORT/PROTO",
+        help="the port, by number or by the destination's port name, e.g. 5432/TCP or http/TCP",
+    )
+    add_output_flag(explain, formats=("table", "wide", "json", "yaml"))
 
-    for name, (_, text) in DELEGATED.items():
-        delegated = sub.add_parser(name, help=text, add_help=False)
-        delegated.add_argument("rest", nargs=argparse.REMAINDER)
+    completion = sub.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="Print a completion script for the shell: every command, flag and choice "
+        "of flowproof (generated by shtab from this very parser).",
+    )
+    with_examples(
+        completion,
+        ("bash, for this shell", "source <(flowproof completion bash)"),
+        ("bash, for every shell",
+         "flowproof completion bash > /etc/bash_completion.d/flowproof"),
+        ("zsh", 'flowproof completion zsh > "${fpath[1]}/_flowproof"'),
+    )  # fmt: skip
+    completion.add_argument("shell", choices=SHELLS, help="the shell: " + ", ".join(SHELLS))
+
+    for name, delegated in DELEGATED.items():
+        own = delegated.parser()
+        sub.add_parser(
+            name,
+            help=delegated.help,
+            parents=[own],
+            conflict_handler="resolve",
+            description=own.description,
+            epilog=own.epilog,
+            formatter_class=own.formatter_class,
+        )
     return parser
 
 
-def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stdin: Stdin = None,
+) -> int:
+    """Run `flowproof` with `argv` (without the program name); the exit code. A closed output
+    (`| head`) ends it quietly with 141."""
+    return quiet_broken_pipe(lambda: _main(argv, stdout=stdout, stdin=stdin))
 
+
+def _main(argv: Sequence[str] | None, *, stdout: TextIO | None, stdin: Stdin) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     out = stdout or sys.stdout
     if args_list and args_list[0] in DELEGATED:
-        entry, _ = DELEGATED[args_list[0]]
-        return entry(args_list[1:])
-    args = build_parser().parse_args(args_list)
+        return DELEGATED[args_list[0]].run(args_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    if args.command == "completion":
+        out.write(shtab.complete(parser, shell=args.shell))
+        return EXIT_OK
+    args.stdin = stdin  # where `-f -` reads (None: the process's standard input)
     commands: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
         "matrix": cmd_matrix,
         "check": cmd_check,
@@ -186,10 +327,19 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
 
 def _load(args: argparse.Namespace, paths: Sequence[str]) -> Snapshot:
     """The snapshot of the manifests, its warnings printed to stderr (file and line first)."""
-    snapshot = load_snapshot(paths)
+    snapshot = load_snapshot(paths, stdin=args.stdin)
     for warning in snapshot.warnings:
         print(f"flowproof {args.command}: warning: {warning}", file=sys.stderr)
     return snapshot
+
+
+def _write_document(out: TextIO, document: Any, output: str) -> None:
+    """A JSON-able document as `-o json` or `-o yaml` asks."""
+    if output == "yaml":
+        out.write(to_yaml(document))
+    else:
+        json.dump(document, out, indent=2)
+        out.write("\n")
 
 
 # --- matrix ---------------------------------------------------------------------------------------
@@ -217,7 +367,7 @@ def cmd_matrix(args: argparse.Namespace, out: TextIO) -> int:
 
     snapshot = _load(args, _paths(args.files))
     ports = _ports(args, snapshot)
-    if args.output == "counts":
+    if args.counts:
         model = ClassModel(snapshot)
         rows = []
         for port, protocol in ports:
@@ -234,12 +384,17 @@ def cmd_matrix(args: argparse.Namespace, out: TextIO) -> int:
                     "classes": counts.classes,
                 }
             )
-        json.dump(rows, out, indent=2)
-        out.write("\n")
+        if args.output in ("json", "yaml"):
+            _write_document(out, rows, args.output)
+        else:
+            out.write(tabulate(rows, headers="keys") + "\n")
         return EXIT_OK
     engine = Engine(snapshot)
     pods = sorted(snapshot.pods, key=lambda p: p.key)
-    if args.output == "json":
+    if args.output == "wide":
+        out.write(render_matrix_wide(engine, pods, ports))
+        return EXIT_OK
+    if args.output in ("json", "yaml"):
         cells = []
         for port, protocol in ports:
             for src in pods:
@@ -260,11 +415,46 @@ def cmd_matrix(args: argparse.Namespace, out: TextIO) -> int:
                     if verdict.incomplete:
                         cell["incomplete"] = list(verdict.incomplete)
                     cells.append(cell)
-        json.dump(cells, out, indent=1)
-        out.write("\n")
+        if args.output == "yaml":
+            out.write(to_yaml(cells))
+        else:
+            json.dump(cells, out, indent=1)
+            out.write("\n")
         return EXIT_OK
     out.write(render_matrix_table(engine, pods, ports))
     return EXIT_OK
+
+
+def render_matrix_wide(engine: Any, pods: list[Any], ports: list[tuple[int, str]]) -> str:
+    """A line per pod pair and port, with the rules that decided it on each side."""
+    if not pods:
+        return "no pods in the manifests\n"
+    body = []
+    for port, protocol in ports:
+        for src in pods:
+            for dst in pods:
+                verdict = engine.evaluate(src, dst, port, protocol)
+                body.append(
+                    [
+                        src.key,
+                        dst.key,
+                        f"{port}/{protocol}",
+                        "allow" if verdict.allowed else "DENY",
+                        _side(verdict.egress),
+                        _side(verdict.ingress),
+                    ]
+                )
+    headers = ["FROM", "TO", "PORT", "MODEL", "EGRESS (AT THE SOURCE)", "INGRESS (AT THE DEST)"]
+    return tabulate(body, headers=headers, tablefmt="simple") + "\n"
+
+
+def _side(part: Any) -> str:
+    """One side of a verdict in a cell: the deciding rules, or why it denies or is open."""
+    if not part.isolated:
+        return "not isolated"
+    if part.allowed:
+        return "; ".join(m.describe() for m in part.allowed_by)
+    return "denied: isolated by " + ", ".join(part.policies)
 
 
 def render_matrix_table(engine: Any, pods: list[Any], ports: list[tuple[int, str]]) -> str:
@@ -323,7 +513,9 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     rows = rows_from_check(report)
     renderers: dict[str, Callable[[], str]] = {
         "table": lambda: render_table(rows) + "\n",
+        "wide": lambda: render_table(rows, wide=True) + "\n",
         "json": lambda: render_json(rows, problems=report.problems) + "\n",
+        "yaml": lambda: to_yaml(report_document(rows, problems=report.problems)),
         "markdown": lambda: render_markdown(rows, title="flowproof check"),
     }
     out.write(renderers[args.output]())
@@ -342,7 +534,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_evidence(args: argparse.Namespace, out: TextIO) -> int:
-    snapshot = load_snapshot(_paths(args.files))
+    snapshot = load_snapshot(_paths(args.files), stdin=args.stdin)
     known = {p.key for p in snapshot.policies}
     unknown = sorted(set(args.policy) - known)
     if unknown:
@@ -354,7 +546,9 @@ def cmd_evidence(args: argparse.Namespace, out: TextIO) -> int:
     plan = plan_evidence(snapshot, running_only=False, policies=args.policy or None)
     renderers: dict[str, Callable[[], str]] = {
         "table": lambda: render_evidence_text(plan),
+        "wide": lambda: render_evidence_text(plan),  # the text cuts nothing already
         "json": lambda: json.dumps(evidence_plan_json(plan), indent=2) + "\n",
+        "yaml": lambda: to_yaml(evidence_plan_json(plan)),
         "markdown": lambda: render_evidence_markdown(plan),
     }
     out.write(renderers[args.output]())
@@ -387,15 +581,19 @@ def cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
     else:
         port = value
     verdict = Engine(snapshot).evaluate(source, destination, port, protocol)
-    if args.output == "json":
-        json.dump(verdict.to_dict(), out, indent=2)
-        out.write("\n")
+    if args.output in ("json", "yaml"):
+        _write_document(out, verdict.to_dict(), args.output)
         return EXIT_OK
-    out.write(explain_text(verdict, source, destination, port, protocol))
+    out.write(
+        explain_text(verdict, source, destination, port, protocol, wide=args.output == "wide")
+    )
     return EXIT_OK
 
 
-def explain_text(verdict: Any, source: Any, destination: Any, port: int, protocol: str) -> str:
+def explain_text(
+    verdict: Any, source: Any, destination: Any, port: int, protocol: str, *, wide: bool = False
+) -> str:
+    """The verdict in words; `wide` adds every rule that admits it on each side."""
 
     name_src, name_dst = endpoint_name(source), endpoint_name(destination)
     word = {"allow": "ALLOWED", "deny": "DENIED"}.get(verdict.model, "UNKNOWN")
@@ -419,6 +617,9 @@ def explain_text(verdict: Any, source: Any, destination: Any, port: int, protoco
             lines.append("    cluster policies of the pod: " + ", ".join(part.cluster_policies))
         if part.isolated:
             lines.append("    isolating policies: " + ", ".join(part.policies))
+        if wide:
+            for match in part.allowed_by:
+                lines.append(f"    allowed by: {match.describe()}")
     for note in verdict.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines) + "\n"

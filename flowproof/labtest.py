@@ -89,13 +89,17 @@ def run_lab_test(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             outputs = verifying.Outputs(
+                output=args.output,
                 junit=args.junit,
                 json_file=args.json_file,
                 markdown=args.markdown,
                 fail_on_not_enforced=args.fail_on_not_enforced,
+                progress=verifying.show_progress(args.progress, sys.stderr, os.environ),
             )
             return verifying.verify_once(
-                state.loop.url, timeout_seconds=args.timeout, outputs=outputs
+                state.loop.url,
+                timeout_seconds=args.timeout,
+                outputs=outputs,
             )
     except KeyboardInterrupt:
         print("lab test: interrupted", file=sys.stderr)

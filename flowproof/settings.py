@@ -91,9 +91,21 @@ def flat_fields(cls: type) -> list[tuple[type, dataclasses.Field[Any]]]:
 
 
 def build_parser(
-    cls: type, *, prog: str, description: str, secrets: Sequence[str] = ()
+    cls: type,
+    *,
+    prog: str,
+    description: str,
+    secrets: Sequence[str] = (),
+    epilog: str | None = None,
 ) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    """A flag per setting of `cls`, its docstring and default as help; `epilog` (an Examples
+    section) is printed as written."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter,
+    )
     docs: dict[type, dict[str, str]] = {}
     for owner, f in flat_fields(cls):
         if f.name in secrets:
@@ -132,19 +144,22 @@ def load(
     argv: Sequence[str],
     environ: Mapping[str, str],
     *,
-    prog: str,
-    description: str,
     env_prefix: str,
+    prog: str = "",
+    description: str = "",
+    parser: argparse.ArgumentParser | None = None,
     aliases: Mapping[str, Sequence[str]] | None = None,
     secrets: Mapping[str, str] | None = None,
 ) -> T:
     """Build `cls` from flags, then environment (`env_prefix` + NAME, then aliases), then defaults.
 
-    `secrets` maps a field to its environment variable; `--<field>-file` or `<VAR>_FILE` name a
-    file to read it from instead.
+    The flags are `parser`'s (build_parser's for `cls`), else a parser made with `prog` and
+    `description`. `secrets` maps a field to its environment variable; `--<field>-file` or
+    `<VAR>_FILE` name a file to read it from instead.
     """
     secrets = secrets or {}
-    parser = build_parser(cls, prog=prog, description=description, secrets=list(secrets))
+    if parser is None:
+        parser = build_parser(cls, prog=prog, description=description, secrets=list(secrets))
     args = parser.parse_args(list(argv))
     values: dict[str, Any] = {}
     for _, f in flat_fields(cls):

@@ -2,7 +2,9 @@
 
 The client of the collector's `POST /api/v1/verify` (collector/web/verify.py): it prints a table
 grouped by status, writes JUnit, JSON and Markdown, and exits 0 when every expectation holds, 1 when
-any fails, 2 when it could not decide. Without `--collector` it finds the running lab's collector.
+any fails, 2 when it could not decide (and then never says OK). Without `--collector` it finds the
+running lab's collector. On a terminal it shows its progress on stderr (flows decided / total) while
+it waits; in CI logs ($CI set) and when stderr is not a terminal it stays quiet.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, TextIO
 
 from aiohttp import ClientError, ClientSession, ClientTimeout
 
@@ -25,15 +27,20 @@ from collector.core.reporting import (
     render_junit,
     render_markdown,
     render_table,
+    report_document,
     sort_rows,
+    to_yaml,
 )
 from collector.core.statuses import FAILING, UNDECIDED
 from collector.core.views import FlowView
+from flowproof.output import add_output_flag, with_examples
 from lab.config import DEFAULT_NAME, DEFAULT_STATE_DIR
 from lab.state import collector_url
 
 EXIT_OK, EXIT_FAILED, EXIT_UNDECIDED = 0, 1, 2
 DEFAULT_COLLECTOR = "http://127.0.0.1:8080"
+NDJSON: Final = "application/x-ndjson"
+PROGRESS_MODES: Final = ("auto", "always", "never")
 
 
 def exit_code(
@@ -61,25 +68,63 @@ def default_collector_url(environ: Mapping[str, str], lab: str | None = None) ->
     return url or DEFAULT_COLLECTOR
 
 
+def add_report_flags(parser: argparse.ArgumentParser) -> None:
+    """The report files, `-o` and `--progress` of a verification."""
+    parser.add_argument("--junit", metavar="FILE", help="also write JUnit XML here")
+    parser.add_argument("--json", dest="json_file", metavar="FILE", help="also write JSON here")
+    parser.add_argument("--markdown", metavar="FILE", help="also write Markdown here")
+    add_output_flag(parser)
+    parser.add_argument(
+        "--progress",
+        choices=PROGRESS_MODES,
+        default="auto",
+        help="show flows decided / total on stderr while waiting: auto (on a terminal, not in "
+        "CI), always, never",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowproof verify",
         description="Run every expectation now against a running collector; exit 0 pass, "
         "1 a failure, 2 undecided (no agents, timeout, inconclusive flows).",
     )
-    parser.add_argument("--collector", help="collector URL (default: the lab's, or localhost:8080)")
+    with_examples(
+        parser,
+        ("the CI gate against the running lab (or $FLOWPROOF_COLLECTOR_URL)",
+         "flowproof verify --once --junit verify.xml"),
+        ("in a cluster, from inside the collector's pod",
+         "kubectl -n flowproof exec deploy/flowproof-collector -- flowproof verify --once"),
+        ("through a port-forward, as a pull-request comment",
+         "flowproof verify --once --collector http://localhost:8080 -o markdown"),
+        ("the lab named demo, failing on a policy that is not enforced",
+         "flowproof verify --once --lab demo --fail-on-not-enforced"),
+        ("keep verifying every minute", "flowproof verify --interval 60"),
+    )  # fmt: skip
+    parser.add_argument(
+        "--collector",
+        metavar="URL",
+        help="collector URL (default: $FLOWPROOF_COLLECTOR_URL, the lab's, or localhost:8080)",
+    )
     parser.add_argument(
         "--lab", metavar="NAME", help="the collector of this running lab (`flowproof lab --name`)"
     )
     parser.add_argument("--once", action="store_true", help="verify once and exit (the CI gate)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     parser.add_argument(
-        "--interval", type=float, default=30.0, help="without --once: seconds between rounds"
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long the collector may take to decide every flow (default 60)",
     )
-    parser.add_argument("--junit", metavar="FILE")
-    parser.add_argument("--json", dest="json_file", metavar="FILE")
-    parser.add_argument("--markdown", metavar="FILE")
-    parser.add_argument("-o", "--output", choices=("table", "json", "markdown"), default="table")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="without --once: seconds between rounds (default 30)",
+    )
+    add_report_flags(parser)
     parser.add_argument(
         "--fail-on-not-enforced",
         action="store_true",
@@ -95,10 +140,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_progress(mode: str, stream: TextIO, environ: Mapping[str, str]) -> bool:
+    """Whether to show progress: `always`, `never`, or (auto) on a terminal outside CI."""
+    if mode != "auto":
+        return mode == "always"
+    return stream.isatty() and not environ.get("CI")
+
+
+class ProgressLine:
+    """One line on a terminal, rewritten in place: `verify: 12/40 flows decided (3.1 s)`."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.shown = False
+
+    def update(self, progress: Mapping[str, Any]) -> None:
+        phase, elapsed = progress.get("phase"), progress.get("elapsed", 0)
+        if phase == "probing":
+            text = f"{progress.get('decided', 0)}/{progress.get('total', 0)} flows decided"
+        elif phase == "agents":
+            text = "waiting for agents and probe pods"
+        else:
+            text = "waiting for the collector's inventory"
+        self.stream.write(f"\r\x1b[Kverify: {text} ({elapsed} s)")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
 async def request_verification(
-    url: str, timeout_seconds: float, *, evidence: bool = True, require_evidence: bool = False
+    url: str,
+    timeout_seconds: float,
+    *,
+    evidence: bool = True,
+    require_evidence: bool = False,
+    on_progress: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """The collector's answer; with `on_progress`, asked as a stream of progress lines."""
     client_timeout = ClientTimeout(total=timeout_seconds + 30)
+    headers = {"Accept": NDJSON} if on_progress is not None else {}
     async with (
         ClientSession(timeout=client_timeout) as session,
         session.post(
@@ -108,11 +193,23 @@ async def request_verification(
                 "evidence": evidence,
                 "require_evidence": require_evidence,
             },
+            headers=headers,
         ) as resp,
     ):
         resp.raise_for_status()
-        answer: dict[str, Any] = await resp.json()
-        return answer
+        if on_progress is None or NDJSON not in resp.headers.get("Content-Type", ""):
+            answer: dict[str, Any] = await resp.json(content_type=None)
+            return answer
+        async for raw in resp.content:
+            if not raw.strip():
+                continue
+            line = json.loads(raw)
+            if "progress" in line:
+                on_progress(line["progress"])
+            elif "answer" in line:
+                found: dict[str, Any] = line["answer"]
+                return found
+        raise json.JSONDecodeError("the stream ended without an answer", "", 0)
 
 
 @dataclass(frozen=True)
@@ -125,20 +222,38 @@ class Outputs:
     markdown: str | None = None
     fail_on_not_enforced: bool = False
     evidence: bool = True
+    progress: bool = False
+    """Show flows decided / total on stderr while waiting (show_progress decides)."""
 
 
 def report(answer: dict[str, Any], outputs: Outputs) -> int:
-    """Print the answer as asked, write the report files; the exit code."""
+    """Print the answer as asked, write the report files; the exit code (which the summary line
+    agrees with: never OK when it is 2)."""
     data = [r for r in answer.get("rows", []) if isinstance(r, dict)]
     rows = sort_rows(FlowView.from_json(r) for r in data)
     details = {str(r["key"]): r for r in data}
     problems = answer.get("reasons", [])
     policies = [p for p in answer.get("policies", []) if isinstance(p, dict)]
+    code = exit_code(answer, rows, fail_on_not_enforced=outputs.fail_on_not_enforced)
+    decided = code != EXIT_UNDECIDED
+
+    def table(wide: bool) -> str:
+        return render_table(rows, with_reality=True, policies=policies, wide=wide, decided=decided)
+
+    def document() -> dict[str, Any]:
+        return report_document(
+            rows, problems=problems, details=details, policies=policies, decided=decided
+        )
+
     renderers: dict[str, Callable[[], str]] = {
-        "table": lambda: render_table(rows, with_reality=True, policies=policies),
-        "json": lambda: render_json(rows, problems=problems, details=details, policies=policies),
+        "table": lambda: table(False),
+        "wide": lambda: table(True),
+        "json": lambda: render_json(
+            rows, problems=problems, details=details, policies=policies, decided=decided
+        ),
+        "yaml": lambda: to_yaml(document()),
         "markdown": lambda: render_markdown(
-            rows, title="flowproof verify", with_reality=True, policies=policies
+            rows, title="flowproof verify", with_reality=True, policies=policies, decided=decided
         ),
     }
     print(renderers[outputs.output]())
@@ -152,11 +267,13 @@ def report(answer: dict[str, Any], outputs: Outputs) -> int:
     for path, render in files:
         if path:
             Path(path).write_text(render(), encoding="utf-8")
-    return exit_code(answer, rows, fail_on_not_enforced=outputs.fail_on_not_enforced)
+    return code
 
 
 def fetch_answer(url: str, timeout_seconds: float, outputs: Outputs) -> dict[str, Any] | None:
-    """The collector's answer, or None (said on stderr) when it cannot be had."""
+    """The collector's answer, or None (said on stderr) when it cannot be had. With
+    `outputs.progress`, flows decided / total are shown on stderr while it waits."""
+    line = ProgressLine(sys.stderr) if outputs.progress else None
     try:
         return asyncio.run(
             request_verification(
@@ -164,12 +281,20 @@ def fetch_answer(url: str, timeout_seconds: float, outputs: Outputs) -> dict[str
                 timeout_seconds,
                 evidence=outputs.evidence,
                 require_evidence=outputs.fail_on_not_enforced,
+                on_progress=line.update if line is not None else None,
             )
         )
     except (ClientError, OSError, TimeoutError) as exc:
+        if line is not None:
+            line.clear()
         print(f"flowproof verify: cannot reach the collector at {url}: {exc}", file=sys.stderr)
     except json.JSONDecodeError as exc:
+        if line is not None:
+            line.clear()
         print(f"flowproof verify: the collector at {url} answered no JSON: {exc}", file=sys.stderr)
+    finally:
+        if line is not None:
+            line.clear()
     return None
 
 
@@ -192,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.markdown,
         fail_on_not_enforced=args.fail_on_not_enforced,
         evidence=args.evidence,
+        progress=show_progress(args.progress, sys.stderr, os.environ),
     )
     while True:
         answer = fetch_answer(url, args.timeout, outputs)

@@ -17,7 +17,9 @@ from typing import Any, TypeAlias
 
 from tabulate import tabulate
 
+from collector.core.reporting import to_yaml
 from flowproof.errors import ConfigurationError, InputError
+from flowproof.output import add_output_flag, with_examples
 from lab.config import DEFAULT_NAME, DEFAULT_STATE_DIR, LabSettings
 from lab.errors import LabError
 from lab.faults import FAULT_MODES
@@ -56,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="A cluster in network namespaces on this host, with NetworkPolicies enforced "
         "by nftables (needs root).",
     )
+    with_examples(
+        parser,
+        ("build the example shop with a collector and an agent per node",
+         "flowproof lab up -f examples/shop"),
+        ("prove a team's manifests with real packets in CI, no cluster",
+         "flowproof lab test -f k8s/ -e flows.yaml --junit lab.xml"),
+        ("a second lab beside the first", "flowproof lab --name two up -f examples/shop"),
+    )  # fmt: skip
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
@@ -66,24 +76,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_up(sub: Subcommands, common: argparse.ArgumentParser) -> None:
-    up = sub.add_parser("up", parents=[common], help="build a lab from manifests")
-    up.add_argument(
+FILES_HELP = (
+    "manifest files or directories (a kustomization directory is rendered with kubectl "
+    "kustomize; - reads standard input; repeatable)"
+)
+EXPECTATIONS_HELP = "FlowExpectations files or directories (also read from the manifests)"
+
+
+def _files_flag(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
         "-f",
         "--filename",
         action="append",
+        nargs="+",
+        required=required,
         default=[],
         metavar="PATH",
-        help="manifest file or directory (repeatable)",
+        help=FILES_HELP,
     )
+
+
+def _expectations_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-e",
+        "--expectations",
+        action="append",
+        default=[],
+        metavar="PATH",
+        nargs="+",
+        help=EXPECTATIONS_HELP,
+    )
+
+
+def _flat(groups: Sequence[Sequence[str]]) -> list[str]:
+    return [p for group in groups for p in group]
+
+
+def _add_up(sub: Subcommands, common: argparse.ArgumentParser) -> None:
+    up = sub.add_parser(
+        "up",
+        parents=[common],
+        help="build a lab from manifests",
+        description="Build a lab from manifests: a node per network namespace, a pod per "
+        "declared pod, policies in nftables, and (unless --no-loop) a collector and an agent "
+        "per node proving the expectations.",
+    )
+    with_examples(
+        up,
+        ("the example shop", "flowproof lab up -f examples/shop"),
+        ("manifests and expectations apart, as `lab test` takes them",
+         "flowproof lab up -f k8s/ -e flows.yaml"),
+        ("a rendered kustomization", "kustomize build overlays/dev | flowproof lab up -f -"),
+        ("the lab alone, no collector and agents", "flowproof lab up -f k8s/ --no-loop"),
+    )  # fmt: skip
+    _files_flag(up, required=False)
+    _expectations_flag(up)
     defaults = LabSettings()
     up.add_argument("--nodes", type=int, default=defaults.nodes, help="number of nodes (default 3)")
     up.add_argument(
-        "--pod-cidr", default=defaults.pod_cidr, help="pod range; node N gets its N-th /24"
+        "--pod-cidr",
+        default=defaults.pod_cidr,
+        help=f"pod range; node N gets its N-th /24 (default {defaults.pod_cidr})",
     )
-    up.add_argument("--service-cidr", default=defaults.service_cidr)
-    up.add_argument("--dns-ip", default=defaults.dns_service_ip, help="the cluster DNS address")
-    up.add_argument("--fabric-cidr", default=defaults.fabric_cidr, help="node interconnect range")
+    up.add_argument(
+        "--service-cidr",
+        default=defaults.service_cidr,
+        help=f"Service (ClusterIP) range (default {defaults.service_cidr})",
+    )
+    up.add_argument(
+        "--dns-ip",
+        default=defaults.dns_service_ip,
+        help=f"the cluster DNS address (default {defaults.dns_service_ip})",
+    )
+    up.add_argument(
+        "--fabric-cidr",
+        default=defaults.fabric_cidr,
+        help=f"node interconnect range (default {defaults.fabric_cidr})",
+    )
     up.add_argument(
         "--cgroup-driver",
         choices=("systemd", "cgroupfs"),
@@ -128,22 +197,68 @@ def _add_up(sub: Subcommands, common: argparse.ArgumentParser) -> None:
 
 
 def _add_changes(sub: Subcommands, common: argparse.ArgumentParser) -> None:
-    apply = sub.add_parser("apply", parents=[common], help="create or update objects")
-    apply.add_argument("-f", "--filename", action="append", required=True, metavar="PATH")
+    apply = sub.add_parser(
+        "apply",
+        parents=[common],
+        help="create or update objects",
+        description="Create or update the objects in the files, as kubectl apply does; only the "
+        "pods and policies that change are touched.",
+    )
+    with_examples(
+        apply,
+        ("break a required path", "flowproof lab apply -f examples/breaks/db-ingress-only-batch.yaml"),
+        ("make the lab exactly the files", "flowproof lab apply -f k8s/ --prune"),
+    )  # fmt: skip
+    _files_flag(apply, required=True)
     apply.add_argument(
         "--prune", action="store_true", help="also delete every object the files do not declare"
     )
 
-    delete = sub.add_parser("delete", parents=[common], help="delete the objects in the files")
-    delete.add_argument("-f", "--filename", action="append", required=True, metavar="PATH")
+    delete = sub.add_parser(
+        "delete",
+        parents=[common],
+        help="delete the objects in the files",
+        description="Delete the objects the files name (by kind, namespace and name).",
+    )
+    with_examples(
+        delete,
+        ("undo a break", "flowproof lab delete -f examples/breaks/allow-frontend-to-db.yaml"),
+    )
+    _files_flag(delete, required=True)
 
-    label = sub.add_parser("label", parents=[common], help="change labels (key=value, key-)")
-    label.add_argument("kind", choices=("pod", "pods", "namespace", "namespaces", "ns"))
+    label = sub.add_parser(
+        "label",
+        parents=[common],
+        help="change labels (key=value, key-)",
+        description="Set (key=value) or remove (key-) labels of a pod or a namespace; the "
+        "policies that select them are re-applied.",
+    )
+    with_examples(
+        label,
+        ("move a pod out of a policy's reach", "flowproof lab label pod shop/api app=other"),
+        ("remove a namespace label", "flowproof lab label ns shop team-"),
+    )
+    label.add_argument(
+        "kind",
+        choices=("pod", "pods", "namespace", "namespaces", "ns"),
+        help="what to label: pod or namespace",
+    )
     label.add_argument("target", help="NAMESPACE/POD for a pod, NAME for a namespace")
     label.add_argument("changes", nargs="+", metavar="LABEL", help="key=value sets, key- removes")
 
-    status = sub.add_parser("status", parents=[common], help="nodes, pods, policies, enforcement")
-    status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    status = sub.add_parser(
+        "status",
+        parents=[common],
+        help="nodes, pods, policies, enforcement",
+        description="The lab's nodes, pods, policies, enforcement generation, faults and loop.",
+    )
+    with_examples(
+        status,
+        ("a summary", "flowproof lab status"),
+        ("with pod ports and namespaces", "flowproof lab status -o wide"),
+        ("for a script", "flowproof lab status -o json"),
+    )
+    add_output_flag(status, formats=("table", "wide", "json", "yaml"))
 
     fault = sub.add_parser(
         "fault",
@@ -152,10 +267,30 @@ def _add_changes(sub: Subcommands, common: argparse.ArgumentParser) -> None:
         description="modes: ignore-policy NS/NAME, lag SECONDS, reject, "
         "ignore-named-ports, ignore-endport, clear",
     )
-    fault.add_argument("mode", choices=FAULT_MODES)
-    fault.add_argument("args", nargs="*")
+    with_examples(
+        fault,
+        ("enforce every policy but one (ENFORCEMENT_DRIFT follows)",
+         "flowproof lab fault ignore-policy shop/default-deny"),
+        ("apply policy changes 5 s late", "flowproof lab fault lag 5"),
+        ("back to faithful enforcement", "flowproof lab fault clear"),
+    )  # fmt: skip
+    fault.add_argument("mode", choices=FAULT_MODES, help="the fault: " + ", ".join(FAULT_MODES))
+    fault.add_argument(
+        "args", nargs="*", help="its argument: NS/NAME for ignore-policy, SECONDS for lag"
+    )
 
-    sub.add_parser("down", parents=[common], help="remove everything the lab created")
+    down = sub.add_parser(
+        "down",
+        parents=[common],
+        help="remove everything the lab created",
+        description="Remove every namespace, veth, nft table, cgroup and process the lab made, "
+        "by their recorded names and pids (also after a crash).",
+    )
+    with_examples(
+        down,
+        ("the default lab", "flowproof lab down"),
+        ("another", "flowproof lab --name two down"),
+    )
 
     loop = sub.add_parser(
         "loop",
@@ -164,8 +299,19 @@ def _add_changes(sub: Subcommands, common: argparse.ArgumentParser) -> None:
         description="COMPONENT: collector, agents, all, or a node name (its agent). "
         "stop kills by recorded pid; start and restart wait until they are connected.",
     )
-    loop.add_argument("action", choices=("start", "stop", "restart"))
-    loop.add_argument("component", nargs="?", default="all", metavar="COMPONENT")
+    with_examples(
+        loop,
+        ("what an agent crash looks like", "flowproof lab loop stop node-1"),
+        ("restart the collector", "flowproof lab loop restart collector"),
+    )
+    loop.add_argument("action", choices=("start", "stop", "restart"), help="what to do")
+    loop.add_argument(
+        "component",
+        nargs="?",
+        default="all",
+        metavar="COMPONENT",
+        help="collector, agents, all (default) or a node name",
+    )
 
 
 def _add_test(sub: Subcommands, common: argparse.ArgumentParser) -> None:
@@ -177,19 +323,26 @@ def _add_test(sub: Subcommands, common: argparse.ArgumentParser) -> None:
         "`flowproof verify --once` against it, and take it down (also on failure or Ctrl-C). "
         "Exit code: verify's (0 every expectation holds, 1 one fails, 2 undecided).",
     )
-    test.add_argument("-f", "--filename", action="append", required=True, metavar="PATH", nargs="+")
-    test.add_argument(
-        "-e",
-        "--expectations",
-        action="append",
-        default=[],
-        metavar="PATH",
-        nargs="+",
-        help="FlowExpectations files (also read from the manifests)",
-    )
+    with_examples(
+        test,
+        ("the CI job: real packets, no cluster, a JUnit report",
+         "flowproof lab test -f k8s/ -e flows.yaml --junit lab.xml"),
+        ("a kustomization, rendered", "flowproof lab test -f overlays/ci -e flows.yaml"),
+        ("a Helm chart", "helm template app ./chart | flowproof lab test -f - -e flows.yaml"),
+    )  # fmt: skip
+    _files_flag(test, required=True)
+    _expectations_flag(test)
     test.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
     test.add_argument("--json", dest="json_file", metavar="FILE", help="write JSON here")
     test.add_argument("--markdown", metavar="FILE", help="write Markdown here")
+    add_output_flag(test)
+    test.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="show flows decided / total on stderr while verifying: auto (on a terminal, not "
+        "in CI), always, never",
+    )
     test.add_argument(
         "--fail-on-not-enforced",
         action="store_true",
@@ -270,7 +423,7 @@ def _settings(args: argparse.Namespace) -> LabSettings:
     )
 
 
-def _print_status(data: dict[str, Any]) -> None:
+def _print_status(data: dict[str, Any], *, wide: bool = False) -> None:
     print(
         f"lab {data['name']} ({data['phase']}): {len(data['nodes'])} nodes, "
         f"{len(data['pods'])} pods, "
@@ -296,17 +449,19 @@ def _print_status(data: dict[str, Any]) -> None:
         iso = "/".join(
             x for x, on in (("in", pod["ingressIsolated"]), ("eg", pod["egressIsolated"])) if on
         )
-        rows.append(
-            (
-                pod["key"],
-                pod["node"],
-                pod["ip"],
-                "yes" if pod["running"] else "NO",
-                iso or "-",
-                ",".join(f"{k}={v}" for k, v in sorted(pod["labels"].items())),
-            )
-        )
-    print(tabulate(rows, headers=["POD", "NODE", "IP", "RUNNING", "ISOLATED", "LABELS"]))
+        row = [
+            pod["key"],
+            pod["node"],
+            pod["ip"],
+            "yes" if pod["running"] else "NO",
+            iso or "-",
+            ",".join(f"{k}={v}" for k, v in sorted(pod["labels"].items())),
+        ]
+        if wide:
+            row += [_ports_text(pod.get("ports", [])), pod.get("netns", "-")]
+        rows.append(row)
+    headers = ["POD", "NODE", "IP", "RUNNING", "ISOLATED", "LABELS"]
+    print(tabulate(rows, headers=headers + (["PORTS", "NETNS"] if wide else [])))
     print()
     print("policies: " + (", ".join(data["policies"]) or "none"))
     print(f"cluster DNS {data['dns']['service']} -> {', '.join(data['dns']['pods']) or 'nobody'}")
@@ -331,6 +486,18 @@ def _print_status(data: dict[str, Any]) -> None:
     print("agents: " + ", ".join(agents))
 
 
+def _ports_text(ports: Any) -> str:
+    """A pod's declared ports as `http:8080/TCP,5432/TCP`."""
+    parts = []
+    for port in ports if isinstance(ports, list) else []:
+        if isinstance(port, dict):
+            name = f"{port['name']}:" if port.get("name") else ""
+            parts.append(f"{name}{port.get('port')}/{port.get('protocol', 'TCP')}")
+        else:
+            parts.append(str(port))
+    return ",".join(parts) or "-"
+
+
 LabTest = Callable[[argparse.Namespace], int]
 """Runs `lab test` (flowproof.labtest: it needs the verify client, which sits above the lab)."""
 
@@ -347,10 +514,10 @@ def run(args: argparse.Namespace, test: LabTest | None = None) -> int:
             raise LabError("`lab test` runs from the front door: use `flowproof lab test`")
         return test(args)
     if command == "apply":
-        _print_report(lab.apply(read_manifests(args.filename), prune=args.prune))
+        _print_report(lab.apply(read_manifests(_flat(args.filename)), prune=args.prune))
         return 0
     if command == "delete":
-        _print_report(lab.delete(read_manifests(args.filename)))
+        _print_report(lab.delete(read_manifests(_flat(args.filename))))
         return 0
     if command == "label":
         if args.kind in ("pod", "pods"):
@@ -364,8 +531,10 @@ def run(args: argparse.Namespace, test: LabTest | None = None) -> int:
         data = lab.status()
         if args.output == "json":
             print(json.dumps(data, indent=2, sort_keys=True))
+        elif args.output == "yaml":
+            print(to_yaml(data), end="")
         else:
-            _print_status(data)
+            _print_status(data, wide=args.output == "wide")
         return 0
     if command == "fault":
         _print_report(lab.fault(args.mode, args.args))
@@ -398,7 +567,12 @@ def _apiserver_options(args: argparse.Namespace) -> ApiServerOptions | None:
 def _run_up(lab: Lab, args: argparse.Namespace) -> int:
     loop = _loop_settings(args)
     apiserver = _apiserver_options(args)
-    report = lab.up(read_manifests(args.filename), _settings(args), loop, apiserver)
+    report = lab.up(
+        read_manifests(_flat(args.filename) + _flat(args.expectations)),
+        _settings(args),
+        loop,
+        apiserver,
+    )
     _print_report(report)
     status = lab.status()
     print(

@@ -4,7 +4,8 @@
 The one source of truth is collector/reading/schemas/flowexpectations.schema.json: its `spec` becomes the
 CRD's openAPIV3Schema `spec`, made structural (no `additionalProperties: false`, no `$` keywords,
 int-or-string ports in the one shape Kubernetes accepts), and the CRD adds what only a cluster has:
-the `status` the collector writes, printer columns, the status subresource. Never edit the output.
+the `status` the collector writes (with the conditions Verified and Ready), printer columns that
+read them, the status subresource. Never edit the output.
 
     scripts/gen-crd.py            write deploy/crds/flowexpectations.yaml (what `make crd` runs)
     scripts/gen-crd.py --check    exit 1 if the file is stale (tests/unit/test_crd.py does the same)
@@ -122,6 +123,89 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Problem", "type": "string", "jsonPath": ".status.problem", "priority": 1},
 ]
+
+# --- conditions (collector/cluster.py writes them; `kubectl wait --for=condition=Verified`) ------
+
+CONDITION_TYPES = ("Verified", "Ready")
+
+
+def condition_schema() -> dict[str, Any]:
+    """metav1.Condition, as every Kubernetes API describes it."""
+    return {
+        "description": "the state of one aspect of the object (Verified: every flow passes; "
+        "Ready: every flow has a current verdict)",
+        "type": "object",
+        "required": ["type", "status", "lastTransitionTime", "reason", "message"],
+        "properties": {
+            "type": {
+                "description": "Verified or Ready",
+                "type": "string",
+                "maxLength": 316,
+                "pattern": r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$",
+            },
+            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+            "observedGeneration": {
+                "description": "the metadata.generation the condition was set for",
+                "type": "integer",
+                "format": "int64",
+                "minimum": 0,
+            },
+            "lastTransitionTime": {
+                "description": "when the status last changed",
+                "type": "string",
+                "format": "date-time",
+            },
+            "reason": {
+                "description": "why, in one CamelCase word (AllFlowsPass, FlowsFailing, Pending, "
+                "Inconclusive, Stale, Invalid, Decided)",
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 1024,
+                "pattern": r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+            },
+            "message": {
+                "description": "why, for people: the failing flows by name",
+                "type": "string",
+                "maxLength": 32768,
+            },
+        },
+    }
+
+
+def status_schema() -> dict[str, Any]:
+    """STATUS_SCHEMA with the conditions, a list keyed by type (server-side apply merges it)."""
+    schema = copy.deepcopy(STATUS_SCHEMA)
+    schema["properties"]["conditions"] = {
+        "description": "Verified and Ready, with reasons and observedGeneration",
+        "type": "array",
+        "maxItems": 8,
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["type"],
+        "items": condition_schema(),
+    }
+    return schema
+
+
+def _condition_path(kind: str, field: str) -> str:
+    return f'.status.conditions[?(@.type=="{kind}")].{field}'
+
+
+def printer_columns() -> list[dict[str, Any]]:
+    """`kubectl get fe`: the conditions first (VERIFIED, REASON, READY), then the counts."""
+    return [
+        {"name": "Verified", "type": "string", "jsonPath": _condition_path("Verified", "status")},
+        {"name": "Reason", "type": "string", "jsonPath": _condition_path("Verified", "reason")},
+        {"name": "Ready", "type": "string", "jsonPath": _condition_path("Ready", "status")},
+        *PRINTER_COLUMNS[:-1],
+        {
+            "name": "Message",
+            "type": "string",
+            "jsonPath": _condition_path("Verified", "message"),
+            "priority": 1,
+        },
+        PRINTER_COLUMNS[-1],
+    ]
 
 
 def structural(node: Any, where: str = "spec") -> Any:
@@ -358,7 +442,7 @@ def build_crd(schema: Mapping[str, Any]) -> dict[str, Any]:
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
             "spec": spec,
-            "status": STATUS_SCHEMA,
+            "status": status_schema(),
         },
     }
     return {
@@ -385,7 +469,7 @@ def build_crd(schema: Mapping[str, Any]) -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "additionalPrinterColumns": printer_columns(),
                     "schema": {"openAPIV3Schema": open_api},
                 }
             ],

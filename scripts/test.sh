@@ -17,6 +17,10 @@ ruff format --check .
 mypy
 lint-imports
 
+echo "== helm for the chart tests (built from its Go module into a cache outside the repository)"
+FLOWPROOF_HELM="$(bash scripts/build-helm.sh)/helm"
+export FLOWPROOF_HELM
+
 mkdir -p test-artifacts
 build_out=test-artifacts/controlplane-build.out
 build_log=test-artifacts/controlplane-build.log

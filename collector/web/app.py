@@ -14,7 +14,6 @@ the internet.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import enum
@@ -28,6 +27,7 @@ from typing import Any, Protocol
 
 import yaml
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse, sse_response
 
 from collector.core.evidence import EVIDENCE_STATUSES
 from collector.core.flowstate import FlowState
@@ -48,12 +48,16 @@ from collector.core.views import (
     sort_evidence,
     status_counts,
 )
-from collector.web.events import Broadcaster, Event, Subscriber, sse_message
+from collector.web.events import Broadcaster, Event, Subscriber, event_data
 from flowproof import __version__
 
 WEBUI = Path(__file__).with_name("webui")
 STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css"}
 KEEPALIVE_SECONDS = 15.0
+SEND_TIMEOUT_SECONDS = 30.0
+"""A page whose connection takes no event for this long (a stalled peer) is cut off."""
+RETRY_MILLISECONDS = 1000
+"""How soon a browser reconnects after the stream breaks."""
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -127,11 +131,13 @@ class _Api:
         metrics: Exposition,
         broadcaster: Broadcaster,
         keepalive_seconds: float,
+        send_timeout_seconds: float = SEND_TIMEOUT_SECONDS,
     ) -> None:
         self.view = view
         self.metrics = metrics
         self.broadcaster = broadcaster
         self.keepalive_seconds = keepalive_seconds
+        self.send_timeout_seconds = send_timeout_seconds
         self.openapi = load_openapi()
         self.static = {name: (WEBUI / name).read_bytes() for name in (*STATIC_FILES, "index.html")}
 
@@ -341,44 +347,36 @@ class _Api:
         )
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        await response.prepare(request)
-        if self.broadcaster.closed:
-            return response
-        async with self.broadcaster.subscribe() as subscriber:
-            with contextlib.suppress(ConnectionError):  # the client went away: nothing to do
-                await self._stream(response, subscriber)
+        """The event stream (aiohttp-sse: framing, pings every keepalive_seconds, and a peer
+        that stops reading for SEND_TIMEOUT_SECONDS is cut off instead of holding the stream)."""
+        async with sse_response(
+            request,
+            sep="\n",
+            ping_interval=self.keepalive_seconds,
+            send_timeout=self.send_timeout_seconds,
+            headers={"X-Accel-Buffering": "no"},
+        ) as response:
+            if self.broadcaster.closed:
+                return response
+            async with self.broadcaster.subscribe() as subscriber:
+                # The client went away, or stopped reading: nothing to do.
+                with contextlib.suppress(ConnectionError, TimeoutError):
+                    await self._stream(response, subscriber)
         return response
 
-    async def _stream(self, response: web.StreamResponse, subscriber: Subscriber) -> None:
+    async def _stream(self, response: EventSourceResponse, subscriber: Subscriber) -> None:
         hello = {"version": __version__, "generation": self.view.generation(), "at": time.time()}
-        await response.write(b"retry: 1000\n\n" + sse_message(0, "hello", hello))
+        await response.send(event_data(hello), event="hello", retry=RETRY_MILLISECONDS)
         while True:
             if subscriber.overflowed and not self.broadcaster.closed:
-                await response.write(sse_message(0, "resync", {"reason": "too many events"}))
+                await response.send(event_data({"reason": "too many events"}), event="resync")
                 return
-            try:
-                event = await asyncio.wait_for(subscriber.queue.get(), self.keepalive_seconds)
-            except TimeoutError:
-                await response.write(b": keepalive\n\n")
-                continue
-            chunk: list[bytes] = []
-            while event is not None:  # whatever else is queued goes out in the same write
-                chunk.append(sse_message(event.id, event.kind, self._annotate(event)))
-                try:
-                    event = subscriber.queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-            if chunk:
-                await response.write(b"".join(chunk))
+            event = await subscriber.queue.get()
             if event is None:
                 return
+            await response.send(
+                event_data(self._annotate(event)), id=str(event.id), event=event.kind
+            )
 
     def _annotate(self, event: Event) -> dict[str, Any]:
         """The event's data with the current row of the flow it names (when it names one)."""
@@ -401,13 +399,14 @@ def build_web_app(
     broadcaster: Broadcaster,
     app: web.Application | None = None,
     keepalive_seconds: float = KEEPALIVE_SECONDS,
+    send_timeout_seconds: float = SEND_TIMEOUT_SECONDS,
 ) -> web.Application:
     """The routes of the web view, API, metrics and health, added to `app` (or a new one).
 
     Closing the app ends every open event stream (so a graceful stop is not held up by them).
     """
     app = app if app is not None else web.Application()
-    api = _Api(state_view, metrics, broadcaster, keepalive_seconds)
+    api = _Api(state_view, metrics, broadcaster, keepalive_seconds, send_timeout_seconds)
     router = app.router
     router.add_get("/", api.index)
     router.add_get("/static/{name}", api.static_file)

@@ -1,7 +1,8 @@
 """Server-sent events: every loop event the web view needs reaches open pages within a second.
 
 Owns `Broadcaster` (fan-out to every open stream, each with a bounded queue: a page too slow to
-keep up is told to resync instead of holding memory) and the wire form of an event. It never
+keep up is told to resync instead of holding memory) and an event's data; the wire framing,
+pings and send timeouts are aiohttp-sse's (collector.web.app). It never
 decides a status; the stream handler in collector.web.app adds the flow's current row.
 """
 
@@ -108,10 +109,9 @@ class Broadcaster:
         return self._closed
 
 
-def sse_message(event_id: int, kind: str, data: Mapping[str, Any]) -> bytes:
-    payload = json.dumps(data, separators=(",", ":"), default=str)
-    head = f"id: {event_id}\n" if event_id else ""
-    return f"{head}event: {kind}\ndata: {payload}\n\n".encode()
+def event_data(data: Mapping[str, Any]) -> str:
+    """An event's data line: compact JSON (the stream's framing is aiohttp-sse's)."""
+    return json.dumps(data, separators=(",", ":"), default=str)
 
 
-__all__ = ["Broadcaster", "Event", "Subscriber", "sse_message"]
+__all__ = ["Broadcaster", "Event", "Subscriber", "event_data"]

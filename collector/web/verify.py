@@ -3,15 +3,20 @@
 It waits for the inventory, for the probe pods the plan requests and for an agent on every node
 that sources a flow, probes every declared flow at once, and waits until each has a settled result
 of a probe started after the request (or the timeout). The answer's rows are
-collector.core.views' flow details, its policies every NetworkPolicy's evidence; `flowproof verify` (flowproof/verifying.py) is its client.
-Also `GET /api/v1/debug/loop`: read-only counters the lab tests use.
+collector.core.views' flow details, its policies every NetworkPolicy's evidence; `flowproof
+verify` (flowproof/verifying.py) is its client. Asked with `Accept: application/x-ndjson`, it
+streams JSON lines instead: `{"progress": {...}}` about twice a second while it waits (what it
+waits for; flows decided of the total), then `{"answer": {...}}`. Also `GET /api/v1/debug/loop`:
+read-only counters the lab tests use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -20,11 +25,17 @@ from collector.core.views import evidence_summary, policy_json, report_flows, so
 from collector.dispatching import Dispatcher
 from collector.loop import Collector
 
+NDJSON: Final = "application/x-ndjson"
+PROGRESS_INTERVAL_SECONDS: Final = 0.5
+
+Progress = Callable[[dict[str, Any]], Awaitable[None]]
+"""Told what a verification waits for: {"phase": ..., "decided": n, "total": m, ...}."""
+
 
 def add_verify_routes(app: web.Application, collector: Collector, dispatcher: Dispatcher) -> None:
     """`POST /api/v1/verify` and `GET /api/v1/debug/loop` on `app`."""
 
-    async def verify(request: web.Request) -> web.Response:
+    async def verify(request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json() if request.can_read_body else {}
             timeout = float(body.get("timeout_seconds", 60.0))
@@ -38,10 +49,28 @@ def add_verify_routes(app: web.Application, collector: Collector, dispatcher: Di
                 },
                 status=400,
             )
+        if NDJSON not in request.headers.get("Accept", ""):
+            answer = await run_verification(
+                collector, dispatcher, timeout, evidence=evidence, require_evidence=require
+            )
+            return web.json_response(answer)
+        response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+        await response.prepare(request)
+
+        async def progress(data: dict[str, Any]) -> None:
+            await response.write(_line({"progress": data}))
+
         answer = await run_verification(
-            collector, dispatcher, timeout, evidence=evidence, require_evidence=require
+            collector,
+            dispatcher,
+            timeout,
+            evidence=evidence,
+            require_evidence=require,
+            progress=progress,
         )
-        return web.json_response(answer)
+        await response.write(_line({"answer": answer}))
+        await response.write_eof()
+        return response
 
     async def loop_counters(_: web.Request) -> web.Response:
         return web.json_response(loop_counters_of(collector, dispatcher))
@@ -83,6 +112,10 @@ def loop_counters_of(collector: Collector, dispatcher: Dispatcher) -> dict[str, 
     }
 
 
+def _line(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":"), default=str).encode() + b"\n"
+
+
 async def run_verification(
     collector: Collector,
     dispatcher: Dispatcher,
@@ -90,17 +123,31 @@ async def run_verification(
     *,
     evidence: bool = True,
     require_evidence: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Probe every declared flow (and with `evidence` every policy's witnesses) now; the report
     once each has a settled fresh result or the timeout passed.
 
     Declared flows decide the answer; the policies' evidence is reported beside them and, with
     `require_evidence`, a policy whose witnesses did not all settle leaves the answer undecided.
+    `progress`, if given, is told what it waits for about twice a second.
     """
     timeout = timeout_seconds
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
+    told = [0.0]
+
+    async def tell(phase: str, decided: int = 0, total: int = 0, *, now: bool = False) -> None:
+        if progress is None or not (now or time.monotonic() - told[0] >= PROGRESS_INTERVAL_SECONDS):
+            return
+        told[0] = time.monotonic()
+        elapsed = round(time.monotonic() - started, 1)
+        await progress({"phase": phase, "decided": decided, "total": total, "elapsed": elapsed})
+
+    await tell("inventory", now=True)
     if not await collector.wait_synced(max(0.0, deadline - time.monotonic())):
         return _undecided(collector, dispatcher, "the collector has no inventory yet")
+    await tell("agents", now=True)
     starting = await _wait_for_probe_pods(collector, deadline)
     missing = await _wait_for_agents(collector, dispatcher, deadline)
     since = collector.clock.time()
@@ -108,9 +155,13 @@ async def run_verification(
     queued = collector.planner.expedite(kinds=kinds)
     collector.wake()
     waiting = collector.state.awaiting(since)
+    total = len(waiting)
+    await tell("probing", 0, total, now=True)
     while waiting and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
         waiting = collector.state.awaiting(since)
+        await tell("probing", total - len(waiting), total)
+    await tell("probing", total - len(waiting), total, now=True)
     witnesses = collector.state.awaiting(since, kinds=("witness",)) if evidence else []
     while witnesses and time.monotonic() < deadline:
         await asyncio.sleep(0.1)

@@ -18,6 +18,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
 DEFAULT_VARIABLES = {
+    "cluster": ".*",
     "namespace": ".*",
     "expectation": ".*",
     "__rate_interval": "10s",

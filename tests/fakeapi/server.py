@@ -57,7 +57,7 @@ class ResourceType:
 
     @property
     def builtin(self) -> bool:
-        return self.group in ("", "networking.k8s.io")
+        return self.group in ("", "networking.k8s.io", "events.k8s.io")
 
     @property
     def optional_group(self) -> bool:
@@ -77,6 +77,7 @@ RESOURCES: Final[Mapping[str, ResourceType]] = {
         ResourceType(
             "networkpolicies", "NetworkPolicy", "networking.k8s.io", "v1", namespaced=True
         ),
+        ResourceType("events", "Event", "events.k8s.io", "v1", namespaced=True),
         ResourceType(
             "flowexpectations",
             "FlowExpectations",
@@ -863,6 +864,8 @@ class FakeApiServer:
             meta["namespace"] = namespace
             if ("", namespace) not in self._objects["namespaces"]:
                 return _error(404, "NotFound", f'namespaces "{namespace}" not found')
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:10]}"
         if not meta.get("name"):
             return _error(422, "Invalid", "metadata.name: Required value: name is required")
         if self._key(resource, meta) in self._objects[resource.plural]:

@@ -46,6 +46,7 @@ TOKEN_DIR = "/var/run/secrets/flowproof"
 CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
 }
 
 
@@ -187,6 +188,43 @@ SERVICE_MONITOR_SPEC = {
         },
     },
 }
+_RELABELING = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "sourceLabels": {"type": "array", "items": {"type": "string"}},
+        "targetLabel": {"type": "string"},
+        "replacement": {"type": "string"},
+        "action": {"type": "string"},
+        "regex": {"type": "string"},
+    },
+}
+POD_MONITOR_SPEC = {
+    "type": "object",
+    "required": ["selector", "podMetricsEndpoints"],
+    "additionalProperties": False,
+    "properties": {
+        "selector": _SELECTOR,
+        "namespaceSelector": {"type": "object"},
+        "podMetricsEndpoints": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["port"],
+                "additionalProperties": False,
+                "properties": {
+                    "port": {"type": "string"},
+                    "path": {"type": "string", "pattern": "^/"},
+                    "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                    "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                    "honorLabels": {"type": "boolean"},
+                    "relabelings": {"type": "array", "items": _RELABELING},
+                },
+            },
+        },
+    },
+}
 PROMETHEUS_RULE_SPEC = {
     "type": "object",
     "required": ["groups"],
@@ -248,6 +286,48 @@ def test_the_service_monitor_scrapes_the_collector_service_metrics_port() -> Non
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert endpoint["path"] == "/metrics"
     assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+
+
+def _rule_jobs() -> set[str]:
+    """The scrape jobs the alerting rules name (`job="..."`)."""
+    import re
+
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yaml").read_text(encoding="utf-8"))
+    exprs = " ".join(r["expr"] for g in rules["groups"] for r in g["rules"])
+    return set(re.findall(r'job="([^"]+)"', exprs))
+
+
+def test_the_pod_monitor_scrapes_every_agent_as_the_job_the_rules_name() -> None:
+    docs = _prometheus_operator()
+    monitor = one(docs, "PodMonitor", "flowproof-agent")
+    jsonschema.validate(monitor["spec"], POD_MONITOR_SPEC)
+    daemonset = one(docs, "DaemonSet", "flowproof-agent")
+    labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    assert _selects(monitor["spec"]["selector"], labels)
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    agent = container(docs, "DaemonSet", "flowproof-agent")
+    assert named_port(agent, endpoint["port"]) == 9445
+    relabel = {r["targetLabel"]: r for r in endpoint["relabelings"]}
+    assert relabel["job"]["replacement"] == "flowproof-agent"
+    assert relabel["node"]["sourceLabels"] == ["__meta_kubernetes_pod_node_name"]
+    service = one(docs, "Service", "flowproof-collector")
+    # A ServiceMonitor's job is its Service's name.
+    assert _rule_jobs() == {"flowproof-agent", service["metadata"]["name"]}
+    assert monitor["metadata"]["namespace"] == daemonset["metadata"]["namespace"]
+
+
+def test_the_plain_overlay_marks_both_metrics_ports_for_annotation_scraping() -> None:
+    docs = render("overlays/plain")
+    pod = one(docs, "DaemonSet", "flowproof-agent")["spec"]["template"]["metadata"]
+    port = int(pod["annotations"]["prometheus.io/port"])
+    assert port == named_port(container(docs, "DaemonSet", "flowproof-agent"), "metrics")
+    assert pod["annotations"]["prometheus.io/scrape"] == "true"
+
+
+def test_the_agent_is_scheduled_first_and_only_on_linux_nodes() -> None:
+    spec = pod_spec(render("base"), "DaemonSet", "flowproof-agent")
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
 
 
 def test_the_prometheus_rule_has_the_operator_shape() -> None:
@@ -360,6 +440,7 @@ def test_the_collector_reads_the_cluster_and_writes_only_expectation_status() ->
             for resource in resources
             for verb in read
         }
+        | {("events.k8s.io", "events", "create")}
     )
     assert granted == expected
     binding = one(docs, "ClusterRoleBinding", "flowproof-collector")
@@ -372,6 +453,28 @@ def test_the_collector_reads_the_cluster_and_writes_only_expectation_status() ->
             "namespace": account["metadata"]["namespace"],
         }
     ]
+
+
+def test_edit_and_view_users_get_flowexpectations_through_aggregation() -> None:
+    docs = render("base")
+    edit = one(docs, "ClusterRole", "flowproof-edit")
+    view = one(docs, "ClusterRole", "flowproof-view")
+    labels = "rbac.authorization.k8s.io/aggregate-to-"
+    assert edit["metadata"]["labels"][labels + "edit"] == "true"
+    assert edit["metadata"]["labels"][labels + "admin"] == "true"
+    assert view["metadata"]["labels"][labels + "view"] == "true"
+    assert labels + "view" not in edit["metadata"]["labels"], "view must not aggregate writes"
+    [can_edit] = edit["rules"]
+    assert can_edit["resources"] == ["flowexpectations"], (
+        "never the status: that is the collector's"
+    )
+    assert {"create", "update", "patch", "delete"} <= set(can_edit["verbs"])
+    [can_view] = view["rules"]
+    assert set(can_view["verbs"]) == {"get", "list", "watch"}
+    bound = {
+        b["roleRef"]["name"] for b in docs if b["kind"] in ("RoleBinding", "ClusterRoleBinding")
+    }
+    assert not bound & {"flowproof-edit", "flowproof-view"}, "aggregated, never bound"
 
 
 def _rbac(docs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
@@ -445,6 +548,25 @@ def test_probe_pods_adds_create_and_delete_on_pods_in_named_namespaces_only() ->
     }
 
 
+def test_the_probe_pods_overlay_turns_the_feature_on_where_it_grants_the_rights(
+    token_file: Path,
+) -> None:
+    from collector.settings import load_settings
+
+    docs = render("overlays/probe-pods")
+    c = container(docs, "Deployment", "flowproof-collector")
+    settings = load_settings(_argv(c, token_file), _environment(c, {}))
+    assert settings.probe_pods == "kubernetes"
+    granted = {
+        d["metadata"]["namespace"]
+        for d in docs
+        if d["kind"] == "Role" and d["metadata"]["name"] == "flowproof-probe-pods"
+    }
+    assert set(settings.probe_pod_namespaces) == granted
+    plain = container(render("overlays/plain"), "Deployment", "flowproof-collector")
+    assert load_settings(_argv(plain, token_file), _environment(plain, {})).probe_pods == "off"
+
+
 # --- the NetworkPolicies select the pods they are about -----------------------------------------
 
 
@@ -475,7 +597,11 @@ def test_only_agents_reach_the_grpc_port_and_only_prometheus_the_http_port() -> 
 
     agent_policy = one(docs, "NetworkPolicy", "flowproof-agent")["spec"]
     assert _selects(agent_policy["podSelector"], agent_labels)
-    assert agent_policy["ingress"] == []
+    [scrape] = agent_policy["ingress"]
+    agent_metrics = named_port(container(docs, "DaemonSet", "flowproof-agent"), "metrics")
+    assert scrape["ports"] == [{"port": agent_metrics, "protocol": "TCP"}]
+    assert [set(peer) for peer in scrape["from"]] == [{"namespaceSelector"}]
+    assert scrape["from"] == [prometheus], "the same Prometheus namespace as the collector's"
     [to_collector, dns] = agent_policy["egress"]
     assert _selects(to_collector["to"][0]["podSelector"], collector_labels)
     grpc_port = named_port(container(docs, "Deployment", "flowproof-collector"), "grpc")
@@ -540,7 +666,7 @@ def test_the_collector_manifest_is_accepted_by_the_collector_settings(token_file
 
     docs = render("base")
     c = container(docs, "Deployment", "flowproof-collector")
-    assert c["image"].startswith("flowproof/collector:")
+    assert c["image"].startswith("localhost/flowproof-collector:")
     settings = load_settings(_argv(c, token_file), _environment(c, {}))
     assert settings.source == "kubernetes"
     assert settings.token == "a-test-token"
@@ -556,7 +682,7 @@ def test_the_agent_manifest_is_accepted_by_the_agent_settings(token_file: Path) 
 
     docs = render("base")
     c = container(docs, "DaemonSet", "flowproof-agent")
-    assert c["image"].startswith("flowproof/agent:")
+    assert c["image"].startswith("localhost/flowproof-agent:")
     env = _environment(c, {"spec.nodeName": "node-a"})
     settings = load_settings(_argv(c, token_file), env)
     assert settings.node_name == "node-a"

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,10 @@ def test_the_image_is_multi_stage_on_a_pinned_slim_base(name: str) -> None:
     instructions = _instructions(DOCKERFILES[name])
     args = {rest.split("=")[0]: rest.split("=", 1)[1] for w, rest in instructions if w == "ARG"}
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", args["PYTHON_IMAGE"])
+    text = DOCKERFILES[name].read_text(encoding="utf-8")
+    assert "--build-arg PYTHON_IMAGE=python:3.11" in text and "@sha256:" in text, (
+        "the Dockerfile says how to pin the base image by digest"
+    )
     stages = [rest for w, rest in instructions if w == "FROM"]
     assert stages == ["${PYTHON_IMAGE} AS builder", "${PYTHON_IMAGE}"]
     assert args["VERSION"] == __version__
@@ -167,6 +172,47 @@ def _fill_wheelhouse(context: Path) -> None:
         own.unlink()
 
 
+LOCK = ROOT / "requirements" / "images.lock"
+
+
+def _locked() -> dict[str, str]:
+    """name -> version of every package requirements/images.lock installs on this interpreter
+    (a package may be pinned twice, for Python versions told apart by a marker)."""
+    from packaging.requirements import Requirement
+
+    found = {}
+    for line in LOCK.read_text(encoding="utf-8").splitlines():
+        if not re.match(r"^[A-Za-z0-9]", line):
+            continue
+        requirement = Requirement(line.rstrip(" \\"))
+        if requirement.marker is None or requirement.marker.evaluate():
+            [pin] = requirement.specifier
+            found[_canonical(requirement.name)] = pin.version
+    return found
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_image_lock_pins_every_dependency_with_hashes_and_satisfies_pyproject() -> None:
+    from packaging.requirements import Requirement
+
+    text = LOCK.read_text(encoding="utf-8")
+    locked = _locked()
+    pinned = [line for line in text.splitlines() if re.match(r"^[A-Za-z0-9]", line)]
+    assert pinned and all("==" in line for line in pinned), "one version per package"
+    assert text.count("--hash=sha256:") >= len(locked), "every package has its hashes"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    for spec in project["dependencies"]:
+        requirement = Requirement(spec)
+        name = _canonical(requirement.name)
+        assert name in locked, f"{name} is a dependency but not in the lock: scripts/lock-images.sh"
+        assert requirement.specifier.contains(locked[name], prereleases=True), (
+            f"{name}=={locked[name]} does not satisfy {spec!r}: run scripts/lock-images.sh"
+        )
+
+
 @pytest.mark.slow
 def test_the_package_installs_like_the_dockerfile_and_both_services_start(tmp_path: Path) -> None:
     context, wheels, venv = tmp_path / "context", tmp_path / "wheels", tmp_path / "venv"
@@ -177,6 +223,23 @@ def test_the_package_installs_like_the_dockerfile_and_both_services_start(tmp_pa
         done = _install(context, wheels, venv, offline=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not (venv / "bin" / "pip").exists(), "the image's virtualenv carries no pip"
+    listed = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m; "
+            "print('\\n'.join(f'{d.name}=={d.version}' for d in m.distributions()))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    installed = {
+        _canonical(n): v for n, _, v in (line.partition("==") for line in listed.stdout.split())
+    }
+    assert installed.pop("flowproof") == __version__
+    assert installed == _locked(), "the image gets exactly the locked versions, nothing else"
     for service in ("agent", "collector"):
         started = subprocess.run(
             [str(venv / "bin" / "flowproof"), service, "--help"],

@@ -19,9 +19,12 @@ import pytest
 
 from collector.cluster import (
     MAX_STATUS_FAILURES,
+    conditions_of,
     expectations_status,
     status_patch,
     status_publisher,
+    transitions,
+    with_conditions,
 )
 from collector.core.changes import diff_snapshots
 from collector.core.flowstate import DeclaredStatus
@@ -132,9 +135,23 @@ async def publishing(kubeconfig: str, *, interval: float) -> AsyncIterator[Loop]
 
 
 def status_of(server: FakeApiServer, name: str) -> dict[str, Any]:
+    """The object's status without its conditions (they are tested on their own below)."""
+    return {k: v for k, v in full_status_of(server, name).items() if k != "conditions"}
+
+
+def full_status_of(server: FakeApiServer, name: str) -> dict[str, Any]:
     found = server.get("FlowExpectations", "shop", name)
     assert found is not None
     return dict(found.get("status") or {})
+
+
+def condition(server: FakeApiServer, name: str, kind: str) -> dict[str, Any]:
+    [found] = [c for c in full_status_of(server, name).get("conditions", []) if c["type"] == kind]
+    return dict(found)
+
+
+def events_about(server: FakeApiServer, name: str) -> list[dict[str, Any]]:
+    return [e for e in server.objects("Event") if e["regarding"]["name"] == name]
 
 
 def patches_of(server: FakeApiServer, name: str) -> list[dict[str, Any]]:
@@ -163,6 +180,103 @@ def probe_everything(collector: Collector, outcome: Outcome) -> None:
 
 
 # --- through the API ------------------------------------------------------------------------------
+
+
+async def test_status_is_written_per_object_and_follows_its_flows(
+    server: FakeApiServer, kubeconfig: str
+) -> None:
+    server.create(make_expectations("shop-flows"))
+    server.create(make_expectations("wrong-flows", flows=[make_flow("web-not-api", expect="deny")]))
+    async with publishing(kubeconfig, interval=60) as loop:
+        await eventually(
+            lambda: status_of(server, "shop-flows") and status_of(server, "wrong-flows")
+        )
+        assert status_of(server, "shop-flows") == {
+            "observedGeneration": 1,
+            "flows": 1,
+            "failing": 0,
+            "counts": {**ZERO, "PENDING": 1},
+            "failures": [],
+        }
+        [first] = patches_of(server, "shop-flows")
+        assert first["lastVerified"] is None and first["problem"] is None, (
+            "fields the status does not have are removed by the merge patch"
+        )
+        assert condition(server, "shop-flows", "Verified")["reason"] == "Pending"
+        assert condition(server, "shop-flows", "Ready")["status"] == "False"
+        assert events_about(server, "shop-flows") == [], "a first Pending is no transition"
+        assert condition(server, "wrong-flows", "Verified")["status"] == "False"
+        wrong = status_of(server, "wrong-flows")
+        assert wrong["failing"] == 1
+        assert wrong["counts"] == {**ZERO, "POLICY_MISMATCH": 1}
+        [failure] = wrong["failures"]
+        assert failure["name"] == "web-not-api" and failure["status"] == "POLICY_MISMATCH"
+        assert "intent deny" in failure["reason"]
+
+        await eventually(lambda: len(events_about(server, "wrong-flows")) == 2)
+        [warning] = [e for e in events_about(server, "wrong-flows") if e["type"] == "Warning"]
+        assert (warning["type"], warning["reason"]) == ("Warning", "FlowsFailing")
+        assert "web-not-api (POLICY_MISMATCH)" in warning["note"]
+        assert (
+            warning["regarding"]["uid"]
+            == server.get("FlowExpectations", "shop", "wrong-flows")["metadata"]["uid"]
+        )
+        assert warning["reportingController"] == "flowproof.dev/collector"
+
+        probe_everything(loop.collector, Outcome.CONNECTED)  # a status change: written soon
+        await eventually(lambda: status_of(server, "shop-flows")["counts"]["PASS"] == 1)
+        verified = condition(server, "shop-flows", "Verified")
+        assert (verified["status"], verified["reason"]) == ("True", "AllFlowsPass")
+        assert verified["observedGeneration"] == 1
+        assert verified["lastTransitionTime"] == NOW_TEXT
+        assert condition(server, "shop-flows", "Ready")["reason"] == "Decided"
+        await eventually(lambda: len(events_about(server, "shop-flows")) == 2)
+        assert sorted((e["type"], e["reason"]) for e in events_about(server, "shop-flows")) == [
+            ("Normal", "AllFlowsPass"),
+            ("Normal", "Decided"),
+        ]
+        assert status_of(server, "shop-flows") == {
+            "observedGeneration": 1,
+            "lastVerified": NOW_TEXT,
+            "flows": 1,
+            "failing": 0,
+            "counts": {**ZERO, "PASS": 1},
+            "failures": [],
+        }
+
+        server.update(make_expectations("shop-flows", flows=[make_flow(port="9090/TCP")]))
+        await eventually(lambda: status_of(server, "shop-flows")["observedGeneration"] == 2)
+        changed = status_of(server, "shop-flows")
+        assert changed["counts"] == {**ZERO, "POLICY_MISMATCH": 1}
+        assert changed["failures"][0]["status"] == "POLICY_MISMATCH"
+        assert "lastVerified" not in changed, "a flow waiting for its first probe has none"
+        turned = condition(server, "shop-flows", "Verified")
+        assert (turned["status"], turned["observedGeneration"]) == ("False", 2)
+
+
+async def test_an_unchanged_status_is_not_written_again(
+    server: FakeApiServer, kubeconfig: str
+) -> None:
+    server.create(make_expectations("shop-flows"))
+    async with publishing(kubeconfig, interval=0.05) as loop:
+        await eventually(lambda: len(patches_of(server, "shop-flows")) == 1)
+        written = status_of(server, "shop-flows")
+        await asyncio.sleep(0.5)  # ten intervals
+        assert len(patches_of(server, "shop-flows")) == 1
+        assert loop.source.snapshot is loop.collector.snapshot, (
+            "our own status write is no new snapshot"
+        )
+
+        # A restarted collector finds the status in place and writes nothing either.
+        again = asyncio.Event()
+        restarted = asyncio.create_task(
+            status_publisher(loop.collector, loop.source, again, debounce_seconds=0.05)
+        )
+        await asyncio.sleep(0.3)
+        again.set()
+        await asyncio.wait_for(restarted, 5)
+        assert len(patches_of(server, "shop-flows")) == 1
+        assert status_of(server, "shop-flows") == written
 
 
 async def test_a_rejected_object_gets_a_problem_that_goes_when_it_is_fixed(
@@ -333,5 +447,92 @@ def test_the_patch_removes_what_the_status_no_longer_has() -> None:
         "counts": None,
         "failures": None,
         "problem": None,
+        "conditions": None,
         "someoneElse": None,
     }
+
+
+# --- conditions -------------------------------------------------------------------------------------
+
+CONDITION_CASES = [
+    pytest.param(
+        [declared("a", "PASS"), declared("b", "PASS")],
+        ("True", "AllFlowsPass"),
+        ("True", "Decided"),
+        id="every flow passes: Verified and Ready",
+    ),
+    pytest.param(
+        [declared("a", "PASS"), declared("b", "REQUIRED_BLOCKED")],
+        ("False", "FlowsFailing"),
+        ("True", "Decided"),
+        id="a failing flow: not Verified, and the verdict is there (Ready)",
+    ),
+    pytest.param(
+        [declared("a", "PASS"), declared("b", "PENDING", verified=None)],
+        ("Unknown", "Pending"),
+        ("False", "Pending"),
+        id="a flow waiting for its first probe: unknown, not Ready",
+    ),
+    pytest.param(
+        [declared("a", "INCONCLUSIVE", reason="no agent")],
+        ("Unknown", "Inconclusive"),
+        ("True", "Decided"),
+        id="an inconclusive flow: unknown",
+    ),
+    pytest.param(
+        [declared("a", "PASS"), declared("b", "STALE")],
+        ("Unknown", "Stale"),
+        ("False", "Stale"),
+        id="a stale verdict is no current verdict",
+    ),
+]
+
+
+@pytest.mark.parametrize(("flows", "verified", "ready"), CONDITION_CASES)
+def test_the_conditions_of_one_object(
+    flows: list[DeclaredStatus], verified: tuple[str, str], ready: tuple[str, str]
+) -> None:
+    status = with_conditions(expectations_status(obj(), flows), [], now=NOW)
+    found = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    assert found == {"Verified": verified, "Ready": ready}
+    for item in status["conditions"]:
+        assert item["observedGeneration"] == 3 and item["lastTransitionTime"] == NOW_TEXT
+
+
+def test_a_rejected_object_is_neither_verified_nor_ready() -> None:
+    status = with_conditions(expectations_status(obj(problem="bad selector"), []), [], now=NOW)
+    assert {(c["type"], c["status"], c["reason"]) for c in status["conditions"]} == {
+        ("Verified", "False", "Invalid"),
+        ("Ready", "False", "Invalid"),
+    }
+    assert "bad selector" in status["conditions"][0]["message"]
+
+
+def test_the_failing_message_names_the_worst_flows_and_counts_the_rest() -> None:
+    flows = [declared(f"f{i}", "FORBIDDEN_OPEN") for i in range(8)]
+    [verified, _] = conditions_of(expectations_status(obj(flows=8), flows))
+    assert verified["message"] == (
+        "8 of 8 flows fail: f0 (FORBIDDEN_OPEN), f1 (FORBIDDEN_OPEN), f2 (FORBIDDEN_OPEN), "
+        "f3 (FORBIDDEN_OPEN), f4 (FORBIDDEN_OPEN) and 3 more"
+    )
+
+
+def test_the_transition_time_moves_only_when_the_status_does() -> None:
+    passing = with_conditions(expectations_status(obj(), [declared("a", "PASS")]), [], now=NOW)
+    later = with_conditions(
+        expectations_status(obj(), [declared("a", "PASS"), declared("b", "PASS")]),
+        passing["conditions"],
+        now=NOW + 600,
+    )
+    assert [c["lastTransitionTime"] for c in later["conditions"]] == [NOW_TEXT, NOW_TEXT]
+    failing = with_conditions(
+        expectations_status(obj(), [declared("a", "REQUIRED_BLOCKED")]),
+        later["conditions"],
+        now=NOW + 600,
+    )
+    times = {c["type"]: c["lastTransitionTime"] for c in failing["conditions"]}
+    assert times == {"Verified": "2027-01-15T08:10:00Z", "Ready": NOW_TEXT}
+    [change] = transitions(later["conditions"], failing["conditions"])
+    assert (change.type, change.reason) == ("Warning", "FlowsFailing")
+    assert change.message.startswith("Verified is False: 1 of 2 flows fail: a (REQUIRED_BLOCKED)")
+    assert transitions(failing["conditions"], failing["conditions"]) == []

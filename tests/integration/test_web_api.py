@@ -5,6 +5,7 @@ and server-sent events that carry a verdict to a listening client within a secon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -401,13 +402,57 @@ async def test_keepalives_flow_and_closing_the_app_ends_the_stream(served: Serve
     response = await served.client.get("/api/v1/events")
     await read_event(response)
     line = await asyncio.wait_for(response.content.readline(), 1.0)
-    assert line == b": keepalive\n"
+    assert line == b": ping\n", "a comment line every keepalive_seconds"
     assert served.broadcaster.subscribers == 1
     served.broadcaster.close()
     async with asyncio.timeout(2):
         while await response.content.readline():
             pass
     assert served.broadcaster.subscribers == 0
+
+
+async def test_a_page_that_stops_reading_is_cut_off_and_lets_go_of_its_queue() -> None:
+    """A stalled peer (its socket open, nothing read): the send times out, the stream ends and
+    the subscriber is gone, instead of a handler blocked on a write forever."""
+    broadcaster = Broadcaster()
+    loop = SampleLoop(listener=broadcaster.on_loop_event)
+    view = StateView(
+        state=loop.state,
+        loop_status=lambda: LoopStatus(frozenset(), 0, 0),
+        agents=list,
+        ready=lambda: True,
+        generation=lambda: loop.generation,
+    )
+    metrics = CollectorMetrics(CollectorRegistry(), state=loop.state)
+    app = build_web_app(
+        state_view=view,
+        metrics=metrics,
+        broadcaster=broadcaster,
+        keepalive_seconds=0.2,
+        send_timeout_seconds=0.5,
+    )
+    async with TestServer(app, host="127.0.0.1") as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(b"GET /api/v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            await reader.readuntil(b"event: hello")  # then never read again
+            assert broadcaster.subscribers == 1
+            big = {"padding": "x" * 60_000}
+            for _ in range(400):  # 24 MB: far more than the socket buffers hold
+                if broadcaster.subscribers == 0:
+                    break
+                broadcaster.publish("result", big)
+                await asyncio.sleep(0.01)
+            for _ in range(100):  # up to 5 s: the handler leaves on its own, nothing to wait on
+                if broadcaster.subscribers == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert broadcaster.subscribers == 0, "the stalled page still holds its stream"
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
 
 async def test_a_client_that_falls_behind_is_told_to_resync() -> None:

@@ -252,6 +252,7 @@ def test_the_demo_lab_passes_and_verify_once_exits_0_with_reports(lab: Lab, tmp_
     [policies] = [s for s in suites if s.get("name") == "NetworkPolicies"]
     assert len(policies) == 9
     data = json.loads(report.read_text())
+    assert data["summary"]["verdict"] == "OK"
     assert {k: data["summary"][k] for k in ("flows", "failed", "statuses")} == {
         "flows": 20,
         "failed": 0,
@@ -264,6 +265,21 @@ def test_the_demo_lab_passes_and_verify_once_exits_0_with_reports(lab: Lab, tmp_
     assert {r["flow"] for r in rows} == set(DECLARED)
     text = markdown.read_text()
     assert "PASS" in text and "api-to-db" in text
+
+
+def test_verify_shows_its_progress_when_asked_and_stays_quiet_in_ci(lab: Lab) -> None:
+    """The collector streams its progress (NDJSON) to a client that asks; the report is the same."""
+    shown = flowproof(
+        "verify", "--once", "--timeout", "20", "--progress", "always", env=lab_env(lab)
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "verify: 20/20 flows decided" in shown.stderr
+    assert shown.stderr.count("\x1b[K") >= 2, "one line, rewritten in place and cleared"
+    assert shown.stdout.rstrip().endswith("OK: 20 flows: 20 PASS")
+    quiet = flowproof("verify", "--once", "--timeout", "20", env={**lab_env(lab), "CI": "true"})
+    assert quiet.returncode == 0, quiet.stderr
+    assert "flows decided" not in quiet.stderr and "\x1b" not in quiet.stderr
+    assert quiet.stdout.rstrip().endswith("OK: 20 flows: 20 PASS")
 
 
 def test_verify_says_how_each_flow_was_decided(lab: Lab) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -340,15 +341,17 @@ def test_printer_columns_point_at_fields_of_the_right_type(
     crd: dict[str, Any], open_api: dict[str, Any]
 ) -> None:
     [version] = crd["spec"]["versions"]
-    names = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert names[:4] == ["Flows", "Failing", "Last Verified", "Age"]
+    names = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
+    assert names == ["Verified", "Reason", "Ready", "Flows", "Failing", "Last Verified", "Age"]
     for column in version["additionalPrinterColumns"]:
-        path = column["jsonPath"].lstrip(".").split(".")
+        # `.status.conditions[?(@.type=="Verified")].status` walks into the condition items.
+        path = re.sub(r"\[\?\(@\.type==\"(\w+)\"\)\]", ".[]", column["jsonPath"])
+        path = path.lstrip(".").replace("..", ".").split(".")
         if path == ["metadata", "creationTimestamp"]:
             continue
         node: Mapping[str, Any] = open_api
         for part in path:
-            node = node["properties"][part]
+            node = node["items"] if part == "[]" else node["properties"][part]
         kind, fmt = _COLUMN_TYPES[column["type"]]
         assert node["type"] == kind, column["name"]
         if fmt:
@@ -357,3 +360,31 @@ def test_printer_columns_point_at_fields_of_the_right_type(
 
 def test_the_schema_file_is_the_one_the_generator_reads() -> None:
     assert json.loads(gen_crd.SCHEMA_PATH.read_text(encoding="utf-8")) == file_schema()
+
+
+# --- conditions ------------------------------------------------------------------------------------
+
+
+def test_conditions_are_a_list_keyed_by_type_in_the_metav1_shape(open_api: dict[str, Any]) -> None:
+    conditions = open_api["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    item = conditions["items"]
+    assert set(item["required"]) == {"type", "status", "lastTransitionTime", "reason", "message"}
+    assert item["properties"]["status"]["enum"] == ["True", "False", "Unknown"]
+    assert item["properties"]["observedGeneration"]["type"] == "integer"
+
+
+def test_the_conditions_the_collector_writes_fit_the_schema(open_api: dict[str, Any]) -> None:
+    from collector.cluster import READY, VERIFIED, with_conditions
+
+    status_schema = open_api["properties"]["status"]
+    status = with_conditions(_status(), [], now=1_800_000_000)
+    assert [c["type"] for c in status["conditions"]] == [VERIFIED, READY]
+    assert {VERIFIED, READY} == set(gen_crd.CONDITION_TYPES)
+    jsonschema.Draft202012Validator(
+        status_schema, format_checker=jsonschema.FormatChecker()
+    ).validate(status)
+    wrong = copy.deepcopy(status)
+    wrong["conditions"][0]["reason"] = "flows failing"  # not one CamelCase word
+    assert not jsonschema.Draft202012Validator(status_schema).is_valid(wrong)

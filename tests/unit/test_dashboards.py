@@ -110,6 +110,30 @@ def test_queries_use_exported_metrics_and_defined_variables() -> None:
     assert len(panel_queries()) >= 20
 
 
+@pytest.mark.parametrize("name", ["overview", "flows", "agents"])
+def test_every_query_can_be_narrowed_to_one_cluster(name: str) -> None:
+    """A multi-cluster Prometheus (an external `cluster` label): each dashboard has the variable
+    and every selector of every query filters on it; All matches series without the label."""
+    board = boards()[name]
+    [cluster] = [v for v in board["templating"]["list"] if v["name"] == "cluster"]
+    assert cluster["includeAll"] is True and cluster["allValue"] == ".*"
+    for panel in board["panels"]:
+        for target in panel["targets"]:
+            selectors = re.findall(r"flowproof_\w+(\{[^}]*\})?", target["expr"])
+            assert selectors and all('cluster=~"$cluster"' in s for s in selectors), (
+                panel["title"],
+                target["expr"],
+            )
+    for variable in board["templating"]["list"]:
+        if variable["name"] not in ("datasource", "cluster"):
+            assert 'cluster=~"$cluster"' in variable["query"]["query"], variable["name"]
+
+
+def test_the_generator_builds_with_the_typed_sdk() -> None:
+    text = GENERATOR.read_text()
+    assert "grafana_foundation_sdk" in text and "JSONEncoder" in text
+
+
 def test_variable_substitution_refuses_unknown_variables() -> None:
     assert substitute('x{namespace=~"$namespace"}[$__rate_interval]') == 'x{namespace=~".*"}[10s]'
     with pytest.raises(KeyError):

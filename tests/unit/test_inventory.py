@@ -1153,7 +1153,6 @@ def test_directory_walk(tmp_path: Path) -> None:
     write(tmp_path, pod(name="b"), "m/b.yml")
     write(tmp_path, pod(name="a"), "m/sub/a.yaml")
     write(tmp_path, "not: [a manifest", "m/.hidden/x.yaml")
-    write(tmp_path, "resources: [a.yaml]\n", "m/kustomization.yaml")
     write(tmp_path, "ignored", "m/notes.txt")
     write(tmp_path, json.dumps(json.loads(json.dumps({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "c", "namespace": "shop"},

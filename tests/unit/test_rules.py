@@ -4,11 +4,13 @@ and routes as its comments say."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -31,11 +33,16 @@ REQUIRED_ALERTS = {
     "FlowproofAgentsMissing",
     "FlowproofProbeErrorsHigh",
     "FlowproofPolicyNotEnforced",
+    "FlowproofCollectorDown",
+    "FlowproofScrapeStale",
+    "FlowproofAgentDown",
 }
-FLOW_ALERTS = REQUIRED_ALERTS - {
-    "FlowproofAgentsMissing",
-    "FlowproofProbeErrorsHigh",
-    "FlowproofPolicyNotEnforced",
+FLOW_ALERTS = {
+    "FlowproofRequiredFlowBlocked",
+    "FlowproofForbiddenFlowOpen",
+    "FlowproofPolicyMismatch",
+    "FlowproofEnforcementDrift",
+    "FlowproofVerificationStale",
 }
 
 
@@ -87,10 +94,53 @@ def test_every_required_alert_is_there_with_severity_and_annotations() -> None:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
         annotations = rule["annotations"]
         assert set(annotations) >= {"summary", "description", "runbook_url"}, rule["alert"]
-        assert annotations["runbook_url"] == f"docs/runbook.md#{rule['alert'].lower()}"
+        assert annotations["runbook_url"] == (
+            f"{gen_rules().DEFAULT_RUNBOOK_BASE_URL}#{rule['alert'].lower()}"
+        )
         if rule["alert"] in FLOW_ALERTS and "kind" not in rule["expr"]:
             for label in ("flow", "expectation", "namespace"):
                 assert f"$labels.{label}" in annotations["description"], (rule["alert"], label)
+
+
+def gen_rules() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gen_rules", ROOT / "scripts" / "gen-rules.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runbook_links_can_point_at_your_own_copy() -> None:
+    done = run(
+        sys.executable,
+        "scripts/gen-rules.py",
+        "--stdout",
+        "--plain",
+        "--runbook-base-url",
+        "https://wiki.example.com/flowproof/runbook/",
+    )
+    assert done.returncode == 0, done.stderr
+    rebased = yaml.safe_load(done.stdout)
+    assert "groups" in rebased and "spec" not in rebased
+    urls = [r["annotations"]["runbook_url"] for g in rebased["groups"] for r in g["rules"]]
+    names = [r["alert"] for g in rebased["groups"] for r in g["rules"]]
+    assert urls == [f"https://wiki.example.com/flowproof/runbook#{n.lower()}" for n in names]
+    refused = run(sys.executable, "scripts/gen-rules.py", "--stdout", "--runbook-base-url", "wiki")
+    assert refused.returncode == 2 and "absolute" in refused.stderr
+
+
+def test_a_dead_collector_is_not_silent(tmp_path: Path) -> None:
+    """Without the health group, the dead-collector rule test must fail: every flow alert
+    resolves when the series vanish, and nothing else fires."""
+    promtool = tool("promtool", "prometheus")
+    document = yaml.safe_load(RULES.read_text())
+    document["groups"] = [g for g in document["groups"] if g["name"] != "flowproof-health"]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(document))
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "rules_test.yaml").write_text(RULES_TEST.read_text())
+    tested = run(promtool, "test", "rules", str(tmp_path / "tests" / "rules_test.yaml"))
+    assert tested.returncode != 0
+    assert "a dead collector pages" in tested.stdout + tested.stderr
 
 
 def github_anchor(heading: str) -> str:
@@ -175,6 +225,14 @@ def test_amtool_accepts_the_example_alertmanager_config() -> None:
             "FlowproofAgentsMissing",
             "platform-team",
             id="a missing agent reaches the platform team",
+        ),
+        pytest.param(
+            "FlowproofCollectorDown",
+            "platform-team",
+            id="a dead collector reaches the platform team",
+        ),
+        pytest.param(
+            "FlowproofAgentDown", "platform-team", id="a dead agent reaches the platform team"
         ),
     ],
 )
