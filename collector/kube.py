@@ -114,7 +114,12 @@ EVENT_CONTROLLER: Final = "flowproof.dev/collector"
 PARTIAL_METADATA_ACCEPT: Final = (
     "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 )
-"""Lists and watches of other plugins' policy kinds ask for metadata only (their presence)."""
+"""Lists of other plugins' policy kinds ask for metadata only (their presence)."""
+PARTIAL_METADATA_WATCH_ACCEPT: Final = (
+    "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
+)
+"""Their watches too: a watch event holds one object, so the type is PartialObjectMetadata (a
+real API server ends a watch asking for a List type at once)."""
 MAX_DISCOVERED_RESOURCES: Final = 32
 """Discovered resources watched at most (each watch holds a worker thread)."""
 
@@ -855,15 +860,16 @@ class KubernetesSource:
         timeout = self.settings.request_timeout_seconds
         return (timeout, read if read is not None else timeout)
 
-    def _lister(self, resource: _Resource) -> Callable[..., object]:
+    def _lister(self, resource: _Resource, *, watch: bool = False) -> Callable[..., object]:
         if resource.discovered:
             if resource.kind == "UnmodelledPolicy":
+                accept = PARTIAL_METADATA_WATCH_ACCEPT if watch else PARTIAL_METADATA_ACCEPT
                 return functools.partial(
                     self._custom.list_cluster_custom_object,
                     resource.group,
                     resource.version,
                     resource.plural,
-                    _headers={"Accept": PARTIAL_METADATA_ACCEPT},
+                    _headers={"Accept": accept},
                 )
             return functools.partial(
                 self._custom.list_cluster_custom_object,
@@ -929,7 +935,7 @@ class KubernetesSource:
         resource = state.resource
         response = cast(
             urllib3.BaseHTTPResponse,
-            self._lister(resource)(
+            self._lister(resource, watch=True)(
                 watch=True,
                 resource_version=state.resource_version,
                 allow_watch_bookmarks=True,
@@ -1095,7 +1101,7 @@ class KubernetesSource:
             if not state.unavailable:
                 log.warning(
                     "listing %s is forbidden (%s): the model is unknown for every flow until it "
-                    "can be listed (grant get, list, watch on %s); looking again every %.0f s",
+                    "can be listed (grant list and watch on %s); looking again every %.0f s",
                     what,
                     _describe(exc),
                     resource.key,

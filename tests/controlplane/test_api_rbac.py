@@ -5,7 +5,8 @@ deploy/overlays/plain and deploy/overlays/configmap-expectations, and the probe-
 deploy/overlays/probe-pods (bound in a namespace of the test's own, as that overlay binds it in
 `shop`). A ServiceAccount named `flowproof-collector` (so the shipped admission policy applies to
 it) gets exactly those grants, and the collector's own parts run as it against the real API server:
-the Kubernetes source (list, watch, ConfigMap expectations), the status publisher's patch, and the
+the Kubernetes source (list, watch, ConfigMap expectations; the policy kinds in
+test_api_rbac_policy_kinds.py), the status publisher's patch, and the
 probe-pod manager (create, delete, the owners it names). With all grants everything works; with any
 one taken away, the part that needs it stops working, in the way the table says. Then the
 collector's identity is shown not to be able to write anything else.
@@ -25,6 +26,7 @@ import pytest
 from collector.cluster import KubernetesProbePods
 from collector.core.probepods import ProbePodRequest
 from collector.kube import KubeClient, KubernetesSource, load_kube_config
+from collector.reading.objects import WATCHED_POLICY_RESOURCES
 from lab.controlplane import ControlPlane
 from tests.support.apiobjects import make_configmap, make_expectations, make_policy
 from tests.support.kubetools import (
@@ -88,7 +90,16 @@ PARTS = sorted(set(NEEDED_FOR.values()))
 
 
 def test_the_table_names_every_shipped_grant_and_nothing_else() -> None:
-    shipped_grants = {("cluster", g) for g in CLUSTER} | {("role", g) for g in PROBE_POD_ROLE}
+    # The policy kinds' list and watch: tests/controlplane/test_api_rbac_policy_kinds.py.
+    policy_kinds = {
+        (group, resource, verb)
+        for group, resources in WATCHED_POLICY_RESOURCES.items()
+        for resource in resources
+        for verb in ("list", "watch")
+    }
+    shipped_grants = {("cluster", g) for g in CLUSTER - policy_kinds} | {
+        ("role", g) for g in PROBE_POD_ROLE
+    }
     assert shipped_grants == set(NEEDED_FOR)
 
 
