@@ -31,6 +31,7 @@ import os
 import random
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar, cast
@@ -753,7 +754,12 @@ class KubernetesSource:
         body = {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{regarding.name}.", "namespace": regarding.namespace},
+            # Named as client-go's recorder names Events: object name, ".", the time in hex
+            # nanoseconds (a generateName ending in "." is refused by a real API server).
+            "metadata": {
+                "name": f"{regarding.name[:236]}.{time.time_ns():x}",
+                "namespace": regarding.namespace,
+            },
             "eventTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "type": kind,
             "reason": reason,

@@ -6,7 +6,7 @@ deploy/overlays/probe-pods (bound in a namespace of the test's own, as that over
 `shop`). A ServiceAccount named `flowproof-collector` (so the shipped admission policy applies to
 it) gets exactly those grants, and the collector's own parts run as it against the real API server:
 the Kubernetes source (list, watch, ConfigMap expectations; the policy kinds in
-test_api_rbac_policy_kinds.py), the status publisher's patch, and the
+test_api_rbac_policy_kinds.py), the status publisher's patch and Events, and the
 probe-pod manager (create, delete, the owners it names). With all grants everything works; with any
 one taken away, the part that needs it stops working, in the way the table says. Then the
 collector's identity is shown not to be able to write anything else.
@@ -55,8 +55,15 @@ def shipped() -> tuple[set[tuple[str, str, str]], set[tuple[str, str, str]]]:
     """(the cluster-wide grants, the grants of the probe-pods Role) deploy/ ships."""
     cluster: set[tuple[str, str, str]] = set()
     for overlay in ("overlays/plain", "overlays/configmap-expectations"):
-        for doc in render(overlay):
-            if doc["kind"] == "ClusterRole" and doc["metadata"]["name"].startswith("flowproof"):
+        docs = render(overlay)
+        bound = {  # the ClusterRoles bound to the collector (not the users' aggregated roles)
+            d["roleRef"]["name"]
+            for d in docs
+            if d["kind"] == "ClusterRoleBinding"
+            and any(x.get("name") == "flowproof-collector" for x in d["subjects"])
+        }
+        for doc in docs:
+            if doc["kind"] == "ClusterRole" and doc["metadata"]["name"] in bound:
                 cluster |= grants(doc["rules"])
     [role] = [
         d
@@ -79,6 +86,7 @@ NEEDED_FOR: dict[tuple[str, tuple[str, str, str]], str] = {
     ("cluster", ("flowproof.dev", "flowexpectations", "list")): "expectations",
     ("cluster", ("flowproof.dev", "flowexpectations", "watch")): "expectations changes",
     ("cluster", ("flowproof.dev", "flowexpectations/status", "patch")): "status",
+    ("cluster", ("events.k8s.io", "events", "create")): "events",
     ("cluster", ("", "configmaps", "list")): "configmap expectations",
     ("cluster", ("", "configmaps", "watch")): "configmap changes",
     ("role", ("", "pods", "create")): "probe pod created",
@@ -213,6 +221,11 @@ async def exercise(s: Scenario) -> dict[str, bool]:
                 resource_version=stored.body["metadata"]["resourceVersion"],
             )
             works["status"] = written == "written"
+            # The status publisher's Event on a condition's transition.
+            regarding = source.expectation_objects().get(f"{s.shop}/shop-flows")
+            works["events"] = regarding is not None and await source.record_event(
+                regarding, "Normal", "AllFlowsPass", "every flow passes"
+            )
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
