@@ -7,6 +7,7 @@ the collector reads. Pure: no I/O, no system calls; bad input is an InputError a
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import re
 import secrets
@@ -434,6 +435,44 @@ def policy_manifest(policy: NetworkPolicy) -> dict[str, Any]:
         "metadata": {"name": policy.name, "namespace": policy.namespace},
         "spec": spec,
     }
+
+
+def json_ready(doc: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """`doc` as the API server would store it (JSON): a YAML date or timestamp becomes its text,
+    as kubectl sends it; any other value JSON cannot hold is an InputError naming the field.
+
+    The lab stores documents in state.json and the cluster file: one that cannot be written
+    there must be refused before anything changes, never found out half way through a change.
+    """
+
+    def convert(value: Any, path: str) -> Any:
+        if value is None or isinstance(value, str | bool | int):
+            return value
+        if isinstance(value, float):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise InputError(f"{value} is not a number JSON can hold", file=what, field=path)
+            return value
+        if isinstance(value, datetime.datetime | datetime.date):
+            return value.isoformat()
+        if isinstance(value, Mapping):
+            out: dict[str, Any] = {}
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise InputError(
+                        f"keys must be strings, not {type(key).__name__}", file=what, field=path
+                    )
+                out[key] = convert(item, f"{path}.{key}" if path else key)
+            return out
+        if isinstance(value, list | tuple):
+            return [convert(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        raise InputError(
+            f"a {type(value).__name__} cannot be stored (only what JSON holds)",
+            file=what,
+            field=path or None,
+        )
+
+    converted: dict[str, Any] = convert(doc, "")
+    return converted
 
 
 def expectations_key(doc: Mapping[str, Any]) -> str:

@@ -22,6 +22,7 @@ from lab.cluster import (
     concrete_pods,
     expectations_key,
     is_dns_pod,
+    json_ready,
     managed_dns_spec,
     namespace_labels,
     policy_manifest,
@@ -128,7 +129,8 @@ def merged(state: LabState, manifests: Manifests, *, prune: bool) -> Desired:
     for policy in manifests.policies:
         desired.policies[policy.key] = policy_manifest(policy)
     for doc in manifests.expectations:
-        desired.expectations[expectations_key(doc)] = dict(doc)
+        key = expectations_key(doc)
+        desired.expectations[key] = json_ready(doc, f"flowexpectations {key}")
     ensure_namespaces(desired)
     return desired
 

@@ -163,8 +163,11 @@ def stop_stale_servers(paths: LabPaths, records: Iterable[PodRecord]) -> list[Po
     return stale
 
 
+def dns_text(state: LabState) -> str:
+    """The cluster DNS zone the DNS pods serve, as written to dns.json."""
+    return json.dumps(dns_records(state.pods, state.settings), sort_keys=True)
+
+
 def write_dns(paths: LabPaths, state: LabState) -> None:
     """Rewrite the cluster DNS zone (before new servers start: a DNS pod reads it)."""
-    write_atomically(
-        paths.dns_records, json.dumps(dns_records(state.pods, state.settings), sort_keys=True)
-    )
+    write_atomically(paths.dns_records, dns_text(state))
