@@ -180,7 +180,9 @@ def _build_network(state: LabState) -> None:
     # The blackholes come first: from here on no lab address can leave the host. (All of them
     # carry the one metric `_planned` chose.)
     system.add_blackholes([r.dst for r in state.routes], state.routes[0].metric)
-    system.run_many([system.ip_batch([f"netns add {n}" for n in state.netns])])
+    system.run_many(
+        [system.ip_batch([f"netns add {system.check_netns_name(n)}" for n in state.netns])]
+    )
     system.run_many([system.ip_batch(network.fabric_commands(settings), names.fabric_netns)])
     system.run_many(
         [

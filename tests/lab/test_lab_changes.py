@@ -274,3 +274,29 @@ def test_a_change_that_fails_at_any_step_leaves_kernel_state_and_files_agreeing(
     assert sorted(r.key for r in state.pods if r.namespace == "x") == ["x/a", "x/b", "x/d"]
     assert not reachable(lab, "x/a", "x/b")
     assert not reachable(lab, "x/a", "x/d")
+
+
+# --- names and uids that become paths --------------------------------------------------------------
+
+
+def test_a_uid_that_is_a_path_creates_nothing_outside_the_lab(
+    make_lab: MakeLab, tmp_path: Path
+) -> None:
+    target = tmp_path / "escaped"
+    uid = "x" + "/.." * 12 + str(target)  # out of the cgroup hierarchy, into tmp_path
+    path = tmp_path / "evil.yaml"
+    path.write_text(
+        f"apiVersion: v1\nkind: Pod\nmetadata:\n  name: evil\n  namespace: x\n  uid: '{uid}'\n"
+    )
+    lab = make_lab(manifests_from(three_pods()))
+    before = lab.paths.state_file.read_text()
+    with pytest.raises(InputError) as info:
+        lab.apply(read_manifests([path]))
+    assert (info.value.file, info.value.line, info.value.field) == (str(path), 6, "metadata.uid")
+    assert not target.exists()
+    assert json.loads(lab.paths.state_file.read_text()) == json.loads(before)
+    assert_agree(lab)
+    other = Lab(lab.name + "u", lab.paths.state_dir)
+    with pytest.raises(InputError, match=r"metadata\.uid"):
+        other.up(read_manifests([path]))
+    assert not other.exists() and not target.exists()
