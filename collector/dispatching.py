@@ -206,9 +206,19 @@ class Dispatcher:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(_Servicer(self), server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        port = server.add_insecure_port(address)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's "Failed to bind to address"
+            port = 0
+            cause: BaseException | None = exc
+        else:
+            cause = None
         if port == 0:
-            raise OSError(f"cannot listen on {address}")
+            await server.stop(0)
+            raise OSError(
+                f"cannot listen for gRPC on {address} (--grpc-port): the port is taken or the "
+                "address is not one of this host's"
+            ) from cause
         await server.start()
         self._server = server
         for service in ("", SERVICE_NAME):

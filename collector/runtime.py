@@ -170,45 +170,66 @@ async def _serve(
     dispatcher = Dispatcher(token=settings.token, on_result=collector.on_result)
     if cluster_probe_pods is not None:
         cluster_probe_pods.needed_by = expectations_needing(collector)
+    runner = web.AppRunner(build_http_app(collector, dispatcher), access_log=None)
+    try:
+        grpc_port, http_port = await _listen(settings, dispatcher, runner)
+    except OSError as exc:
+        log.error("collector cannot start: %s", exc)
+        await dispatcher.stop(0)
+        await runner.cleanup()
+        return 2
+    log.info("collector serving: grpc %d, http %d", grpc_port, http_port)
     async with contextlib.AsyncExitStack() as resources:
         roots: dict[str, Coroutine[Any, Any, None]] = {}
-        if settings.source == "manifests":
-            manifests = ManifestSource(list(settings.manifests), clock=collector.clock)
-            roots["inventory_watcher"] = manifests.run(collector.on_snapshot, stop)
-        else:
-            source = await resources.enter_async_context(
-                KubernetesSource(
-                    load_kube_config(settings.kubeconfig or None),
-                    settings=kube_source_settings(settings),
-                    on_update=snapshot_feeder(collector),
-                )
-            )
-            roots["inventory_watcher"] = kubernetes_inventory(source, stop)
-            roots["status_publisher"] = status_publisher(collector, source, stop)
-        roots["plan_sender"] = collector.plan_sender(stop)
-        roots["state_refresher"] = collector.state_refresher(stop)
-        if cluster_probe_pods is not None:
-            roots["probe_pod_manager"] = cluster_probe_pods.run(stop)
-
-        grpc_port = await dispatcher.start(f"{settings.listen_address}:{settings.grpc_port}")
-        runner = web.AppRunner(build_http_app(collector, dispatcher), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, settings.listen_address, settings.http_port)
-        await site.start()
-        http_port = _bound_port(site)
-        log.info("collector serving: grpc %d, http %d", grpc_port, http_port)
-        if started is not None:
-            started(collector, grpc_port, http_port)
         try:
+            if settings.source == "manifests":
+                manifests = ManifestSource(list(settings.manifests), clock=collector.clock)
+                roots["inventory_watcher"] = manifests.run(collector.on_snapshot, stop)
+            else:
+                source = await resources.enter_async_context(
+                    KubernetesSource(
+                        load_kube_config(settings.kubeconfig or None),
+                        settings=kube_source_settings(settings),
+                        on_update=snapshot_feeder(collector),
+                    )
+                )
+                roots["inventory_watcher"] = kubernetes_inventory(source, stop)
+                roots["status_publisher"] = status_publisher(collector, source, stop)
+            roots["plan_sender"] = collector.plan_sender(stop)
+            roots["state_refresher"] = collector.state_refresher(stop)
+            if cluster_probe_pods is not None:
+                roots["probe_pod_manager"] = cluster_probe_pods.run(stop)
+            if started is not None:
+                started(collector, grpc_port, http_port)
             code = await run_root_tasks(
                 roots, stop, grace_seconds=settings.shutdown_grace_seconds, logger=log
             )
         finally:
+            for coro in roots.values():
+                coro.close()  # those never started (a failure before run_root_tasks)
             stop.set()
             await dispatcher.stop(min(settings.shutdown_grace_seconds, 1.0))
             await runner.cleanup()
     log.info("collector stopped%s", " after a failure" if code else "")
     return code
+
+
+async def _listen(
+    settings: CollectorSettings, dispatcher: Dispatcher, runner: web.AppRunner
+) -> tuple[int, int]:
+    """Bind the gRPC and HTTP servers; their ports. OSError naming the address that is taken."""
+    grpc_port = await dispatcher.start(f"{settings.listen_address}:{settings.grpc_port}")
+    await runner.setup()
+    site = web.TCPSite(runner, settings.listen_address, settings.http_port)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot listen for HTTP on {settings.listen_address}:{settings.http_port} "
+            f"(--http-port): {exc.strerror or exc}",
+        ) from exc
+    return grpc_port, _bound_port(site)
 
 
 def _bound_port(site: web.TCPSite) -> int:

@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 from agent import runtime as agent_runtime
@@ -31,7 +30,7 @@ from collector.core.reporting import (
 from collector.core.resolving import DEFAULT_CLUSTER_DNS_IP
 from collector.reading.manifests import load_snapshot
 from flowproof import __version__, verifying
-from flowproof.errors import FlowproofError, InputError
+from flowproof.errors import FlowproofError, InputError, shown
 from flowproof.labtest import run_lab_test
 from lab import cli as lab_cli
 from lab.probepods import lab_probe_pods
@@ -261,6 +260,13 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 
     manifest_paths = _paths(args.files)
     expectation_paths = _paths(args.expectations)
+    if not is_ip(args.cluster_dns_ip):
+        raise InputError(
+            f"{shown(args.cluster_dns_ip)} is not an IP address", field="--cluster-dns-ip"
+        )
+    verifying.check_output_files(
+        {"--junit": args.junit, "--json": args.json_file, "--markdown": args.markdown}
+    )
     snapshot = load_snapshot(manifest_paths + expectation_paths)
     if not snapshot.expectations:
         raise InputError(
@@ -277,14 +283,14 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         "markdown": lambda: render_markdown(rows, title="flowproof check"),
     }
     out.write(renderers[args.output]())
-    extra_files: list[tuple[str | None, Callable[[], str]]] = [
-        (args.junit, lambda: render_junit(rows, name="flowproof check")),
-        (args.json_file, lambda: render_json(rows, problems=report.problems)),
-        (args.markdown, lambda: render_markdown(rows, title="flowproof check")),
+    extra_files: list[tuple[str, str | None, Callable[[], str]]] = [
+        ("--junit", args.junit, lambda: render_junit(rows, name="flowproof check")),
+        ("--json", args.json_file, lambda: render_json(rows, problems=report.problems)),
+        ("--markdown", args.markdown, lambda: render_markdown(rows, title="flowproof check")),
     ]
-    for path, text in extra_files:
+    for flag, path, text in extra_files:
         if path:
-            Path(path).write_text(text(), encoding="utf-8")
+            verifying.write_report_file(path, text(), flag)
     return EXIT_VIOLATION if report.failed else EXIT_OK
 
 

@@ -61,6 +61,9 @@ def _uninterruptible() -> Iterator[None]:
 
 
 def run_lab_test(args: argparse.Namespace) -> int:
+    verifying.check_output_files(
+        {"--junit": args.junit, "--json": args.json_file, "--markdown": args.markdown}
+    )
     files = [p for group in args.filename for p in group]
     files += [p for group in args.expectations for p in group]
     manifests = read_manifests(files)  # InputError: nothing is built

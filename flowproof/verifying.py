@@ -29,6 +29,7 @@ from collector.core.reporting import (
 )
 from collector.core.statuses import FAILING, UNDECIDED
 from collector.core.views import FlowView
+from flowproof.errors import InputError
 from lab.config import DEFAULT_NAME, DEFAULT_STATE_DIR
 from lab.state import collector_url
 
@@ -97,6 +98,37 @@ class Outputs:
     markdown: str | None = None
 
 
+def check_output_files(files: Mapping[str, str | None]) -> None:
+    """InputError (by flag) for a report file that cannot be written: checked before any work is
+    done, so a typo in `--junit` never costs a verification (or a lab) and ends in a traceback."""
+    for flag, path in files.items():
+        if not path:
+            continue
+        target = Path(path)
+        parent = target.parent
+        if target.is_dir():
+            reason = "is a directory"
+        elif not parent.is_dir():
+            reason = f"cannot be written: no directory {str(parent)!r}"
+        elif not os.access(parent, os.W_OK):
+            reason = f"cannot be written: {str(parent)!r} is not writable"
+        else:
+            continue
+        raise InputError(f"{path!r} {reason}", field=flag)
+
+
+def write_report_file(path: str, text: str, flag: str) -> None:
+    """Write one report file; InputError naming the flag when it cannot be written."""
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{path!r} cannot be written: {exc.strerror or exc}", field=flag) from exc
+
+
+def output_flags(outputs: Outputs) -> dict[str, str | None]:
+    return {"--junit": outputs.junit, "--json": outputs.json_file, "--markdown": outputs.markdown}
+
+
 def report(answer: dict[str, Any], outputs: Outputs) -> int:
     """Print the answer as asked, write the report files; the exit code."""
     data = [r for r in answer.get("rows", []) if isinstance(r, dict)]
@@ -111,14 +143,18 @@ def report(answer: dict[str, Any], outputs: Outputs) -> int:
     print(renderers[outputs.output]())
     for reason in problems:
         print(f"undecided: {reason}", file=sys.stderr)
-    files: list[tuple[str | None, Callable[[], str]]] = [
-        (outputs.junit, lambda: render_junit(rows, name="flowproof verify")),
-        (outputs.json_file, lambda: render_json(rows, problems=problems, details=details)),
-        (outputs.markdown, renderers["markdown"]),
+    files: list[tuple[str, str | None, Callable[[], str]]] = [
+        ("--junit", outputs.junit, lambda: render_junit(rows, name="flowproof verify")),
+        (
+            "--json",
+            outputs.json_file,
+            lambda: render_json(rows, problems=problems, details=details),
+        ),
+        ("--markdown", outputs.markdown, renderers["markdown"]),
     ]
-    for path, render in files:
+    for flag, path, render in files:
         if path:
-            Path(path).write_text(render(), encoding="utf-8")
+            write_report_file(path, render(), flag)
     return exit_code(answer, rows)
 
 
@@ -143,6 +179,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     url = args.collector or default_collector_url(os.environ)
     outputs = Outputs(args.output, args.junit, args.json_file, args.markdown)
+    try:
+        return _verify(url, args, outputs)
+    except InputError as exc:
+        print(f"flowproof verify: error: {exc}", file=sys.stderr)
+        return EXIT_UNDECIDED
+
+
+def _verify(url: str, args: argparse.Namespace, outputs: Outputs) -> int:
+    check_output_files(output_flags(outputs))
     while True:
         answer = fetch_answer(url, args.timeout)
         if answer is None:

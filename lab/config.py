@@ -119,13 +119,13 @@ class LabSettings:
             )
         if plan.fabric_network.num_addresses < 4 * (self.nodes + 1):
             raise InputError(f"{self.fabric_cidr} is too small", field="--fabric-cidr")
-        if ipaddress.ip_address(self.dns_service_ip) not in plan.service_network:
+        if parse_address(self.dns_service_ip, "--dns-ip") not in plan.service_network:
             raise InputError(
                 f"{self.dns_service_ip} is not in the service range {self.service_cidr}",
                 field="--dns-ip",
             )
         for ip in self.outside_ips:
-            if ipaddress.ip_address(ip) not in plan.outside_network:
+            if parse_address(ip, "--outside-ip") not in plan.outside_network:
                 raise InputError(f"{ip} is not in {self.outside_cidr}", field="--outside-cidr")
         networks = [
             ("--pod-cidr", plan.pod_network),
@@ -236,6 +236,13 @@ def _is_documentation(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> boo
         net.version == doc.version and net.subnet_of(doc)  # type: ignore[arg-type]
         for doc in _DOCUMENTATION
     )
+
+
+def parse_address(text: str, flag: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise InputError(f"{text[:80]!r} is not an IP address", field=flag) from exc
 
 
 def parse_network(text: str, flag: str) -> ipaddress.IPv4Network:
