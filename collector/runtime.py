@@ -65,7 +65,9 @@ def loop_status(collector: Collector, dispatcher: Dispatcher) -> LoopStatus:
     )
 
 
-def build_http_app(collector: Collector, dispatcher: Dispatcher) -> web.Application:
+def build_http_app(
+    collector: Collector, dispatcher: Dispatcher, *, verify_tokens: Sequence[str]
+) -> web.Application:
     """Health, readiness, verify, the web view, the JSON API and /metrics."""
 
     def status() -> LoopStatus:
@@ -86,7 +88,7 @@ def build_http_app(collector: Collector, dispatcher: Dispatcher) -> web.Applicat
         metrics=metrics,
         broadcaster=broadcaster,
     )
-    add_verify_routes(app, collector, dispatcher)
+    add_verify_routes(app, collector, dispatcher, tokens=verify_tokens)
     return app
 
 
@@ -170,7 +172,10 @@ async def _serve(
     dispatcher = Dispatcher(token=settings.token, on_result=collector.on_result)
     if cluster_probe_pods is not None:
         cluster_probe_pods.needed_by = expectations_needing(collector)
-    runner = web.AppRunner(build_http_app(collector, dispatcher), access_log=None)
+    runner = web.AppRunner(
+        build_http_app(collector, dispatcher, verify_tokens=settings.verify_tokens),
+        access_log=None,
+    )
     try:
         grpc_port, http_port = await _listen(settings, dispatcher, runner)
     except OSError as exc:

@@ -37,6 +37,9 @@ class CollectorSettings:
     """Port of /metrics, /healthz, /readyz, the web view and /api/v1 (0 picks a free one)."""
     token: str = field(default="", repr=False)
     """Shared secret agents must present (`authorization: Bearer ...`)."""
+    verify_token: str = field(default="", repr=False)
+    """Bearer token `POST /api/v1/verify` requires (FLOWPROOF_VERIFY_TOKEN or
+    --verify-token-file); empty: the agents' token. Nothing else on the HTTP port makes probes."""
     planner: PlannerSettings = field(default_factory=PlannerSettings)
     """How the loop plans, schedules and judges probes; each of its fields is a flag of its own
     (`--interval-seconds`, `--freshness-seconds`, ...)."""
@@ -102,7 +105,12 @@ class CollectorSettings:
             raise ConfigurationError("; ".join(problems))
 
     def describe(self) -> str:
-        return loader.describe(self, secrets=("token",))
+        return loader.describe(self, secrets=("token", "verify_token"))
+
+    @property
+    def verify_tokens(self) -> tuple[str, ...]:
+        """The bearer tokens `POST /api/v1/verify` accepts."""
+        return (self.verify_token or self.token,)
 
 
 def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> CollectorSettings:
@@ -115,7 +123,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> CollectorS
             prog="flowproof collector",
             description="The flowproof collector: inventory, engine, planner, agents' streams.",
             env_prefix=ENV_PREFIX,
-            secrets={"token": "FLOWPROOF_TOKEN"},
+            secrets={"token": "FLOWPROOF_TOKEN", "verify_token": "FLOWPROOF_VERIFY_TOKEN"},
         )
     except loader.SettingsError as exc:
         raise ConfigurationError(str(exc)) from exc

@@ -94,8 +94,9 @@ def run_lab_test(args: argparse.Namespace) -> int:
             outputs = verifying.Outputs(
                 junit=args.junit, json_file=args.json_file, markdown=args.markdown
             )
+            token = verifying.read_token(None, {}, state.loop.token_file)
             return verifying.verify_once(
-                state.loop.url, timeout_seconds=args.timeout, outputs=outputs
+                state.loop.url, timeout_seconds=args.timeout, outputs=outputs, token=token
             )
     except KeyboardInterrupt:
         print("lab test: interrupted", file=sys.stderr)

@@ -3,6 +3,8 @@
 The client of the collector's `POST /api/v1/verify` (collector/web/verify.py): it prints a table
 grouped by status, writes JUnit, JSON and Markdown, and exits 0 when every expectation holds, 1 when
 any fails, 2 when it could not decide. Without `--collector` it finds the running lab's collector.
+The route needs the collector's token: `--token-file`, else FLOWPROOF_VERIFY_TOKEN(_FILE), else
+FLOWPROOF_TOKEN(_FILE) (set in the collector's own container), else the lab's token file.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientError, ClientSession, ClientTimeout
+from aiohttp import ClientError, ClientResponseError, ClientSession, ClientTimeout
 
 from collector.core.reporting import (
     render_json,
@@ -31,7 +33,7 @@ from collector.core.statuses import FAILING, UNDECIDED
 from collector.core.views import FlowView
 from flowproof.errors import InputError
 from lab.config import DEFAULT_NAME, DEFAULT_STATE_DIR
-from lab.state import collector_url
+from lab.state import collector_token_file, collector_url
 
 EXIT_OK, EXIT_FAILED, EXIT_UNDECIDED = 0, 1, 2
 DEFAULT_COLLECTOR = "http://127.0.0.1:8080"
@@ -56,6 +58,39 @@ def default_collector_url(environ: Mapping[str, str]) -> str:
     return url or DEFAULT_COLLECTOR
 
 
+def lab_token_file(environ: Mapping[str, str]) -> str | None:
+    """The token file of the running lab's collector (the lab `verify` finds without flags)."""
+    return collector_token_file(
+        environ.get("FLOWPROOF_LAB_NAME", DEFAULT_NAME),
+        environ.get("FLOWPROOF_LAB_STATE_DIR", DEFAULT_STATE_DIR),
+    )
+
+
+def read_token(token_file: str | None, environ: Mapping[str, str], lab_file: str | None) -> str:
+    """The bearer token for the verify route (see the module docstring for the order); "" when
+    none is given (the collector then refuses, and says so)."""
+    sources: list[tuple[str, str | None, bool]] = [
+        ("--token-file", token_file, True),
+        ("FLOWPROOF_VERIFY_TOKEN", environ.get("FLOWPROOF_VERIFY_TOKEN"), False),
+        ("FLOWPROOF_VERIFY_TOKEN_FILE", environ.get("FLOWPROOF_VERIFY_TOKEN_FILE"), True),
+        ("FLOWPROOF_TOKEN", environ.get("FLOWPROOF_TOKEN"), False),
+        ("FLOWPROOF_TOKEN_FILE", environ.get("FLOWPROOF_TOKEN_FILE"), True),
+        ("the lab's token file", lab_file, True),
+    ]
+    for name, value, is_file in sources:
+        if not value:
+            continue
+        if not is_file:
+            return value.strip()
+        try:
+            return Path(value).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise InputError(
+                f"cannot read the token file {value!r}: {exc.strerror or exc}", field=name
+            ) from exc
+    return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowproof verify",
@@ -68,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--interval", type=float, default=30.0, help="without --once: seconds between rounds"
     )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the collector's token (default: FLOWPROOF_VERIFY_TOKEN(_FILE), FLOWPROOF_TOKEN(_FILE),"
+        " or the lab's)",
+    )
     parser.add_argument("--junit", metavar="FILE")
     parser.add_argument("--json", dest="json_file", metavar="FILE")
     parser.add_argument("--markdown", metavar="FILE")
@@ -75,12 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def request_verification(url: str, timeout_seconds: float) -> dict[str, Any]:
+async def request_verification(url: str, timeout_seconds: float, token: str) -> dict[str, Any]:
     client_timeout = ClientTimeout(total=timeout_seconds + 30)
     async with (
         ClientSession(timeout=client_timeout) as session,
         session.post(
-            f"{url.rstrip('/')}/api/v1/verify", json={"timeout_seconds": timeout_seconds}
+            f"{url.rstrip('/')}/api/v1/verify",
+            json={"timeout_seconds": timeout_seconds},
+            headers={"Authorization": f"Bearer {token}"} if token else {},
         ) as resp,
     ):
         resp.raise_for_status()
@@ -158,10 +201,20 @@ def report(answer: dict[str, Any], outputs: Outputs) -> int:
     return exit_code(answer, rows)
 
 
-def fetch_answer(url: str, timeout_seconds: float) -> dict[str, Any] | None:
+def fetch_answer(url: str, timeout_seconds: float, token: str) -> dict[str, Any] | None:
     """The collector's answer, or None (said on stderr) when it cannot be had."""
     try:
-        return asyncio.run(request_verification(url, timeout_seconds))
+        return asyncio.run(request_verification(url, timeout_seconds, token))
+    except ClientResponseError as exc:
+        if exc.status == 401:
+            given = "the token given was refused" if token else "no token was given"
+            print(
+                f"flowproof verify: the collector at {url} needs its token ({given}): use "
+                "--token-file or FLOWPROOF_VERIFY_TOKEN(_FILE)",
+                file=sys.stderr,
+            )
+        else:
+            print(f"flowproof verify: the collector at {url} answered {exc}", file=sys.stderr)
     except (ClientError, OSError, TimeoutError) as exc:
         print(f"flowproof verify: cannot reach the collector at {url}: {exc}", file=sys.stderr)
     except json.JSONDecodeError as exc:
@@ -169,9 +222,9 @@ def fetch_answer(url: str, timeout_seconds: float) -> dict[str, Any] | None:
     return None
 
 
-def verify_once(url: str, *, timeout_seconds: float, outputs: Outputs) -> int:
+def verify_once(url: str, *, timeout_seconds: float, outputs: Outputs, token: str) -> int:
     """Ask the collector at `url` to verify every expectation now; report; the exit code."""
-    answer = fetch_answer(url, timeout_seconds)
+    answer = fetch_answer(url, timeout_seconds, token)
     return EXIT_UNDECIDED if answer is None else report(answer, outputs)
 
 
@@ -188,8 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _verify(url: str, args: argparse.Namespace, outputs: Outputs) -> int:
     check_output_files(output_flags(outputs))
+    lab_file = (
+        None
+        if args.collector or os.environ.get("FLOWPROOF_COLLECTOR_URL")
+        else (lab_token_file(os.environ))
+    )
+    token = read_token(args.token_file, os.environ, lab_file)
     while True:
-        answer = fetch_answer(url, args.timeout)
+        answer = fetch_answer(url, args.timeout, token)
         if answer is None:
             return EXIT_UNDECIDED
         code = report(answer, outputs)

@@ -327,6 +327,15 @@ class LabPaths:
             os.close(fd)
 
 
+def collector_token_file(name: str, state_dir: str | os.PathLike[str]) -> str | None:
+    """The token file of a lab's loop (its collector's token), or None without one. Reads only."""
+    try:
+        state = LabPaths(Path(state_dir), name).load()
+    except (LabError, ValueError, OSError):
+        return None
+    return state.loop.token_file if state.loop is not None else None
+
+
 def collector_url(name: str, state_dir: str | os.PathLike[str]) -> str | None:
     """`http://127.0.0.1:<port>` of the collector of a running lab, or None.
 

@@ -1,6 +1,7 @@
 """The verify route: `POST /api/v1/verify` runs every expectation now and answers with the report.
 
-It waits for the inventory, for the probe pods the plan requests and for an agent on every node
+It is the one HTTP route that makes agents send traffic, so it needs `Authorization: Bearer
+<token>` (the collector's verify token, else the agents' token; compared in constant time). It waits for the inventory, for the probe pods the plan requests and for an agent on every node
 that sources a flow, probes every declared flow at once, and waits until each has a settled result
 of a probe started after the request (or the timeout). The answer's rows are
 collector.core.views' flow details; `flowproof verify` (flowproof/verifying.py) is its client.
@@ -10,7 +11,9 @@ Also `GET /api/v1/debug/loop`: read-only counters the lab tests use.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -20,10 +23,28 @@ from collector.dispatching import Dispatcher
 from collector.loop import Collector
 
 
-def add_verify_routes(app: web.Application, collector: Collector, dispatcher: Dispatcher) -> None:
-    """`POST /api/v1/verify` and `GET /api/v1/debug/loop` on `app`."""
+def authorized(request: web.Request, tokens: Sequence[str]) -> bool:
+    """Whether the request carries `Authorization: Bearer <one of tokens>` (constant time)."""
+    given = request.headers.get("Authorization", "").encode()
+    return any(token and hmac.compare_digest(given, f"Bearer {token}".encode()) for token in tokens)
+
+
+def add_verify_routes(
+    app: web.Application, collector: Collector, dispatcher: Dispatcher, *, tokens: Sequence[str]
+) -> None:
+    """`POST /api/v1/verify` (bearer token) and `GET /api/v1/debug/loop` on `app`."""
+    if not any(tokens):
+        raise ValueError("the verify route needs a token")
 
     async def verify(request: web.Request) -> web.Response:
+        if not authorized(request, tokens):
+            return web.json_response(
+                {
+                    "error": "POST /api/v1/verify needs Authorization: Bearer <the collector's token>"
+                },
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="flowproof verify"'},
+            )
         try:
             body = await request.json() if request.can_read_body else {}
             timeout = float(body.get("timeout_seconds", 60.0))

@@ -74,6 +74,7 @@ class KubeLoop:
     """A collector (source kubernetes) in its own thread and event loop, and its agents."""
 
     url: str = ""
+    token: str = ""
     collector: Collector | None = None
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -118,7 +119,7 @@ def kube_loop(kubeconfig: str, nodes: list[str], logs: Path) -> Iterator[KubeLoo
     stop = asyncio.Event()
     ready = threading.Event()
     outcome: list[BaseException | int] = []
-    running = KubeLoop()
+    running = KubeLoop(token=token)
     grpc_port = [0]
 
     def started(collector: Collector, grpc: int, http: int) -> None:
@@ -253,7 +254,7 @@ def test_the_kube_source_collector_verifies_the_lab_as_the_manifest_source_does(
 ) -> None:
     state = shop.state()
     assert state.loop is not None
-    manifest_answer = post_verify(state.loop.url)
+    manifest_answer = post_verify(shop)
     assert manifest_answer["decided"], manifest_answer["reasons"]
     assert statuses(manifest_answer) == {f: {"PASS"} for f in DECLARED}, table(manifest_answer)
     expected = rows_of(manifest_answer)
@@ -272,7 +273,7 @@ def test_the_kube_source_collector_verifies_the_lab_as_the_manifest_source_does(
         assert served == lab_pods, "the API serves the lab's pods with their uids"
         kubeconfig = kubeconfig_for(tmp_path / "kubeconfig", api.url)
         with kube_loop(kubeconfig, nodes, tmp_path) as kube:
-            answer = post_verify(kube.url)
+            answer = post_verify(kube.url, token=kube.token)
             assert answer["decided"], answer["reasons"]
             assert rows_of(answer) == expected, (
                 "kube source:\n" + table(answer) + "\nmanifest source:\n" + table(manifest_answer)
@@ -296,7 +297,7 @@ def test_the_kube_source_collector_verifies_the_lab_as_the_manifest_source_does(
                 )
 
             wait_for(seen, 10, "the collector to see the new db-ingress through the watch")
-            broken = post_verify(kube.url)
+            broken = post_verify(kube.url, token=kube.token)
             assert broken["decided"], broken["reasons"]
             want = {f: {"PASS"} for f in DECLARED} | {"api-to-db": {"REQUIRED_BLOCKED"}}
             assert statuses(broken) == want, table(broken)

@@ -107,14 +107,21 @@ def url(lab: Lab) -> str:
     return loop.url
 
 
-def post_verify(lab: Lab | str, timeout: float = 15.0) -> dict[str, Any]:
-    """`POST /api/v1/verify` to a lab's collector (or a collector URL): probe every declared
-    flow now; the answer once all are settled."""
+def lab_token(lab: Lab) -> str:
+    loop = lab.state().loop
+    assert loop is not None
+    return Path(loop.token_file).read_text().strip()
+
+
+def post_verify(lab: Lab | str, timeout: float = 15.0, *, token: str = "") -> dict[str, Any]:
+    """`POST /api/v1/verify` to a lab's collector (or a collector URL and its token): probe every
+    declared flow now; the answer once all are settled."""
     base = lab if isinstance(lab, str) else url(lab)
+    token = token or (lab_token(lab) if not isinstance(lab, str) else "")
     request = urllib.request.Request(
         f"{base}/api/v1/verify",
         data=json.dumps({"timeout_seconds": timeout}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=timeout + 30) as response:
