@@ -7,10 +7,11 @@ agent with the responder's report attached to its result. When a stream drops, w
 without a result is queued again, unless the agent says in its next hello that it still holds it.
 Results are acked by id and delivered to `on_result` at most once per result id and once per
 assignment id, so a reconnect of either side never loses or double-counts one. The stream needs
-`authorization: Bearer <token>`; the standard gRPC health service is served beside it (no token).
-Only this module and flowproof.convert touch the contract's messages on the collector side.
+`authorization: Bearer <token>` over TLS (agents check the collector's certificate before they
+send the token); the standard gRPC health service is served beside it (no token). Only this module
+and flowproof.convert touch the contract's messages on the collector side.
 
-    dispatcher = Dispatcher(token=..., on_result=flow_state.record)
+    dispatcher = Dispatcher(token=..., tls=ServerTLS.from_files(cert, key), on_result=...)
     port = await dispatcher.start("0.0.0.0:7070")
     dispatcher.submit(assignments)        # from the planner, on the event loop
     dispatcher.agents()                   # who is connected, for metrics and `verify`
@@ -28,18 +29,22 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Literal, NoReturn
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flowproof import __version__, convert
+from flowproof.errors import ConfigurationError, bounded
+from flowproof.logs import LogLimiter
 from flowproof.probes import (
     PROTOCOL_VERSION,
     AgentCapabilities,
     AgentHello,
     Assignment,
+    DestinationPolicy,
     HelloAck,
     ProbeResult,
     ResponderReport,
@@ -61,6 +66,30 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 )
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """The certificate chain and private key (PEM) the gRPC port serves."""
+
+    certificate_chain: bytes = field(repr=False)
+    private_key: bytes = field(repr=False)
+
+    @classmethod
+    def from_files(cls, certificate_file: str, key_file: str) -> ServerTLS:
+        """Read both files; ConfigurationError naming the one that cannot be read."""
+        data: list[bytes] = []
+        for name, path in (("tls_cert_file", certificate_file), ("tls_key_file", key_file)):
+            try:
+                data.append(Path(path).read_bytes())
+            except OSError as exc:
+                raise ConfigurationError(f"{name}: cannot read {path!r}: {exc.strerror}") from exc
+            if b"-----BEGIN " not in data[-1]:
+                raise ConfigurationError(f"{name}: {path!r} holds no PEM data")
+        return cls(certificate_chain=data[0], private_key=data[1])
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.private_key, self.certificate_chain)])
 
 
 @dataclass(frozen=True)
@@ -156,6 +185,7 @@ class Dispatcher:
         self,
         *,
         token: str,
+        tls: ServerTLS,
         on_result: Callable[[ProbeResult], None],
         heartbeat_interval_seconds: float = 5.0,
         silent_heartbeats_before_drop: int = 3,
@@ -170,6 +200,7 @@ class Dispatcher:
         if not token:
             raise ValueError("the dispatcher needs a non-empty token")
         self._expected_auth = f"Bearer {token}".encode()
+        self._tls = tls
         self._on_result = on_result
         self._heartbeat_interval = heartbeat_interval_seconds
         self._silence_limit = heartbeat_interval_seconds * silent_heartbeats_before_drop
@@ -191,11 +222,15 @@ class Dispatcher:
         """Results handed to on_result so far."""
         self.duplicates_total = 0
         """Results received again (after a reconnect) and dropped as already delivered."""
+        self.refused_total = 0
+        """Streams refused (bad token, no hello, another protocol)."""
+        self._limiter = LogLimiter()
+        self._policy = DestinationPolicy()
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self, address: str = "127.0.0.1:0") -> int:
-        """Serve on `address` (host:port, port 0 picks one); returns the bound port.
+        """Serve TLS on `address` (host:port, port 0 picks one); returns the bound port.
 
         Can be called again after `stop()`: queued assignments and the delivery ledger are kept,
         so a restarted server resumes where it stopped.
@@ -207,7 +242,7 @@ class Dispatcher:
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:
-            port = server.add_insecure_port(address)
+            port = server.add_secure_port(address, self._tls.credentials())
         except RuntimeError as exc:  # grpc's "Failed to bind to address"
             port = 0
             cause: BaseException | None = exc
@@ -269,6 +304,19 @@ class Dispatcher:
         for node in touched:
             self._poke(node)
 
+    def set_destination_policy(self, policy: DestinationPolicy) -> None:
+        """Where agents may probe; sent to every agent now (before the assignments that follow)
+        and in each new hello-ack. Nothing is sent when it did not change."""
+        if policy == self._policy:
+            return
+        self._policy = policy
+        message = pb.CollectorMessage(
+            destination_policy=convert.destination_policy_to_proto(policy)
+        )
+        for session in self._sessions.values():
+            session.control.append(message)
+            session.poke()
+
     def cancel(self, assignment_ids: Iterable[str]) -> None:
         """Forget assignments: queued ones are never sent, running ones are stopped (no result)."""
         for aid in assignment_ids:
@@ -320,21 +368,21 @@ class Dispatcher:
         auth = dict(context.invocation_metadata() or ()).get("authorization", "")
         auth_bytes = auth.encode() if isinstance(auth, str) else auth
         if not hmac.compare_digest(auth_bytes, self._expected_auth):
-            log.warning("refused a stream from %s: bad or missing token", context.peer())
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing token")
+            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "bad or missing token")
         try:
             async with asyncio.timeout(self._hello_timeout):
                 first = await anext(aiter(requests))
         except (TimeoutError, StopAsyncIteration):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a hello first")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "expected a hello first")
         if first.WhichOneof("body") != "hello":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a hello first")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "expected a hello first")
         try:
             hello = convert.hello_from_proto(first.hello)
         except convert.ContractError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if hello.protocol_version != PROTOCOL_VERSION:
-            await context.abort(
+            await self._refuse(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"collector speaks protocol {PROTOCOL_VERSION}, agent {hello.protocol_version}",
             )
@@ -347,6 +395,7 @@ class Dispatcher:
                 protocol_version=PROTOCOL_VERSION,
                 collector_version=self._collector_version,
                 heartbeat_interval_seconds=self._heartbeat_interval,
+                destination_policy=self._policy,
             )
             yield pb.CollectorMessage(hello_ack=convert.hello_ack_to_proto(ack))
             while not session.closed:
@@ -390,7 +439,9 @@ class Dispatcher:
                     for report in msg.responder_reports.reports:
                         self._take_responder_report(session, report)
                 else:
-                    log.warning("agent on %s sent an unexpected %s", session.node, which)
+                    self._noisy(
+                        logging.WARNING, "agent on %s sent an unexpected %s", session.node, which
+                    )
         except grpc.aio.AioRpcError as exc:
             log.info("stream from %s broke: %s", session.node, exc.code().name)
         finally:
@@ -487,6 +538,27 @@ class Dispatcher:
                 )
         return messages
 
+    def _noisy(self, level: int, message: str, *args: object) -> None:
+        """A line a peer can trigger at will: rate-limited per message, its values bounded."""
+        suffix = self._limiter.admit(message)
+        if suffix is not None:
+            shown = tuple(bounded(str(a), 200) for a in args)
+            log.log(level, message + "%s", *shown, suffix)
+
+    async def _refuse(
+        self,
+        context: grpc.aio.ServicerContext[pb.AgentMessage, pb.CollectorMessage],
+        code: grpc.StatusCode,
+        why: str,
+    ) -> NoReturn:
+        """End a stream before it became a session; logged at most a few times a minute."""
+        self.refused_total += 1
+        suffix = self._limiter.admit(f"refused {why}")
+        if suffix is not None:
+            log.warning("refused a stream from %s: %s%s", context.peer(), bounded(why, 200), suffix)
+        await context.abort(code, why)
+        raise AssertionError("abort returned")  # pragma: no cover - abort always raises
+
     # --- results and responders ----------------------------------------------------------------
 
     def _take_results(self, session: _Session, results: Iterable[pb.ProbeResult]) -> None:
@@ -500,7 +572,9 @@ class Dispatcher:
             try:
                 result = convert.result_from_proto(msg)
             except convert.ContractError as exc:
-                log.error("agent on %s sent a malformed result: %s", session.node, exc)
+                self._noisy(
+                    logging.ERROR, "agent on %s sent a malformed result: %s", session.node, exc
+                )
                 continue
             aid = result.assignment_id
             if self._ledger.has_assignment(aid):
@@ -529,7 +603,12 @@ class Dispatcher:
         try:
             report = convert.responder_report_from_proto(msg)
         except convert.ContractError as exc:
-            log.error("agent on %s sent a malformed responder report: %s", session.node, exc)
+            self._noisy(
+                logging.ERROR,
+                "agent on %s sent a malformed responder report: %s",
+                session.node,
+                exc,
+            )
             return
         pending = self._pending.get(report.assignment_id)
         if pending is None:

@@ -32,7 +32,7 @@ from collector.cluster import (
 from collector.core.changes import diff_snapshots
 from collector.core.model import Snapshot
 from collector.core.views import LoopStatus
-from collector.dispatching import Dispatcher
+from collector.dispatching import Dispatcher, ServerTLS
 from collector.kube import InventoryUpdate, KubernetesSource, load_kube_config
 from collector.loop import Collector, ProbePodManager
 from collector.metrics import CollectorMetrics
@@ -43,6 +43,7 @@ from collector.web.events import Broadcaster
 from collector.web.verify import add_verify_routes
 from flowproof.aio import run_root_tasks, run_service, stop_event
 from flowproof.errors import ConfigurationError
+from flowproof.probes import DestinationPolicy
 
 log = logging.getLogger("collector")
 
@@ -168,8 +169,18 @@ async def _serve(
         assert dispatcher is not None
         dispatcher.submit(assignments)
 
-    collector = Collector(settings, send=send, probe_pods=probe_pods)
-    dispatcher = Dispatcher(token=settings.token, on_result=collector.on_result)
+    try:
+        tls = ServerTLS.from_files(settings.tls_cert_file, settings.tls_key_file)
+    except ConfigurationError as exc:
+        log.error("collector cannot start: %s", exc)
+        return 2
+
+    def announce(policy: DestinationPolicy) -> None:
+        assert dispatcher is not None
+        dispatcher.set_destination_policy(policy)
+
+    collector = Collector(settings, send=send, announce=announce, probe_pods=probe_pods)
+    dispatcher = Dispatcher(token=settings.token, tls=tls, on_result=collector.on_result)
     if cluster_probe_pods is not None:
         cluster_probe_pods.needed_by = expectations_needing(collector)
     runner = web.AppRunner(

@@ -7,6 +7,7 @@ validates everything at start; the runtime logs the result once. This module sta
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ class CollectorSettings:
     """Port of /metrics, /healthz, /readyz, the web view and /api/v1 (0 picks a free one)."""
     token: str = field(default="", repr=False)
     """Shared secret agents must present (`authorization: Bearer ...`)."""
+    tls_cert_file: str = ""
+    """PEM certificate chain the gRPC port serves; agents check it against their CA before they
+    send the token (required: a Secret or cert-manager in a cluster, the lab's own CA in a lab)."""
+    tls_key_file: str = ""
+    """The private key of `tls_cert_file` (PEM)."""
     verify_token: str = field(default="", repr=False)
     """Bearer token `POST /api/v1/verify` requires (FLOWPROOF_VERIFY_TOKEN or
     --verify-token-file); empty: the agents' token. Nothing else on the HTTP port makes probes."""
@@ -99,6 +105,12 @@ class CollectorSettings:
                 problems.append(f"{name}: {getattr(self, name)} is outside 0-65535")
         if not self.token:
             problems.append("token: required (FLOWPROOF_TOKEN or --token-file)")
+        for name in ("tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            if not path:
+                problems.append(f"{name}: required (agents authenticate the collector by it)")
+            elif not os.access(path, os.R_OK):
+                problems.append(f"{name}: {path!r} cannot be read")
         if self.state_refresh_seconds <= 0:
             problems.append("state_refresh_seconds: must be positive")
         if problems:

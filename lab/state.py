@@ -156,6 +156,9 @@ class LoopRecord:
     grpc_port: int
     token_file: str
     settings: dict[str, Any] = field(default_factory=dict)
+    ca_file: str = ""  # the lab's throwaway CA (lab/certs.py): agents trust only it
+    cert_file: str = ""  # the collector's certificate and key, issued by that CA
+    key_file: str = ""
 
     @property
     def url(self) -> str:
@@ -296,6 +299,11 @@ class LabPaths:
     def token_file(self) -> Path:
         """The loop's shared token (mode 0600): agents and the collector read it from here."""
         return self.root / "token"
+
+    @property
+    def tls_dir(self) -> Path:
+        """The loop's CA certificate and the collector's certificate and key."""
+        return self.root / "tls"
 
     def exists(self) -> bool:
         return self.state_file.exists()

@@ -15,6 +15,7 @@ import pytest
 from collector.runtime import serve
 from collector.settings import CollectorSettings
 from flowproof.cli import main as flowproof_main
+from tests.support.tls import write_tls
 
 REPO = Path(__file__).resolve().parents[2]
 SHOP = REPO / "examples" / "shop"
@@ -113,15 +114,18 @@ def taken_port() -> socket.socket:
 
 @pytest.mark.parametrize("which", ["grpc_port", "http_port"])
 async def test_a_collector_whose_port_is_taken_says_so_and_exits_2(
-    taken_port: socket.socket, which: str, caplog: pytest.LogCaptureFixture
+    taken_port: socket.socket, which: str, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     port = taken_port.getsockname()[1]
     ports = {"grpc_port": 0, "http_port": 0, which: port}
+    tls = write_tls(tmp_path)
     settings = CollectorSettings(
         source="manifests",
         manifests=(str(SHOP),),
         listen_address="127.0.0.1",
         token="t",
+        tls_cert_file=str(tls.cert),
+        tls_key_file=str(tls.key),
         **ports,  # type: ignore[arg-type]
     )
     with caplog.at_level(logging.INFO):

@@ -15,6 +15,7 @@ import dataclasses
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,6 +34,7 @@ from flowproof.probes import (
     AgentCapabilities,
     AgentHello,
     Assignment,
+    DestinationPolicy,
     Outcome,
     PodRef,
     ProbeKind,
@@ -42,6 +44,7 @@ from flowproof.probes import (
 )
 from flowproof.v1 import agent_pb2 as pb
 from flowproof.v1.agent_pb2_grpc import AgentServiceStub
+from tests.support.tls import ca_pem, server_tls, write_tls
 
 pytestmark = needs_netlab
 
@@ -160,6 +163,7 @@ class Loop:
     proxy_port: int
     results: list[ProbeResult]
     agents: list[tuple[asyncio.Event, asyncio.Task[int]]]
+    ca_file: str = ""
 
     def by_assignment(self) -> collections.Counter[str]:
         return collections.Counter(r.assignment_id for r in self.results)
@@ -169,6 +173,7 @@ class Loop:
             "node_name": node,
             "collector_address": f"127.0.0.1:{self.proxy_port}",
             "token": TOKEN,
+            "ca_file": self.ca_file,
             "reconnect_initial_seconds": 0.05,
             "reconnect_max_seconds": 0.3,
             "hello_timeout_seconds": 5.0,
@@ -191,18 +196,21 @@ class Loop:
 
 
 @pytest.fixture
-async def loop_(bed: Bed, tcp_server: None) -> AsyncIterator[Loop]:
+async def loop_(bed: Bed, tcp_server: None, tmp_path: Path) -> AsyncIterator[Loop]:
     results: list[ProbeResult] = []
     dispatcher = Dispatcher(
         token=TOKEN,
+        tls=server_tls(),
         on_result=results.append,
         heartbeat_interval_seconds=0.5,
         responder_wait_seconds=1.0,
     )
+    # The agents probe only what the policy covers: the destination pod of the bed.
+    dispatcher.set_destination_policy(DestinationPolicy(networks=(f"{bed.dst.ip}/32",)))
     port = await dispatcher.start("127.0.0.1:0")
     proxy = Proxy(port)
     proxy_port = await proxy.start()
-    built = Loop(bed, dispatcher, port, proxy, proxy_port, results, [])
+    built = Loop(bed, dispatcher, port, proxy, proxy_port, results, [], str(write_tls(tmp_path).ca))
     try:
         yield built
     finally:
@@ -404,9 +412,15 @@ async def test_sigterm_path_finishes_running_probes_and_delivers_them(loop_: Loo
 # --- the contract, spoken by hand ------------------------------------------------------------------
 
 
+def secure_channel(port: int) -> grpc.aio.Channel:
+    """A channel to the dispatcher that checks its certificate against the test CA."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem())
+    return grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials)
+
+
 @contextlib.asynccontextmanager
 async def raw_stream(port: int, token: str = TOKEN) -> AsyncIterator[Any]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with secure_channel(port) as channel:
         call = AgentServiceStub(channel).Connect(metadata=(("authorization", f"Bearer {token}"),))
         try:
             yield call
@@ -547,7 +561,7 @@ async def test_an_agent_with_a_wrong_token_never_gets_assignments(loop_: Loop) -
 
 
 async def test_the_standard_health_service_answers_without_a_token(loop_: Loop) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{loop_.port}") as channel:
+    async with secure_channel(loop_.port) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for service in ("", "flowproof.v1.AgentService"):
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))

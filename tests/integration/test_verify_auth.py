@@ -14,13 +14,14 @@ from collector.loop import Collector
 from collector.runtime import build_http_app
 from collector.settings import CollectorSettings
 from flowproof.verifying import read_token
+from tests.support.tls import server_tls
 
 
 @pytest.fixture
 async def client() -> AsyncIterator[TestClient[Any, Any]]:
     settings = CollectorSettings(token="agents-token", verify_token="verify-token")
     collector = Collector(settings)
-    dispatcher = Dispatcher(token=settings.token, on_result=collector.on_result)
+    dispatcher = Dispatcher(token=settings.token, tls=server_tls(), on_result=collector.on_result)
     app = build_http_app(collector, dispatcher, verify_tokens=settings.verify_tokens)
     async with TestClient(TestServer(app)) as test_client:
         yield test_client
