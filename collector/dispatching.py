@@ -21,12 +21,14 @@ and flowproof.convert touch the contract's messages on the collector side.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hmac
 import itertools
 import logging
+import secrets
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,8 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from collector.core.sealing import KEY_BYTES, AssignmentSeal
+from collector.ledger import DeliveryLedger
 from flowproof import __version__, convert
 from flowproof.errors import ConfigurationError, bounded
 from flowproof.logs import LogLimiter
@@ -57,6 +61,8 @@ from flowproof.v1 import agent_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "flowproof.v1.AgentService"
+MAX_ID_CHARS = 128
+"""The longest result id taken (agents make 32 hex digits)."""
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 20_000),
@@ -112,6 +118,28 @@ class AgentInfo:
     """Results the agent had to drop from its buffer since it started (from its heartbeat)."""
 
 
+@dataclass(frozen=True)
+class IntakeCounters:
+    """What the dispatcher turned away or corrected, for /metrics."""
+
+    results_refused: dict[str, int]
+    timestamps_adjusted_total: int
+    streams_refused_total: int
+    duplicates_total: int
+
+
+REFUSAL_REASONS = (
+    "malformed",
+    "malformed id",
+    "not issued by this collector",
+    "issued to another node",
+    "answered already",
+    "never sent",
+    "issued too long ago",
+)
+"""Why a result is acked but not delivered (the `reason` label of the refusal counter)."""
+
+
 _State = Literal["awaiting_responder", "queued", "sent"]
 
 
@@ -120,6 +148,9 @@ class _Pending:
     assignment: Assignment
     sequence: int
     state: _State
+    issued_at_ns: int
+    seal: pb.IssueSeal
+    sent_to: str | None = None  # the node whose stream it was sent on (None: never sent)
     session: _Session | None = None
     responder: ResponderReport | None = None
     responder_timer: asyncio.TimerHandle | None = None
@@ -147,32 +178,6 @@ class _Session:
         self.wake.set()
 
 
-class _Ledger:
-    """Result ids and assignment ids already delivered (bounded, oldest forgotten first)."""
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._results: OrderedDict[str, None] = OrderedDict()
-        self._assignments: OrderedDict[str, None] = OrderedDict()
-
-    def has_result(self, result_id: str) -> bool:
-        return result_id in self._results
-
-    def has_assignment(self, assignment_id: str) -> bool:
-        return assignment_id in self._assignments
-
-    def add_result(self, result_id: str) -> None:
-        self._add(self._results, result_id)
-
-    def add_assignment(self, assignment_id: str) -> None:
-        self._add(self._assignments, assignment_id)
-
-    def _add(self, table: OrderedDict[str, None], key: str) -> None:
-        table[key] = None
-        if len(table) > self._capacity:
-            table.popitem(last=False)
-
-
 class Dispatcher:
     """The collector's side of the agent streams. Use it from one event loop.
 
@@ -194,7 +199,11 @@ class Dispatcher:
         hello_timeout_seconds: float = 10.0,
         batch_size: int = 256,
         default_max_in_flight: int = 256,
-        ledger_size: int = 100_000,
+        ledger: DeliveryLedger | None = None,
+        assignment_key: bytes | None = None,
+        max_result_age_seconds: float = 900.0,
+        clock_tolerance_seconds: float = 2.0,
+        wall: Callable[[], float] = time.time,
         collector_version: str = __version__,
     ) -> None:
         if not token:
@@ -210,7 +219,11 @@ class Dispatcher:
         self._batch_size = batch_size
         self._default_max_in_flight = default_max_in_flight
         self._collector_version = collector_version
-        self._ledger = _Ledger(ledger_size)
+        self._ledger = ledger if ledger is not None else DeliveryLedger(100_000)
+        self._seal = AssignmentSeal(assignment_key or secrets.token_bytes(KEY_BYTES))
+        self._max_result_age = max_result_age_seconds
+        self._tolerance = clock_tolerance_seconds
+        self._wall = wall
         self._pending: dict[str, _Pending] = {}
         self._queues: dict[str, deque[str]] = {}
         self._responder_queues: dict[str, deque[ResponderRequest]] = {}
@@ -224,6 +237,11 @@ class Dispatcher:
         """Results received again (after a reconnect) and dropped as already delivered."""
         self.refused_total = 0
         """Streams refused (bad token, no hello, another protocol)."""
+        self.results_refused: collections.Counter[str] = collections.Counter()
+        """Results acked but not delivered, by reason (none of them issued to that stream)."""
+        self.timestamps_adjusted_total = 0
+        """Results whose start time lay outside when the collector issued the assignment and
+        received the result (beyond the tolerance), brought back within it."""
         self._limiter = LogLimiter()
         self._policy = DestinationPolicy()
 
@@ -281,7 +299,16 @@ class Dispatcher:
             if a.id in self._pending or self._ledger.has_assignment(a.id):
                 log.debug("assignment %s submitted twice; ignored", a.id)
                 continue
-            pending = _Pending(assignment=a, sequence=next(self._sequence), state="queued")
+            issued_at_ns = int(self._wall() * 1e9)
+            seal = pb.IssueSeal(mac=self._seal.seal(a, issued_at_ns))
+            seal.issued_at.FromNanoseconds(issued_at_ns)
+            pending = _Pending(
+                assignment=a,
+                sequence=next(self._sequence),
+                state="queued",
+                issued_at_ns=issued_at_ns,
+                seal=seal,
+            )
             self._pending[a.id] = pending
             if a.responder is not None:
                 pending.state = "awaiting_responder"
@@ -353,6 +380,14 @@ class Dispatcher:
                 )
             )
         return infos
+
+    def intake_counters(self) -> IntakeCounters:
+        return IntakeCounters(
+            results_refused={r: self.results_refused[r] for r in REFUSAL_REASONS},
+            timestamps_adjusted_total=self.timestamps_adjusted_total,
+            streams_refused_total=self.refused_total,
+            duplicates_total=self.duplicates_total,
+        )
 
     def pending_count(self) -> int:
         """Assignments submitted and not yet answered or cancelled."""
@@ -466,10 +501,12 @@ class Dispatcher:
             if (
                 pending is not None
                 and pending.assignment.source_node == hello.node_name
+                and pending.sent_to == hello.node_name  # never one it was not sent
                 and pending.state in ("queued", "sent")
             ):
                 pending.state = "sent"
                 pending.session = session
+                pending.sent_to = session.node
                 session.in_flight.add(aid)
                 held += 1
         log.info(
@@ -530,8 +567,11 @@ class Dispatcher:
                     continue  # answered or cancelled while queued
                 pending.state = "sent"
                 pending.session = session
+                pending.sent_to = session.node
                 session.in_flight.add(aid)
-                assignments.append(convert.assignment_to_proto(pending.assignment))
+                message = convert.assignment_to_proto(pending.assignment)
+                message.seal.CopyFrom(pending.seal)
+                assignments.append(message)
             if assignments:
                 messages.append(
                     pb.CollectorMessage(assignments=pb.AssignmentBatch(assignments=assignments))
@@ -562,25 +602,29 @@ class Dispatcher:
     # --- results and responders ----------------------------------------------------------------
 
     def _take_results(self, session: _Session, results: Iterable[pb.ProbeResult]) -> None:
+        """Ack every result; deliver those of assignments issued to this stream's node, once.
+
+        A result is refused (acked, counted by reason, never delivered) unless its assignment
+        carries this collector's seal, was issued to this node, was sent on one of its streams
+        (or, issued before a restart, is recent), and was not answered before. Its start time is
+        taken on the collector's clock: within when the assignment was issued and the result
+        came in (a start outside that, beyond the tolerance, is counted and brought within it).
+        """
         acked: list[str] = []
         for msg in results:
             acked.append(msg.id)
             if self._ledger.has_result(msg.id):
                 self.duplicates_total += 1
                 continue
-            self._ledger.add_result(msg.id)
-            try:
-                result = convert.result_from_proto(msg)
-            except convert.ContractError as exc:
+            result, why = self._accepted(session, msg)
+            if result is None:
+                self.results_refused[why] += 1
                 self._noisy(
-                    logging.ERROR, "agent on %s sent a malformed result: %s", session.node, exc
+                    logging.WARNING, "refused a result from the agent on %s: %s", session.node, why
                 )
                 continue
             aid = result.assignment_id
-            if self._ledger.has_assignment(aid):
-                self.duplicates_total += 1
-                continue  # answered already (or cancelled)
-            self._ledger.add_assignment(aid)
+            self._ledger.add(msg.id, aid)
             pending = self._pending.pop(aid, None)
             if pending is not None:
                 if pending.session is not None:
@@ -589,15 +633,58 @@ class Dispatcher:
                     pending.responder_timer.cancel()
                 if pending.assignment.responder is not None:
                     self._send_cancel(pending.assignment.responder.node, aid)
-                result = dataclasses.replace(result, responder=pending.responder)
+                result = dataclasses.replace(
+                    result, assignment=pending.assignment, responder=pending.responder
+                )
             self.delivered_total += 1
             try:
                 self._on_result(result)
             except Exception:
                 log.exception("on_result failed for result %s", result.id)
+        self._ledger.flush()
         if acked:
             session.control.append(pb.CollectorMessage(result_ack=pb.ResultAck(result_ids=acked)))
             session.poke()
+
+    def _accepted(self, session: _Session, msg: pb.ProbeResult) -> tuple[ProbeResult | None, str]:
+        """The result to deliver (on the collector's clock), or None and why it is refused."""
+        if len(msg.id) > MAX_ID_CHARS or not msg.id.isprintable():
+            return None, "malformed id"
+        try:
+            result = convert.result_from_proto(msg)
+        except convert.ContractError:
+            return None, "malformed"
+        assignment = result.assignment
+        seal = msg.assignment.seal
+        issued_at_ns = seal.issued_at.ToNanoseconds()
+        if not msg.assignment.HasField("seal") or not self._seal.verify(
+            assignment, issued_at_ns, seal.mac
+        ):
+            return None, "not issued by this collector"
+        if assignment.source_node != session.node:
+            return None, "issued to another node"
+        if self._ledger.has_assignment(assignment.id):
+            self.duplicates_total += 1
+            return None, "answered already"
+        now = self._wall()
+        issued_at = issued_at_ns / 1e9
+        pending = self._pending.get(assignment.id)
+        if pending is not None:
+            if pending.sent_to is None:
+                return None, "never sent"
+        elif not -self._tolerance <= now - issued_at <= self._max_result_age:
+            return None, "issued too long ago"
+        started = result.started_at
+        if not issued_at - self._tolerance <= started <= now + self._tolerance:
+            self.timestamps_adjusted_total += 1
+        started = min(max(started, issued_at), now)
+        latency = min(max(result.latency_seconds, 0.0), max(now - started, 0.0))
+        return (
+            dataclasses.replace(
+                result, node=session.node, started_at=started, latency_seconds=latency
+            ),
+            "",
+        )
 
     def _take_responder_report(self, session: _Session, msg: pb.ResponderReport) -> None:
         try:

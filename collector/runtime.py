@@ -34,6 +34,7 @@ from collector.core.model import Snapshot
 from collector.core.views import LoopStatus
 from collector.dispatching import Dispatcher, ServerTLS
 from collector.kube import InventoryUpdate, KubernetesSource, load_kube_config
+from collector.ledger import DeliveryLedger, assignment_key, ledger_path
 from collector.loop import Collector, ProbePodManager
 from collector.metrics import CollectorMetrics
 from collector.settings import CollectorSettings, load_settings
@@ -46,6 +47,10 @@ from flowproof.errors import ConfigurationError
 from flowproof.probes import DestinationPolicy
 
 log = logging.getLogger("collector")
+
+LEDGER_CAPACITY = 100_000
+"""Result and assignment ids the dispatcher remembers as delivered (about 20 minutes of a
+busy cluster's results)."""
 
 ProbePodProviders = dict[str, Callable[[CollectorSettings], ProbePodManager]]
 """Probe-pod providers by `--probe-pods` mode that someone above the collector hands in (the
@@ -74,7 +79,12 @@ def build_http_app(
     def status() -> LoopStatus:
         return loop_status(collector, dispatcher)
 
-    metrics = CollectorMetrics(CollectorRegistry(), state=collector.state, loop_status=status)
+    metrics = CollectorMetrics(
+        CollectorRegistry(),
+        state=collector.state,
+        loop_status=status,
+        intake=dispatcher.intake_counters,
+    )
     broadcaster = Broadcaster()
     collector.subscribe(metrics.on_loop_event)
     collector.subscribe(broadcaster.on_loop_event)
@@ -179,8 +189,34 @@ async def _serve(
         assert dispatcher is not None
         dispatcher.set_destination_policy(policy)
 
+    try:
+        key = assignment_key(settings.state_dir)
+        ledger = DeliveryLedger(LEDGER_CAPACITY, ledger_path(settings.state_dir))
+    except ConfigurationError as exc:
+        log.error("collector cannot start: %s", exc)
+        return 2
     collector = Collector(settings, send=send, announce=announce, probe_pods=probe_pods)
-    dispatcher = Dispatcher(token=settings.token, tls=tls, on_result=collector.on_result)
+    dispatcher = Dispatcher(
+        token=settings.token,
+        tls=tls,
+        on_result=collector.on_result,
+        ledger=ledger,
+        assignment_key=key,
+    )
+    try:
+        return await _run(settings, stop, started, collector, dispatcher, cluster_probe_pods)
+    finally:
+        ledger.close()
+
+
+async def _run(
+    settings: CollectorSettings,
+    stop: asyncio.Event,
+    started: Callable[[Collector, int, int], None] | None,
+    collector: Collector,
+    dispatcher: Dispatcher,
+    cluster_probe_pods: KubernetesProbePods | None,
+) -> int:
     if cluster_probe_pods is not None:
         cluster_probe_pods.needed_by = expectations_needing(collector)
     runner = web.AppRunner(

@@ -43,6 +43,11 @@ class CollectorSettings:
     send the token (required: a Secret or cert-manager in a cluster, the lab's own CA in a lab)."""
     tls_key_file: str = ""
     """The private key of `tls_cert_file` (PEM)."""
+    state_dir: str = ""
+    """A directory kept across restarts of the collector (an emptyDir in a cluster): the ledger of
+    delivered results (a result re-sent after a restart is not counted twice) and the key that
+    seals assignments (so results of assignments issued before a restart can be verified).
+    Empty: both live in memory, and such results are refused after a restart."""
     verify_token: str = field(default="", repr=False)
     """Bearer token `POST /api/v1/verify` requires (FLOWPROOF_VERIFY_TOKEN or
     --verify-token-file); empty: the agents' token. Nothing else on the HTTP port makes probes."""

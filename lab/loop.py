@@ -169,6 +169,9 @@ def collector_argv(
         record.cert_file,
         "--tls-key-file",
         record.key_file,
+        # Kept across restarts of the collector: the delivery ledger and the assignment key.
+        "--state-dir",
+        str(state_dir / lab_name / "collector"),
         "--probe-pods",
         "lab",
         "--lab-name",

@@ -703,6 +703,7 @@ class Assignment(_message.Message):
     RESPONDER_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     FLOW_KEY_FIELD_NUMBER: _builtins.int
+    SEAL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     source_node: _builtins.str
     source_kind: Global___SourceKind.ValueType
@@ -735,6 +736,14 @@ class Assignment(_message.Message):
     def responder(self) -> Global___ResponderSpec:
         """Set when the collector wants a responder opened in the destination pod first."""
 
+    @_builtins.property
+    def seal(self) -> Global___IssueSeal:
+        """Opaque to the agent and echoed in the result: when the collector issued the assignment, and
+        a MAC over it with a key only the collector holds, so a result for an assignment the collector
+        never issued (or issued to another node, or changed on the way) is refused, also by a
+        restarted collector that shares the key.
+        """
+
     def __init__(
         self,
         *,
@@ -755,16 +764,40 @@ class Assignment(_message.Message):
         responder: Global___ResponderSpec | None = ...,
         attempt: _builtins.int = ...,
         flow_key: _builtins.str = ...,
+        seal: Global___IssueSeal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "dns", b"dns", "http", b"http", "probe", b"probe", "responder", b"responder", "sctp", b"sctp", "source", b"source", "tcp", b"tcp", "timeout", b"timeout", "udp", b"udp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "dns", b"dns", "http", b"http", "probe", b"probe", "responder", b"responder", "sctp", b"sctp", "seal", b"seal", "source", b"source", "tcp", b"tcp", "timeout", b"timeout", "udp", b"udp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "destination", b"destination", "destination_ip", b"destination_ip", "dns", b"dns", "flow_key", b"flow_key", "http", b"http", "id", b"id", "port", b"port", "probe", b"probe", "protocol", b"protocol", "responder", b"responder", "sctp", b"sctp", "source", b"source", "source_kind", b"source_kind", "source_node", b"source_node", "tcp", b"tcp", "timeout", b"timeout", "udp", b"udp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "destination", b"destination", "destination_ip", b"destination_ip", "dns", b"dns", "flow_key", b"flow_key", "http", b"http", "id", b"id", "port", b"port", "probe", b"probe", "protocol", b"protocol", "responder", b"responder", "sctp", b"sctp", "seal", b"seal", "source", b"source", "source_kind", b"source_kind", "source_node", b"source_node", "tcp", b"tcp", "timeout", b"timeout", "udp", b"udp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_probe: _TypeAlias = _typing.Literal["tcp", "udp", "http", "dns", "sctp"]  # noqa: Y015
     _WhichOneofArgType_probe: _TypeAlias = _typing.Literal["probe", b"probe"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_probe) -> _WhichOneofReturnType_probe | None: ...
 
 Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
+
+@_typing.final
+class IssueSeal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    mac: _builtins.bytes
+    @_builtins.property
+    def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        issued_at: _timestamp_pb2.Timestamp | None = ...,
+        mac: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at", "mac", b"mac"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueSeal: _TypeAlias = IssueSeal  # noqa: Y015
 
 @_typing.final
 class ProbeResult(_message.Message):

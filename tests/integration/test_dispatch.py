@@ -13,6 +13,7 @@ import collections
 import contextlib
 import dataclasses
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -444,10 +445,14 @@ async def read_until(call: Any, body: str) -> pb.CollectorMessage:
             return msg
 
 
-def result_for(a: Assignment, rid: str) -> pb.AgentMessage:
+def result_for(received: pb.Assignment, rid: str) -> pb.AgentMessage:
+    """A result as an agent sends it: the assignment message it received echoed as is (seal
+    and all)."""
+    a = convert.assignment_from_proto(received)
     r = ProbeResult(id=rid, assignment=a, outcome=Outcome.CONNECTED, latency_seconds=0.001,
-                    node=a.source_node, started_at=1.0)  # fmt: skip
-    return pb.AgentMessage(results=pb.ResultBatch(results=[convert.result_to_proto(r)]))
+                    node=a.source_node, started_at=time.time())  # fmt: skip
+    result = convert.result_to_proto(r, assignment_msg=received)
+    return pb.AgentMessage(results=pb.ResultBatch(results=[result]))
 
 
 async def test_a_result_sent_again_is_acked_but_delivered_once(loop_: Loop) -> None:
@@ -458,7 +463,8 @@ async def test_a_result_sent_again_is_acked_but_delivered_once(loop_: Loop) -> N
         await read_until(call, "hello_ack")
         got = await read_until(call, "assignments")
         assert [m.id for m in got.assignments.assignments] == [a.id]
-        await call.write(result_for(a, "r1"))
+        [received] = got.assignments.assignments
+        await call.write(result_for(received, "r1"))
         ack = await read_until(call, "result_ack")
         assert list(ack.result_ack.result_ids) == ["r1"]
     # The ack was "lost": the agent reconnects and sends the same result again, and a second
@@ -466,8 +472,8 @@ async def test_a_result_sent_again_is_acked_but_delivered_once(loop_: Loop) -> N
     async with raw_stream(loop_.port) as call:
         await call.write(hello("node-h"))
         await read_until(call, "hello_ack")
-        await call.write(result_for(a, "r1"))
-        await call.write(result_for(a, "r2"))
+        await call.write(result_for(received, "r1"))
+        await call.write(result_for(received, "r2"))
         acked: list[str] = []
         while len(acked) < 2:
             acked += (await read_until(call, "result_ack")).result_ack.result_ids
@@ -499,8 +505,7 @@ async def test_the_collector_sends_no_more_than_the_agent_accepts(loop_: Loop) -
         await read_until(call, "hello_ack")
         got = await read_until(call, "assignments")
         assert len(got.assignments.assignments) == 10
-        first = convert.assignment_from_proto(got.assignments.assignments[0])
-        await call.write(result_for(first, "x1"))
+        await call.write(result_for(got.assignments.assignments[0], "x1"))
         more = await read_until(call, "assignments")
         assert len(more.assignments.assignments) == 1
 
