@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Any, Literal, NoReturn
 
 import grpc
 import grpc.aio
@@ -168,6 +168,7 @@ class _Session:
     control: deque[pb.CollectorMessage] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
+    writing_since: float | None = None  # monotonic start of the write now blocked, if any
     results_dropped_total: int = 0
 
     @property
@@ -425,6 +426,10 @@ class Dispatcher:
         reader = asyncio.create_task(
             self._read(session, requests), name=f"agent_reader {hello.node_name}"
         )
+        handler = asyncio.current_task()
+        watchdog = asyncio.create_task(
+            self._watch(session, handler), name=f"agent_watchdog {hello.node_name}"
+        )
         try:
             ack = HelloAck(
                 protocol_version=PROTOCOL_VERSION,
@@ -432,33 +437,52 @@ class Dispatcher:
                 heartbeat_interval_seconds=self._heartbeat_interval,
                 destination_policy=self._policy,
             )
+            session.writing_since = time.monotonic()
             yield pb.CollectorMessage(hello_ack=convert.hello_ack_to_proto(ack))
+            session.writing_since = None
             while not session.closed:
                 messages = self._outgoing(session)
                 if messages:
                     for msg in messages:
+                        session.writing_since = time.monotonic()
                         yield msg
+                        session.writing_since = None
                     continue
                 if reader.done():
                     break
                 session.wake.clear()
-                silent_for = time.monotonic() - session.last_seen
-                if silent_for > self._silence_limit:
-                    log.warning(
-                        "agent on %s silent for %.1f s; dropping its stream",
-                        session.node,
-                        silent_for,
-                    )
-                    break
                 try:
                     async with asyncio.timeout(self._heartbeat_interval):
                         await session.wake.wait()
                 except TimeoutError:
                     pass
         finally:
+            watchdog.cancel()
             reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            await asyncio.gather(reader, watchdog, return_exceptions=True)
             self._end_session(session, "stream ended")
+
+    async def _watch(self, session: _Session, handler: asyncio.Task[Any] | None) -> None:
+        """Drop the session once the agent is silent for three heartbeats, or a write to it has
+        been blocked that long (it stopped reading), whatever the stream's own task is doing:
+        the session goes at once (its assignments back to the queue), then the call is ended."""
+        while not session.closed:
+            await asyncio.sleep(self._heartbeat_interval)
+            now = time.monotonic()
+            silent = now - session.last_seen
+            stuck = now - session.writing_since if session.writing_since is not None else 0.0
+            if silent <= self._silence_limit and stuck <= self._silence_limit:
+                continue
+            why = (
+                f"silent for {silent:.1f} s"
+                if silent > self._silence_limit
+                else f"not reading for {stuck:.1f} s"
+            )
+            self._noisy(logging.WARNING, "agent on %s %s; dropping its stream", session.node, why)
+            self._end_session(session, why)
+            if handler is not None and not handler.done():
+                handler.cancel()  # ends the call: a blocked write or an abandoned stream
+            return
 
     async def _read(self, session: _Session, requests: AsyncIterator[pb.AgentMessage]) -> None:
         try:
