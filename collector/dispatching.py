@@ -479,9 +479,10 @@ class Dispatcher:
                 else f"not reading for {stuck:.1f} s"
             )
             self._noisy(logging.WARNING, "agent on %s %s; dropping its stream", session.node, why)
-            self._end_session(session, why)
-            if handler is not None and not handler.done():
-                handler.cancel()  # ends the call: a blocked write or an abandoned stream
+            blocked = session.writing_since is not None
+            self._end_session(session, why)  # closed and poked: a waiting stream ends normally
+            if blocked and handler is not None and not handler.done():
+                handler.cancel()  # a write that never completes: only cancelling ends the call
             return
 
     async def _read(self, session: _Session, requests: AsyncIterator[pb.AgentMessage]) -> None:
