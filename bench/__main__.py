@@ -16,6 +16,7 @@ BENCHES = {
     "agent": "bench.agent_bench",
     "web": "bench.web_bench",
     "loop": "bench.loop_bench",
+    "intake": "bench.intake_bench",
 }
 
 

@@ -29,7 +29,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -70,8 +70,13 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # An agent's batch of 256 results is about 100 KB; the bound is what one message may cost.
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
 )
+INTAKE_CHUNK = 64
+"""Results taken in one go before the event loop serves others (/metrics, the web view): a
+message's results are taken chunk by chunk, and the stream's next message is read only after
+its last chunk, so gRPC's flow control holds a burst back at the agent (the intake is bounded)."""
 
 
 @dataclass(frozen=True)
@@ -492,7 +497,7 @@ class Dispatcher:
                 session.last_seen_at = time.time()
                 which = msg.WhichOneof("body")
                 if which == "results":
-                    self._take_results(session, msg.results.results)
+                    await self._take_results(session, msg.results.results)
                 elif which == "heartbeat":
                     session.results_dropped_total = msg.heartbeat.results_dropped_total
                 elif which == "responder_reports":
@@ -626,7 +631,7 @@ class Dispatcher:
 
     # --- results and responders ----------------------------------------------------------------
 
-    def _take_results(self, session: _Session, results: Iterable[pb.ProbeResult]) -> None:
+    async def _take_results(self, session: _Session, results: Sequence[pb.ProbeResult]) -> None:
         """Ack every result; deliver those of assignments issued to this stream's node, once.
 
         A result is refused (acked, counted by reason, never delivered) unless its assignment
@@ -636,7 +641,9 @@ class Dispatcher:
         came in (a start outside that, beyond the tolerance, is counted and brought within it).
         """
         acked: list[str] = []
-        for msg in results:
+        for index, msg in enumerate(results):
+            if index and index % INTAKE_CHUNK == 0:
+                await asyncio.sleep(0)  # let /metrics and the web view in between chunks
             acked.append(msg.id)
             if self._ledger.has_result(msg.id):
                 self.duplicates_total += 1
@@ -675,6 +682,8 @@ class Dispatcher:
         """The result to deliver (on the collector's clock), or None and why it is refused."""
         if len(msg.id) > MAX_ID_CHARS or not msg.id.isprintable():
             return None, "malformed id"
+        if not msg.assignment.HasField("seal"):  # the cheap refusal first: nothing to convert
+            return None, "not issued by this collector"
         try:
             result = convert.result_from_proto(msg)
         except convert.ContractError:
@@ -682,9 +691,7 @@ class Dispatcher:
         assignment = result.assignment
         seal = msg.assignment.seal
         issued_at_ns = seal.issued_at.ToNanoseconds()
-        if not msg.assignment.HasField("seal") or not self._seal.verify(
-            assignment, issued_at_ns, seal.mac
-        ):
+        if not self._seal.verify(assignment, issued_at_ns, seal.mac):
             return None, "not issued by this collector"
         if assignment.source_node != session.node:
             return None, "issued to another node"
