@@ -96,12 +96,16 @@ class ResultOutbox:
         self._kept[result.id] = result
         self._assignments[result.assignment.id] = result.id
         self._unsent.append(result.id)
+        # One line per result at DEBUG: what an agent measured, id by id (the lab's tests compare
+        # it with what the collector recorded).
+        log.debug("result %s of assignment %s measured", result.id, result.assignment.id)
 
     def ack(self, result_ids: Iterable[str]) -> None:
         for rid in result_ids:
             result = self._kept.pop(rid, None)
             if result is not None:
                 self._assignments.pop(result.assignment.id, None)
+                log.debug("result %s acked", rid)
 
     def take_unsent(self, limit: int) -> list[pb.ProbeResult]:
         taken: list[pb.ProbeResult] = []

@@ -569,6 +569,8 @@ class Dispatcher:
         log.info(
             "agent on %s disconnected (%s); %d assignments re-queued", session.node, why, len(back)
         )
+        if back:
+            log.debug("re-queued for %s: %s", session.node, " ".join(p.assignment.id for p in back))
 
     def _outgoing(self, session: _Session) -> list[pb.CollectorMessage]:
         """What to send now: control messages, responder requests, and assignments up to credit."""

@@ -41,6 +41,7 @@ from lab.lifecycle import Lab, read_manifests
 from tests.fakeapi import FakeApiServer
 from tests.fakeapi.builders import TOKEN as API_TOKEN
 from tests.fakeapi.builders import kubeconfig_for
+from tests.support.tls import write_tls
 
 pytestmark = pytest.mark.lab
 
@@ -103,6 +104,7 @@ def _stop_agent(process: subprocess.Popen[bytes]) -> None:
 def kube_loop(kubeconfig: str, nodes: list[str], logs: Path) -> Iterator[KubeLoop]:
     """Run the collector on the Kubernetes source and one agent per node until the block ends."""
     token = secrets.token_urlsafe(24)
+    tls = write_tls(logs / "tls")
     settings = CollectorSettings(
         source="kubernetes",
         kubeconfig=kubeconfig,
@@ -110,6 +112,8 @@ def kube_loop(kubeconfig: str, nodes: list[str], logs: Path) -> Iterator[KubeLoo
         grpc_port=0,
         http_port=0,
         token=token,
+        tls_cert_file=str(tls.cert),
+        tls_key_file=str(tls.key),
         planner=LOOP.planner,
         status_interval_seconds=1.0,
         shutdown_grace_seconds=2.0,
@@ -156,6 +160,8 @@ def kube_loop(kubeconfig: str, nodes: list[str], logs: Path) -> Iterator[KubeLoo
                         node,
                         "--collector-address",
                         f"127.0.0.1:{grpc_port[0]}",
+                        "--ca-file",
+                        str(tls.ca),
                         "--listen-address",
                         "127.0.0.1",
                         "--health-port",
