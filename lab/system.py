@@ -70,12 +70,15 @@ def netns_path(name: str) -> str:
     return str(NETNS_DIR / check_netns_name(name))
 
 
-def under(root: str | os.PathLike[str], relative: str) -> str:
+def under(root: str | os.PathLike[str], relative: str, *, root_itself: bool = False) -> str:
     """`root/relative`, asserting it stays under `root` (no absolute part, no `..` out of it):
-    every path the lab builds from a name goes through here before it is created or removed."""
+    every path the lab builds from a name goes through here before it is created or removed.
+    The root itself (`relative` empty) only with `root_itself`."""
     base = os.path.normpath(os.fspath(root))
     joined = os.path.normpath(os.path.join(base, relative))
-    if os.path.isabs(relative) or os.path.commonpath([base, joined]) != base or joined == base:
+    if os.path.isabs(relative) or os.path.commonpath([base, joined]) != base:
+        raise LabError(f"refusing path {relative[:120]!r}: it is not inside {base}")
+    if joined == base and not root_itself:
         raise LabError(f"refusing path {relative[:120]!r}: it is not inside {base}")
     return joined
 
@@ -257,8 +260,8 @@ def make_cgroups(root: str, paths: Iterable[str]) -> None:
 
 
 def join_cgroup(root: str, path: str, pid: int = 0) -> None:
-    """Move `pid` (0: the caller) into the cgroup."""
-    with open(os.path.join(under(root, path), "cgroup.procs"), "w") as handle:
+    """Move `pid` (0: the caller) into the cgroup ("" is the hierarchy's root)."""
+    with open(os.path.join(under(root, path, root_itself=True), "cgroup.procs"), "w") as handle:
         handle.write(f"{pid}\n")
 
 

@@ -144,3 +144,9 @@ def test_probe_pod_requests_from_the_collector_are_checked() -> None:
     )
     with pytest.raises(InputError, match="not a valid name"):
         probe_pod_requests([request])
+
+
+def test_only_joining_a_process_to_the_root_cgroup_may_name_the_root(tmp_path: Path) -> None:
+    assert under(tmp_path, "", root_itself=True) == str(tmp_path)
+    with pytest.raises(LabError, match="not inside"):
+        under(tmp_path, "..", root_itself=True)
