@@ -82,6 +82,7 @@ def loop_counters_of(collector: Collector, dispatcher: Dispatcher) -> dict[str, 
         "lost_total": stats.lost_total,
         "rate_limited_total": stats.rate_limited_total,
         "started_at": collector.started_at,
+        "tasks": len(asyncio.all_tasks()),  # the soak bench watches it for leaks
         "agents": [
             {
                 "node": a.node,
