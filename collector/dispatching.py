@@ -61,6 +61,9 @@ from flowproof.v1 import agent_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "flowproof.v1.AgentService"
+MAX_RESULT_AGE_SECONDS = 300.0
+"""A result of an assignment issued longer ago than this, and no longer awaited, is refused: it
+is stale by then, and the delivery ledger needs to remember no longer than this."""
 MAX_ID_CHARS = 128
 """The longest result id taken (agents make 32 hex digits)."""
 
@@ -207,7 +210,7 @@ class Dispatcher:
         default_max_in_flight: int = 256,
         ledger: DeliveryLedger | None = None,
         assignment_key: bytes | None = None,
-        max_result_age_seconds: float = 900.0,
+        max_result_age_seconds: float = MAX_RESULT_AGE_SECONDS,
         clock_tolerance_seconds: float = 2.0,
         wall: Callable[[], float] = time.time,
         collector_version: str = __version__,
@@ -225,7 +228,11 @@ class Dispatcher:
         self._batch_size = batch_size
         self._default_max_in_flight = default_max_in_flight
         self._collector_version = collector_version
-        self._ledger = ledger if ledger is not None else DeliveryLedger(100_000)
+        self._ledger = (
+            ledger
+            if ledger is not None
+            else DeliveryLedger(100_000, horizon_seconds=max_result_age_seconds)
+        )
         self._seal = AssignmentSeal(assignment_key or secrets.token_bytes(KEY_BYTES))
         self._max_result_age = max_result_age_seconds
         self._tolerance = clock_tolerance_seconds

@@ -18,6 +18,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -31,12 +32,23 @@ KEY_FILE = "assignment.key"
 
 
 class DeliveryLedger:
-    """Result ids and assignment ids already delivered, at most `capacity` of each."""
+    """Result ids and assignment ids already delivered: at most `capacity` of each, and none older
+    than `horizon_seconds` (the dispatcher refuses results of assignments issued longer ago than
+    that anyway, so an older id can never come back to be counted twice)."""
 
-    def __init__(self, capacity: int, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        path: Path | None = None,
+        *,
+        horizon_seconds: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._capacity = capacity
-        self._results: OrderedDict[str, None] = OrderedDict()
-        self._assignments: OrderedDict[str, None] = OrderedDict()
+        self._horizon = horizon_seconds
+        self._monotonic = monotonic
+        self._results: OrderedDict[str, float] = OrderedDict()
+        self._assignments: OrderedDict[str, float] = OrderedDict()
         self._path = path
         self._file: IO[str] | None = None
         self._written = 0
@@ -78,11 +90,16 @@ class DeliveryLedger:
             self._file.close()
             self._file = None
 
-    def _remember(self, table: OrderedDict[str, None], key: str) -> None:
-        table[key] = None
+    def _remember(self, table: OrderedDict[str, float], key: str) -> None:
+        now = self._monotonic()
+        table[key] = now
         table.move_to_end(key)
         if len(table) > self._capacity:
             table.popitem(last=False)
+        if self._horizon is not None:
+            oldest = now - self._horizon
+            while table and next(iter(table.values())) < oldest:
+                table.popitem(last=False)
 
     def _load(self, path: Path) -> None:
         try:

@@ -32,7 +32,7 @@ from collector.cluster import (
 from collector.core.changes import diff_snapshots
 from collector.core.model import Snapshot
 from collector.core.views import LoopStatus
-from collector.dispatching import Dispatcher, ServerTLS
+from collector.dispatching import MAX_RESULT_AGE_SECONDS, Dispatcher, ServerTLS
 from collector.kube import InventoryUpdate, KubernetesSource, load_kube_config
 from collector.ledger import DeliveryLedger, assignment_key, ledger_path
 from collector.loop import Collector, ProbePodManager
@@ -49,8 +49,8 @@ from flowproof.probes import DestinationPolicy
 log = logging.getLogger("collector")
 
 LEDGER_CAPACITY = 100_000
-"""Result and assignment ids the dispatcher remembers as delivered (about 20 minutes of a
-busy cluster's results)."""
+"""Result and assignment ids the dispatcher remembers as delivered, at most (and for at most
+MAX_RESULT_AGE_SECONDS): a bound on its memory whatever the rate of results."""
 
 ProbePodProviders = dict[str, Callable[[CollectorSettings], ProbePodManager]]
 """Probe-pod providers by `--probe-pods` mode that someone above the collector hands in (the
@@ -191,7 +191,11 @@ async def _serve(
 
     try:
         key = assignment_key(settings.state_dir)
-        ledger = DeliveryLedger(LEDGER_CAPACITY, ledger_path(settings.state_dir))
+        ledger = DeliveryLedger(
+            LEDGER_CAPACITY,
+            ledger_path(settings.state_dir),
+            horizon_seconds=MAX_RESULT_AGE_SECONDS,
+        )
     except ConfigurationError as exc:
         log.error("collector cannot start: %s", exc)
         return 2

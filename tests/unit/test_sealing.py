@@ -99,3 +99,16 @@ def test_the_assignment_key_is_kept_in_the_state_directory_mode_0600(tmp_path: P
     mode = (tmp_path / "state" / "assignment.key").stat().st_mode
     assert stat.S_IMODE(mode) == 0o600
     assert assignment_key("") != assignment_key(""), "without a directory: random per process"
+
+
+def test_the_ledger_forgets_what_is_older_than_its_horizon() -> None:
+    now = [0.0]
+    ledger = DeliveryLedger(1000, horizon_seconds=300, monotonic=lambda: now[0])
+    ledger.add("r1", "a1")
+    now[0] = 200
+    ledger.add("r2", "a2")
+    now[0] = 301
+    ledger.add("r3", "a3")
+    assert not ledger.has_result("r1") and not ledger.has_assignment("a1")
+    assert ledger.has_result("r2") and ledger.has_result("r3")
+    ledger.close()
