@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from agent.netns import NetnsSockets, sctp_supported
@@ -42,6 +43,11 @@ async def serve(settings: AgentSettings, stop: asyncio.Event | None = None) -> i
 
 
 async def _serve(settings: AgentSettings, stop: asyncio.Event) -> int:
+    try:
+        ca_certificates = await asyncio.to_thread(Path(settings.ca_file).read_bytes)
+    except OSError as exc:
+        log.error("agent cannot start: ca_file %r: %s", settings.ca_file, exc.strerror)
+        return 2
     sctp = sctp_supported()
     if not sctp:
         log.info("kernel has no SCTP module: SCTP probes report ERROR")
@@ -79,6 +85,7 @@ async def _serve(settings: AgentSettings, stop: asyncio.Event) -> int:
             max_in_flight=min(settings.max_in_flight, settings.result_buffer_size),
         ),
         agent_version=__version__,
+        ca_certificates=ca_certificates,
         observe=metrics.observe,
     )
 

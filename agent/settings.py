@@ -28,6 +28,12 @@ class AgentSettings:
     """host:port of the collector's gRPC endpoint (also FLOWPROOF_COLLECTOR)."""
     token: str = field(default="", repr=False)
     """Shared secret sent as `authorization: Bearer ...`; from FLOWPROOF_TOKEN or --token-file."""
+    ca_file: str = ""
+    """PEM CA certificate(s) the collector's certificate must chain to (required): the stream,
+    and so the token, goes only to a collector that proves its identity with TLS."""
+    collector_server_name: str = ""
+    """The name the collector's certificate must carry; empty: the host of collector_address
+    (the lab's certificates carry `flowproof-collector` and the loopback address)."""
     proc_root: str = "/proc"
     """Where the node's /proc is mounted (the host's, with hostPID)."""
     max_in_flight: int = 1024
@@ -79,6 +85,13 @@ class AgentSettings:
             )
         if not self.token:
             raise ConfigurationError("token: required (FLOWPROOF_TOKEN or --token-file)")
+        if not self.ca_file:
+            raise ConfigurationError(
+                "ca_file: required (--ca-file or FLOWPROOF_AGENT_CA_FILE): the CA that signed the "
+                "collector's certificate"
+            )
+        if not os.access(self.ca_file, os.R_OK):
+            raise ConfigurationError(f"ca_file: {self.ca_file!r} cannot be read")
         if not os.path.isdir(self.proc_root):
             raise ConfigurationError(f"proc_root: {self.proc_root!r} is not a directory")
         positive = (

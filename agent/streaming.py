@@ -28,11 +28,13 @@ from agent.responders import Responders
 from agent.settings import AgentSettings
 from flowproof import convert
 from flowproof.aio import Backoff
+from flowproof.logs import LogLimiter
 from flowproof.probes import (
     PROTOCOL_VERSION,
     AgentCapabilities,
     AgentHello,
     Assignment,
+    DestinationPolicy,
     Heartbeat,
     Outcome,
     ProbeKind,
@@ -53,7 +55,7 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 0),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 )
 
 
@@ -94,12 +96,16 @@ class ResultOutbox:
         self._kept[result.id] = result
         self._assignments[result.assignment.id] = result.id
         self._unsent.append(result.id)
+        # One line per result at DEBUG: what an agent measured, id by id (the lab's tests compare
+        # it with what the collector recorded).
+        log.debug("result %s of assignment %s measured", result.id, result.assignment.id)
 
     def ack(self, result_ids: Iterable[str]) -> None:
         for rid in result_ids:
             result = self._kept.pop(rid, None)
             if result is not None:
                 self._assignments.pop(result.assignment.id, None)
+                log.debug("result %s acked", rid)
 
     def take_unsent(self, limit: int) -> list[pb.ProbeResult]:
         taken: list[pb.ProbeResult] = []
@@ -131,10 +137,12 @@ class CollectorLink:
         responders: Responders,
         capabilities: AgentCapabilities,
         agent_version: str,
+        ca_certificates: bytes,
         rng: random.Random | None = None,
         observe: Callable[[ProbeResult], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._ca_certificates = ca_certificates
         self._observe = observe
         self._prober = prober
         self._responders = responders
@@ -154,6 +162,9 @@ class CollectorLink:
         self._wake = asyncio.Event()
         self._heartbeat_interval = 5.0
         self._heartbeat_sequence = 0
+        self.destination_policy: DestinationPolicy | None = None
+        """Where this agent may probe, as the collector last said (None before the first ack)."""
+        self._limiter = LogLimiter()
         self._stopping = False
         self._fatal: BaseException | None = None
         self.connected = asyncio.Event()
@@ -190,10 +201,19 @@ class CollectorLink:
 
     def _log_break(self, exc: BaseException) -> None:
         if isinstance(exc, grpc.aio.AioRpcError):
+            details = exc.details() or ""
+            if any(m in details for m in ("CERTIFICATE_VERIFY_FAILED", "Handshake", "handshake")):
+                log.error(
+                    "the collector at %s was not authenticated (its certificate does not verify "
+                    "against ca_file, or carries another name): no token was sent; %s",
+                    self._settings.collector_address,
+                    details,
+                )
+                return
             level = (
                 logging.ERROR if exc.code() == grpc.StatusCode.UNAUTHENTICATED else logging.WARNING
             )
-            log.log(level, "stream to the collector broke: %s %s", exc.code().name, exc.details())
+            log.log(level, "stream to the collector broke: %s %s", exc.code().name, details)
         else:
             log.warning("stream to the collector broke: %s", exc or type(exc).__name__)
 
@@ -205,13 +225,25 @@ class CollectorLink:
 
     # --- one stream ----------------------------------------------------------------------------
 
+    def _credentials(self) -> tuple[grpc.ChannelCredentials, tuple[tuple[str, str | int], ...]]:
+        """TLS checked against the CA, with the token as a call credential: gRPC attaches it
+        only to a connection whose certificate verified, never to a plaintext one."""
+        credentials = grpc.composite_channel_credentials(
+            grpc.ssl_channel_credentials(root_certificates=self._ca_certificates),
+            grpc.access_token_call_credentials(self._settings.token),
+        )
+        options: tuple[tuple[str, str | int], ...] = CHANNEL_OPTIONS
+        if self._settings.collector_server_name:
+            options += (("grpc.ssl_target_name_override", self._settings.collector_server_name),)
+        return credentials, options
+
     async def _session(self, stop: asyncio.Event) -> None:
-        metadata = (("authorization", f"Bearer {self._settings.token}"),)
-        async with grpc.aio.insecure_channel(
-            self._settings.collector_address, options=CHANNEL_OPTIONS
+        credentials, options = self._credentials()
+        async with grpc.aio.secure_channel(
+            self._settings.collector_address, credentials, options=options
         ) as channel:
             stub = AgentServiceStub(channel)
-            call = stub.Connect(metadata=metadata)
+            call = stub.Connect()
             try:
                 await self._handshake(call)
                 self.connected.set()
@@ -253,6 +285,7 @@ class CollectorLink:
             )
         if ack.heartbeat_interval_seconds > 0:
             self._heartbeat_interval = ack.heartbeat_interval_seconds
+        self.destination_policy = ack.destination_policy
 
     async def _serve(
         self,
@@ -301,6 +334,10 @@ class CollectorLink:
             elif which == "result_ack":
                 self.outbox.ack(msg.result_ack.result_ids)
                 self._wake.set()
+            elif which == "destination_policy":
+                self.destination_policy = convert.destination_policy_from_proto(
+                    msg.destination_policy
+                )
             else:
                 log.warning("ignoring unexpected %s from the collector", which)
 
@@ -375,6 +412,20 @@ class CollectorLink:
             log.error("malformed assignment from the collector: %s", exc)
             if msg.id:
                 self._fail_malformed(msg, str(exc))
+            return
+        policy = self.destination_policy
+        refusal = (
+            "no destination policy from the collector"
+            if policy is None
+            else policy.refusal(assignment.destination_ip)
+        )
+        if refusal is not None:
+            suffix = self._limiter.admit("destination refused")
+            if suffix is not None:
+                log.warning("refused assignment %s: %s%s", assignment.id[:80], refusal, suffix)
+            self._finish_now(
+                assignment, f"refused by the agent's destination policy: {refusal}", msg
+            )
             return
         if len(self._probes) >= self._capabilities.max_in_flight:
             self._finish_now(

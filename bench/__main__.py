@@ -20,6 +20,7 @@ BENCHES = {
     "replan": "bench.replan_bench",
     "apiserver": "bench.apiserver_bench",
     "watch": "bench.watch_bench",
+    "intake": "bench.intake_bench",
 }
 
 

@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,8 +39,16 @@ if str(ROOT) not in sys.path:
 
 from tabulate import tabulate  # noqa: E402
 
-from collector.dispatching import Dispatcher  # noqa: E402
-from flowproof.probes import Assignment, Outcome, PodRef, ProbeKind, ProbeResult  # noqa: E402
+from collector.dispatching import Dispatcher, ServerTLS  # noqa: E402
+from flowproof.probes import (  # noqa: E402
+    Assignment,
+    DestinationPolicy,
+    Outcome,
+    PodRef,
+    ProbeKind,
+    ProbeResult,
+)
+from lab.certs import issue  # noqa: E402
 
 CGROUP2 = "/sys/fs/cgroup/unified"
 PARENTS = ("kubepods.slice", "kubepods-besteffort.slice")
@@ -219,13 +228,19 @@ async def run_agent_part(b: Bed, allowed: int, denied: int, concurrency: int) ->
         if len(results) >= want[0]:
             arrived.set()
 
-    dispatcher = Dispatcher(token=TOKEN, on_result=on_result, batch_size=512)
+    issued = issue(["127.0.0.1"])
+    tls = ServerTLS(certificate_chain=issued.certificate, private_key=issued.key)
+    dispatcher = Dispatcher(token=TOKEN, tls=tls, on_result=on_result, batch_size=512)
+    dispatcher.set_destination_policy(DestinationPolicy(networks=(f"{b.dst_ip}/32",)))
     port = await dispatcher.start("127.0.0.1:0")
+    ca_file = Path(tempfile.mkdtemp(prefix="fp-bench-")) / "ca.crt"
+    ca_file.write_bytes(issued.ca)
     profile = os.environ.get("FP_BENCH_PROFILE")  # a file: profile the agent with cProfile
     wrap = ["-m", "cProfile", "-o", profile] if profile else []
     agent = await asyncio.create_subprocess_exec(
         sys.executable, *wrap, "-m", "agent",
         "--node-name", "bench-node", "--collector-address", f"127.0.0.1:{port}",
+        "--ca-file", str(ca_file),
         "--max-concurrency", str(concurrency), "--max-in-flight", "2000",
         "--destination-rate-per-second", "1000000", "--destination-burst", "1000000",
         "--log-level", "WARNING",

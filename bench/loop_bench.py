@@ -169,8 +169,11 @@ async def run(changes: int, nodes: int, probe_timeout_seconds: float) -> int:
         loop = lab.state().loop
         assert loop is not None
         async with aiohttp.ClientSession() as session:
+            token = (await asyncio.to_thread(Path(loop.token_file).read_text)).strip()
             async with session.post(
-                f"{loop.url}/api/v1/verify", json={"timeout_seconds": 30}
+                f"{loop.url}/api/v1/verify",
+                json={"timeout_seconds": 30},
+                headers={"Authorization": f"Bearer {token}"},
             ) as response:
                 answer = await response.json()
             bad = [r for r in answer["rows"] if r["status"] != "PASS"]

@@ -7,10 +7,11 @@ agent with the responder's report attached to its result. When a stream drops, w
 without a result is queued again, unless the agent says in its next hello that it still holds it.
 Results are acked by id and delivered to `on_result` at most once per result id and once per
 assignment id, so a reconnect of either side never loses or double-counts one. The stream needs
-`authorization: Bearer <token>`; the standard gRPC health service is served beside it (no token).
-Only this module and flowproof.convert touch the contract's messages on the collector side.
+`authorization: Bearer <token>` over TLS (agents check the collector's certificate before they
+send the token); the standard gRPC health service is served beside it (no token). Only this module
+and flowproof.convert touch the contract's messages on the collector side.
 
-    dispatcher = Dispatcher(token=..., on_result=flow_state.record)
+    dispatcher = Dispatcher(token=..., tls=ServerTLS.from_files(cert, key), on_result=...)
     port = await dispatcher.start("0.0.0.0:7070")
     dispatcher.submit(assignments)        # from the planner, on the event loop
     dispatcher.agents()                   # who is connected, for metrics and `verify`
@@ -20,26 +21,34 @@ Only this module and flowproof.convert touch the contract's messages on the coll
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hmac
 import itertools
 import logging
+import secrets
 import time
-from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal, NoReturn
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from collector.core.sealing import KEY_BYTES, AssignmentSeal
+from collector.ledger import DeliveryLedger
 from flowproof import __version__, convert
+from flowproof.errors import ConfigurationError, bounded
+from flowproof.logs import LogLimiter
 from flowproof.probes import (
     PROTOCOL_VERSION,
     AgentCapabilities,
     AgentHello,
     Assignment,
+    DestinationPolicy,
     HelloAck,
     ProbeResult,
     ResponderReport,
@@ -52,6 +61,11 @@ from flowproof.v1 import agent_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "flowproof.v1.AgentService"
+MAX_RESULT_AGE_SECONDS = 300.0
+"""A result of an assignment issued longer ago than this, and no longer awaited, is refused: it
+is stale by then, and the delivery ledger needs to remember no longer than this."""
+MAX_ID_CHARS = 128
+"""The longest result id taken (agents make 32 hex digits)."""
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 20_000),
@@ -59,8 +73,37 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # An agent's batch of 256 results is about 100 KB; the bound is what one message may cost.
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
 )
+INTAKE_CHUNK = 64
+"""Results taken in one go before the event loop serves others (/metrics, the web view): a
+message's results are taken chunk by chunk, and the stream's next message is read only after
+its last chunk, so gRPC's flow control holds a burst back at the agent (the intake is bounded)."""
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """The certificate chain and private key (PEM) the gRPC port serves."""
+
+    certificate_chain: bytes = field(repr=False)
+    private_key: bytes = field(repr=False)
+
+    @classmethod
+    def from_files(cls, certificate_file: str, key_file: str) -> ServerTLS:
+        """Read both files; ConfigurationError naming the one that cannot be read."""
+        data: list[bytes] = []
+        for name, path in (("tls_cert_file", certificate_file), ("tls_key_file", key_file)):
+            try:
+                data.append(Path(path).read_bytes())
+            except OSError as exc:
+                raise ConfigurationError(f"{name}: cannot read {path!r}: {exc.strerror}") from exc
+            if b"-----BEGIN " not in data[-1]:
+                raise ConfigurationError(f"{name}: {path!r} holds no PEM data")
+        return cls(certificate_chain=data[0], private_key=data[1])
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.private_key, self.certificate_chain)])
 
 
 @dataclass(frozen=True)
@@ -83,6 +126,28 @@ class AgentInfo:
     """Results the agent had to drop from its buffer since it started (from its heartbeat)."""
 
 
+@dataclass(frozen=True)
+class IntakeCounters:
+    """What the dispatcher turned away or corrected, for /metrics."""
+
+    results_refused: dict[str, int]
+    timestamps_adjusted_total: int
+    streams_refused_total: int
+    duplicates_total: int
+
+
+REFUSAL_REASONS = (
+    "malformed",
+    "malformed id",
+    "not issued by this collector",
+    "issued to another node",
+    "answered already",
+    "never sent",
+    "issued too long ago",
+)
+"""Why a result is acked but not delivered (the `reason` label of the refusal counter)."""
+
+
 _State = Literal["awaiting_responder", "queued", "sent"]
 
 
@@ -91,6 +156,9 @@ class _Pending:
     assignment: Assignment
     sequence: int
     state: _State
+    issued_at_ns: int
+    seal: pb.IssueSeal
+    sent_to: str | None = None  # the node whose stream it was sent on (None: never sent)
     session: _Session | None = None
     responder: ResponderReport | None = None
     responder_timer: asyncio.TimerHandle | None = None
@@ -108,6 +176,7 @@ class _Session:
     control: deque[pb.CollectorMessage] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
+    writing_since: float | None = None  # monotonic start of the write now blocked, if any
     results_dropped_total: int = 0
 
     @property
@@ -116,32 +185,6 @@ class _Session:
 
     def poke(self) -> None:
         self.wake.set()
-
-
-class _Ledger:
-    """Result ids and assignment ids already delivered (bounded, oldest forgotten first)."""
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._results: OrderedDict[str, None] = OrderedDict()
-        self._assignments: OrderedDict[str, None] = OrderedDict()
-
-    def has_result(self, result_id: str) -> bool:
-        return result_id in self._results
-
-    def has_assignment(self, assignment_id: str) -> bool:
-        return assignment_id in self._assignments
-
-    def add_result(self, result_id: str) -> None:
-        self._add(self._results, result_id)
-
-    def add_assignment(self, assignment_id: str) -> None:
-        self._add(self._assignments, assignment_id)
-
-    def _add(self, table: OrderedDict[str, None], key: str) -> None:
-        table[key] = None
-        if len(table) > self._capacity:
-            table.popitem(last=False)
 
 
 class Dispatcher:
@@ -156,6 +199,7 @@ class Dispatcher:
         self,
         *,
         token: str,
+        tls: ServerTLS,
         on_result: Callable[[ProbeResult], None],
         heartbeat_interval_seconds: float = 5.0,
         silent_heartbeats_before_drop: int = 3,
@@ -164,12 +208,17 @@ class Dispatcher:
         hello_timeout_seconds: float = 10.0,
         batch_size: int = 256,
         default_max_in_flight: int = 256,
-        ledger_size: int = 100_000,
+        ledger: DeliveryLedger | None = None,
+        assignment_key: bytes | None = None,
+        max_result_age_seconds: float = MAX_RESULT_AGE_SECONDS,
+        clock_tolerance_seconds: float = 2.0,
+        wall: Callable[[], float] = time.time,
         collector_version: str = __version__,
     ) -> None:
         if not token:
             raise ValueError("the dispatcher needs a non-empty token")
         self._expected_auth = f"Bearer {token}".encode()
+        self._tls = tls
         self._on_result = on_result
         self._heartbeat_interval = heartbeat_interval_seconds
         self._silence_limit = heartbeat_interval_seconds * silent_heartbeats_before_drop
@@ -179,7 +228,15 @@ class Dispatcher:
         self._batch_size = batch_size
         self._default_max_in_flight = default_max_in_flight
         self._collector_version = collector_version
-        self._ledger = _Ledger(ledger_size)
+        self._ledger = (
+            ledger
+            if ledger is not None
+            else DeliveryLedger(100_000, horizon_seconds=max_result_age_seconds)
+        )
+        self._seal = AssignmentSeal(assignment_key or secrets.token_bytes(KEY_BYTES))
+        self._max_result_age = max_result_age_seconds
+        self._tolerance = clock_tolerance_seconds
+        self._wall = wall
         self._pending: dict[str, _Pending] = {}
         self._queues: dict[str, deque[str]] = {}
         self._responder_queues: dict[str, deque[ResponderRequest]] = {}
@@ -191,11 +248,20 @@ class Dispatcher:
         """Results handed to on_result so far."""
         self.duplicates_total = 0
         """Results received again (after a reconnect) and dropped as already delivered."""
+        self.refused_total = 0
+        """Streams refused (bad token, no hello, another protocol)."""
+        self.results_refused: collections.Counter[str] = collections.Counter()
+        """Results acked but not delivered, by reason (none of them issued to that stream)."""
+        self.timestamps_adjusted_total = 0
+        """Results whose start time lay outside when the collector issued the assignment and
+        received the result (beyond the tolerance), brought back within it."""
+        self._limiter = LogLimiter()
+        self._policy = DestinationPolicy()
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self, address: str = "127.0.0.1:0") -> int:
-        """Serve on `address` (host:port, port 0 picks one); returns the bound port.
+        """Serve TLS on `address` (host:port, port 0 picks one); returns the bound port.
 
         Can be called again after `stop()`: queued assignments and the delivery ledger are kept,
         so a restarted server resumes where it stopped.
@@ -206,9 +272,19 @@ class Dispatcher:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(_Servicer(self), server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        port = server.add_insecure_port(address)
+        try:
+            port = server.add_secure_port(address, self._tls.credentials())
+        except RuntimeError as exc:  # grpc's "Failed to bind to address"
+            port = 0
+            cause: BaseException | None = exc
+        else:
+            cause = None
         if port == 0:
-            raise OSError(f"cannot listen on {address}")
+            await server.stop(0)
+            raise OSError(
+                f"cannot listen for gRPC on {address} (--grpc-port): the port is taken or the "
+                "address is not one of this host's"
+            ) from cause
         await server.start()
         self._server = server
         for service in ("", SERVICE_NAME):
@@ -236,7 +312,16 @@ class Dispatcher:
             if a.id in self._pending or self._ledger.has_assignment(a.id):
                 log.debug("assignment %s submitted twice; ignored", a.id)
                 continue
-            pending = _Pending(assignment=a, sequence=next(self._sequence), state="queued")
+            issued_at_ns = int(self._wall() * 1e9)
+            seal = pb.IssueSeal(mac=self._seal.seal(a, issued_at_ns))
+            seal.issued_at.FromNanoseconds(issued_at_ns)
+            pending = _Pending(
+                assignment=a,
+                sequence=next(self._sequence),
+                state="queued",
+                issued_at_ns=issued_at_ns,
+                seal=seal,
+            )
             self._pending[a.id] = pending
             if a.responder is not None:
                 pending.state = "awaiting_responder"
@@ -258,6 +343,19 @@ class Dispatcher:
                 touched.add(a.source_node)
         for node in touched:
             self._poke(node)
+
+    def set_destination_policy(self, policy: DestinationPolicy) -> None:
+        """Where agents may probe; sent to every agent now (before the assignments that follow)
+        and in each new hello-ack. Nothing is sent when it did not change."""
+        if policy == self._policy:
+            return
+        self._policy = policy
+        message = pb.CollectorMessage(
+            destination_policy=convert.destination_policy_to_proto(policy)
+        )
+        for session in self._sessions.values():
+            session.control.append(message)
+            session.poke()
 
     def cancel(self, assignment_ids: Iterable[str]) -> None:
         """Forget assignments: queued ones are never sent, running ones are stopped (no result)."""
@@ -296,6 +394,14 @@ class Dispatcher:
             )
         return infos
 
+    def intake_counters(self) -> IntakeCounters:
+        return IntakeCounters(
+            results_refused={r: self.results_refused[r] for r in REFUSAL_REASONS},
+            timestamps_adjusted_total=self.timestamps_adjusted_total,
+            streams_refused_total=self.refused_total,
+            duplicates_total=self.duplicates_total,
+        )
+
     def pending_count(self) -> int:
         """Assignments submitted and not yet answered or cancelled."""
         return len(self._pending)
@@ -310,21 +416,21 @@ class Dispatcher:
         auth = dict(context.invocation_metadata() or ()).get("authorization", "")
         auth_bytes = auth.encode() if isinstance(auth, str) else auth
         if not hmac.compare_digest(auth_bytes, self._expected_auth):
-            log.warning("refused a stream from %s: bad or missing token", context.peer())
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing token")
+            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "bad or missing token")
         try:
             async with asyncio.timeout(self._hello_timeout):
                 first = await anext(aiter(requests))
         except (TimeoutError, StopAsyncIteration):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a hello first")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "expected a hello first")
         if first.WhichOneof("body") != "hello":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a hello first")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "expected a hello first")
         try:
             hello = convert.hello_from_proto(first.hello)
         except convert.ContractError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if hello.protocol_version != PROTOCOL_VERSION:
-            await context.abort(
+            await self._refuse(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"collector speaks protocol {PROTOCOL_VERSION}, agent {hello.protocol_version}",
             )
@@ -332,39 +438,64 @@ class Dispatcher:
         reader = asyncio.create_task(
             self._read(session, requests), name=f"agent_reader {hello.node_name}"
         )
+        handler = asyncio.current_task()
+        watchdog = asyncio.create_task(
+            self._watch(session, handler), name=f"agent_watchdog {hello.node_name}"
+        )
         try:
             ack = HelloAck(
                 protocol_version=PROTOCOL_VERSION,
                 collector_version=self._collector_version,
                 heartbeat_interval_seconds=self._heartbeat_interval,
+                destination_policy=self._policy,
             )
+            session.writing_since = time.monotonic()
             yield pb.CollectorMessage(hello_ack=convert.hello_ack_to_proto(ack))
+            session.writing_since = None
             while not session.closed:
                 messages = self._outgoing(session)
                 if messages:
                     for msg in messages:
+                        session.writing_since = time.monotonic()
                         yield msg
+                        session.writing_since = None
                     continue
                 if reader.done():
                     break
                 session.wake.clear()
-                silent_for = time.monotonic() - session.last_seen
-                if silent_for > self._silence_limit:
-                    log.warning(
-                        "agent on %s silent for %.1f s; dropping its stream",
-                        session.node,
-                        silent_for,
-                    )
-                    break
                 try:
                     async with asyncio.timeout(self._heartbeat_interval):
                         await session.wake.wait()
                 except TimeoutError:
                     pass
         finally:
+            watchdog.cancel()
             reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            await asyncio.gather(reader, watchdog, return_exceptions=True)
             self._end_session(session, "stream ended")
+
+    async def _watch(self, session: _Session, handler: asyncio.Task[Any] | None) -> None:
+        """Drop the session once the agent is silent for three heartbeats, or a write to it has
+        been blocked that long (it stopped reading), whatever the stream's own task is doing:
+        the session goes at once (its assignments back to the queue), then the call is ended."""
+        while not session.closed:
+            await asyncio.sleep(self._heartbeat_interval)
+            now = time.monotonic()
+            silent = now - session.last_seen
+            stuck = now - session.writing_since if session.writing_since is not None else 0.0
+            if silent <= self._silence_limit and stuck <= self._silence_limit:
+                continue
+            why = (
+                f"silent for {silent:.1f} s"
+                if silent > self._silence_limit
+                else f"not reading for {stuck:.1f} s"
+            )
+            self._noisy(logging.WARNING, "agent on %s %s; dropping its stream", session.node, why)
+            blocked = session.writing_since is not None
+            self._end_session(session, why)  # closed and poked: a waiting stream ends normally
+            if blocked and handler is not None and not handler.done():
+                handler.cancel()  # a write that never completes: only cancelling ends the call
+            return
 
     async def _read(self, session: _Session, requests: AsyncIterator[pb.AgentMessage]) -> None:
         try:
@@ -373,14 +504,16 @@ class Dispatcher:
                 session.last_seen_at = time.time()
                 which = msg.WhichOneof("body")
                 if which == "results":
-                    self._take_results(session, msg.results.results)
+                    await self._take_results(session, msg.results.results)
                 elif which == "heartbeat":
                     session.results_dropped_total = msg.heartbeat.results_dropped_total
                 elif which == "responder_reports":
                     for report in msg.responder_reports.reports:
                         self._take_responder_report(session, report)
                 else:
-                    log.warning("agent on %s sent an unexpected %s", session.node, which)
+                    self._noisy(
+                        logging.WARNING, "agent on %s sent an unexpected %s", session.node, which
+                    )
         except grpc.aio.AioRpcError as exc:
             log.info("stream from %s broke: %s", session.node, exc.code().name)
         finally:
@@ -405,10 +538,12 @@ class Dispatcher:
             if (
                 pending is not None
                 and pending.assignment.source_node == hello.node_name
+                and pending.sent_to == hello.node_name  # never one it was not sent
                 and pending.state in ("queued", "sent")
             ):
                 pending.state = "sent"
                 pending.session = session
+                pending.sent_to = session.node
                 session.in_flight.add(aid)
                 held += 1
         log.info(
@@ -441,6 +576,8 @@ class Dispatcher:
         log.info(
             "agent on %s disconnected (%s); %d assignments re-queued", session.node, why, len(back)
         )
+        if back:
+            log.debug("re-queued for %s: %s", session.node, " ".join(p.assignment.id for p in back))
 
     def _outgoing(self, session: _Session) -> list[pb.CollectorMessage]:
         """What to send now: control messages, responder requests, and assignments up to credit."""
@@ -469,34 +606,66 @@ class Dispatcher:
                     continue  # answered or cancelled while queued
                 pending.state = "sent"
                 pending.session = session
+                pending.sent_to = session.node
                 session.in_flight.add(aid)
-                assignments.append(convert.assignment_to_proto(pending.assignment))
+                message = convert.assignment_to_proto(pending.assignment)
+                message.seal.CopyFrom(pending.seal)
+                assignments.append(message)
             if assignments:
                 messages.append(
                     pb.CollectorMessage(assignments=pb.AssignmentBatch(assignments=assignments))
                 )
         return messages
 
+    def _noisy(self, level: int, message: str, *args: object) -> None:
+        """A line a peer can trigger at will: rate-limited per message, its values bounded."""
+        suffix = self._limiter.admit(message)
+        if suffix is not None:
+            shown = tuple(bounded(str(a), 200) for a in args)
+            log.log(level, message + "%s", *shown, suffix)
+
+    async def _refuse(
+        self,
+        context: grpc.aio.ServicerContext[pb.AgentMessage, pb.CollectorMessage],
+        code: grpc.StatusCode,
+        why: str,
+    ) -> NoReturn:
+        """End a stream before it became a session; logged at most a few times a minute."""
+        self.refused_total += 1
+        suffix = self._limiter.admit(f"refused {why}")
+        if suffix is not None:
+            log.warning("refused a stream from %s: %s%s", context.peer(), bounded(why, 200), suffix)
+        await context.abort(code, why)
+        raise AssertionError("abort returned")  # pragma: no cover - abort always raises
+
     # --- results and responders ----------------------------------------------------------------
 
-    def _take_results(self, session: _Session, results: Iterable[pb.ProbeResult]) -> None:
+    async def _take_results(self, session: _Session, results: Sequence[pb.ProbeResult]) -> None:
+        """Ack every result; deliver those of assignments issued to this stream's node, once.
+
+        A result is refused (acked, counted by reason, never delivered) unless its assignment
+        carries this collector's seal, was issued to this node, was sent on one of its streams
+        (or, issued before a restart, is recent), and was not answered before. Its start time is
+        taken on the collector's clock: within when the assignment was issued and the result
+        came in (a start outside that, beyond the tolerance, is counted and brought within it).
+        """
         acked: list[str] = []
-        for msg in results:
+        for index, msg in enumerate(results):
+            if index and index % INTAKE_CHUNK == 0:
+                await asyncio.sleep(0)  # let /metrics and the web view in between chunks
             acked.append(msg.id)
             if self._ledger.has_result(msg.id):
                 self.duplicates_total += 1
                 continue
-            self._ledger.add_result(msg.id)
-            try:
-                result = convert.result_from_proto(msg)
-            except convert.ContractError as exc:
-                log.error("agent on %s sent a malformed result: %s", session.node, exc)
+            result, why = self._accepted(session, msg)
+            if result is None:
+                self.results_refused[why] += 1
+                self._noisy(
+                    logging.WARNING, "refused a result from the agent on %s: %s", session.node, why
+                )
                 continue
             aid = result.assignment_id
-            if self._ledger.has_assignment(aid):
-                self.duplicates_total += 1
-                continue  # answered already (or cancelled)
-            self._ledger.add_assignment(aid)
+            self._ledger.add(msg.id, aid)
             pending = self._pending.pop(aid, None)
             if pending is not None:
                 if pending.session is not None:
@@ -505,21 +674,69 @@ class Dispatcher:
                     pending.responder_timer.cancel()
                 if pending.assignment.responder is not None:
                     self._send_cancel(pending.assignment.responder.node, aid)
-                result = dataclasses.replace(result, responder=pending.responder)
+                result = dataclasses.replace(
+                    result, assignment=pending.assignment, responder=pending.responder
+                )
             self.delivered_total += 1
             try:
                 self._on_result(result)
             except Exception:
                 log.exception("on_result failed for result %s", result.id)
+        self._ledger.flush()
         if acked:
             session.control.append(pb.CollectorMessage(result_ack=pb.ResultAck(result_ids=acked)))
             session.poke()
+
+    def _accepted(self, session: _Session, msg: pb.ProbeResult) -> tuple[ProbeResult | None, str]:
+        """The result to deliver (on the collector's clock), or None and why it is refused."""
+        if len(msg.id) > MAX_ID_CHARS or not msg.id.isprintable():
+            return None, "malformed id"
+        if not msg.assignment.HasField("seal"):  # the cheap refusal first: nothing to convert
+            return None, "not issued by this collector"
+        try:
+            result = convert.result_from_proto(msg)
+        except convert.ContractError:
+            return None, "malformed"
+        assignment = result.assignment
+        seal = msg.assignment.seal
+        issued_at_ns = seal.issued_at.ToNanoseconds()
+        if not self._seal.verify(assignment, issued_at_ns, seal.mac):
+            return None, "not issued by this collector"
+        if assignment.source_node != session.node:
+            return None, "issued to another node"
+        if self._ledger.has_assignment(assignment.id):
+            self.duplicates_total += 1
+            return None, "answered already"
+        now = self._wall()
+        issued_at = issued_at_ns / 1e9
+        pending = self._pending.get(assignment.id)
+        if pending is not None:
+            if pending.sent_to is None:
+                return None, "never sent"
+        elif not -self._tolerance <= now - issued_at <= self._max_result_age:
+            return None, "issued too long ago"
+        started = result.started_at
+        if not issued_at - self._tolerance <= started <= now + self._tolerance:
+            self.timestamps_adjusted_total += 1
+        started = min(max(started, issued_at), now)
+        latency = min(max(result.latency_seconds, 0.0), max(now - started, 0.0))
+        return (
+            dataclasses.replace(
+                result, node=session.node, started_at=started, latency_seconds=latency
+            ),
+            "",
+        )
 
     def _take_responder_report(self, session: _Session, msg: pb.ResponderReport) -> None:
         try:
             report = convert.responder_report_from_proto(msg)
         except convert.ContractError as exc:
-            log.error("agent on %s sent a malformed responder report: %s", session.node, exc)
+            self._noisy(
+                logging.ERROR,
+                "agent on %s sent a malformed responder report: %s",
+                session.node,
+                exc,
+            )
             return
         pending = self._pending.get(report.assignment_id)
         if pending is None:

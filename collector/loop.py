@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from collector.core.changes import ChangeEvent, merge_changes
+from collector.core.destinations import destination_policy
 from collector.core.flowstate import FlowState, LatencySample, StatusChange
 from collector.core.model import Snapshot
 from collector.core.planning import needed_probe_pods
@@ -27,7 +28,7 @@ from collector.core.probepods import ProbePodRequest
 from collector.core.scheduling import Planner, PreparedPlan, prepare_plan
 from collector.settings import CollectorSettings
 from flowproof.aio import SYSTEM_CLOCK, Clock, first_of
-from flowproof.probes import Assignment, ProbeResult
+from flowproof.probes import Assignment, DestinationPolicy, ProbeResult
 
 log = logging.getLogger("collector")
 
@@ -35,6 +36,8 @@ ProbePodManager = Callable[[Sequence[ProbePodRequest]], Awaitable[None]]
 """Told every probe pod the plan needs (the rest may go); the lab's or the cluster's."""
 Sender = Callable[[Sequence[Assignment]], None]
 """Takes due assignments and sends them to the agents (never blocks)."""
+Announcer = Callable[[DestinationPolicy], None]
+"""Tells the agents where they may probe (the dispatcher's, before any assignment needs it)."""
 
 
 # --- events ---------------------------------------------------------------------------------------
@@ -105,6 +108,10 @@ def _drop(_: Sequence[Assignment]) -> None:
     """The sender of a loop that nothing dispatches for (tests that only plan and judge)."""
 
 
+def _ignore(_: DestinationPolicy) -> None:
+    """The announcer of a loop that nothing dispatches for."""
+
+
 class Collector:
     """The live loop of one collector. Use it from one event loop.
 
@@ -118,6 +125,7 @@ class Collector:
         settings: CollectorSettings,
         *,
         send: Sender = _drop,
+        announce: Announcer = _ignore,
         clock: Clock = SYSTEM_CLOCK,
         probe_pods: ProbePodManager | None = None,
     ) -> None:
@@ -126,6 +134,7 @@ class Collector:
         self.planner = Planner(settings.planner)
         self.state = FlowState(settings.planner, clock=clock)
         self.send = send
+        self.announce = announce
         self.snapshot: Snapshot | None = None
         self.generation = 0
         self.started_at = clock.time()
@@ -210,7 +219,14 @@ class Collector:
         self.snapshot = snapshot
         self.generation = change.generation
         self.replans_total += 1
+        previous = self.planner.plan
         update = self.planner.apply(prepared, change, now)
+        # Before any assignment of the new plan is due; the previous plan's may still be queued.
+        self.announce(
+            destination_policy(
+                (previous, update.plan), snapshot, self.settings.planner.cluster_dns_ip
+            )
+        )
         self._emit_changes(self.state.sync(update))
         self._emit(SnapshotApplied(change.generation, change.describe()))
 
@@ -307,6 +323,7 @@ class Collector:
 
 
 __all__ = [
+    "Announcer",
     "Collector",
     "LatencyMeasured",
     "Listener",

@@ -27,6 +27,7 @@ from collector.core.flowstate import Coverage, DeclaredStatus, FlowState, Latenc
 from collector.core.planning import FLOW_KINDS
 from collector.core.statuses import STATUS_ORDER, Status
 from collector.core.views import LoopStatus, compliance_ratio, nodes_needing_agents
+from collector.dispatching import IntakeCounters
 from collector.loop import LatencyMeasured, LoopEvent, ResultRecorded
 from flowproof import __version__
 from flowproof.probes import Outcome, ProbeKind, ProbeResult
@@ -360,6 +361,49 @@ def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, help_text, value=value)
 
 
+class IntakeCollector(Collector):
+    """The dispatcher's refusals and corrections, read at scrape time."""
+
+    def __init__(self, counters: Callable[[], IntakeCounters]) -> None:
+        self.counters = counters
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        counters = self.counters()
+        refused = CounterMetricFamily(
+            "flowproof_results_refused",
+            "Results acked but not delivered: not issued by this collector (unsigned or changed), "
+            "issued to another node, answered already, never sent, issued too long ago, malformed.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(counters.results_refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        for name, help_text, total in (
+            (
+                "flowproof_result_timestamps_adjusted",
+                "Results whose start time lay outside the time between issuing the assignment "
+                "and receiving the result (an agent's clock off, or a forged time), taken within it.",
+                counters.timestamps_adjusted_total,
+            ),
+            (
+                "flowproof_streams_refused",
+                "Agent streams refused: a bad or missing token, no hello, another protocol.",
+                counters.streams_refused_total,
+            ),
+            (
+                "flowproof_results_duplicate",
+                "Results received again (after a reconnect) and dropped as delivered already.",
+                counters.duplicates_total,
+            ),
+        ):
+            family = CounterMetricFamily(name, help_text)
+            family.add_metric([], total)
+            yield family
+
+
 class CollectorMetrics:
     """All `flowproof_` metrics of the collector, registered in `registry`.
 
@@ -376,6 +420,7 @@ class CollectorMetrics:
         *,
         state: FlowState,
         loop_status: Callable[[], LoopStatus] = LoopStatus,
+        intake: Callable[[], IntakeCounters] | None = None,
         version: str = __version__,
     ) -> None:
         self.registry = registry
@@ -423,6 +468,8 @@ class CollectorMetrics:
                 self.probes_total.labels(protocol=str(kind), outcome=str(outcome))
         self.flow_state = FlowStateCollector(state, loop_status)
         registry.register(self.flow_state)
+        if intake is not None:
+            registry.register(IntakeCollector(intake))
 
     def on_loop_event(self, event: LoopEvent) -> None:
         """Count what a loop event carries (results and feedback latencies)."""
@@ -466,4 +513,4 @@ class CollectorMetrics:
         return head + self.flow_state.render_flows(view.declared).encode()
 
 
-__all__ = ["CONTENT_TYPE", "CollectorMetrics", "FlowStateCollector"]
+__all__ = ["CONTENT_TYPE", "CollectorMetrics", "FlowStateCollector", "IntakeCollector"]

@@ -36,8 +36,9 @@ from collector.cluster import (
 from collector.core.changes import diff_snapshots
 from collector.core.model import Snapshot
 from collector.core.views import LoopStatus
-from collector.dispatching import Dispatcher
+from collector.dispatching import MAX_RESULT_AGE_SECONDS, Dispatcher, ServerTLS
 from collector.kube import InventoryUpdate, KubeClient, KubernetesSource, load_kube_config
+from collector.ledger import DeliveryLedger, assignment_key, ledger_path
 from collector.loop import Collector, ProbePodManager
 from collector.metrics import CollectorMetrics
 from collector.settings import CollectorSettings, load_settings
@@ -47,8 +48,13 @@ from collector.web.events import Broadcaster
 from collector.web.verify import add_verify_routes
 from flowproof.aio import event_loop_lag, run_root_tasks, run_service, stop_event
 from flowproof.errors import ConfigurationError
+from flowproof.probes import DestinationPolicy
 
 log = logging.getLogger("collector")
+
+LEDGER_CAPACITY = 100_000
+"""Result and assignment ids the dispatcher remembers as delivered, at most (and for at most
+MAX_RESULT_AGE_SECONDS): a bound on its memory whatever the rate of results."""
 
 ProbePodProviders = dict[str, Callable[[CollectorSettings], ProbePodManager]]
 """Probe-pod providers by `--probe-pods` mode that someone above the collector hands in (the
@@ -75,13 +81,18 @@ def collector_metrics(collector: Collector, dispatcher: Dispatcher) -> Collector
         CollectorRegistry(),
         state=collector.state,
         loop_status=lambda: loop_status(collector, dispatcher),
+        intake=dispatcher.intake_counters,
     )
     collector.subscribe(metrics.on_loop_event)
     return metrics
 
 
 def build_http_app(
-    collector: Collector, dispatcher: Dispatcher, metrics: CollectorMetrics | None = None
+    collector: Collector,
+    dispatcher: Dispatcher,
+    *,
+    verify_tokens: Sequence[str],
+    metrics: CollectorMetrics | None = None,
 ) -> web.Application:
     """Health, readiness, verify, the web view, the JSON API and /metrics."""
 
@@ -103,7 +114,7 @@ def build_http_app(
         metrics=metrics,
         broadcaster=broadcaster,
     )
-    add_verify_routes(app, collector, dispatcher)
+    add_verify_routes(app, collector, dispatcher, tokens=verify_tokens)
     return app
 
 
@@ -115,16 +126,11 @@ def snapshot_feeder(collector: Collector) -> Callable[[InventoryUpdate], Awaitab
     async def on_update(update: InventoryUpdate) -> None:
         nonlocal previous, generation
         generation += 1
-        change = await asyncio.to_thread(  # a diff of 10,000 pods takes a good part of a second
-            diff_snapshots,
-            previous,
-            update.snapshot,
-            generation=generation,
-            at=collector.clock.time(),
+        change = diff_snapshots(
+            previous, update.snapshot, generation=generation, at=collector.clock.time()
         )
         previous = update.snapshot
-        # Queued for the replanner: the newest snapshot wins; the watch goes on meanwhile.
-        await collector.on_snapshot(update.snapshot, change, wait=False)
+        await collector.on_snapshot(update.snapshot, change)
 
     return on_update
 
@@ -188,59 +194,125 @@ async def _serve(
         assert dispatcher is not None
         dispatcher.submit(assignments)
 
-    collector = Collector(settings, send=send, probe_pods=probe_pods)
-    dispatcher = Dispatcher(token=settings.token, on_result=collector.on_result)
+    try:
+        tls = ServerTLS.from_files(settings.tls_cert_file, settings.tls_key_file)
+    except ConfigurationError as exc:
+        log.error("collector cannot start: %s", exc)
+        return 2
+
+    def announce(policy: DestinationPolicy) -> None:
+        assert dispatcher is not None
+        dispatcher.set_destination_policy(policy)
+
+    try:
+        key = assignment_key(settings.state_dir)
+        ledger = DeliveryLedger(
+            LEDGER_CAPACITY,
+            ledger_path(settings.state_dir),
+            horizon_seconds=MAX_RESULT_AGE_SECONDS,
+        )
+    except ConfigurationError as exc:
+        log.error("collector cannot start: %s", exc)
+        return 2
+    collector = Collector(settings, send=send, announce=announce, probe_pods=probe_pods)
+    dispatcher = Dispatcher(
+        token=settings.token,
+        tls=tls,
+        on_result=collector.on_result,
+        ledger=ledger,
+        assignment_key=key,
+    )
+    try:
+        return await _run(settings, stop, started, collector, dispatcher, cluster_probe_pods)
+    finally:
+        ledger.close()
+
+
+async def _run(
+    settings: CollectorSettings,
+    stop: asyncio.Event,
+    started: Callable[[Collector, int, int], None] | None,
+    collector: Collector,
+    dispatcher: Dispatcher,
+    cluster_probe_pods: KubernetesProbePods | None,
+) -> int:
     if cluster_probe_pods is not None:
         cluster_probe_pods.needed_by = expectations_needing(collector)
+    metrics = collector_metrics(collector, dispatcher)
+    runner = web.AppRunner(
+        build_http_app(
+            collector, dispatcher, verify_tokens=settings.verify_tokens, metrics=metrics
+        ),
+        access_log=None,
+    )
+    try:
+        grpc_port, http_port = await _listen(settings, dispatcher, runner)
+    except OSError as exc:
+        log.error("collector cannot start: %s", exc)
+        await dispatcher.stop(0)
+        await runner.cleanup()
+        return 2
+    log.info("collector serving: grpc %d, http %d", grpc_port, http_port)
     async with contextlib.AsyncExitStack() as resources:
         roots: dict[str, Coroutine[Any, Any, None]] = {}
-        if settings.source == "manifests":
-            manifests = ManifestSource(list(settings.manifests), clock=collector.clock)
-            roots["inventory_watcher"] = manifests.run(
-                functools.partial(collector.on_snapshot, wait=False), stop
-            )
-        else:
-            source = await resources.enter_async_context(
-                KubernetesSource(
-                    load_kube_config(settings.kubeconfig or None),
-                    settings=kube_source_settings(settings),
-                    on_update=snapshot_feeder(collector),
-                )
-            )
-            roots["inventory_watcher"] = kubernetes_inventory(source, stop)
-            roots["status_publisher"] = status_publisher(collector, source, stop)
-        metrics = collector_metrics(collector, dispatcher)
-        roots["replanner"] = collector.replanner(stop)
-        roots["loop_lag_probe"] = event_loop_lag(metrics.observe_loop_lag, stop)
-        roots["plan_sender"] = collector.plan_sender(stop)
-        roots["state_refresher"] = collector.state_refresher(stop)
-        if cluster_probe_pods is not None:
-            roots["probe_pod_manager"] = cluster_probe_pods.run(stop)
-        if settings.policy_reports:
-            reports = PolicyReports(
-                KubeClient(load_kube_config(settings.kubeconfig or None)), collector
-            )
-            roots["policy_report_publisher"] = reports.run(stop)
-
-        grpc_port = await dispatcher.start(f"{settings.listen_address}:{settings.grpc_port}")
-        runner = web.AppRunner(build_http_app(collector, dispatcher, metrics), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, settings.listen_address, settings.http_port)
-        await site.start()
-        http_port = _bound_port(site)
-        log.info("collector serving: grpc %d, http %d", grpc_port, http_port)
-        if started is not None:
-            started(collector, grpc_port, http_port)
         try:
+            if settings.source == "manifests":
+                manifests = ManifestSource(list(settings.manifests), clock=collector.clock)
+                roots["inventory_watcher"] = manifests.run(
+                    functools.partial(collector.on_snapshot, wait=False), stop
+                )
+            else:
+                source = await resources.enter_async_context(
+                    KubernetesSource(
+                        load_kube_config(settings.kubeconfig or None),
+                        settings=kube_source_settings(settings),
+                        on_update=snapshot_feeder(collector),
+                    )
+                )
+                roots["inventory_watcher"] = kubernetes_inventory(source, stop)
+                roots["status_publisher"] = status_publisher(collector, source, stop)
+            roots["replanner"] = collector.replanner(stop)
+            roots["loop_lag_probe"] = event_loop_lag(metrics.observe_loop_lag, stop)
+            roots["plan_sender"] = collector.plan_sender(stop)
+            roots["state_refresher"] = collector.state_refresher(stop)
+            if cluster_probe_pods is not None:
+                roots["probe_pod_manager"] = cluster_probe_pods.run(stop)
+            if settings.policy_reports:
+                reports = PolicyReports(
+                    KubeClient(load_kube_config(settings.kubeconfig or None)), collector
+                )
+                roots["policy_report_publisher"] = reports.run(stop)
+            if started is not None:
+                started(collector, grpc_port, http_port)
             code = await run_root_tasks(
                 roots, stop, grace_seconds=settings.shutdown_grace_seconds, logger=log
             )
         finally:
+            for coro in roots.values():
+                coro.close()  # those never started (a failure before run_root_tasks)
             stop.set()
             await dispatcher.stop(min(settings.shutdown_grace_seconds, 1.0))
             await runner.cleanup()
     log.info("collector stopped%s", " after a failure" if code else "")
     return code
+
+
+async def _listen(
+    settings: CollectorSettings, dispatcher: Dispatcher, runner: web.AppRunner
+) -> tuple[int, int]:
+    """Bind the gRPC and HTTP servers; their ports. OSError naming the address that is taken."""
+    grpc_port = await dispatcher.start(f"{settings.listen_address}:{settings.grpc_port}")
+    await runner.setup()
+    site = web.TCPSite(runner, settings.listen_address, settings.http_port)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot listen for HTTP on {settings.listen_address}:{settings.http_port} "
+            f"(--http-port): {exc.strerror or exc}",
+        ) from exc
+    return grpc_port, _bound_port(site)
 
 
 def _bound_port(site: web.TCPSite) -> int:

@@ -8,6 +8,7 @@ validates everything at start; the runtime logs the result once. This module sta
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,19 @@ class CollectorSettings:
     """Port of /metrics, /healthz, /readyz, the web view and /api/v1 (0 picks a free one)."""
     token: str = field(default="", repr=False)
     """Shared secret agents must present (`authorization: Bearer ...`)."""
+    tls_cert_file: str = ""
+    """PEM certificate chain the gRPC port serves; agents check it against their CA before they
+    send the token (required: a Secret or cert-manager in a cluster, the lab's own CA in a lab)."""
+    tls_key_file: str = ""
+    """The private key of `tls_cert_file` (PEM)."""
+    state_dir: str = ""
+    """A directory kept across restarts of the collector (an emptyDir in a cluster): the ledger of
+    delivered results (a result re-sent after a restart is not counted twice) and the key that
+    seals assignments (so results of assignments issued before a restart can be verified).
+    Empty: both live in memory, and such results are refused after a restart."""
+    verify_token: str = field(default="", repr=False)
+    """Bearer token `POST /api/v1/verify` requires (FLOWPROOF_VERIFY_TOKEN or
+    --verify-token-file); empty: the agents' token. Nothing else on the HTTP port makes probes."""
     planner: PlannerSettings = field(default_factory=PlannerSettings)
     """How the loop plans, schedules and judges probes; each of its fields is a flag of its own
     (`--interval-seconds`, `--freshness-seconds`, ...)."""
@@ -108,13 +122,24 @@ class CollectorSettings:
                 problems.append(f"{name}: {getattr(self, name)} is outside 0-65535")
         if not self.token:
             problems.append("token: required (FLOWPROOF_TOKEN or --token-file)")
+        for name in ("tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            if not path:
+                problems.append(f"{name}: required (agents authenticate the collector by it)")
+            elif not os.access(path, os.R_OK):
+                problems.append(f"{name}: {path!r} cannot be read")
         if self.state_refresh_seconds <= 0:
             problems.append("state_refresh_seconds: must be positive")
         if problems:
             raise ConfigurationError("; ".join(problems))
 
     def describe(self) -> str:
-        return loader.describe(self, secrets=("token",))
+        return loader.describe(self, secrets=("token", "verify_token"))
+
+    @property
+    def verify_tokens(self) -> tuple[str, ...]:
+        """The bearer tokens `POST /api/v1/verify` accepts."""
+        return (self.verify_token or self.token,)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +169,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> CollectorS
             environ,
             parser=build_parser(),
             env_prefix=ENV_PREFIX,
-            secrets={"token": "FLOWPROOF_TOKEN"},
+            secrets={"token": "FLOWPROOF_TOKEN", "verify_token": "FLOWPROOF_VERIFY_TOKEN"},
         )
     except loader.SettingsError as exc:
         raise ConfigurationError(str(exc)) from exc

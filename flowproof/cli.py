@@ -43,7 +43,7 @@ from collector.core.views import evidence_plan_json
 from collector.reading.manifests import load_snapshot
 from collector.settings import build_parser as collector_parser
 from flowproof import __version__, verifying
-from flowproof.errors import FlowproofError, InputError
+from flowproof.errors import FlowproofError, InputError, shown
 from flowproof.labtest import run_lab_test
 from flowproof.output import add_output_flag, quiet_broken_pipe, with_examples
 from lab import cli as lab_cli
@@ -501,6 +501,13 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 
     manifest_paths = _paths(args.files)
     expectation_paths = _paths(args.expectations)
+    if not is_ip(args.cluster_dns_ip):
+        raise InputError(
+            f"{shown(args.cluster_dns_ip)} is not an IP address", field="--cluster-dns-ip"
+        )
+    verifying.check_output_files(
+        {"--junit": args.junit, "--json": args.json_file, "--markdown": args.markdown}
+    )
     snapshot = _load(args, manifest_paths + expectation_paths)
     if not snapshot.expectations:
         raise InputError(
@@ -519,14 +526,14 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         "markdown": lambda: render_markdown(rows, title="flowproof check"),
     }
     out.write(renderers[args.output]())
-    extra_files: list[tuple[str | None, Callable[[], str]]] = [
-        (args.junit, lambda: render_junit(rows, name="flowproof check")),
-        (args.json_file, lambda: render_json(rows, problems=report.problems)),
-        (args.markdown, lambda: render_markdown(rows, title="flowproof check")),
+    extra_files: list[tuple[str, str | None, Callable[[], str]]] = [
+        ("--junit", args.junit, lambda: render_junit(rows, name="flowproof check")),
+        ("--json", args.json_file, lambda: render_json(rows, problems=report.problems)),
+        ("--markdown", args.markdown, lambda: render_markdown(rows, title="flowproof check")),
     ]
-    for path, text in extra_files:
+    for flag, path, text in extra_files:
         if path:
-            Path(path).write_text(text(), encoding="utf-8")
+            verifying.write_report_file(path, text(), flag)
     return EXIT_VIOLATION if report.failed else EXIT_OK
 
 

@@ -17,6 +17,7 @@ from flowproof.probes import (
     AgentCapabilities,
     AgentHello,
     Assignment,
+    DestinationPolicy,
     Heartbeat,
     HelloAck,
     Outcome,
@@ -299,11 +300,20 @@ def hello_from_proto(msg: pb.AgentHello) -> AgentHello:
     )
 
 
+def destination_policy_to_proto(p: DestinationPolicy) -> pb.DestinationPolicy:
+    return pb.DestinationPolicy(networks=list(p.networks), declared=list(p.declared))
+
+
+def destination_policy_from_proto(msg: pb.DestinationPolicy) -> DestinationPolicy:
+    return DestinationPolicy(networks=tuple(msg.networks), declared=tuple(msg.declared))
+
+
 def hello_ack_to_proto(a: HelloAck) -> pb.HelloAck:
     return pb.HelloAck(
         protocol_version=a.protocol_version,
         collector_version=a.collector_version,
         heartbeat_interval=_duration(a.heartbeat_interval_seconds),
+        destination_policy=destination_policy_to_proto(a.destination_policy),
     )
 
 
@@ -312,6 +322,7 @@ def hello_ack_from_proto(msg: pb.HelloAck) -> HelloAck:
         protocol_version=msg.protocol_version,
         collector_version=msg.collector_version,
         heartbeat_interval_seconds=_seconds(msg.heartbeat_interval),
+        destination_policy=destination_policy_from_proto(msg.destination_policy),
     )
 
 

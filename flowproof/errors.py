@@ -13,6 +13,25 @@ infrastructure only. Always chain the cause (`raise InputError(...) from exc`).
 
 from __future__ import annotations
 
+MAX_REASON_CHARS = 400
+"""A reason, field or file longer than this is cut in the middle: input never floods a message."""
+MAX_PROBLEMS_SHOWN = 100
+"""An error with more problems renders the first ones and says how many more there are (all are
+kept in `problems`)."""
+
+
+def bounded(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """`text`, or its start and end around `… (N characters) …` when it is longer than `limit`."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit // 2 - 20, 1)
+    return f"{text[:keep]}… ({len(text)} characters) …{text[-keep:]}"
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """The repr of a value from the input for a message, bounded (never the whole input)."""
+    return bounded(repr(value), limit)
+
 
 class FlowproofError(Exception):
     """Base of every error flowproof raises on purpose."""
@@ -45,7 +64,7 @@ class InputError(FlowproofError):
         super().__init__(self.render())
 
     def where(self) -> str:
-        place = self.file or "<input>"
+        place = bounded(self.file or "<input>")
         if self.line is not None:
             place += f":{self.line}"
         elif self.document is not None:
@@ -54,11 +73,14 @@ class InputError(FlowproofError):
 
     def render(self) -> str:
         if self.problems:
-            return "\n".join(p.render() for p in self.problems)
+            lines = [p.render() for p in self.problems[:MAX_PROBLEMS_SHOWN]]
+            if len(self.problems) > MAX_PROBLEMS_SHOWN:
+                lines.append(f"… and {len(self.problems) - MAX_PROBLEMS_SHOWN} more problems")
+            return "\n".join(lines)
         text = self.where() + ": "
         if self.field:
-            text += f"{self.field}: "
-        return text + self.reason
+            text += f"{bounded(self.field)}: "
+        return text + bounded(self.reason)
 
 
 class ConfigurationError(FlowproofError):

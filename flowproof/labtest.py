@@ -61,6 +61,9 @@ def _uninterruptible() -> Iterator[None]:
 
 
 def run_lab_test(args: argparse.Namespace) -> int:
+    verifying.check_output_files(
+        {"--junit": args.junit, "--json": args.json_file, "--markdown": args.markdown}
+    )
     files = [p for group in args.filename for p in group]
     files += [p for group in args.expectations for p in group]
     manifests = read_manifests(files)  # InputError: nothing is built
@@ -96,10 +99,12 @@ def run_lab_test(args: argparse.Namespace) -> int:
                 fail_on_not_enforced=args.fail_on_not_enforced,
                 progress=verifying.show_progress(args.progress, sys.stderr, os.environ),
             )
+            token = verifying.read_token(None, {}, state.loop.token_file)
             return verifying.verify_once(
                 state.loop.url,
                 timeout_seconds=args.timeout,
                 outputs=outputs,
+                token=token,
             )
     except KeyboardInterrupt:
         print("lab test: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ module must never do I/O or import protobuf, grpc or aiohttp.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import ipaddress
 from dataclasses import dataclass
@@ -217,11 +218,107 @@ class AgentHello:
     known_assignment_ids: tuple[str, ...] = ()
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+SPECIAL_RANGES: tuple[tuple[IPNetwork, str], ...] = tuple(
+    (ipaddress.ip_network(cidr), what)
+    for cidr, what in (
+        ("169.254.169.254/32", "the cloud metadata address"),
+        ("fd00:ec2::254/128", "the cloud metadata address"),
+        ("127.0.0.0/8", "the node's loopback"),
+        ("::1/128", "the node's loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("fe80::/10", "link-local"),
+        ("0.0.0.0/8", "'this network'"),
+        ("::/128", "the unspecified address"),
+        ("224.0.0.0/4", "multicast"),
+        ("ff00::/8", "multicast"),
+        ("240.0.0.0/4", "reserved"),
+    )
+)
+"""Destinations an agent refuses unless an expectation declares a network inside them."""
+
+
+@dataclass(frozen=True)
+class DestinationPolicy:
+    """Where an agent may send probes, told by the collector at hello and on every change.
+
+    `networks` is everything the plan probes (the pods, the cluster DNS, declared externals);
+    `declared` the networks expectations name themselves. A special range (SPECIAL_RANGES) is
+    reachable only through a declared network lying within it: `cidr: 0.0.0.0/0` never opens the
+    metadata address, `cidr: 169.254.169.254/32` does.
+    """
+
+    networks: tuple[str, ...] = ()
+    declared: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def _ranges(self) -> dict[int, tuple[list[int], list[int]]]:
+        """Per IP version, the policy's networks merged into sorted (starts, ends) for bisect:
+        a look-up costs log(networks), also with one /32 per pod of a large cluster."""
+        spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for net in _parsed(self.networks):
+            spans[net.version].append((int(net.network_address), int(net.broadcast_address)))
+        merged: dict[int, tuple[list[int], list[int]]] = {}
+        for version, items in spans.items():
+            starts: list[int] = []
+            ends: list[int] = []
+            for start, end in sorted(items):
+                if ends and start <= ends[-1] + 1:
+                    ends[-1] = max(ends[-1], end)
+                else:
+                    starts.append(start)
+                    ends.append(end)
+            merged[version] = (starts, ends)
+        return merged
+
+    @functools.cached_property
+    def _declared(self) -> tuple[IPNetwork, ...]:
+        return _parsed(self.declared)
+
+    def refusal(self, destination: str) -> str | None:
+        """Why `destination` may not be probed under this policy; None when it may."""
+        try:
+            address = ipaddress.ip_address(destination)
+        except ValueError:
+            return f"{destination[:64]!r} is not an IP address"
+        for special, what in SPECIAL_RANGES:
+            if address.version == special.version and address in special:
+                opened = any(
+                    address in net and net.version == special.version and net.subnet_of(special)  # type: ignore[arg-type]
+                    for net in self._declared
+                )
+                if not opened:
+                    return (
+                        f"{address} is {what}: probed only when an expectation declares it "
+                        "(a cidr within that range)"
+                    )
+                break
+        starts, ends = self._ranges[address.version]
+        value = int(address)
+        i = bisect.bisect_right(starts, value) - 1
+        if i >= 0 and value <= ends[i]:
+            return None
+        return f"{address} is not in the destination policy the collector announced"
+
+
+def _parsed(texts: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """The networks among `texts` (one that is not a network is ignored: it allows nothing)."""
+    parsed: list[IPNetwork] = []
+    for text in texts:
+        try:
+            parsed.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            continue
+    return tuple(parsed)
+
+
 @dataclass(frozen=True)
 class HelloAck:
     protocol_version: int
     collector_version: str
     heartbeat_interval_seconds: float
+    destination_policy: DestinationPolicy = DestinationPolicy()
 
 
 @dataclass(frozen=True)

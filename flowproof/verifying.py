@@ -4,7 +4,9 @@ The client of the collector's `POST /api/v1/verify` (collector/web/verify.py): i
 grouped by status, writes JUnit, JSON and Markdown, and exits 0 when every expectation holds, 1 when
 any fails, 2 when it could not decide (and then never says OK). Without `--collector` it finds the
 running lab's collector. On a terminal it shows its progress on stderr (flows decided / total) while
-it waits; in CI logs ($CI set) and when stderr is not a terminal it stays quiet.
+it waits; in CI logs ($CI set) and when stderr is not a terminal it stays quiet. The route needs
+the collector's token: `--token-file`, else FLOWPROOF_VERIFY_TOKEN(_FILE), else
+FLOWPROOF_TOKEN(_FILE) (set in the collector's own container), else the lab's token file.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from aiohttp import ClientError, ClientSession, ClientTimeout
+from aiohttp import ClientError, ClientResponseError, ClientSession, ClientTimeout
 
 from collector.core.reporting import (
     render_json,
@@ -33,9 +35,10 @@ from collector.core.reporting import (
 )
 from collector.core.statuses import FAILING, UNDECIDED
 from collector.core.views import FlowView
+from flowproof.errors import InputError
 from flowproof.output import add_output_flag, with_examples
 from lab.config import DEFAULT_NAME, DEFAULT_STATE_DIR
-from lab.state import collector_url
+from lab.state import collector_token_file, collector_url
 
 EXIT_OK, EXIT_FAILED, EXIT_UNDECIDED = 0, 1, 2
 DEFAULT_COLLECTOR = "http://127.0.0.1:8080"
@@ -83,6 +86,40 @@ def add_report_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def lab_token_file(environ: Mapping[str, str], lab: str | None = None) -> str | None:
+    """The token file of the lab's collector (`lab`, else the running lab `verify` finds
+    without flags)."""
+    return collector_token_file(
+        lab or environ.get("FLOWPROOF_LAB_NAME", DEFAULT_NAME),
+        environ.get("FLOWPROOF_LAB_STATE_DIR", DEFAULT_STATE_DIR),
+    )
+
+
+def read_token(token_file: str | None, environ: Mapping[str, str], lab_file: str | None) -> str:
+    """The bearer token for the verify route (see the module docstring for the order); "" when
+    none is given (the collector then refuses, and says so)."""
+    sources: list[tuple[str, str | None, bool]] = [
+        ("--token-file", token_file, True),
+        ("FLOWPROOF_VERIFY_TOKEN", environ.get("FLOWPROOF_VERIFY_TOKEN"), False),
+        ("FLOWPROOF_VERIFY_TOKEN_FILE", environ.get("FLOWPROOF_VERIFY_TOKEN_FILE"), True),
+        ("FLOWPROOF_TOKEN", environ.get("FLOWPROOF_TOKEN"), False),
+        ("FLOWPROOF_TOKEN_FILE", environ.get("FLOWPROOF_TOKEN_FILE"), True),
+        ("the lab's token file", lab_file, True),
+    ]
+    for name, value, is_file in sources:
+        if not value:
+            continue
+        if not is_file:
+            return value.strip()
+        try:
+            return Path(value).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise InputError(
+                f"cannot read the token file {value!r}: {exc.strerror or exc}", field=name
+            ) from exc
+    return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowproof verify",
@@ -108,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--lab", metavar="NAME", help="the collector of this running lab (`flowproof lab --name`)"
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the collector's token (default: FLOWPROOF_VERIFY_TOKEN(_FILE), FLOWPROOF_TOKEN(_FILE),"
+        " or the lab's)",
     )
     parser.add_argument("--once", action="store_true", help="verify once and exit (the CI gate)")
     parser.add_argument(
@@ -180,6 +223,7 @@ async def request_verification(
     evidence: bool = True,
     require_evidence: bool = False,
     on_progress: Callable[[Mapping[str, Any]], None] | None = None,
+    token: str = "",
 ) -> dict[str, Any]:
     """The collector's answer; with `on_progress`, asked as a stream of progress lines."""
     client_timeout = ClientTimeout(total=timeout_seconds + 30)
@@ -193,7 +237,7 @@ async def request_verification(
                 "evidence": evidence,
                 "require_evidence": require_evidence,
             },
-            headers=headers,
+            headers=headers | ({"Authorization": f"Bearer {token}"} if token else {}),
         ) as resp,
     ):
         resp.raise_for_status()
@@ -224,6 +268,37 @@ class Outputs:
     evidence: bool = True
     progress: bool = False
     """Show flows decided / total on stderr while waiting (show_progress decides)."""
+
+
+def check_output_files(files: Mapping[str, str | None]) -> None:
+    """InputError (by flag) for a report file that cannot be written: checked before any work is
+    done, so a typo in `--junit` never costs a verification (or a lab) and ends in a traceback."""
+    for flag, path in files.items():
+        if not path:
+            continue
+        target = Path(path)
+        parent = target.parent
+        if target.is_dir():
+            reason = "is a directory"
+        elif not parent.is_dir():
+            reason = f"cannot be written: no directory {str(parent)!r}"
+        elif not os.access(parent, os.W_OK):
+            reason = f"cannot be written: {str(parent)!r} is not writable"
+        else:
+            continue
+        raise InputError(f"{path!r} {reason}", field=flag)
+
+
+def write_report_file(path: str, text: str, flag: str) -> None:
+    """Write one report file; InputError naming the flag when it cannot be written."""
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{path!r} cannot be written: {exc.strerror or exc}", field=flag) from exc
+
+
+def output_flags(outputs: Outputs) -> dict[str, str | None]:
+    return {"--junit": outputs.junit, "--json": outputs.json_file, "--markdown": outputs.markdown}
 
 
 def report(answer: dict[str, Any], outputs: Outputs) -> int:
@@ -259,18 +334,20 @@ def report(answer: dict[str, Any], outputs: Outputs) -> int:
     print(renderers[outputs.output]())
     for reason in problems:
         print(f"undecided: {reason}", file=sys.stderr)
-    files: list[tuple[str | None, Callable[[], str]]] = [
-        (outputs.junit, lambda: render_junit(rows, name="flowproof verify", policies=policies)),
-        (outputs.json_file, renderers["json"]),
-        (outputs.markdown, renderers["markdown"]),
+    files: list[tuple[str, str | None, Callable[[], str]]] = [
+        ("--junit", outputs.junit, lambda: render_junit(rows, name="flowproof verify", policies=policies)),
+        ("--json", outputs.json_file, renderers["json"]),
+        ("--markdown", outputs.markdown, renderers["markdown"]),
     ]
-    for path, render in files:
+    for flag, path, render in files:
         if path:
-            Path(path).write_text(render(), encoding="utf-8")
+            write_report_file(path, render(), flag)
     return code
 
 
-def fetch_answer(url: str, timeout_seconds: float, outputs: Outputs) -> dict[str, Any] | None:
+def fetch_answer(
+    url: str, timeout_seconds: float, outputs: Outputs, token: str = ""
+) -> dict[str, Any] | None:
     """The collector's answer, or None (said on stderr) when it cannot be had. With
     `outputs.progress`, flows decided / total are shown on stderr while it waits."""
     line = ProgressLine(sys.stderr) if outputs.progress else None
@@ -282,8 +359,21 @@ def fetch_answer(url: str, timeout_seconds: float, outputs: Outputs) -> dict[str
                 evidence=outputs.evidence,
                 require_evidence=outputs.fail_on_not_enforced,
                 on_progress=line.update if line is not None else None,
+                token=token,
             )
         )
+    except ClientResponseError as exc:
+        if line is not None:
+            line.clear()
+        if exc.status == 401:
+            given = "the token given was refused" if token else "no token was given"
+            print(
+                f"flowproof verify: the collector at {url} needs its token ({given}): use "
+                "--token-file or FLOWPROOF_VERIFY_TOKEN(_FILE)",
+                file=sys.stderr,
+            )
+        else:
+            print(f"flowproof verify: the collector at {url} answered {exc}", file=sys.stderr)
     except (ClientError, OSError, TimeoutError) as exc:
         if line is not None:
             line.clear()
@@ -298,9 +388,9 @@ def fetch_answer(url: str, timeout_seconds: float, outputs: Outputs) -> dict[str
     return None
 
 
-def verify_once(url: str, *, timeout_seconds: float, outputs: Outputs) -> int:
+def verify_once(url: str, *, timeout_seconds: float, outputs: Outputs, token: str) -> int:
     """Ask the collector at `url` to verify every expectation now; report; the exit code."""
-    answer = fetch_answer(url, timeout_seconds, outputs)
+    answer = fetch_answer(url, timeout_seconds, outputs, token)
     return EXIT_UNDECIDED if answer is None else report(answer, outputs)
 
 
@@ -319,8 +409,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         evidence=args.evidence,
         progress=show_progress(args.progress, sys.stderr, os.environ),
     )
+    try:
+        return _verify(url, args, outputs)
+    except InputError as exc:
+        print(f"flowproof verify: error: {exc}", file=sys.stderr)
+        return EXIT_UNDECIDED
+
+
+def _verify(url: str, args: argparse.Namespace, outputs: Outputs) -> int:
+    check_output_files(output_flags(outputs))
+    lab_file = (
+        None
+        if args.collector or (os.environ.get("FLOWPROOF_COLLECTOR_URL") and args.lab is None)
+        else lab_token_file(os.environ, args.lab)
+    )
+    token = read_token(args.token_file, os.environ, lab_file)
     while True:
-        answer = fetch_answer(url, args.timeout, outputs)
+        answer = fetch_answer(url, args.timeout, outputs, token)
         if answer is None:
             return EXIT_UNDECIDED
         code = report(answer, outputs)

@@ -26,7 +26,7 @@ def apply_rulesets(paths: LabPaths, state: LabState, rulesets: Mapping[str, str]
         record = state.pod(key)
         if record is None or record.host_network:
             continue
-        (paths.nft_dir / (key.replace("/", ".") + ".nft")).write_text(text)
+        Path(system.under(paths.nft_dir, key.replace("/", ".") + ".nft")).write_text(text)
         # A pod that never had a table gets a plain add: deleting a table in a transaction costs
         # an RCU grace period in the kernel, which `up` would pay once per pod.
         items.append((record.netns, text if key not in state.applied else transaction(text)))

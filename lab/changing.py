@@ -17,11 +17,12 @@ import logging
 import shutil
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from flowproof.errors import InputError
 from lab import network, system
+from lab.applying import apply_rulesets
 from lab.cluster import (
     Manifests,
     Placement,
@@ -31,7 +32,8 @@ from lab.cluster import (
     pod_manifest,
 )
 from lab.config import AddressPlan, LabSettings
-from lab.enforcing import enforce, load_cluster_policies, load_policies
+from lab.enforcement import compile_rulesets, digest
+from lab.enforcing import enforce, enforcement_input, load_cluster_policies, load_policies
 from lab.errors import LabError, LabExistsError
 from lab.loop import LoopSettings
 from lab.merging import (
@@ -46,7 +48,14 @@ from lab.merging import (
     with_probe_pods,
     without,
 )
-from lab.pods import create_pods, remove_pods, start_servers, stop_stale_servers, write_dns
+from lab.pods import (
+    create_pods,
+    dns_text,
+    remove_pods,
+    start_servers,
+    stop_stale_servers,
+    write_dns,
+)
 from lab.processes import spawn, start_loop
 from lab.report import ChangeReport
 from lab.state import LabPaths, LabState, PodRecord, RouteRecord, write_atomically
@@ -149,8 +158,9 @@ def _planned(
     state.namespaces = desired.namespaces
     state.policies = list(desired.policies.values())
     state.expectations = list(desired.expectations.values())
-    load_policies(state)  # the stored form must read back
-    load_cluster_policies(state)
+    candidate = _copy(state)
+    candidate.pods = [dataclasses.replace(r) for r in records]
+    _check_renders(candidate)  # bad input builds nothing
 
     plan = AddressPlan(settings)
     # Start from a metric of the lab's own (from its name), so labs brought up at the same
@@ -171,7 +181,9 @@ def _build_network(state: LabState) -> None:
     # The blackholes come first: from here on no lab address can leave the host. (All of them
     # carry the one metric `_planned` chose.)
     system.add_blackholes([r.dst for r in state.routes], state.routes[0].metric)
-    system.run_many([system.ip_batch([f"netns add {n}" for n in state.netns])])
+    system.run_many(
+        [system.ip_batch([f"netns add {system.check_netns_name(n)}" for n in state.netns])]
+    )
     system.run_many([system.ip_batch(network.fabric_commands(settings), names.fabric_netns)])
     system.run_many(
         [
@@ -208,9 +220,25 @@ def _build(
 # --- changes to a lab that is up -----------------------------------------------------------------
 
 
-def reconcile(paths: LabPaths, state: LabState, desired: Desired) -> ChangeReport:
-    """Make the lab match `desired`: everything is checked before the first change."""
-    started = time.monotonic()
+@dataclasses.dataclass
+class _Change:
+    """A change worked out in full before anything is touched (see `_prepare`)."""
+
+    candidate: LabState  # the state the lab will have once the change is done
+    remove: list[PodRecord]
+    keep: dict[str, PodRecord]
+    new_records: list[PodRecord]
+    policy_changes: list[str]
+
+
+def _copy(state: LabState) -> LabState:
+    return LabState.from_json(state.to_json())
+
+
+def _prepare(state: LabState, desired: Desired) -> _Change:
+    """Validate and render the whole change on a copy of the state: placement, the policies read
+    back, the kernel rules compiled, state.json, the cluster file and the DNS zone rendered. Any
+    problem is raised here, before the first change (bad input changes nothing)."""
     current = {r.key: r for r in state.pods}
     remove = [
         r for k, r in current.items() if k not in desired.pods or needs_new_pod(r, desired.pods[k])
@@ -222,31 +250,123 @@ def reconcile(paths: LabPaths, state: LabState, desired: Desired) -> ChangeRepor
     for spec in new_specs:
         placement.check_fixed(spec)
     new_records = [placement.place(spec) for spec in new_specs]
-    candidate = dataclasses.replace(state, policies=list(desired.policies.values()))
+
+    candidate = _copy(state)
+    candidate.pods = [r for r in candidate.pods if r.key not in removed]
+    _update_kept({r.key: r for r in candidate.pods}, desired)
+    candidate.pods += [dataclasses.replace(r) for r in new_records]
+    candidate.namespaces = desired.namespaces
+    candidate.policies = list(desired.policies.values())
+    candidate.expectations = list(desired.expectations.values())
+    candidate.next_index = placement.next_index
+    _check_renders(candidate)
+    return _Change(
+        candidate=candidate,
+        remove=remove,
+        keep=keep,
+        new_records=new_records,
+        policy_changes=_policy_changes(state.policies, desired.policies),
+    )
+
+
+def _check_renders(candidate: LabState) -> None:
+    """Everything a change writes, rendered once for `candidate` and thrown away: the policies
+    read back, the kernel rules, state.json, the cluster file and the DNS zone."""
     load_policies(candidate)  # the stored form must read back before anything changes
     load_cluster_policies(candidate)
+    compile_rulesets(enforcement_input(candidate))
+    try:
+        candidate.to_json()
+        cluster_text(candidate, "")
+        dns_text(candidate)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"the change cannot be stored: {exc}") from exc
 
-    report = ChangeReport(policies=_policy_changes(state.policies, desired.policies))
-    report.updated = _update_kept(keep, desired)
-    state.namespaces = desired.namespaces
-    state.policies = list(desired.policies.values())
-    state.expectations = list(desired.expectations.values())
-    state.next_index = placement.next_index
-    if remove or new_records:
-        paths.save(state)  # record before removing or creating anything
 
-    remove_pods(paths, state, remove)
-    create_pods(paths, state, new_records)
-    enforce(paths, state, report)
-    write_dns(paths, state)
-    restart = stop_stale_servers(paths, keep.values())
-    start_servers(paths, state, [*new_records, *restart])
-    write_cluster(paths, state)  # a pod is listed once its process runs (as kubelet reports)
-    report.created = [f"{r.key} ({r.ip} on node-{r.node})" for r in new_records]
-    report.deleted = sorted(removed - {r.key for r in new_records})
-    report.restarted = sorted(r.key for r in restart)
+def reconcile(paths: LabPaths, state: LabState, desired: Desired) -> ChangeReport:
+    """Make the lab match `desired`: everything is checked and rendered before the first change,
+    then pods, kernel rules, servers, state and cluster file change; when a step fails, the
+    kernel, the state and the cluster file are rolled back to the policies of before (the pods
+    that now exist stay recorded), so the three never disagree."""
+    started = time.monotonic()
+    change = _prepare(state, desired)
+    before = _copy(state)
+    try:
+        report = _commit(paths, state, desired, change)
+    except BaseException as exc:
+        log.error("lab %s: the change failed (%s); rolling back", paths.name, exc)
+        _roll_back(paths, state, before)
+        raise
     report.seconds = time.monotonic() - started
     return report
+
+
+def _commit(paths: LabPaths, state: LabState, desired: Desired, change: _Change) -> ChangeReport:
+    report = ChangeReport(policies=change.policy_changes)
+    report.updated = _update_kept(change.keep, desired)
+    state.namespaces = change.candidate.namespaces
+    state.policies = change.candidate.policies
+    state.expectations = change.candidate.expectations
+    state.next_index = change.candidate.next_index
+    paths.save(state)  # record before removing or creating anything
+
+    remove_pods(paths, state, change.remove)
+    create_pods(paths, state, change.new_records)
+    enforce(paths, state, report)
+    write_dns(paths, state)
+    restart = stop_stale_servers(paths, change.keep.values())
+    start_servers(paths, state, [*change.new_records, *restart])
+    write_cluster(paths, state)  # a pod is listed once its process runs (as kubelet reports)
+    paths.save(state)
+    removed = {r.key for r in change.remove}
+    report.created = [f"{r.key} ({r.ip} on node-{r.node})" for r in change.new_records]
+    report.deleted = sorted(removed - {r.key for r in change.new_records})
+    report.restarted = sorted(r.key for r in restart)
+    return report
+
+
+def _roll_back(paths: LabPaths, state: LabState, before: LabState) -> None:
+    """Put the policies, namespaces, expectations and labels of `before` back, on the pods that
+    exist now, into the kernel (every pod's table replaced), state.json and the cluster file.
+    Best effort: a step that fails again is logged and the others still run."""
+    restored = _copy(before)
+    old = {r.key: r for r in before.pods}
+    pods = _copy(state).pods
+    for record in pods:
+        previous = old.get(record.key)
+        if previous is not None:
+            record.labels = dict(previous.labels)
+            record.ports = list(previous.ports)
+            record.workload = previous.workload
+            record.managed = previous.managed
+    restored.pods = pods
+    for name in ("netns", "cgroups", "processes", "next_index", "applier", "loop", "routes"):
+        setattr(restored, name, getattr(state, name))
+    restored.generation = state.generation + 1
+    rulesets = compile_rulesets(enforcement_input(restored))
+    restored.desired = {k: digest(t) for k, t in rulesets.items()}
+    # Unknown until re-applied: every table is replaced in one transaction (never merged into).
+    restored.applied = dict.fromkeys(rulesets, "")
+    restored.pending = list(before.pending)
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("kernel rules", lambda: apply_rulesets(paths, restored, rulesets)),
+        ("DNS zone", lambda: write_dns(paths, restored)),
+        ("cluster file", lambda: write_cluster(paths, restored)),
+    ]
+    for what, step in steps:
+        try:
+            step()
+        except Exception as exc:
+            log.error("lab %s: rolling back the %s failed: %s", paths.name, what, exc)
+    restored.enforced_generation = restored.generation
+    for f in dataclasses.fields(LabState):
+        setattr(state, f.name, getattr(restored, f.name))
+    try:
+        paths.save(state)
+    except Exception as exc:
+        log.error(
+            "lab %s: saving the rolled-back state failed: %s; run `lab down`", paths.name, exc
+        )
 
 
 def _policy_changes(
@@ -326,11 +446,11 @@ def reconcile_probe_pods(
     return reconcile(paths, state, with_probe_pods(state, wanted))
 
 
-def write_cluster(paths: LabPaths, state: LabState) -> None:
-    """Rewrite the manifests the collector reads, atomically."""
+def cluster_text(state: LabState, name: str) -> str:
+    """The manifests the collector reads for a lab in `state` (one JSON document per line)."""
     plan = AddressPlan(state.settings)
     docs: list[dict[str, Any]] = [
-        namespace_manifest(name, labels) for name, labels in sorted(state.namespaces.items())
+        namespace_manifest(ns, labels) for ns, labels in sorted(state.namespaces.items())
     ]
     docs += [
         pod_manifest(r, plan.gateway(r.node))
@@ -340,8 +460,12 @@ def write_cluster(paths: LabPaths, state: LabState) -> None:
     docs += sorted(state.expectations, key=expectations_key)
     # One JSON document per line (JSON is YAML): many times faster to write than block YAML.
     text = (
-        f"# The cluster of flowproof lab {paths.name!r}, rewritten by the lab on every change\n"
+        f"# The cluster of flowproof lab {name!r}, rewritten by the lab on every change\n"
         f"# (generation {state.generation}). Read it with the manifest inventory; never edit.\n"
     )
-    text += "".join(f"---\n{json.dumps(doc)}\n" for doc in docs)
-    write_atomically(paths.cluster_file, text)
+    return text + "".join(f"---\n{json.dumps(doc)}\n" for doc in docs)
+
+
+def write_cluster(paths: LabPaths, state: LabState) -> None:
+    """Rewrite the manifests the collector reads, atomically."""
+    write_atomically(paths.cluster_file, cluster_text(state, paths.name))

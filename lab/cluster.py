@@ -7,6 +7,7 @@ the collector reads. Pure: no I/O, no system calls; bad input is an InputError a
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import re
 import secrets
@@ -32,9 +33,10 @@ from collector.core.model import (
     Rule,
 )
 from collector.core.probepods import PROBE_POD_LABEL
+from collector.reading.fields import Where
 from collector.reading.objects import synthetic_uid
-from flowproof.errors import InputError
-from lab.config import AddressPlan, LabSettings, Names
+from flowproof.errors import InputError, shown
+from lab.config import UID_PATTERN, AddressPlan, LabSettings, Names
 from lab.state import PodRecord
 
 DNS_NAMESPACE = "kube-system"
@@ -69,6 +71,8 @@ class Manifests:
     expectations: tuple[Mapping[str, Any], ...] = ()
     cluster_policies: tuple[ClusterNetworkPolicy, ...] = ()
     warnings: tuple[str, ...] = ()
+    sources: Mapping[str, Where] = field(default_factory=dict)
+    """Where each pod or workload was read (by the key of its model pod), for problems."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,13 @@ class PodSpec:
     uid: str | None = None  # metadata.uid given (not the inventory's synthetic one)
     node: int | None = None  # spec.nodeName given, or the DaemonSet's node
     managed: bool = False
+    where: Where | None = field(default=None, compare=False)  # the manifest, for problems
+
+    def error(self, path: tuple[str, ...], reason: str) -> InputError:
+        """A problem with the field at `path` of this pod's manifest (file and line if read)."""
+        if self.where is not None:
+            return self.where.error(path, reason)
+        return InputError(reason, field=f"{self.key} {'.'.join(path)}")
 
     @property
     def key(self) -> str:
@@ -103,18 +114,32 @@ def workload_name(workload: str) -> str:
     return workload.split("/", 1)[1] if "/" in workload else workload
 
 
-def parse_node_name(text: str, settings: LabSettings, where: str) -> int:
+def parse_node_name(text: str, settings: LabSettings, where: Where | None, key: str = "") -> int:
     match = _NODE_NAME.fullmatch(text)
     if match is None or not 1 <= int(match.group(1)) <= settings.nodes:
-        raise InputError(
-            f"{text!r} is not a node of this lab (node-1 … node-{settings.nodes})",
-            file=where or None,
-            field="spec.nodeName",
-        )
+        reason = f"{shown(text)} is not a node of this lab (node-1 … node-{settings.nodes})"
+        if where is not None:
+            raise where.error(("spec", "nodeName"), reason)
+        raise InputError(reason, field=f"{key} spec.nodeName")
     return int(match.group(1))
 
 
-def concrete_pods(pods: Sequence[Pod], settings: LabSettings) -> list[PodSpec]:
+def check_uid(uid: str, where: Where | None, key: str) -> str:
+    """`uid` if it is one the API server could have issued; else InputError naming the field."""
+    if UID_PATTERN.fullmatch(uid):
+        return uid
+    reason = (
+        f"{shown(uid)} is not a uid as the API server issues it (a lowercase UUID such as "
+        "0b0b0b0b-0000-4000-8000-000000000000); leave metadata.uid out to get a fresh one"
+    )
+    if where is not None:
+        raise where.error(("metadata", "uid"), reason)
+    raise InputError(reason, field=f"{key} metadata.uid")
+
+
+def concrete_pods(
+    pods: Sequence[Pod], settings: LabSettings, sources: Mapping[str, Where] | None = None
+) -> list[PodSpec]:
     """The pods to run: pods as given, workload templates expanded to `<name>-<i>`.
 
     A DaemonSet gets one pod per node (`<name>-<node>`, pinned to that node); other workloads get
@@ -122,9 +147,12 @@ def concrete_pods(pods: Sequence[Pod], settings: LabSettings) -> list[PodSpec]:
     """
     specs: list[PodSpec] = []
     for pod in pods:
+        where = (sources or {}).get(pod.key)
         uid = pod.uid if pod.uid and pod.uid != synthetic_uid(pod.namespace, pod.name) else None
+        if uid is not None:
+            check_uid(uid, where, pod.key)
         if pod.workload is None:
-            node = parse_node_name(pod.node, settings, pod.key) if pod.node else None
+            node = parse_node_name(pod.node, settings, where, pod.key) if pod.node else None
             ip = pod.ips[0] if pod.ips else None
             specs.append(
                 PodSpec(
@@ -136,6 +164,7 @@ def concrete_pods(pods: Sequence[Pod], settings: LabSettings) -> list[PodSpec]:
                     ip=ip,
                     uid=uid,
                     node=node,
+                    where=where,
                 )
             )
             continue
@@ -156,14 +185,16 @@ def concrete_pods(pods: Sequence[Pod], settings: LabSettings) -> list[PodSpec]:
                     workload=pod.workload,
                     host_network=pod.host_network,
                     node=node,
+                    where=where,
                 )
             )
     seen: dict[str, PodSpec] = {}
     for spec in specs:
         if spec.key in seen:
-            raise InputError(
+            raise spec.error(
+                ("metadata", "name"),
                 f"two pods would be named {spec.key} "
-                f"({seen[spec.key].workload or 'Pod'} and {spec.workload or 'Pod'}); rename one"
+                f"({seen[spec.key].workload or 'Pod'} and {spec.workload or 'Pod'}); rename one",
             )
         seen[spec.key] = spec
     return specs
@@ -207,28 +238,24 @@ class Placement:
         try:
             address = ipaddress.ip_address(spec.ip)
         except ValueError as exc:
-            raise InputError(
-                f"{spec.ip!r} is not an IP address", field=f"{spec.key} status.podIP"
-            ) from exc
+            raise spec.error(("status", "podIP"), f"{shown(spec.ip)} is not an IP address") from exc
         node = self.plan.node_of(spec.ip)
         if node is None or spec.ip not in self.plan.pod_addresses(node):
-            raise InputError(
+            raise spec.error(
+                ("status", "podIP"),
                 f"{address} is not a pod address of any node of this lab (node N has "
                 f"{self.plan.node_subnet(1)} … {self.plan.node_subnet(self.settings.nodes)}, "
                 "from .2)",
-                field=f"{spec.key} status.podIP",
             )
         if spec.node is not None and spec.node != node:
-            raise InputError(
+            raise spec.error(
+                ("spec", "nodeName"),
                 f"status.podIP {spec.ip} is on {Names.node_name(node)}, but spec.nodeName says "
                 f"{Names.node_name(spec.node)}",
-                field=f"{spec.key} spec.nodeName",
             )
         owner = self.used.get(spec.ip)
         if owner is not None and owner != spec.key:
-            raise InputError(
-                f"{spec.ip} is already the address of {owner}", field=f"{spec.key} status.podIP"
-            )
+            raise spec.error(("status", "podIP"), f"{spec.ip} is already the address of {owner}")
         self.used[spec.ip] = spec.key
 
     def place(self, spec: PodSpec) -> PodRecord:
@@ -244,8 +271,9 @@ class Placement:
             else:
                 free = [a for a in self.plan.pod_addresses(node) if a not in self.used]
                 if not free:
-                    raise InputError(
-                        f"{Names.node_name(node)} has no pod address left for {spec.key}"
+                    raise spec.error(
+                        ("spec", "nodeName"),
+                        f"{Names.node_name(node)} has no pod address left for {spec.key}",
                     )
                 ip = free[0]
         self._take(ip, spec.key, node, spec.host_network)
@@ -529,6 +557,44 @@ def cluster_policy_manifest(policy: ClusterNetworkPolicy) -> dict[str, Any]:
         "metadata": {"name": policy.name},
         "spec": spec,
     }
+
+
+def json_ready(doc: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """`doc` as the API server would store it (JSON): a YAML date or timestamp becomes its text,
+    as kubectl sends it; any other value JSON cannot hold is an InputError naming the field.
+
+    The lab stores documents in state.json and the cluster file: one that cannot be written
+    there must be refused before anything changes, never found out half way through a change.
+    """
+
+    def convert(value: Any, path: str) -> Any:
+        if value is None or isinstance(value, str | bool | int):
+            return value
+        if isinstance(value, float):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise InputError(f"{value} is not a number JSON can hold", file=what, field=path)
+            return value
+        if isinstance(value, datetime.datetime | datetime.date):
+            return value.isoformat()
+        if isinstance(value, Mapping):
+            out: dict[str, Any] = {}
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise InputError(
+                        f"keys must be strings, not {type(key).__name__}", file=what, field=path
+                    )
+                out[key] = convert(item, f"{path}.{key}" if path else key)
+            return out
+        if isinstance(value, list | tuple):
+            return [convert(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        raise InputError(
+            f"a {type(value).__name__} cannot be stored (only what JSON holds)",
+            file=what,
+            field=path or None,
+        )
+
+    converted: dict[str, Any] = convert(doc, "")
+    return converted
 
 
 def expectations_key(doc: Mapping[str, Any]) -> str:

@@ -25,6 +25,10 @@ DEFAULT_NAME = "fp"
 DEFAULT_STATE_DIR = Path("/var/lib/flowproof/lab")
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9]{0,7}")
 MAX_NODES = 32
+UID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+"""A pod uid as the API server issues it (an RFC 4122 UUID, lowercase): the lab builds cgroup
+paths from it, so nothing else may pass."""
+_CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
 NFT_TABLE = "flowproof"  # `table inet flowproof` inside each pod namespace (never in the host's)
 POD_INTERFACE = "eth0"
 
@@ -115,13 +119,13 @@ class LabSettings:
             )
         if plan.fabric_network.num_addresses < 4 * (self.nodes + 1):
             raise InputError(f"{self.fabric_cidr} is too small", field="--fabric-cidr")
-        if ipaddress.ip_address(self.dns_service_ip) not in plan.service_network:
+        if parse_address(self.dns_service_ip, "--dns-ip") not in plan.service_network:
             raise InputError(
                 f"{self.dns_service_ip} is not in the service range {self.service_cidr}",
                 field="--dns-ip",
             )
         for ip in self.outside_ips:
-            if ipaddress.ip_address(ip) not in plan.outside_network:
+            if parse_address(ip, "--outside-ip") not in plan.outside_network:
                 raise InputError(f"{ip} is not in {self.outside_cidr}", field="--outside-cidr")
         networks = [
             ("--pod-cidr", plan.pod_network),
@@ -130,6 +134,13 @@ class LabSettings:
             ("--outside-cidr", plan.outside_network),
         ]
         for i, (flag, net) in enumerate(networks):
+            for special, what in _NEVER:
+                if net.overlaps(special):
+                    raise InputError(
+                        f"{net} overlaps {special}, the {what} range: the lab never uses it "
+                        "(its addresses mean something else on every host)",
+                        field=flag,
+                    )
             if not net.is_private and not _is_documentation(net):
                 raise InputError(
                     f"{net} is neither a private nor a documentation range; the lab only uses "
@@ -158,6 +169,18 @@ class LabSettings:
         return AddressPlan(self)
 
 
+_NEVER: tuple[tuple[ipaddress.IPv4Network, str], ...] = tuple(
+    (ipaddress.IPv4Network(cidr), what)
+    for cidr, what in (
+        ("0.0.0.0/8", "'this network'"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local (and cloud metadata)"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved and broadcast"),
+    )
+)
+"""Ranges no lab range may touch, though Python calls some of them private."""
+
 _DOCUMENTATION = tuple(
     ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
 )
@@ -183,14 +206,17 @@ def host_networks() -> list[tuple[ipaddress.IPv4Network, str]]:
         routes = []
     for route in routes:
         dst = route.get("dst", "")
-        if route.get("type") in ("blackhole", "local", "broadcast") or dst in ("default", ""):
+        if route.get("type") in ("blackhole", "broadcast") or dst in ("default", ""):
             continue
         try:
             net = ipaddress.ip_network(dst if "/" in dst else f"{dst}/32", strict=False)
         except ValueError:
             continue
         if isinstance(net, ipaddress.IPv4Network) and not net.is_loopback:
-            found.append((net, f"route via {route.get('dev', '?')}"))
+            if route.get("type") == "local":
+                found.append((net, f"its own address on {route.get('dev', '?')}"))
+            else:
+                found.append((net, f"route via {route.get('dev', '?')}"))
     try:
         with open("/etc/resolv.conf", encoding="utf-8") as fh:
             for line in fh:
@@ -210,6 +236,13 @@ def _is_documentation(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> boo
         net.version == doc.version and net.subnet_of(doc)  # type: ignore[arg-type]
         for doc in _DOCUMENTATION
     )
+
+
+def parse_address(text: str, flag: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise InputError(f"{text[:80]!r} is not an IP address", field=flag) from exc
 
 
 def parse_network(text: str, flag: str) -> ipaddress.IPv4Network:
@@ -338,6 +371,8 @@ class Names:
 
     def pod_cgroup(self, driver: CgroupDriver, uid: str, container_id: str) -> str:
         """The pod's container cgroup, relative to the hierarchy root, as kubelet names it."""
+        if not UID_PATTERN.fullmatch(uid) or not _CONTAINER_ID.fullmatch(container_id):
+            raise ValueError(f"refusing a cgroup for uid {uid[:80]!r}: not a uid the API issues")
         if driver == "systemd":
             uid_ = uid.replace("-", "_")
             return (

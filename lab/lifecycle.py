@@ -18,7 +18,7 @@ from typing import Any
 
 from collector.core.model import NetworkPolicy
 from collector.reading.manifests import load_documents
-from collector.reading.objects import snapshot_from_documents
+from collector.reading.objects import WORKLOAD_KINDS, snapshot_from_documents
 from lab import changing, mirroring, processes, system, teardown
 from lab.cluster import Manifests
 from lab.config import DEFAULT_NAME, DEFAULT_STATE_DIR, LabSettings, check_name
@@ -226,6 +226,11 @@ def read_manifests(paths: Sequence[str | os.PathLike[str]]) -> Manifests:
     snapshot = snapshot_from_documents(docs)
     declared = frozenset(d.key[2] for d in docs if d.kind == "Namespace")
     expectations = tuple(dict(d.obj) for d in docs if d.kind == "FlowExpectations")
+    sources = {
+        f"{d.key[1]}/{d.key[2]}": d.where
+        for d in docs
+        if d.kind == "Pod" or d.kind in WORKLOAD_KINDS
+    }
     return Manifests(
         namespaces=snapshot.namespaces,
         declared_namespaces=declared,
@@ -234,6 +239,7 @@ def read_manifests(paths: Sequence[str | os.PathLike[str]]) -> Manifests:
         expectations=expectations,
         cluster_policies=snapshot.cluster_policies,
         warnings=snapshot.warnings,
+        sources=sources,
     )
 
 

@@ -1,6 +1,7 @@
 """The lab's loop: one collector and one agent per lab node, run by the lab's supervisor.
 
-Owns the loop's settings, the per-lab random token (0600 in the state directory), the free
+Owns the loop's settings, the per-lab random token (0600 in the state directory; the collector's
+TLS certificate comes from the lab's throwaway CA, lab/certs.py), the free
 loopback ports, the command lines of the collector (`--source manifests` on the lab's cluster
 file, `--probe-pods lab`; with the lab's own API server `--source kubernetes` and probe pods
 through the API) and of the agents (node name = the lab's node name, /proc), and the
@@ -168,6 +169,13 @@ def collector_argv(
         str(record.http_port),
         "--token-file",
         record.token_file,
+        "--tls-cert-file",
+        record.cert_file,
+        "--tls-key-file",
+        record.key_file,
+        # Kept across restarts of the collector: the delivery ledger and the assignment key.
+        "--state-dir",
+        str(state_dir / lab_name / "collector"),
         "--probe-pods",
         "lab",
         "--lab-name",
@@ -249,6 +257,8 @@ def agent_argv(node_name: str, record: LoopRecord, settings: LoopSettings) -> li
         f"{LOOPBACK}:{record.grpc_port}",
         "--token-file",
         record.token_file,
+        "--ca-file",
+        record.ca_file,
         "--proc-root",
         "/proc",
         # Several agents share the host's loopback: their own endpoints stay off in the lab.

@@ -15,7 +15,12 @@ from typing import Any
 from collector.core.model import NAMESPACE_NAME_LABEL
 from collector.core.probepods import PROBE_POD_LABEL, PROBE_POD_PREFIX
 from collector.reading.clusterpolicies import CLUSTER_POLICY_KINDS
-from collector.reading.fields import label_key_problem, label_value_problem
+from collector.reading.fields import (
+    dns_label_problem,
+    dns_subdomain_problem,
+    label_key_problem,
+    label_value_problem,
+)
 from flowproof.errors import InputError
 from lab.cluster import (
     Manifests,
@@ -24,6 +29,7 @@ from lab.cluster import (
     concrete_pods,
     expectations_key,
     is_dns_pod,
+    json_ready,
     managed_dns_spec,
     namespace_labels,
     policy_manifest,
@@ -115,7 +121,7 @@ def ensure_namespaces(desired: Desired) -> None:
 def merged(state: LabState, manifests: Manifests, *, prune: bool) -> Desired:
     """The lab with the manifests applied (`prune`: and nothing else but the probe pods)."""
     previous = current(state)
-    specs = concrete_pods(manifests.pods, state.settings)
+    specs = concrete_pods(manifests.pods, state.settings, manifests.sources)
     if prune:
         desired = Desired(namespaces={}, pods={}, policies={}, expectations={})
         # Probe pods belong to the collector's requests, not to the manifests.
@@ -139,7 +145,8 @@ def merged(state: LabState, manifests: Manifests, *, prune: bool) -> Desired:
     for cluster_policy in manifests.cluster_policies:
         desired.policies[cluster_policy.key] = cluster_policy_manifest(cluster_policy)
     for doc in manifests.expectations:
-        desired.expectations[expectations_key(doc)] = dict(doc)
+        key = expectations_key(doc)
+        desired.expectations[key] = json_ready(doc, f"flowexpectations {key}")
     ensure_namespaces(desired)
     return desired
 
@@ -276,6 +283,12 @@ def probe_pod_requests(requests: Sequence[Any]) -> dict[str, Any]:
     for key, request in wanted.items():
         if not is_lab_probe_pod(request.name, dict(request.labels)):
             raise InputError(f"{key} is not a probe pod request", field="probe pods")
+        problems = [dns_label_problem(request.namespace), dns_subdomain_problem(request.name)]
+        for label, value in dict(request.labels).items():
+            problems += [label_key_problem(label), label_value_problem(value)]
+        problem = next((p for p in problems if p is not None), None)
+        if problem is not None:
+            raise InputError(problem, field=f"probe pod {key[:120]}")
     return wanted
 
 

@@ -48,7 +48,7 @@ def _spec_digest(spec: ServerSpec) -> str:
 
 
 def _log_file(paths: LabPaths, key: str) -> str:
-    return str(paths.log_dir / (key.replace("/", ".") + ".log"))
+    return system.under(paths.log_dir, key.replace("/", ".") + ".log")
 
 
 def create_pods(paths: LabPaths, state: LabState, records: Sequence[PodRecord]) -> None:
@@ -63,7 +63,9 @@ def create_pods(paths: LabPaths, state: LabState, records: Sequence[PodRecord]) 
         state.cgroups = [names.cgroup_top(settings.cgroup_driver)]
     paths.save(state)
     if own:
-        system.run_many([system.ip_batch([f"netns add {r.netns}" for r in own])])
+        system.run_many(
+            [system.ip_batch([f"netns add {system.check_netns_name(r.netns)}" for r in own])]
+        )
         by_node: dict[int, list[str]] = {}
         for record in own:
             by_node.setdefault(record.node, []).extend(network.pod_link_commands(settings, record))
@@ -163,8 +165,11 @@ def stop_stale_servers(paths: LabPaths, records: Iterable[PodRecord]) -> list[Po
     return stale
 
 
+def dns_text(state: LabState) -> str:
+    """The cluster DNS zone the DNS pods serve, as written to dns.json."""
+    return json.dumps(dns_records(state.pods, state.settings), sort_keys=True)
+
+
 def write_dns(paths: LabPaths, state: LabState) -> None:
     """Rewrite the cluster DNS zone (before new servers start: a DNS pod reads it)."""
-    write_atomically(
-        paths.dns_records, json.dumps(dns_records(state.pods, state.settings), sort_keys=True)
-    )
+    write_atomically(paths.dns_records, dns_text(state))

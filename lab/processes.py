@@ -21,6 +21,7 @@ from typing import Any
 from flowproof.errors import InputError
 from lab import loop as looping
 from lab import system
+from lab.certs import write_lab_certificates
 from lab.config import Names
 from lab.errors import LabError
 from lab.loop import LoopSettings
@@ -228,12 +229,16 @@ def loop_targets(state: LabState, component: str) -> list[str]:
 def start_loop(paths: LabPaths, state: LabState, settings: LoopSettings) -> None:
     """First start of the loop (`up`): token, ports, collector, then the agents."""
     looping.write_token(paths.token_file)
+    tls = write_lab_certificates(paths.tls_dir, [looping.LOOPBACK])
     http_port, grpc_port = looping.free_ports(2)
     state.loop = LoopRecord(
         http_port=http_port,
         grpc_port=grpc_port,
         token_file=str(paths.token_file),
         settings=settings.to_dict(),
+        ca_file=str(tls.ca),
+        cert_file=str(tls.certificate),
+        key_file=str(tls.key),
     )
     paths.save(state)
     start_roles(paths, state, loop_targets(state, "all"))

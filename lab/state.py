@@ -156,6 +156,9 @@ class LoopRecord:
     grpc_port: int
     token_file: str
     settings: dict[str, Any] = field(default_factory=dict)
+    ca_file: str = ""  # the lab's throwaway CA (lab/certs.py): agents trust only it
+    cert_file: str = ""  # the collector's certificate and key, issued by that CA
+    key_file: str = ""
 
     @property
     def url(self) -> str:
@@ -329,6 +332,11 @@ class LabPaths:
         """The loop's shared token (mode 0600): agents and the collector read it from here."""
         return self.root / "token"
 
+    @property
+    def tls_dir(self) -> Path:
+        """The loop's CA certificate and the collector's certificate and key."""
+        return self.root / "tls"
+
     def exists(self) -> bool:
         return self.state_file.exists()
 
@@ -357,6 +365,15 @@ class LabPaths:
             yield
         finally:
             os.close(fd)
+
+
+def collector_token_file(name: str, state_dir: str | os.PathLike[str]) -> str | None:
+    """The token file of a lab's loop (its collector's token), or None without one. Reads only."""
+    try:
+        state = LabPaths(Path(state_dir), name).load()
+    except (LabError, ValueError, OSError):
+        return None
+    return state.loop.token_file if state.loop is not None else None
 
 
 def collector_url(name: str, state_dir: str | os.PathLike[str]) -> str | None:

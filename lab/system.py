@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,8 +56,31 @@ def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
+_NETNS_NAME = re.compile(r"[A-Za-z0-9][-A-Za-z0-9_.]{0,254}")
+
+
+def check_netns_name(name: str) -> str:
+    """`name` if it can only name a file directly in /run/netns (no '/', not '.' or '..')."""
+    if not _NETNS_NAME.fullmatch(name) or name in (".", ".."):
+        raise LabError(f"refusing network namespace name {name[:80]!r}: not a plain name")
+    return name
+
+
 def netns_path(name: str) -> str:
-    return str(NETNS_DIR / name)
+    return str(NETNS_DIR / check_netns_name(name))
+
+
+def under(root: str | os.PathLike[str], relative: str, *, root_itself: bool = False) -> str:
+    """`root/relative`, asserting it stays under `root` (no absolute part, no `..` out of it):
+    every path the lab builds from a name goes through here before it is created or removed.
+    The root itself (`relative` empty) only with `root_itself`."""
+    base = os.path.normpath(os.fspath(root))
+    joined = os.path.normpath(os.path.join(base, relative))
+    if os.path.isabs(relative) or os.path.commonpath([base, joined]) != base:
+        raise LabError(f"refusing path {relative[:120]!r}: it is not inside {base}")
+    if joined == base and not root_itself:
+        raise LabError(f"refusing path {relative[:120]!r}: it is not inside {base}")
+    return joined
 
 
 def require_root() -> None:
@@ -127,7 +151,7 @@ def ip_batch(commands: Sequence[str], netns: str | None = None, *, force: bool =
     return Job(tuple(argv), "\n".join(commands) + "\n")
 
 
-def nft_job(netns: str, text: str) -> Job:
+def nft_job(netns: str, text: str) -> Job:  # netns_path checks the name
     """A job applying `text` with `nft -f` inside `netns`: one atomic transaction."""
     return Job(("nsenter", f"--net={netns_path(netns)}", "nft", "-f", "-"), text)
 
@@ -157,7 +181,7 @@ def list_netns() -> list[str]:
 def delete_netns(names: Iterable[str]) -> list[str]:
     """Delete the namespaces that exist; the names that could not be deleted."""
     present = set(list_netns())
-    targets = [n for n in names if n in present]
+    targets = [check_netns_name(n) for n in names if n in present]
     if targets:
         run(
             ["ip", "-force", "-batch", "-"],
@@ -232,19 +256,19 @@ def check_cgroup_root(root: str) -> str:
 
 def make_cgroups(root: str, paths: Iterable[str]) -> None:
     for path in paths:
-        os.makedirs(os.path.join(root, path), exist_ok=True)
+        os.makedirs(under(root, path), exist_ok=True)
 
 
 def join_cgroup(root: str, path: str, pid: int = 0) -> None:
-    """Move `pid` (0: the caller) into the cgroup."""
-    with open(os.path.join(root, path, "cgroup.procs"), "w") as handle:
+    """Move `pid` (0: the caller) into the cgroup ("" is the hierarchy's root)."""
+    with open(os.path.join(under(root, path, root_itself=True), "cgroup.procs"), "w") as handle:
         handle.write(f"{pid}\n")
 
 
 def cgroup_pids(root: str, top: str) -> list[int]:
     """Every pid in the cgroup `top` and below."""
     pids: list[int] = []
-    base = os.path.join(root, top)
+    base = under(root, top)
     for dirpath, _, filenames in os.walk(base):
         if "cgroup.procs" in filenames:
             try:
@@ -257,7 +281,7 @@ def cgroup_pids(root: str, top: str) -> list[int]:
 
 def kill_cgroup(root: str, top: str) -> None:
     """SIGKILL every process in the subtree (cgroup.kill where the kernel has it)."""
-    base = os.path.join(root, top)
+    base = under(root, top)
     if not os.path.isdir(base):
         return
     kill_file = os.path.join(base, "cgroup.kill")
@@ -273,7 +297,7 @@ def kill_cgroup(root: str, top: str) -> None:
 
 def remove_cgroup_tree(root: str, top: str, timeout: float = 5.0) -> list[str]:
     """rmdir the subtree bottom-up once its processes are gone; the paths left behind."""
-    base = os.path.join(root, top)
+    base = under(root, top)
     if not os.path.isdir(base):
         return []
     deadline = time.monotonic() + timeout

@@ -1,8 +1,11 @@
 """YAML and JSON documents with line marks: the one reader for files and ConfigMaps alike.
 
 Owns the safe loader that reports duplicate keys (kubectl rejects them, PyYAML hides them), line
-lookup for any field path, and the split of a text into Documents (multi-document YAML, `List`
-items). Kinds and fields are not checked here: see collector.reading.objects.
+lookup for any field path, the bounds every input is held to (its size, its number of documents,
+the nesting and alias expansion of each document: `check_size`, `check_document_count`,
+`check_node`, called before a document is constructed) and the split of a text into Documents
+(multi-document YAML, `List` items). Kinds and fields are not checked here: see
+collector.reading.objects.
 """
 
 from __future__ import annotations
@@ -23,6 +26,94 @@ except ImportError:  # PyYAML built without libyaml: correct, several times slow
 
 
 _CLUSTER_SCOPED: Final = frozenset({"Namespace"})
+
+MAX_DOCUMENT_BYTES = 32 * 1024 * 1024
+"""The largest text read as one input (a file, a ConfigMap value): 32 MiB, about 80,000 pods."""
+MAX_DOCUMENTS = 100_000
+"""The most documents one input may hold."""
+MAX_DEPTH = 200
+"""The deepest nesting of mappings and lists in a document (Kubernetes objects stay below 30)."""
+ALIAS_EXPANSION_SLACK = 10_000
+"""Aliases may add at most this many nodes beyond the document's own (merge keys and shared
+label sets need a few); an alias bomb adds millions from a few lines."""
+
+
+# --- bounds, checked at the entry points before anything is constructed ---------------------------
+
+
+def check_size(data: bytes, file: str) -> InputError | None:
+    """A problem when `data` is larger than MAX_DOCUMENT_BYTES."""
+    if len(data) <= MAX_DOCUMENT_BYTES:
+        return None
+    return InputError(
+        f"larger than {MAX_DOCUMENT_BYTES} bytes ({len(data)}): split it into several files",
+        file=file,
+    )
+
+
+def check_document_count(index: int, node: yaml.Node, file: str) -> InputError | None:
+    """A problem when the `index`-th document (from 1) is one more than MAX_DOCUMENTS."""
+    if index <= MAX_DOCUMENTS:
+        return None
+    return InputError(
+        f"more than {MAX_DOCUMENTS} documents: split the input into several files",
+        file=file,
+        line=node.start_mark.line + 1,
+        document=index,
+    )
+
+
+def check_node(node: yaml.Node, file: str, index: int) -> InputError | None:
+    """A problem when a composed document nests deeper than MAX_DEPTH, refers to itself, or
+    whose aliases expand it by more than ALIAS_EXPANSION_SLACK nodes (an alias bomb).
+
+    One pass over the composed graph, where an alias is the anchored node itself: each node's
+    expanded size is counted once (memoised), so a bomb is measured without being expanded.
+    """
+    line = node.start_mark.line + 1
+
+    def problem(reason: str) -> InputError:
+        return InputError(reason, file=file, line=line, document=index)
+
+    expanded: dict[int, int] = {}  # id(node) -> nodes it stands for, aliases expanded
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(node, False)]
+    depth = 0
+    while stack:
+        current, done = stack.pop()
+        key = id(current)
+        children = _children(current)
+        if done:
+            on_path.discard(key)
+            depth -= 1
+            expanded[key] = 1 + sum(expanded[id(c)] for c in children)
+            continue
+        if key in expanded:
+            continue
+        if key in on_path:
+            return problem("an alias refers to a node that contains it (a recursive document)")
+        on_path.add(key)
+        depth += 1
+        if depth > MAX_DEPTH:
+            return problem(f"nested deeper than {MAX_DEPTH} levels")
+        stack.append((current, True))
+        stack.extend((child, False) for child in children if id(child) not in expanded)
+    own = len(expanded)
+    total = expanded[id(node)]
+    if total > own + ALIAS_EXPANSION_SLACK:
+        return problem(
+            f"its aliases expand it to {total} nodes from the {own} written: aliases may add at "
+            f"most {ALIAS_EXPANSION_SLACK} (an alias bomb?); write the values out instead"
+        )
+    return None
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def _node_line(node: yaml.Node, path: FieldPath) -> int:
@@ -187,6 +278,19 @@ class _Loader(_SafeLoader):
             self._find_duplicates(node)
         return mapping
 
+    def construct_bounded_int(self, node: yaml.ScalarNode) -> int:
+        """An integer, or a marked error for one too long to convert (Python's digit limit)."""
+        try:
+            value: int = self.construct_yaml_int(node)
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"an integer of {len(node.value)} characters is too long",
+                node.start_mark,
+            ) from None
+        return value
+
     def _find_duplicates(self, node: yaml.MappingNode) -> None:
         # Keys merged in with `<<` come from an anchor outside this node's span and may be
         # overridden; only keys written inside the node count.
@@ -200,6 +304,9 @@ class _Loader(_SafeLoader):
                 self.duplicates.append((key.value, line, first[key.value]))
             else:
                 first[key.value] = line
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_bounded_int)
 
 
 def _expand(
@@ -259,6 +366,15 @@ def _child(node: yaml.Node, key: str) -> yaml.Node | None:
 
 
 def read_documents(data: bytes, file: str, problems: list[InputError]) -> list[Document]:
+    """The objects of one input (a file's bytes, a ConfigMap value), its problems appended.
+
+    An input past a bound (size, documents, nesting, alias expansion) is refused from that point
+    with one problem; the documents before it are kept (the caller rejects the input anyway).
+    """
+    too_big = check_size(data, file)
+    if too_big is not None:
+        problems.append(too_big)
+        return []
     loader = _Loader(data)
     lines = LineFinder(data)
     documents: list[Document] = []
@@ -269,7 +385,22 @@ def read_documents(data: bytes, file: str, problems: list[InputError]) -> list[D
             if node is None:
                 break
             index += 1
-            obj = loader.construct_fast(node)
+            bound = check_document_count(index, node, file) or check_node(node, file, index)
+            if bound is not None:
+                problems.append(bound)
+                break
+            try:
+                obj = loader.construct_fast(node)
+            except (ValueError, RecursionError) as exc:  # e.g. an integer of 5,000 digits
+                problems.append(
+                    InputError(
+                        f"a value cannot be read: {exc}",
+                        file=file,
+                        line=node.start_mark.line + 1,
+                        document=index,
+                    )
+                )
+                break
             for key, line, first in loader.duplicates:
                 problems.append(
                     InputError(

@@ -26,7 +26,7 @@ from collector.core.model import (
     Protocol,
     Requirement,
 )
-from flowproof.errors import InputError
+from flowproof.errors import InputError, bounded
 
 FieldPath = tuple[str | int, ...]
 """A field inside an object: `("spec", "ingress", 0, "from")` renders as `spec.ingress[0].from`."""
@@ -427,6 +427,14 @@ _REQUIREMENT_FIELDS: Final = ("key", "operator", "values")
 _OPERATORS: Final[tuple[Operator, ...]] = ("In", "NotIn", "Exists", "DoesNotExist")
 
 
+def _quote_hint(item: object) -> str:
+    """` (quote it: '8080')` for a scalar that YAML read as a number, true/false or a date; nothing
+    for a list or mapping (whose text may be anything, and large)."""
+    if isinstance(item, list | tuple | Mapping) or item is None:
+        return ""
+    return f" (quote it: '{bounded(str(item), 60)}')"
+
+
 def read_labels(r: Reader, value: object, path: FieldPath) -> dict[str, str]:
     """A label map (metadata.labels, matchLabels): valid keys to valid string values."""
     labels: dict[str, str] = {}
@@ -444,7 +452,7 @@ def read_labels(r: Reader, value: object, path: FieldPath) -> dict[str, str]:
         if not isinstance(item, str):
             r.problem(
                 here,
-                f"label values must be strings, not {describe_type(item)} (quote it: '{item}')",
+                f"label values must be strings, not {describe_type(item)}{_quote_hint(item)}",
             )
             continue
         problem = label_value_problem(item)
@@ -480,7 +488,7 @@ def read_selector(r: Reader, value: object, path: FieldPath) -> LabelSelector:
             if not isinstance(item, str):
                 r.problem(
                     (*here, "values", j),
-                    f"values must be strings, not {describe_type(item)} (quote it: '{item}')",
+                    f"values must be strings, not {describe_type(item)}{_quote_hint(item)}",
                 )
             elif (problem := label_value_problem(item)) is not None:
                 r.problem((*here, "values", j), problem)

@@ -2,16 +2,20 @@
 
 Owns input discovery (files as given, directories walked in sorted order with hidden entries
 skipped, a kustomization directory rendered by `kubectl kustomize` and never read around, `-` for
-standard input) and `load_snapshot`, which reports every problem of every input at once. Parsing
-is collector.reading.documents'; conversion is collector.reading.objects'.
+standard input), reading an input safely (`read_manifest_file`: regular files only, never more
+than the size bound, a FIFO never waited on; standard input and a rendering bounded the same way)
+and `load_snapshot`, which reports every problem of every input at once. Parsing is
+collector.reading.documents'; conversion is collector.reading.objects'.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, Final
 
 from collector.core.model import Snapshot
+from collector.reading import documents as reading_documents
 from collector.reading.documents import Document, read_documents
 from collector.reading.fields import raise_problems
 from collector.reading.objects import build_snapshot
@@ -40,6 +45,55 @@ KUSTOMIZE_TIMEOUT_SECONDS: Final = 120.0
 
 
 # --- inputs ---------------------------------------------------------------------------------------
+
+MAX_FILE_BYTES = reading_documents.MAX_DOCUMENT_BYTES
+"""The largest manifest file read (the reader's own bound on one input)."""
+
+_FILE_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def read_manifest_file(path: Path, label: str) -> bytes:
+    """The bytes of a manifest file; InputError unless it is a regular file of at most
+    MAX_FILE_BYTES. Opened without blocking (a FIFO never hangs the read) and read no further
+    than the bound (a symlink to /dev/zero is refused before a byte is read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        why = "a symbolic link loop" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
+        raise InputError(f"cannot read: {why}", file=label) from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "special")
+            raise InputError(f"not a regular file but {kind}: only files are read", file=label)
+        limit = MAX_FILE_BYTES
+        if info.st_size > limit:
+            raise InputError(
+                f"larger than {limit} bytes ({info.st_size}): split it into several files",
+                file=label,
+            )
+        os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:  # the file may grow while it is read
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise InputError(f"larger than {limit} bytes: split it into several files", file=label)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", file=label) from exc
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -98,17 +152,30 @@ def render_kustomization(directory: Path, label: str) -> bytes:
     if done.returncode != 0:
         message = done.stderr.decode(errors="replace").strip() or f"exit {done.returncode}"
         raise InputError(f"kubectl kustomize refused it: {message}", file=label)
+    if len(done.stdout) > MAX_FILE_BYTES:
+        raise InputError(
+            f"renders to more than {MAX_FILE_BYTES} bytes: split it into several kustomizations",
+            file=label,
+        )
     return done.stdout
 
 
 def _file_reader(path: Path, label: str) -> Callable[[], bytes]:
-    def read() -> bytes:
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise InputError(f"cannot read: {exc.strerror or exc}", file=label) from exc
+    return functools.partial(read_manifest_file, path, label)
 
-    return read
+
+def _bounded(read: Callable[[int], bytes], label: str) -> Callable[[], bytes]:
+    """A reader of a stream (standard input) that refuses more than MAX_FILE_BYTES."""
+
+    def bounded() -> bytes:
+        data = read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise InputError(
+                f"larger than {MAX_FILE_BYTES} bytes: split it into several inputs", file=label
+            )
+        return data
+
+    return bounded
 
 
 def _inputs(
@@ -124,7 +191,7 @@ def _inputs(
     read_stdin = False
 
     def add(path: Path, item: _Input) -> None:
-        resolved = path.resolve()
+        resolved = Path(os.path.realpath(path))  # never raises, also on a symlink loop
         if resolved not in seen:
             seen.add(resolved)
             inputs.append(item)
@@ -139,7 +206,7 @@ def _inputs(
                 continue
             read_stdin = True
             source = stdin if stdin is not None else sys.stdin.buffer
-            inputs.append(_Input(STDIN_LABEL, source.read))
+            inputs.append(_Input(STDIN_LABEL, _bounded(source.read, STDIN_LABEL)))
             continue
         path = Path(raw)
         if path.is_dir():
@@ -179,7 +246,8 @@ def _inputs(
             for file in sorted(found):
                 shown = os.path.join(label, os.path.relpath(file, path))
                 add(file, _Input(shown, _file_reader(file, shown)))
-        elif path.exists():
+        elif os.path.lexists(path):
+            # Anything but a regular file is refused when it is read.
             add(path, _Input(label, _file_reader(path, label)))
         else:
             problems.append(InputError("no such file or directory", file=label))

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import enum
 import json
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 import yaml
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
+from aiohttp.http_exceptions import HttpProcessingError
 
 from collector.core.evidence import EVIDENCE_STATUSES
 from collector.core.flowstate import FlowState
@@ -50,6 +52,8 @@ from collector.core.views import (
 )
 from collector.web.events import Broadcaster, Event, Subscriber, event_data
 from flowproof import __version__
+from flowproof.errors import bounded
+from flowproof.logs import LogLimiter
 
 WEBUI = Path(__file__).with_name("webui")
 STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css"}
@@ -388,6 +392,30 @@ class _Api:
         return data
 
 
+class MalformedRequests(logging.Filter):
+    """Turns aiohttp's `Error handling request` with a traceback at ERROR, which any client can
+    trigger with a malformed request, into one short WARNING line, rate-limited."""
+
+    def __init__(self, limiter: LogLimiter | None = None) -> None:
+        super().__init__()
+        self.limiter = limiter or LogLimiter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        suffix = self.limiter.admit("malformed HTTP request")
+        if suffix is None:
+            return False
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        reason = " ".join(str(exc.message).split())
+        record.msg = "malformed HTTP request from %s: %s %s%s"
+        record.args = (peer, exc.code, bounded(reason, 160), suffix)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _bad_request(reason: str) -> web.Response:
     return web.json_response({"error": reason}, status=400)
 
@@ -426,7 +454,18 @@ def build_web_app(
     async def close_streams(_: web.Application) -> None:
         broadcaster.close()
 
+    server_log = logging.getLogger("aiohttp.server")
+    malformed = MalformedRequests()
+
+    async def quiet_malformed_requests(_: web.Application) -> None:
+        server_log.addFilter(malformed)
+
+    async def restore_logging(_: web.Application) -> None:
+        server_log.removeFilter(malformed)
+
+    app.on_startup.append(quiet_malformed_requests)
     app.on_shutdown.append(close_streams)
+    app.on_cleanup.append(restore_logging)
     return app
 
 

@@ -1,6 +1,8 @@
 """The verify route: `POST /api/v1/verify` runs every expectation now and answers with the report.
 
-It waits for the inventory, for the probe pods the plan requests and for an agent on every node
+It is the one HTTP route that makes agents send traffic, so it needs `Authorization: Bearer
+<token>` (the collector's verify token, else the agents' token; compared in constant time). It
+waits for the inventory, for the probe pods the plan requests and for an agent on every node
 that sources a flow, probes every declared flow at once, and waits until each has a settled result
 of a probe started after the request (or the timeout). The answer's rows are
 collector.core.views' flow details, its policies every NetworkPolicy's evidence; `flowproof
@@ -13,9 +15,10 @@ read-only counters the lab tests use.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from aiohttp import web
@@ -32,10 +35,28 @@ Progress = Callable[[dict[str, Any]], Awaitable[None]]
 """Told what a verification waits for: {"phase": ..., "decided": n, "total": m, ...}."""
 
 
-def add_verify_routes(app: web.Application, collector: Collector, dispatcher: Dispatcher) -> None:
-    """`POST /api/v1/verify` and `GET /api/v1/debug/loop` on `app`."""
+def authorized(request: web.Request, tokens: Sequence[str]) -> bool:
+    """Whether the request carries `Authorization: Bearer <one of tokens>` (constant time)."""
+    given = request.headers.get("Authorization", "").encode()
+    return any(token and hmac.compare_digest(given, f"Bearer {token}".encode()) for token in tokens)
+
+
+def add_verify_routes(
+    app: web.Application, collector: Collector, dispatcher: Dispatcher, *, tokens: Sequence[str]
+) -> None:
+    """`POST /api/v1/verify` (bearer token) and `GET /api/v1/debug/loop` on `app`."""
+    if not any(tokens):
+        raise ValueError("the verify route needs a token")
 
     async def verify(request: web.Request) -> web.StreamResponse:
+        if not authorized(request, tokens):
+            return web.json_response(
+                {
+                    "error": "POST /api/v1/verify needs Authorization: Bearer <the collector's token>"
+                },
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="flowproof verify"'},
+            )
         try:
             body = await request.json() if request.can_read_body else {}
             timeout = float(body.get("timeout_seconds", 60.0))
@@ -92,6 +113,9 @@ def loop_counters_of(collector: Collector, dispatcher: Dispatcher) -> dict[str, 
         "results_unplanned_total": collector.results_unplanned_total,
         "delivered_total": dispatcher.delivered_total,
         "duplicates_total": dispatcher.duplicates_total,
+        "results_refused": dict(dispatcher.results_refused),
+        "timestamps_adjusted_total": dispatcher.timestamps_adjusted_total,
+        "streams_refused_total": dispatcher.refused_total,
         "pending": dispatcher.pending_count(),
         "in_flight": collector.planner.in_flight,
         "issued_total": stats.issued_total,
@@ -99,6 +123,7 @@ def loop_counters_of(collector: Collector, dispatcher: Dispatcher) -> dict[str, 
         "lost_total": stats.lost_total,
         "rate_limited_total": stats.rate_limited_total,
         "started_at": collector.started_at,
+        "tasks": len(asyncio.all_tasks()),  # the soak bench watches it for leaks
         "agents": [
             {
                 "node": a.node,

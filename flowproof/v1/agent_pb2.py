@@ -26,23 +26,23 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66lowproof/v1/agent.proto\x12\x0c\x66lowproof.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x01\n\x0c\x41gentMessage\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.flowproof.v1.AgentHelloH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.flowproof.v1.HeartbeatH\x00\x12,\n\x07results\x18\x03 \x01(\x0b\x32\x19.flowproof.v1.ResultBatchH\x00\x12?\n\x11responder_reports\x18\x04 \x01(\x0b\x32\".flowproof.v1.ResponderReportBatchH\x00\x42\x06\n\x04\x62ody\"\xb5\x01\n\nAgentHello\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x30\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1a.flowproof.v1.Capabilities\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x1c\n\x14known_assignment_ids\x18\x06 \x03(\t\"\x89\x01\n\x0c\x43\x61pabilities\x12\x16\n\x0esctp_supported\x18\x01 \x01(\x08\x12,\n\x0bprobe_kinds\x18\x02 \x03(\x0e\x32\x17.flowproof.v1.ProbeKind\x12\x1c\n\x14responders_supported\x18\x03 \x01(\x08\x12\x15\n\rmax_in_flight\x18\x04 \x01(\r\"\xbb\x01\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15\x61ssignments_in_flight\x18\x03 \x01(\r\x12\x18\n\x10results_buffered\x18\x04 \x01(\r\x12\x1d\n\x15results_dropped_total\x18\x05 \x01(\x04\x12\x17\n\x0fresponders_open\x18\x06 \x01(\r\"9\n\x0bResultBatch\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.flowproof.v1.ProbeResult\"F\n\x14ResponderReportBatch\x12.\n\x07reports\x18\x01 \x03(\x0b\x32\x1d.flowproof.v1.ResponderReport\"\x97\x02\n\x10\x43ollectorMessage\x12+\n\thello_ack\x18\x01 \x01(\x0b\x32\x16.flowproof.v1.HelloAckH\x00\x12\x34\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x1d.flowproof.v1.AssignmentBatchH\x00\x12\x41\n\x12responder_requests\x18\x03 \x01(\x0b\x32#.flowproof.v1.ResponderRequestBatchH\x00\x12&\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x14.flowproof.v1.CancelH\x00\x12-\n\nresult_ack\x18\x05 \x01(\x0b\x32\x17.flowproof.v1.ResultAckH\x00\x42\x06\n\x04\x62ody\"v\n\x08HelloAck\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x19\n\x11\x63ollector_version\x18\x02 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x0f\x41ssignmentBatch\x12-\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x18.flowproof.v1.Assignment\"I\n\x15ResponderRequestBatch\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.flowproof.v1.ResponderRequest\" \n\x06\x43\x61ncel\x12\x16\n\x0e\x61ssignment_ids\x18\x01 \x03(\t\"\x1f\n\tResultAck\x12\x12\n\nresult_ids\x18\x01 \x03(\t\"6\n\x06PodRef\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\n\n\x08TcpProbe\"\n\n\x08UdpProbe\"\x0b\n\tSctpProbe\"\'\n\tHttpProbe\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\"\x1e\n\x08\x44nsProbe\x12\x12\n\nquery_name\x18\x01 \x01(\t\"E\n\rResponderSpec\x12!\n\x03pod\x18\x01 \x01(\x0b\x32\x14.flowproof.v1.PodRef\x12\x11\n\tnode_name\x18\x02 \x01(\t\"\xcc\x04\n\nAssignment\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x06source\x18\x02 \x01(\x0b\x32\x14.flowproof.v1.PodRef\x12\x13\n\x0bsource_node\x18\x03 \x01(\t\x12-\n\x0bsource_kind\x18\x04 \x01(\x0e\x32\x18.flowproof.v1.SourceKind\x12)\n\x0b\x64\x65stination\x18\x05 \x01(\x0b\x32\x14.flowproof.v1.PodRef\x12\x16\n\x0e\x64\x65stination_ip\x18\x06 \x01(\t\x12\x0c\n\x04port\x18\x07 \x01(\r\x12(\n\x08protocol\x18\x08 \x01(\x0e\x32\x16.flowproof.v1.Protocol\x12*\n\x07timeout\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x03tcp\x18\n \x01(\x0b\x32\x16.flowproof.v1.TcpProbeH\x00\x12%\n\x03udp\x18\x0b \x01(\x0b\x32\x16.flowproof.v1.UdpProbeH\x00\x12\'\n\x04http\x18\x0c \x01(\x0b\x32\x17.flowproof.v1.HttpProbeH\x00\x12%\n\x03\x64ns\x18\r \x01(\x0b\x32\x16.flowproof.v1.DnsProbeH\x00\x12\'\n\x04sctp\x18\x0e \x01(\x0b\x32\x17.flowproof.v1.SctpProbeH\x00\x12.\n\tresponder\x18\x0f \x01(\x0b\x32\x1b.flowproof.v1.ResponderSpec\x12\x0f\n\x07\x61ttempt\x18\x10 \x01(\r\x12\x10\n\x08\x66low_key\x18\x11 \x01(\tB\x07\n\x05probe\"\x83\x02\n\x0bProbeResult\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\nassignment\x18\x02 \x01(\x0b\x32\x18.flowproof.v1.Assignment\x12&\n\x07outcome\x18\x03 \x01(\x0e\x32\x15.flowproof.v1.Outcome\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x13\n\x0bhttp_status\x18\x06 \x01(\r\x12\x11\n\tnode_name\x18\x07 \x01(\t\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xac\x01\n\x10ResponderRequest\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12!\n\x03pod\x18\x02 \x01(\x0b\x32\x14.flowproof.v1.PodRef\x12\x0c\n\x04port\x18\x03 \x01(\r\x12(\n\x08protocol\x18\x04 \x01(\x0e\x32\x16.flowproof.v1.Protocol\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"e\n\x0fResponderReport\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.flowproof.v1.ResponderState\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*[\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x10\n\x0cPROTOCOL_TCP\x10\x01\x12\x10\n\x0cPROTOCOL_UDP\x10\x02\x12\x11\n\rPROTOCOL_SCTP\x10\x03*\x8d\x01\n\tProbeKind\x12\x1a\n\x16PROBE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0ePROBE_KIND_TCP\x10\x01\x12\x12\n\x0ePROBE_KIND_UDP\x10\x02\x12\x13\n\x0fPROBE_KIND_HTTP\x10\x03\x12\x12\n\x0ePROBE_KIND_DNS\x10\x04\x12\x13\n\x0fPROBE_KIND_SCTP\x10\x05*Y\n\nSourceKind\x12\x1b\n\x17SOURCE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fSOURCE_KIND_POD\x10\x01\x12\x19\n\x15SOURCE_KIND_PROBE_POD\x10\x02*\xa8\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_CONNECTED\x10\x01\x12\x13\n\x0fOUTCOME_REFUSED\x10\x02\x12\x13\n\x0fOUTCOME_TIMEOUT\x10\x03\x12\x17\n\x13OUTCOME_UNREACHABLE\x10\x04\x12\x17\n\x13OUTCOME_HTTP_STATUS\x10\x05\x12\x11\n\rOUTCOME_ERROR\x10\x06*\xb0\x01\n\x0eResponderState\x12\x1f\n\x1bRESPONDER_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16RESPONDER_STATE_OPENED\x10\x01\x12$\n RESPONDER_STATE_LISTENER_PRESENT\x10\x02\x12\x1a\n\x16RESPONDER_STATE_FAILED\x10\x03\x12\x1f\n\x1bRESPONDER_STATE_UNAVAILABLE\x10\x04\x32Y\n\x0c\x41gentService\x12I\n\x07\x43onnect\x12\x1a.flowproof.v1.AgentMessage\x1a\x1e.flowproof.v1.CollectorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66lowproof/v1/agent.proto\x12\x0c\x66lowproof.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x01\n\x0c\x41gentMessage\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.flowproof.v1.AgentHelloH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.flowproof.v1.HeartbeatH\x00\x12,\n\x07results\x18\x03 \x01(\x0b\x32\x19.flowproof.v1.ResultBatchH\x00\x12?\n\x11responder_reports\x18\x04 \x01(\x0b\x32\".flowproof.v1.ResponderReportBatchH\x00\x42\x06\n\x04\x62ody\"\xb5\x01\n\nAgentHello\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x30\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1a.flowproof.v1.Capabilities\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x1c\n\x14known_assignment_ids\x18\x06 \x03(\t\"\x89\x01\n\x0c\x43\x61pabilities\x12\x16\n\x0esctp_supported\x18\x01 \x01(\x08\x12,\n\x0bprobe_kinds\x18\x02 \x03(\x0e\x32\x17.flowproof.v1.ProbeKind\x12\x1c\n\x14responders_supported\x18\x03 \x01(\x08\x12\x15\n\rmax_in_flight\x18\x04 \x01(\r\"\xbb\x01\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15\x61ssignments_in_flight\x18\x03 \x01(\r\x12\x18\n\x10results_buffered\x18\x04 \x01(\r\x12\x1d\n\x15results_dropped_total\x18\x05 \x01(\x04\x12\x17\n\x0fresponders_open\x18\x06 \x01(\r\"9\n\x0bResultBatch\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.flowproof.v1.ProbeResult\"F\n\x14ResponderReportBatch\x12.\n\x07reports\x18\x01 \x03(\x0b\x32\x1d.flowproof.v1.ResponderReport\"\xd6\x02\n\x10\x43ollectorMessage\x12+\n\thello_ack\x18\x01 \x01(\x0b\x32\x16.flowproof.v1.HelloAckH\x00\x12\x34\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x1d.flowproof.v1.AssignmentBatchH\x00\x12\x41\n\x12responder_requests\x18\x03 \x01(\x0b\x32#.flowproof.v1.ResponderRequestBatchH\x00\x12&\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x14.flowproof.v1.CancelH\x00\x12-\n\nresult_ack\x18\x05 \x01(\x0b\x32\x17.flowproof.v1.ResultAckH\x00\x12=\n\x12\x64\x65stination_policy\x18\x06 \x01(\x0b\x32\x1f.flowproof.v1.DestinationPolicyH\x00\x42\x06\n\x04\x62ody\"\xb3\x01\n\x08HelloAck\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x19\n\x11\x63ollector_version\x18\x02 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12;\n\x12\x64\x65stination_policy\x18\x04 \x01(\x0b\x32\x1f.flowproof.v1.DestinationPolicy\"7\n\x11\x44\x65stinationPolicy\x12\x10\n\x08networks\x18\x01 \x03(\t\x12\x10\n\x08\x64\x65\x63lared\x18\x02 \x03(\t\"@\n\x0f\x41ssignmentBatch\x12-\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x18.flowproof.v1.Assignment\"I\n\x15ResponderRequestBatch\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.flowproof.v1.ResponderRequest\" \n\x06\x43\x61ncel\x12\x16\n\x0e\x61ssignment_ids\x18\x01 \x03(\t\"\x1f\n\tResultAck\x12\x12\n\nresult_ids\x18\x01 \x03(\t\"6\n\x06PodRef\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\n\n\x08TcpProbe\"\n\n\x08UdpProbe\"\x0b\n\tSctpProbe\"\'\n\tHttpProbe\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\"\x1e\n\x08\x44nsProbe\x12\x12\n\nquery_name\x18\x01 \x01(\t\"E\n\rResponderSpec\x12!\n\x03pod\x18\x01 \x01(\x0b\x32\x14.flowproof.v1.PodRef\x12\x11\n\tnode_name\x18\x02 \x01(\t\"\xf3\x04\n\nAssignment\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x06source\x18\x02 \x01(\x0b\x32\x14.flowproof.v1.PodRef\x12\x13\n\x0bsource_node\x18\x03 \x01(\t\x12-\n\x0bsource_kind\x18\x04 \x01(\x0e\x32\x18.flowproof.v1.SourceKind\x12)\n\x0b\x64\x65stination\x18\x05 \x01(\x0b\x32\x14.flowproof.v1.PodRef\x12\x16\n\x0e\x64\x65stination_ip\x18\x06 \x01(\t\x12\x0c\n\x04port\x18\x07 \x01(\r\x12(\n\x08protocol\x18\x08 \x01(\x0e\x32\x16.flowproof.v1.Protocol\x12*\n\x07timeout\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x03tcp\x18\n \x01(\x0b\x32\x16.flowproof.v1.TcpProbeH\x00\x12%\n\x03udp\x18\x0b \x01(\x0b\x32\x16.flowproof.v1.UdpProbeH\x00\x12\'\n\x04http\x18\x0c \x01(\x0b\x32\x17.flowproof.v1.HttpProbeH\x00\x12%\n\x03\x64ns\x18\r \x01(\x0b\x32\x16.flowproof.v1.DnsProbeH\x00\x12\'\n\x04sctp\x18\x0e \x01(\x0b\x32\x17.flowproof.v1.SctpProbeH\x00\x12.\n\tresponder\x18\x0f \x01(\x0b\x32\x1b.flowproof.v1.ResponderSpec\x12\x0f\n\x07\x61ttempt\x18\x10 \x01(\r\x12\x10\n\x08\x66low_key\x18\x11 \x01(\t\x12%\n\x04seal\x18\x12 \x01(\x0b\x32\x17.flowproof.v1.IssueSealB\x07\n\x05probe\"G\n\tIssueSeal\x12-\n\tissued_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03mac\x18\x02 \x01(\x0c\"\x83\x02\n\x0bProbeResult\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\nassignment\x18\x02 \x01(\x0b\x32\x18.flowproof.v1.Assignment\x12&\n\x07outcome\x18\x03 \x01(\x0e\x32\x15.flowproof.v1.Outcome\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x13\n\x0bhttp_status\x18\x06 \x01(\r\x12\x11\n\tnode_name\x18\x07 \x01(\t\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xac\x01\n\x10ResponderRequest\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12!\n\x03pod\x18\x02 \x01(\x0b\x32\x14.flowproof.v1.PodRef\x12\x0c\n\x04port\x18\x03 \x01(\r\x12(\n\x08protocol\x18\x04 \x01(\x0e\x32\x16.flowproof.v1.Protocol\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"e\n\x0fResponderReport\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.flowproof.v1.ResponderState\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*[\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x10\n\x0cPROTOCOL_TCP\x10\x01\x12\x10\n\x0cPROTOCOL_UDP\x10\x02\x12\x11\n\rPROTOCOL_SCTP\x10\x03*\x8d\x01\n\tProbeKind\x12\x1a\n\x16PROBE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0ePROBE_KIND_TCP\x10\x01\x12\x12\n\x0ePROBE_KIND_UDP\x10\x02\x12\x13\n\x0fPROBE_KIND_HTTP\x10\x03\x12\x12\n\x0ePROBE_KIND_DNS\x10\x04\x12\x13\n\x0fPROBE_KIND_SCTP\x10\x05*Y\n\nSourceKind\x12\x1b\n\x17SOURCE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fSOURCE_KIND_POD\x10\x01\x12\x19\n\x15SOURCE_KIND_PROBE_POD\x10\x02*\xa8\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_CONNECTED\x10\x01\x12\x13\n\x0fOUTCOME_REFUSED\x10\x02\x12\x13\n\x0fOUTCOME_TIMEOUT\x10\x03\x12\x17\n\x13OUTCOME_UNREACHABLE\x10\x04\x12\x17\n\x13OUTCOME_HTTP_STATUS\x10\x05\x12\x11\n\rOUTCOME_ERROR\x10\x06*\xb0\x01\n\x0eResponderState\x12\x1f\n\x1bRESPONDER_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16RESPONDER_STATE_OPENED\x10\x01\x12$\n RESPONDER_STATE_LISTENER_PRESENT\x10\x02\x12\x1a\n\x16RESPONDER_STATE_FAILED\x10\x03\x12\x1f\n\x1bRESPONDER_STATE_UNAVAILABLE\x10\x04\x32Y\n\x0c\x41gentService\x12I\n\x07\x43onnect\x12\x1a.flowproof.v1.AgentMessage\x1a\x1e.flowproof.v1.CollectorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flowproof.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROTOCOL']._serialized_start=2955
-  _globals['_PROTOCOL']._serialized_end=3046
-  _globals['_PROBEKIND']._serialized_start=3049
-  _globals['_PROBEKIND']._serialized_end=3190
-  _globals['_SOURCEKIND']._serialized_start=3192
-  _globals['_SOURCEKIND']._serialized_end=3281
-  _globals['_OUTCOME']._serialized_start=3284
-  _globals['_OUTCOME']._serialized_end=3452
-  _globals['_RESPONDERSTATE']._serialized_start=3455
-  _globals['_RESPONDERSTATE']._serialized_end=3631
+  _globals['_PROTOCOL']._serialized_start=3249
+  _globals['_PROTOCOL']._serialized_end=3340
+  _globals['_PROBEKIND']._serialized_start=3343
+  _globals['_PROBEKIND']._serialized_end=3484
+  _globals['_SOURCEKIND']._serialized_start=3486
+  _globals['_SOURCEKIND']._serialized_end=3575
+  _globals['_OUTCOME']._serialized_start=3578
+  _globals['_OUTCOME']._serialized_end=3746
+  _globals['_RESPONDERSTATE']._serialized_start=3749
+  _globals['_RESPONDERSTATE']._serialized_end=3925
   _globals['_AGENTMESSAGE']._serialized_start=108
   _globals['_AGENTMESSAGE']._serialized_end=330
   _globals['_AGENTHELLO']._serialized_start=333
@@ -56,39 +56,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESPONDERREPORTBATCH']._serialized_start=905
   _globals['_RESPONDERREPORTBATCH']._serialized_end=975
   _globals['_COLLECTORMESSAGE']._serialized_start=978
-  _globals['_COLLECTORMESSAGE']._serialized_end=1257
-  _globals['_HELLOACK']._serialized_start=1259
-  _globals['_HELLOACK']._serialized_end=1377
-  _globals['_ASSIGNMENTBATCH']._serialized_start=1379
-  _globals['_ASSIGNMENTBATCH']._serialized_end=1443
-  _globals['_RESPONDERREQUESTBATCH']._serialized_start=1445
-  _globals['_RESPONDERREQUESTBATCH']._serialized_end=1518
-  _globals['_CANCEL']._serialized_start=1520
-  _globals['_CANCEL']._serialized_end=1552
-  _globals['_RESULTACK']._serialized_start=1554
-  _globals['_RESULTACK']._serialized_end=1585
-  _globals['_PODREF']._serialized_start=1587
-  _globals['_PODREF']._serialized_end=1641
-  _globals['_TCPPROBE']._serialized_start=1643
-  _globals['_TCPPROBE']._serialized_end=1653
-  _globals['_UDPPROBE']._serialized_start=1655
-  _globals['_UDPPROBE']._serialized_end=1665
-  _globals['_SCTPPROBE']._serialized_start=1667
-  _globals['_SCTPPROBE']._serialized_end=1678
-  _globals['_HTTPPROBE']._serialized_start=1680
-  _globals['_HTTPPROBE']._serialized_end=1719
-  _globals['_DNSPROBE']._serialized_start=1721
-  _globals['_DNSPROBE']._serialized_end=1751
-  _globals['_RESPONDERSPEC']._serialized_start=1753
-  _globals['_RESPONDERSPEC']._serialized_end=1822
-  _globals['_ASSIGNMENT']._serialized_start=1825
-  _globals['_ASSIGNMENT']._serialized_end=2413
-  _globals['_PROBERESULT']._serialized_start=2416
-  _globals['_PROBERESULT']._serialized_end=2675
-  _globals['_RESPONDERREQUEST']._serialized_start=2678
-  _globals['_RESPONDERREQUEST']._serialized_end=2850
-  _globals['_RESPONDERREPORT']._serialized_start=2852
-  _globals['_RESPONDERREPORT']._serialized_end=2953
-  _globals['_AGENTSERVICE']._serialized_start=3633
-  _globals['_AGENTSERVICE']._serialized_end=3722
+  _globals['_COLLECTORMESSAGE']._serialized_end=1320
+  _globals['_HELLOACK']._serialized_start=1323
+  _globals['_HELLOACK']._serialized_end=1502
+  _globals['_DESTINATIONPOLICY']._serialized_start=1504
+  _globals['_DESTINATIONPOLICY']._serialized_end=1559
+  _globals['_ASSIGNMENTBATCH']._serialized_start=1561
+  _globals['_ASSIGNMENTBATCH']._serialized_end=1625
+  _globals['_RESPONDERREQUESTBATCH']._serialized_start=1627
+  _globals['_RESPONDERREQUESTBATCH']._serialized_end=1700
+  _globals['_CANCEL']._serialized_start=1702
+  _globals['_CANCEL']._serialized_end=1734
+  _globals['_RESULTACK']._serialized_start=1736
+  _globals['_RESULTACK']._serialized_end=1767
+  _globals['_PODREF']._serialized_start=1769
+  _globals['_PODREF']._serialized_end=1823
+  _globals['_TCPPROBE']._serialized_start=1825
+  _globals['_TCPPROBE']._serialized_end=1835
+  _globals['_UDPPROBE']._serialized_start=1837
+  _globals['_UDPPROBE']._serialized_end=1847
+  _globals['_SCTPPROBE']._serialized_start=1849
+  _globals['_SCTPPROBE']._serialized_end=1860
+  _globals['_HTTPPROBE']._serialized_start=1862
+  _globals['_HTTPPROBE']._serialized_end=1901
+  _globals['_DNSPROBE']._serialized_start=1903
+  _globals['_DNSPROBE']._serialized_end=1933
+  _globals['_RESPONDERSPEC']._serialized_start=1935
+  _globals['_RESPONDERSPEC']._serialized_end=2004
+  _globals['_ASSIGNMENT']._serialized_start=2007
+  _globals['_ASSIGNMENT']._serialized_end=2634
+  _globals['_ISSUESEAL']._serialized_start=2636
+  _globals['_ISSUESEAL']._serialized_end=2707
+  _globals['_PROBERESULT']._serialized_start=2710
+  _globals['_PROBERESULT']._serialized_end=2969
+  _globals['_RESPONDERREQUEST']._serialized_start=2972
+  _globals['_RESPONDERREQUEST']._serialized_end=3144
+  _globals['_RESPONDERREPORT']._serialized_start=3146
+  _globals['_RESPONDERREPORT']._serialized_end=3247
+  _globals['_AGENTSERVICE']._serialized_start=3927
+  _globals['_AGENTSERVICE']._serialized_end=4016
 # @@protoc_insertion_point(module_scope)

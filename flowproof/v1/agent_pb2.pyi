@@ -4,9 +4,11 @@ isort:skip_file
 The agent–collector contract of flowproof, version 1.
 
 One bidirectional stream per agent (`AgentService.Connect`). The agent opens it with an
-`AgentHello`; the collector answers with a `HelloAck`, then sends batches of assignments,
-responder requests, cancels and result acks; the agent sends heartbeats, result batches and
-responder reports. The stream is authenticated with `authorization: Bearer <token>` call metadata.
+`AgentHello`; the collector answers with a `HelloAck` (carrying the destination policy the agent
+enforces), then sends batches of assignments, responder requests, cancels, result acks and
+destination policy updates; the agent sends heartbeats, result batches and responder reports.
+The stream runs over TLS (the agent checks the collector's certificate against its CA) and is
+authenticated with `authorization: Bearer <token>` call metadata, sent only once TLS verified.
 
 Exactly once: every assignment has an id chosen by the collector and every result an id chosen by
 the agent. The agent keeps each result until the collector acks its id and re-sends unacked
@@ -354,6 +356,7 @@ class CollectorMessage(_message.Message):
     RESPONDER_REQUESTS_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     RESULT_ACK_FIELD_NUMBER: _builtins.int
+    DESTINATION_POLICY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello_ack(self) -> Global___HelloAck: ...
     @_builtins.property
@@ -364,6 +367,12 @@ class CollectorMessage(_message.Message):
     def cancel(self) -> Global___Cancel: ...
     @_builtins.property
     def result_ack(self) -> Global___ResultAck: ...
+    @_builtins.property
+    def destination_policy(self) -> Global___DestinationPolicy:
+        """A new destination policy, replacing the one of the hello-ack (sent before any assignment
+        that needs it).
+        """
+
     def __init__(
         self,
         *,
@@ -372,12 +381,13 @@ class CollectorMessage(_message.Message):
         responder_requests: Global___ResponderRequestBatch | None = ...,
         cancel: Global___Cancel | None = ...,
         result_ack: Global___ResultAck | None = ...,
+        destination_policy: Global___DestinationPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "body", b"body", "cancel", b"cancel", "hello_ack", b"hello_ack", "responder_requests", b"responder_requests", "result_ack", b"result_ack"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "body", b"body", "cancel", b"cancel", "destination_policy", b"destination_policy", "hello_ack", b"hello_ack", "responder_requests", b"responder_requests", "result_ack", b"result_ack"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "body", b"body", "cancel", b"cancel", "hello_ack", b"hello_ack", "responder_requests", b"responder_requests", "result_ack", b"result_ack"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "body", b"body", "cancel", b"cancel", "destination_policy", b"destination_policy", "hello_ack", b"hello_ack", "responder_requests", b"responder_requests", "result_ack", b"result_ack"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello_ack", "assignments", "responder_requests", "cancel", "result_ack"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello_ack", "assignments", "responder_requests", "cancel", "result_ack", "destination_policy"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -390,26 +400,63 @@ class HelloAck(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     COLLECTOR_VERSION_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    DESTINATION_POLICY_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     collector_version: _builtins.str
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """How often the agent sends a heartbeat; the collector drops an agent silent for three of them."""
 
+    @_builtins.property
+    def destination_policy(self) -> Global___DestinationPolicy: ...
     def __init__(
         self,
         *,
         protocol_version: _builtins.int = ...,
         collector_version: _builtins.str = ...,
         heartbeat_interval: _duration_pb2.Duration | None = ...,
+        destination_policy: Global___DestinationPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["destination_policy", b"destination_policy", "heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_version", b"collector_version", "heartbeat_interval", b"heartbeat_interval", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_version", b"collector_version", "destination_policy", b"destination_policy", "heartbeat_interval", b"heartbeat_interval", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HelloAck: _TypeAlias = HelloAck  # noqa: Y015
+
+@_typing.final
+class DestinationPolicy(_message.Message):
+    """DestinationPolicy bounds where the agent sends probes; it refuses any assignment outside it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORKS_FIELD_NUMBER: _builtins.int
+    DECLARED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def networks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Networks (CIDR) the agent may probe: the pods, the cluster DNS, what expectations declare."""
+
+    @_builtins.property
+    def declared(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The networks expectations declare explicitly (`cidr`, `host`, `dns` targets): only these may
+        reach loopback, link-local (and the cloud metadata address) or other special ranges, and only
+        when the declared network lies within that range.
+        """
+
+    def __init__(
+        self,
+        *,
+        networks: _abc.Iterable[_builtins.str] | None = ...,
+        declared: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared", b"declared", "networks", b"networks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DestinationPolicy: _TypeAlias = DestinationPolicy  # noqa: Y015
 
 @_typing.final
 class AssignmentBatch(_message.Message):
@@ -656,6 +703,7 @@ class Assignment(_message.Message):
     RESPONDER_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     FLOW_KEY_FIELD_NUMBER: _builtins.int
+    SEAL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     source_node: _builtins.str
     source_kind: Global___SourceKind.ValueType
@@ -688,6 +736,14 @@ class Assignment(_message.Message):
     def responder(self) -> Global___ResponderSpec:
         """Set when the collector wants a responder opened in the destination pod first."""
 
+    @_builtins.property
+    def seal(self) -> Global___IssueSeal:
+        """Opaque to the agent and echoed in the result: when the collector issued the assignment, and
+        a MAC over it with a key only the collector holds, so a result for an assignment the collector
+        never issued (or issued to another node, or changed on the way) is refused, also by a
+        restarted collector that shares the key.
+        """
+
     def __init__(
         self,
         *,
@@ -708,16 +764,40 @@ class Assignment(_message.Message):
         responder: Global___ResponderSpec | None = ...,
         attempt: _builtins.int = ...,
         flow_key: _builtins.str = ...,
+        seal: Global___IssueSeal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "dns", b"dns", "http", b"http", "probe", b"probe", "responder", b"responder", "sctp", b"sctp", "source", b"source", "tcp", b"tcp", "timeout", b"timeout", "udp", b"udp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "dns", b"dns", "http", b"http", "probe", b"probe", "responder", b"responder", "sctp", b"sctp", "seal", b"seal", "source", b"source", "tcp", b"tcp", "timeout", b"timeout", "udp", b"udp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "destination", b"destination", "destination_ip", b"destination_ip", "dns", b"dns", "flow_key", b"flow_key", "http", b"http", "id", b"id", "port", b"port", "probe", b"probe", "protocol", b"protocol", "responder", b"responder", "sctp", b"sctp", "source", b"source", "source_kind", b"source_kind", "source_node", b"source_node", "tcp", b"tcp", "timeout", b"timeout", "udp", b"udp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "destination", b"destination", "destination_ip", b"destination_ip", "dns", b"dns", "flow_key", b"flow_key", "http", b"http", "id", b"id", "port", b"port", "probe", b"probe", "protocol", b"protocol", "responder", b"responder", "sctp", b"sctp", "seal", b"seal", "source", b"source", "source_kind", b"source_kind", "source_node", b"source_node", "tcp", b"tcp", "timeout", b"timeout", "udp", b"udp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_probe: _TypeAlias = _typing.Literal["tcp", "udp", "http", "dns", "sctp"]  # noqa: Y015
     _WhichOneofArgType_probe: _TypeAlias = _typing.Literal["probe", b"probe"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_probe) -> _WhichOneofReturnType_probe | None: ...
 
 Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
+
+@_typing.final
+class IssueSeal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    mac: _builtins.bytes
+    @_builtins.property
+    def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        issued_at: _timestamp_pb2.Timestamp | None = ...,
+        mac: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at", "mac", b"mac"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueSeal: _TypeAlias = IssueSeal  # noqa: Y015
 
 @_typing.final
 class ProbeResult(_message.Message):

@@ -4,9 +4,11 @@ isort:skip_file
 The agent–collector contract of flowproof, version 1.
 
 One bidirectional stream per agent (`AgentService.Connect`). The agent opens it with an
-`AgentHello`; the collector answers with a `HelloAck`, then sends batches of assignments,
-responder requests, cancels and result acks; the agent sends heartbeats, result batches and
-responder reports. The stream is authenticated with `authorization: Bearer <token>` call metadata.
+`AgentHello`; the collector answers with a `HelloAck` (carrying the destination policy the agent
+enforces), then sends batches of assignments, responder requests, cancels, result acks and
+destination policy updates; the agent sends heartbeats, result batches and responder reports.
+The stream runs over TLS (the agent checks the collector's certificate against its CA) and is
+authenticated with `authorization: Bearer <token>` call metadata, sent only once TLS verified.
 
 Exactly once: every assignment has an id chosen by the collector and every result an id chosen by
 the agent. The agent keeps each result until the collector acks its id and re-sends unacked

@@ -13,6 +13,7 @@ import pytest
 from collector.dispatching import Dispatcher
 from flowproof.aio import run_root_tasks
 from flowproof.probes import ProbeResult
+from tests.support.tls import server_tls, write_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,13 +37,13 @@ async def test_settings_that_cannot_work_exit_2_with_the_reason() -> None:
 
 async def test_sigterm_stops_a_connected_agent_gracefully_with_exit_0(tmp_path: Path) -> None:
     results: list[ProbeResult] = []
-    dispatcher = Dispatcher(token="tok", on_result=results.append)
+    dispatcher = Dispatcher(token="tok", tls=server_tls(), on_result=results.append)
     port = await dispatcher.start("127.0.0.1:0")
     token_file = tmp_path / "token"
     token_file.write_text("tok\n")
     proc = await run_agent(
         "--node-name", "node-r", "--collector-address", f"127.0.0.1:{port}",
-        "--token-file", str(token_file),
+        "--token-file", str(token_file), "--ca-file", str(write_tls(tmp_path).ca),
     )  # fmt: skip
     try:
         loop = asyncio.get_running_loop()
@@ -108,11 +109,12 @@ async def test_health_follows_the_stream_and_metrics_are_served(tmp_path: Path) 
     import grpc.aio
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    dispatcher = Dispatcher(token="tok", on_result=lambda _: None)
+    dispatcher = Dispatcher(token="tok", tls=server_tls(), on_result=lambda _: None)
     port = await dispatcher.start("127.0.0.1:0")
     health_port, metrics_port = free_port(), free_port()
     proc = await run_agent(
         "--node-name", "node-h", "--collector-address", f"127.0.0.1:{port}",
+        "--ca-file", str(write_tls(tmp_path).ca),
         "--listen-address", "127.0.0.1", "--health-port", str(health_port),
         "--metrics-port", str(metrics_port), env={"FLOWPROOF_TOKEN": "tok"},
     )  # fmt: skip

@@ -31,6 +31,7 @@ import yaml
 
 from collector.reading.objects import WATCHED_POLICY_RESOURCES
 from flowproof import __version__
+from tests.support.tls import ca_pem, server_tls, write_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -42,6 +43,7 @@ OVERLAYS = (
     "configmap-expectations",
 )
 TOKEN_DIR = "/var/run/secrets/flowproof"
+TLS_DIR = "/var/run/secrets/flowproof-tls"
 # Kinds kubernetes-validate has no schema for, each checked by its own test below.
 CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
@@ -635,9 +637,20 @@ def _environment(c: Mapping[str, Any], field_values: Mapping[str, str]) -> dict[
 
 
 def _argv(c: Mapping[str, Any], token_file: Path) -> list[str]:
-    """The container's args (the image runs the service itself), with the token path pointing at a
-    real file."""
-    args = [a.replace(f"{TOKEN_DIR}/token", str(token_file)) for a in c["args"]]
+    """The container's args (the image runs the service itself), with the token and TLS paths
+    pointing at real files (the test CA's, written beside the token)."""
+    tls = token_file.parent / "tls"
+    real = {
+        f"{TOKEN_DIR}/token": str(token_file),
+        f"{TLS_DIR}/tls.crt": str(tls / "collector.crt"),
+        f"{TLS_DIR}/tls.key": str(tls / "collector.key"),
+        f"{TLS_DIR}/ca.crt": str(tls / "ca.crt"),
+    }
+    args = []
+    for arg in c["args"]:
+        for mounted, path in real.items():
+            arg = arg.replace(mounted, path)
+        args.append(arg)
     return args
 
 
@@ -645,7 +658,29 @@ def _argv(c: Mapping[str, Any], token_file: Path) -> list[str]:
 def token_file(tmp_path: Path) -> Path:
     path = tmp_path / "token"
     path.write_text("a-test-token\n", encoding="utf-8")
+    write_tls(tmp_path / "tls")
     return path
+
+
+def test_the_collector_serves_the_tls_secret_and_agents_get_only_its_ca() -> None:
+    docs = render("base")
+    mounts: dict[str, dict[str, Any]] = {}
+    for kind, name in (("Deployment", "flowproof-collector"), ("DaemonSet", "flowproof-agent")):
+        spec = pod_spec(docs, kind, name)
+        c = container(docs, kind, name)
+        [mount] = [m for m in c["volumeMounts"] if m["mountPath"] == TLS_DIR]
+        assert mount["readOnly"] is True
+        [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == "flowproof-collector-tls"
+        mounts[kind] = volume["secret"]
+        if kind == "Deployment":
+            assert f"--tls-cert-file={TLS_DIR}/tls.crt" in c["args"]
+            assert f"--tls-key-file={TLS_DIR}/tls.key" in c["args"]
+        else:
+            assert f"--ca-file={TLS_DIR}/ca.crt" in c["args"]
+    # The agents never see the key: the volume projects ca.crt alone.
+    assert mounts["DaemonSet"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    assert "items" not in mounts["Deployment"]
 
 
 def test_both_pods_mount_the_same_token_secret_where_the_flag_points() -> None:
@@ -672,9 +707,10 @@ def test_the_collector_manifest_is_accepted_by_the_collector_settings(token_file
     assert settings.token == "a-test-token"
     assert settings.grpc_port == named_port(c, "grpc")
     assert settings.http_port == named_port(c, "http")
-    assert c["startupProbe"]["grpc"]["port"] == settings.grpc_port
-    for probe in ("livenessProbe", "readinessProbe"):
+    # The gRPC port serves TLS only (kubelet's gRPC probe speaks plaintext): HTTP, bound after it.
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"]["port"] == "http", probe
+    assert settings.tls_cert_file.endswith("collector.crt")
 
 
 def test_the_agent_manifest_is_accepted_by_the_agent_settings(token_file: Path) -> None:
@@ -737,7 +773,7 @@ async def test_the_agent_probes_match_its_health_service(token_file: Path) -> No
     settings = load_settings(_argv(c, token_file), _environment(c, {"spec.nodeName": "node-1"}))
     assert (settings.health_port, settings.metrics_port) == (ports["health"], ports["metrics"])
 
-    dispatcher = Dispatcher(token=settings.token, on_result=lambda _: None)
+    dispatcher = Dispatcher(token=settings.token, tls=server_tls(), on_result=lambda _: None)
     port = await dispatcher.start("127.0.0.1:0")
     health_port = _free_port()
     stop = asyncio.Event()
@@ -826,14 +862,16 @@ async def test_a_collector_started_from_the_manifest_answers_every_probe(token_f
         while not ports:
             assert not server.done(), "the collector stopped before it listened"
             await asyncio.sleep(0.05)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{ports['grpc']}", credentials) as channel:
             answer = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=c["startupProbe"]["grpc"].get("service", "")),
-                timeout=5,
+                health_pb2.HealthCheckRequest(service=""), timeout=5
             )
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
         base = f"http://127.0.0.1:{ports['http']}"
         async with aiohttp.ClientSession() as session:
+            async with session.get(base + c["startupProbe"]["httpGet"]["path"]) as response:
+                assert response.status == 200
             async with session.get(base + c["livenessProbe"]["httpGet"]["path"]) as response:
                 assert response.status == 200
             deadline = time.monotonic() + 20

@@ -13,8 +13,10 @@ import collections
 import contextlib
 import dataclasses
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,6 +35,7 @@ from flowproof.probes import (
     AgentCapabilities,
     AgentHello,
     Assignment,
+    DestinationPolicy,
     Outcome,
     PodRef,
     ProbeKind,
@@ -42,6 +45,7 @@ from flowproof.probes import (
 )
 from flowproof.v1 import agent_pb2 as pb
 from flowproof.v1.agent_pb2_grpc import AgentServiceStub
+from tests.support.tls import ca_pem, server_tls, write_tls
 
 pytestmark = needs_netlab
 
@@ -160,6 +164,7 @@ class Loop:
     proxy_port: int
     results: list[ProbeResult]
     agents: list[tuple[asyncio.Event, asyncio.Task[int]]]
+    ca_file: str = ""
 
     def by_assignment(self) -> collections.Counter[str]:
         return collections.Counter(r.assignment_id for r in self.results)
@@ -169,6 +174,7 @@ class Loop:
             "node_name": node,
             "collector_address": f"127.0.0.1:{self.proxy_port}",
             "token": TOKEN,
+            "ca_file": self.ca_file,
             "reconnect_initial_seconds": 0.05,
             "reconnect_max_seconds": 0.3,
             "hello_timeout_seconds": 5.0,
@@ -191,18 +197,21 @@ class Loop:
 
 
 @pytest.fixture
-async def loop_(bed: Bed, tcp_server: None) -> AsyncIterator[Loop]:
+async def loop_(bed: Bed, tcp_server: None, tmp_path: Path) -> AsyncIterator[Loop]:
     results: list[ProbeResult] = []
     dispatcher = Dispatcher(
         token=TOKEN,
+        tls=server_tls(),
         on_result=results.append,
         heartbeat_interval_seconds=0.5,
         responder_wait_seconds=1.0,
     )
+    # The agents probe only what the policy covers: the destination pod of the bed.
+    dispatcher.set_destination_policy(DestinationPolicy(networks=(f"{bed.dst.ip}/32",)))
     port = await dispatcher.start("127.0.0.1:0")
     proxy = Proxy(port)
     proxy_port = await proxy.start()
-    built = Loop(bed, dispatcher, port, proxy, proxy_port, results, [])
+    built = Loop(bed, dispatcher, port, proxy, proxy_port, results, [], str(write_tls(tmp_path).ca))
     try:
         yield built
     finally:
@@ -404,9 +413,15 @@ async def test_sigterm_path_finishes_running_probes_and_delivers_them(loop_: Loo
 # --- the contract, spoken by hand ------------------------------------------------------------------
 
 
+def secure_channel(port: int) -> grpc.aio.Channel:
+    """A channel to the dispatcher that checks its certificate against the test CA."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem())
+    return grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials)
+
+
 @contextlib.asynccontextmanager
 async def raw_stream(port: int, token: str = TOKEN) -> AsyncIterator[Any]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with secure_channel(port) as channel:
         call = AgentServiceStub(channel).Connect(metadata=(("authorization", f"Bearer {token}"),))
         try:
             yield call
@@ -430,10 +445,14 @@ async def read_until(call: Any, body: str) -> pb.CollectorMessage:
             return msg
 
 
-def result_for(a: Assignment, rid: str) -> pb.AgentMessage:
+def result_for(received: pb.Assignment, rid: str) -> pb.AgentMessage:
+    """A result as an agent sends it: the assignment message it received echoed as is (seal
+    and all)."""
+    a = convert.assignment_from_proto(received)
     r = ProbeResult(id=rid, assignment=a, outcome=Outcome.CONNECTED, latency_seconds=0.001,
-                    node=a.source_node, started_at=1.0)  # fmt: skip
-    return pb.AgentMessage(results=pb.ResultBatch(results=[convert.result_to_proto(r)]))
+                    node=a.source_node, started_at=time.time())  # fmt: skip
+    result = convert.result_to_proto(r, assignment_msg=received)
+    return pb.AgentMessage(results=pb.ResultBatch(results=[result]))
 
 
 async def test_a_result_sent_again_is_acked_but_delivered_once(loop_: Loop) -> None:
@@ -444,7 +463,8 @@ async def test_a_result_sent_again_is_acked_but_delivered_once(loop_: Loop) -> N
         await read_until(call, "hello_ack")
         got = await read_until(call, "assignments")
         assert [m.id for m in got.assignments.assignments] == [a.id]
-        await call.write(result_for(a, "r1"))
+        [received] = got.assignments.assignments
+        await call.write(result_for(received, "r1"))
         ack = await read_until(call, "result_ack")
         assert list(ack.result_ack.result_ids) == ["r1"]
     # The ack was "lost": the agent reconnects and sends the same result again, and a second
@@ -452,8 +472,8 @@ async def test_a_result_sent_again_is_acked_but_delivered_once(loop_: Loop) -> N
     async with raw_stream(loop_.port) as call:
         await call.write(hello("node-h"))
         await read_until(call, "hello_ack")
-        await call.write(result_for(a, "r1"))
-        await call.write(result_for(a, "r2"))
+        await call.write(result_for(received, "r1"))
+        await call.write(result_for(received, "r2"))
         acked: list[str] = []
         while len(acked) < 2:
             acked += (await read_until(call, "result_ack")).result_ack.result_ids
@@ -485,8 +505,7 @@ async def test_the_collector_sends_no_more_than_the_agent_accepts(loop_: Loop) -
         await read_until(call, "hello_ack")
         got = await read_until(call, "assignments")
         assert len(got.assignments.assignments) == 10
-        first = convert.assignment_from_proto(got.assignments.assignments[0])
-        await call.write(result_for(first, "x1"))
+        await call.write(result_for(got.assignments.assignments[0], "x1"))
         more = await read_until(call, "assignments")
         assert len(more.assignments.assignments) == 1
 
@@ -547,7 +566,7 @@ async def test_an_agent_with_a_wrong_token_never_gets_assignments(loop_: Loop) -
 
 
 async def test_the_standard_health_service_answers_without_a_token(loop_: Loop) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{loop_.port}") as channel:
+    async with secure_channel(loop_.port) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for service in ("", "flowproof.v1.AgentService"):
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))

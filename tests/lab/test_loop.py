@@ -10,6 +10,8 @@ module's lab is taken down at the end and nothing carrying its name may be left.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import os
 import re
@@ -22,6 +24,7 @@ import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +56,16 @@ DECLARED = (
     "monitoring-not-to-db",
     "monitoring-scrapes-api",
 )
-# Fast enough for tests: a flow is probed every ~2 s and STALE 6 s after its last result.
-LOOP = LoopSettings.with_planner(
-    probe_timeout_seconds=1.0,
-    interval_seconds=2.0,
-    freshness_seconds=6.0,
-    sweep_probes_per_second=5.0,
+# Fast enough for tests: a flow is probed every ~2 s and STALE 6 s after its last result. DEBUG:
+# the agents log every result they measure and every ack, id by id (the restart tests read them).
+LOOP = dataclasses.replace(
+    LoopSettings.with_planner(
+        probe_timeout_seconds=1.0,
+        interval_seconds=2.0,
+        freshness_seconds=6.0,
+        sweep_probes_per_second=5.0,
+    ),
+    log_level="DEBUG",
 )
 
 
@@ -110,14 +117,21 @@ def url(lab: Lab) -> str:
     return loop.url
 
 
-def post_verify(lab: Lab | str, timeout: float = 15.0) -> dict[str, Any]:
-    """`POST /api/v1/verify` to a lab's collector (or a collector URL): probe every declared
-    flow now; the answer once all are settled."""
+def lab_token(lab: Lab) -> str:
+    loop = lab.state().loop
+    assert loop is not None
+    return Path(loop.token_file).read_text().strip()
+
+
+def post_verify(lab: Lab | str, timeout: float = 15.0, *, token: str = "") -> dict[str, Any]:
+    """`POST /api/v1/verify` to a lab's collector (or a collector URL and its token): probe every
+    declared flow now; the answer once all are settled."""
     base = lab if isinstance(lab, str) else url(lab)
+    token = token or (lab_token(lab) if not isinstance(lab, str) else "")
     request = urllib.request.Request(
         f"{base}/api/v1/verify",
         data=json.dumps({"timeout_seconds": timeout}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=timeout + 30) as response:
@@ -525,50 +539,138 @@ def test_verify_exits_2_when_the_collector_cannot_be_reached(lab: Lab) -> None:
 
 
 # --- restarts lose nothing and count nothing twice --------------------------------------------------
+#
+# The agents log every result they measure and every ack they get (DEBUG, in the lab's logs); the
+# collector appends every result it delivers to its ledger (<lab>/collector/delivered.jsonl, one
+# "run" line per start). The tests compare the two id by id.
+
+_MEASURED = re.compile(r"result (\S+) of assignment (\S+) measured")
+_ACKED = re.compile(r"result (\S+) acked")
 
 
-def assert_each_result_counted_once(lab: Lab) -> None:
-    data = counters(lab)
-    assert data["results_total"] == data["delivered_total"], data
-    assignments: list[str] = []
-    for flow in DECLARED:
-        detail = get(lab, f"/api/v1/flows/{EXPECTATION}/{flow}")
-        for record in detail["flows"]:
-            assignments += [r["assignment"] for r in record["results"]]
-    assert len(assignments) == len(set(assignments)), "a result was recorded twice"
+@dataclass
+class AgentRecord:
+    """What the agents said they did: results measured (result id -> assignment id), acked."""
+
+    measured: dict[str, str] = field(default_factory=dict)
+    acked: set[str] = field(default_factory=set)
+    by_node: dict[str, set[str]] = field(default_factory=dict)  # node -> result ids measured
+
+
+def agent_record(lab: Lab) -> AgentRecord:
+    record = AgentRecord()
+    for log in sorted(lab.paths.log_dir.glob("agent-*.log")):
+        node = log.stem.removeprefix("agent-")
+        for line in log.read_text(errors="replace").splitlines():
+            if match := _MEASURED.search(line):
+                record.measured[match.group(1)] = match.group(2)
+                record.by_node.setdefault(node, set()).add(match.group(1))
+            elif match := _ACKED.search(line):
+                record.acked.add(match.group(1))
+    return record
+
+
+@dataclass
+class Delivered:
+    """The collector's ledger: every result delivered, in order, with the run that delivered it."""
+
+    results: list[tuple[int, str, str]]  # (run, result id, assignment id)
+    runs: int
+
+    def result_ids(self, run: int | None = None) -> list[str]:
+        return [r for n, r, _ in self.results if run is None or n == run]
+
+    def assignment_ids(self) -> list[str]:
+        return [a for _, _, a in self.results]
+
+
+def delivered(lab: Lab) -> Delivered:
+    runs = 0
+    results: list[tuple[int, str, str]] = []
+    path = lab.paths.root / "collector" / "delivered.jsonl"
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if entry[0] == "run":
+            runs += 1
+        elif entry[0] == "result" and entry[1]:
+            results.append((runs, entry[1], entry[2]))
+    return Delivered(results, runs)
+
+
+def requeued(lab: Lab, node: str, since: int) -> list[str]:
+    """Assignment ids the collector re-queued when `node`'s agent went (its log past `since`)."""
+    lines = (lab.paths.log_dir / "collector.log").read_text().splitlines()[since:]
+    ids: list[str] = []
+    for line in lines:
+        if match := re.search(rf"re-queued for {node}: (.+)$", line):
+            ids += match.group(1).split()
+    return ids
+
+
+def probes_counted(lab: Lab) -> float:
+    """sum(flowproof_probes_total) of the running collector: the results it counted."""
+    with urllib.request.urlopen(f"{url(lab)}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("flowproof_probes_total{")
+    )
+
+
+def settle(lab: Lab, seconds: float = 3.0) -> None:
+    """Wait until every result measured more than `seconds` ago is acked (results keep coming:
+    the loop never stops)."""
+    time.sleep(seconds)
+
+
+def assert_every_result_once(lab: Lab, record: AgentRecord, ledger: Delivered) -> None:
+    recorded = ledger.result_ids()
+    assert len(recorded) == len(set(recorded)), "a result was delivered twice"
+    assignments = ledger.assignment_ids()
+    twice = [a for a, n in collections.Counter(assignments).items() if n > 1]
+    assert not twice, f"assignments answered twice: {twice[:5]}"
+    unknown = set(recorded) - set(record.measured)
+    assert not unknown, f"the collector recorded results no agent measured: {sorted(unknown)[:5]}"
+    lost = record.acked - set(recorded)
+    assert not lost, f"acked but never recorded: {sorted(lost)[:5]}"
+    refused = counters(lab)["results_refused"]
+    assert not any(refused.values()), refused
 
 
 def test_restarting_an_agent_mid_run_loses_no_result_and_counts_none_twice(lab: Lab) -> None:
     node = node_of(lab, "shop/frontend-0")
     post_verify(lab)
     before = counters(lab)
+    seen = (lab.paths.log_dir / "collector.log").read_text().count("\n")
     thread, outcome = in_background(lambda: post_verify(lab, timeout=20))
     time.sleep(0.3)  # the denied probes (1 s each) are in flight on the agent now
     assert counters(lab)["in_flight"] > 0
-    log = lab.paths.log_dir / "collector.log"
-    seen = log.read_text().count("\n")
+    killed = agent_record(lab).by_node.get(node, set())
     lab.loop_restart(node)  # SIGKILL: whatever it held is re-queued for its successor
     thread.join(40)
     (answer,) = outcome
     assert isinstance(answer, dict), answer
     assert answer["decided"], answer["reasons"]
     assert_statuses(answer)
+    settle(lab)
+    record, ledger = agent_record(lab), delivered(lab)
     after = counters(lab)
     assert after["lost_total"] == before["lost_total"] == 0, after
-    assert after["duplicates_total"] == before["duplicates_total"], after
-    requeued = [
-        int(match.group(1))
-        for line in log.read_text().splitlines()[seen:]
-        if (
-            match := re.search(
-                rf"agent on {node} disconnected .*; (\d+) assignments re-queued", line
-            )
-        )
-    ]
-    assert requeued and requeued[0] > 0, "the killed agent held probes; they must be redone"
     instance = {a["node"]: a["instance_id"] for a in after["agents"]}
     assert instance[node] != {a["node"]: a["instance_id"] for a in before["agents"]}[node]
-    assert_each_result_counted_once(lab)
+    assert_every_result_once(lab, record, ledger)
+    # Every assignment the killed agent held went back to the queue and got exactly one result,
+    # from its successor (a result the killed one measured but never delivered is not counted).
+    again = requeued(lab, node, seen)
+    assert again, "the killed agent held probes; they must be redone"
+    answered = collections.Counter(ledger.assignment_ids())
+    missing = [a for a in again if answered[a] != 1]
+    assert not missing, f"re-queued assignments without exactly one result: {missing[:5]}"
+    successor = record.by_node[node] - killed
+    for assignment in again:
+        [rid] = [r for _, r, a in ledger.results if a == assignment]
+        assert rid in successor, f"{assignment} was answered by the killed agent, not its successor"
 
 
 def test_restarting_the_collector_mid_run_loses_no_result_and_counts_none_twice(lab: Lab) -> None:
@@ -577,25 +679,35 @@ def test_restarting_the_collector_mid_run_loses_no_result_and_counts_none_twice(
     thread, outcome = in_background(lambda: post_verify(lab, timeout=20))
     time.sleep(0.3)  # the agents are probing for this collector now
     assert counters(lab)["in_flight"] > 0
-    lab.loop_restart("collector")  # SIGKILL, then the same ports and token
+    runs_before = delivered(lab).runs
+    lab.loop_restart("collector")  # SIGKILL, then the same ports, token, key and ledger
     thread.join(40)
     (broken,) = outcome
     assert isinstance(broken, (urllib.error.URLError, ConnectionError, OSError)), broken
     new = counters(lab)
     assert new["started_at"] > old["started_at"]
-    # What the agents measured while the collector was down reached the new one: delivered
-    # (issued by the old collector, so "unplanned"), not dropped, not lost.
-    wait_for(
-        lambda: counters(lab)["results_unplanned_total"] > 0,
-        10,
-        "results measured during the restart to be delivered",
-    )
-    new = counters(lab)
-    assert all(a["results_dropped_total"] == 0 for a in new["agents"]), new
-    assert {a["node"] for a in new["agents"]} == {"node-1", "node-2", "node-3"}
     answer = post_verify(lab)
     assert_statuses(answer)
-    assert_each_result_counted_once(lab)
+    settle(lab)
+    record, ledger = agent_record(lab), delivered(lab)
+    assert ledger.runs == runs_before + 1
+    assert_every_result_once(lab, record, ledger)
+    # What the agents measured while the collector was down reached the new one: delivered
+    # (issued by the old collector: "unplanned", its seal verified with the kept key).
+    now = counters(lab)
+    assert now["results_unplanned_total"] > 0, now
+    assert all(a["results_dropped_total"] == 0 for a in now["agents"]), now
+    assert {a["node"] for a in now["agents"]} == {"node-1", "node-2", "node-3"}
+    # The new collector's counters count what it delivered, and nothing the old one had: a
+    # result re-sent because its ack was lost is acked again, not counted again.
+    run = ledger.runs
+    first = set(ledger.result_ids(run - 1))
+    assert not first & set(ledger.result_ids(run)), "a result was counted by both collectors"
+    lines_before = len(delivered(lab).result_ids(run))
+    counted = probes_counted(lab)
+    time.sleep(0.5)  # the ledger is flushed once a message of results is taken
+    lines_after = len(delivered(lab).result_ids(run))
+    assert lines_before <= counted <= lines_after, (lines_before, counted, lines_after)
 
 
 # --- probe pods -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from flowproof.errors import ConfigurationError
 from flowproof.probes import Assignment, Outcome, PodRef, ProbeKind, ProbeResult
 from flowproof.v1 import agent_pb2 as pb
 from tests.support.clock import ManualClock
+from tests.support.tls import write_tls
 
 
 def result(i: int) -> pb.ProbeResult:
@@ -95,9 +96,11 @@ class TestSettings:
     def test_flags_win_over_environment_and_defaults_fill_the_rest(self, tmp_path: Path) -> None:
         token = tmp_path / "token"
         token.write_text("  t0ken\n")
+        ca = write_tls(tmp_path / "tls").ca
         settings = load_settings(
             ["--node-name", "node-1", "--max-concurrency", "32", "--token-file", str(token)],
             {
+                "FLOWPROOF_AGENT_CA_FILE": str(ca),
                 "FLOWPROOF_COLLECTOR": "collector:7070",
                 "FLOWPROOF_AGENT_MAX_CONCURRENCY": "16",
                 "FLOWPROOF_AGENT_DESTINATION_RATE_PER_SECOND": "2.5",
@@ -132,10 +135,18 @@ class TestSettings:
         ],
     )  # fmt: skip
     def test_settings_that_cannot_work_are_refused(
-        self, argv: list[str], env: dict[str, str], message: str
+        self, argv: list[str], env: dict[str, str], message: str, tmp_path: Path
     ) -> None:
+        ca = write_tls(tmp_path / "tls").ca
         with pytest.raises(ConfigurationError, match=message):
-            load_settings(argv, env)
+            load_settings(argv, {"FLOWPROOF_AGENT_CA_FILE": str(ca), **env})
+
+    def test_the_agent_needs_the_ca_of_its_collector(self, tmp_path: Path) -> None:
+        argv = ["--node-name", "n", "--collector-address", "c:1"]
+        with pytest.raises(ConfigurationError, match="ca_file: required"):
+            load_settings(argv, {"FLOWPROOF_TOKEN": "t"})
+        with pytest.raises(ConfigurationError, match="ca_file: '/nonexistent' cannot be read"):
+            load_settings([*argv, "--ca-file", "/nonexistent"], {"FLOWPROOF_TOKEN": "t"})
 
     def test_every_setting_has_a_docstring_as_its_help(
         self, capsys: pytest.CaptureFixture[str]

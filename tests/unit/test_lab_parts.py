@@ -373,12 +373,13 @@ def test_names_stay_within_kernel_limits_and_carry_the_lab_name() -> None:
         names.fabric_outside_port,
     ):
         assert len(text) <= 15 and "abcdefgh" in text
-    assert names.pod_cgroup("systemd", "1-2", "c").startswith(
+    uid, container = "0b0b0b0b-0000-4000-8000-000000000001", "c" * 64
+    assert names.pod_cgroup("systemd", uid, container).startswith(
         "flowproof-abcdefgh.slice/kubepods.slice/"
     )
     assert (
-        names.pod_cgroup("cgroupfs", "1-2", "c")
-        == "flowproof-abcdefgh/kubepods/besteffort/pod1-2/c"
+        names.pod_cgroup("cgroupfs", uid, container)
+        == f"flowproof-abcdefgh/kubepods/besteffort/pod{uid}/{container}"
     )
 
 

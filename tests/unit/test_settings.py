@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from collector.settings import CollectorSettings, load_settings
 from flowproof.errors import ConfigurationError
+from tests.support.tls import TLSFiles, write_tls
 
 
-def test_defaults_with_a_token_from_the_environment():
-    settings = load_settings([], {"FLOWPROOF_TOKEN": "s3cret"})
-    assert settings == CollectorSettings(token="s3cret")
+@pytest.fixture(autouse=True)
+def tls(tmp_path, monkeypatch) -> TLSFiles:
+    """Every collector needs its certificate; the settings read it from the environment here."""
+    files = write_tls(tmp_path / "tls")
+    for name, value in files.collector_env().items():
+        monkeypatch.setenv(name, value)
+    return files
+
+
+def env(**values: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("FLOWPROOF_TLS_")} | values
+
+
+def test_defaults_with_a_token_from_the_environment(tls):
+    settings = load_settings([], env(FLOWPROOF_TOKEN="s3cret"))
+    assert settings == CollectorSettings(
+        token="s3cret", tls_cert_file=str(tls.cert), tls_key_file=str(tls.key)
+    )
     assert "s3cret" not in settings.describe()
-    assert "token" not in settings.describe()
+    assert " token=" not in settings.describe() and "verify_token=" not in settings.describe()
 
 
 def test_flag_beats_environment_and_types_are_converted():
     settings = load_settings(
         ["--grpc-port", "7000", "--probe-timeout-seconds", "0.5"],
-        {"FLOWPROOF_TOKEN": "t", "FLOWPROOF_GRPC_PORT": "6000", "FLOWPROOF_HTTP_PORT": "0"},
+        env(FLOWPROOF_TOKEN="t", FLOWPROOF_GRPC_PORT="6000", FLOWPROOF_HTTP_PORT="0"),
     )
     assert settings.grpc_port == 7000
     assert settings.http_port == 0
@@ -28,7 +46,7 @@ def test_flag_beats_environment_and_types_are_converted():
 def test_manifest_paths_from_the_environment_are_comma_separated(tmp_path):
     settings = load_settings(
         ["--source", "manifests"],
-        {"FLOWPROOF_TOKEN": "t", "FLOWPROOF_MANIFESTS": f"{tmp_path}/a, {tmp_path}/b"},
+        env(FLOWPROOF_TOKEN="t", FLOWPROOF_MANIFESTS=f"{tmp_path}/a, {tmp_path}/b"),
     )
     assert settings.manifests == (f"{tmp_path}/a", f"{tmp_path}/b")
 
@@ -36,7 +54,7 @@ def test_manifest_paths_from_the_environment_are_comma_separated(tmp_path):
 def test_token_from_a_file(tmp_path):
     path = tmp_path / "token"
     path.write_text("from-file\n")
-    assert load_settings(["--token-file", str(path)], {}).token == "from-file"
+    assert load_settings(["--token-file", str(path)], env()).token == "from-file"
 
 
 @pytest.mark.parametrize(
@@ -89,4 +107,11 @@ def test_token_from_a_file(tmp_path):
 )
 def test_bad_settings_are_named(argv, environ, message):
     with pytest.raises(ConfigurationError, match=message):
-        load_settings(argv, environ)
+        load_settings(argv, env(**environ))
+
+
+def test_the_collector_needs_its_certificate_and_key(tmp_path):
+    with pytest.raises(ConfigurationError, match="tls_cert_file: required"):
+        load_settings([], {"FLOWPROOF_TOKEN": "t"})
+    with pytest.raises(ConfigurationError, match="tls_key_file: '/nonexistent' cannot be read"):
+        load_settings(["--tls-key-file", "/nonexistent"], env(FLOWPROOF_TOKEN="t"))
