@@ -335,7 +335,11 @@ def report(answer: dict[str, Any], outputs: Outputs) -> int:
     for reason in problems:
         print(f"undecided: {reason}", file=sys.stderr)
     files: list[tuple[str, str | None, Callable[[], str]]] = [
-        ("--junit", outputs.junit, lambda: render_junit(rows, name="flowproof verify", policies=policies)),
+        (
+            "--junit",
+            outputs.junit,
+            lambda: render_junit(rows, name="flowproof verify", policies=policies),
+        ),
         ("--json", outputs.json_file, renderers["json"]),
         ("--markdown", outputs.markdown, renderers["markdown"]),
     ]

@@ -21,7 +21,8 @@ server's own history, which an etcd compaction made from outside does not touch.
 watches must go to etcd (and so get 410 Gone after `compact_etcd()`) is named in
 `uncached_resources` (`--watch-cache-sizes=RESOURCE#0`).
 
-Only the standard library and trustme/cryptography: nothing else of the project is imported.
+Only the standard library, cryptography and lab.certs (the lab's one certificate authority):
+nothing else of the project is imported.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Protocol, Self
 
-import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+from lab.certs import issue
 
 __all__ = [
     "SERVICE_CLUSTER_IP_RANGE",
@@ -479,11 +481,10 @@ class ControlPlane:
     def _write_credentials(self) -> None:
         pki = self.workdir / "pki"
         pki.mkdir(mode=0o700)
-        ca = trustme.CA(organization_name="flowproof test control plane")
-        serving = ca.issue_cert(LOOPBACK, "localhost", common_name="kube-apiserver")
-        ca.cert_pem.write_to_path(str(pki / "ca.crt"))
-        serving.private_key_pem.write_to_path(str(pki / "apiserver.key"))
-        (pki / "apiserver.crt").write_bytes(b"".join(b.bytes() for b in serving.cert_chain_pems))
+        issued = issue([LOOPBACK, "localhost"], common_name="kube-apiserver")
+        (pki / "ca.crt").write_bytes(issued.ca)
+        (pki / "apiserver.key").write_bytes(issued.key)
+        (pki / "apiserver.crt").write_bytes(issued.certificate)
 
         sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         (pki / "sa.key").write_bytes(

@@ -460,13 +460,14 @@ def _pod_spec(settings: LabSettings, plan: AddressPlan, obj: Mapping[str, Any]) 
     """One API pod as the lab runs it: its uid, node and address are the API's."""
     meta = _meta(obj)
     key = _key(obj)
-    pod = pod_from_dict(obj, Where(file=f"api:pods/{key}"))
+    where = Where(file=f"api:pods/{key}")
+    pod = pod_from_dict(obj, where)
     node_name = (obj.get("spec") or {}).get("nodeName") or ""
-    node = parse_node_name(node_name, settings, key) if node_name else None
+    node = parse_node_name(node_name, settings, where, key) if node_name else None
     ip = pod.ips[0] if pod.ips else None
     if ip is not None and not pod.host_network:
-        where = plan.node_of(ip)
-        if where is None or ip not in plan.pod_addresses(where) or (node and node != where):
+        on = plan.node_of(ip)
+        if on is None or ip not in plan.pod_addresses(on) or (node and node != on):
             raise InputError(f"status.podIP {ip} is not an address the lab gives this pod")
     annotations = meta.get("annotations") or {}
     return PodSpec(

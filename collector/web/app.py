@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 import yaml
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse, sse_response
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp_sse import EventSourceResponse, sse_response
 
 from collector.core.evidence import EVIDENCE_STATUSES
 from collector.core.flowstate import FlowState

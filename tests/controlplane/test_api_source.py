@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from collector.core.model import NAMESPACE_NAME_LABEL, ContainerPort, Snapshot
-from collector.kube import KubernetesSource, _convert, load_kube_config
+from collector.kube import _RESOURCES, KubernetesSource, _convert, load_kube_config
 from lab.controlplane import ControlPlane
 from tests.support.apiobjects import make_expectations, make_flow, make_policy
 from tests.support.kubetools import (
@@ -112,7 +112,8 @@ class World:
         for kind in ("Pod", "NetworkPolicy"):
             for ns in (self.shop, self.other):
                 for item in ok(self.cp.request("GET", path_of(kind, "", ns)))["items"]:
-                    converted = _convert(kind, item)  # type: ignore[arg-type]
+                    resource = next(r for r in _RESOURCES if r.kind == kind)
+                    converted = _convert(resource, item)
                     found[f"{kind} {converted.key}"] = {"value": converted.value}
         return found
 

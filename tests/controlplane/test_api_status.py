@@ -58,6 +58,7 @@ ZERO = dict.fromkeys(
         "POLICY_MISMATCH",
         "ENFORCEMENT_DRIFT",
         "INCONCLUSIVE",
+        "MODEL_INCOMPLETE",
         "PENDING",
         "STALE",
     ),
@@ -171,9 +172,26 @@ async def publishing(kubeconfig: str, *, interval: float) -> AsyncIterator[Loop]
             await asyncio.wait_for(task, 5)
 
 
-def status_of(cp: ControlPlane, ns: str, name: str) -> dict[str, Any]:
+def full_status_of(cp: ControlPlane, ns: str, name: str) -> dict[str, Any]:
     found = ok(cp.request("GET", f"{FE_API}/namespaces/{ns}/flowexpectations/{name}"))
     return dict(found.get("status") or {})
+
+
+def status_of(cp: ControlPlane, ns: str, name: str) -> dict[str, Any]:
+    """The status without its conditions (`condition` reads those)."""
+    return {k: v for k, v in full_status_of(cp, ns, name).items() if k != "conditions"}
+
+
+def condition(cp: ControlPlane, ns: str, name: str, kind: str) -> dict[str, Any]:
+    conditions = full_status_of(cp, ns, name).get("conditions", [])
+    [found] = [c for c in conditions if c["type"] == kind]
+    return dict(found)
+
+
+def events_about(cp: ControlPlane, ns: str, name: str) -> list[dict[str, Any]]:
+    """The events.k8s.io Events in `ns` about the FlowExpectations `name`, as the API stores them."""
+    found = ok(cp.request("GET", f"/apis/events.k8s.io/v1/namespaces/{ns}/events"))
+    return [e for e in found.get("items", []) if e["regarding"]["name"] == name]
 
 
 def patches(cp: ControlPlane, ns: str, name: str) -> list[dict[str, Any]]:
@@ -221,14 +239,36 @@ async def test_status_is_written_per_object_and_follows_its_flows(
             "counts": {**ZERO, "PENDING": 1},
             "failures": [],
         }
+        assert condition(cp, shop, "shop-flows", "Verified")["reason"] == "Pending"
+        assert condition(cp, shop, "shop-flows", "Ready")["status"] == "False"
+        assert events_about(cp, shop, "shop-flows") == [], "a first Pending is no transition"
         wrong = status_of(cp, shop, "wrong-flows")
         assert wrong["failing"] == 1
         assert wrong["counts"] == {**ZERO, "POLICY_MISMATCH": 1}
         [failure] = wrong["failures"]
         assert failure["name"] == "web-not-api" and failure["status"] == "POLICY_MISMATCH"
+        assert condition(cp, shop, "wrong-flows", "Verified")["status"] == "False"
+        # The Events the API server stored (`kubectl describe fe` shows them).
+        await until(lambda: len(events_about(cp, shop, "wrong-flows")) == 2)
+        [warning] = [e for e in events_about(cp, shop, "wrong-flows") if e["type"] == "Warning"]
+        assert warning["reason"] == "FlowsFailing"
+        assert "web-not-api (POLICY_MISMATCH)" in warning["note"]
+        stored = ok(cp.request("GET", f"{FE_API}/namespaces/{shop}/flowexpectations/wrong-flows"))
+        assert warning["regarding"]["uid"] == stored["metadata"]["uid"]
+        assert warning["reportingController"] == "flowproof.dev/collector"
 
         probe_everything(loop.collector, Outcome.CONNECTED)  # a status change: written soon
         await until(lambda: status_of(cp, shop, "shop-flows")["counts"]["PASS"] == 1)
+        verified = condition(cp, shop, "shop-flows", "Verified")
+        assert (verified["status"], verified["reason"]) == ("True", "AllFlowsPass")
+        assert verified["observedGeneration"] == 1
+        assert verified["lastTransitionTime"] == NOW_TEXT
+        assert condition(cp, shop, "shop-flows", "Ready")["reason"] == "Decided"
+        await until(lambda: len(events_about(cp, shop, "shop-flows")) == 2)
+        assert sorted((e["type"], e["reason"]) for e in events_about(cp, shop, "shop-flows")) == [
+            ("Normal", "AllFlowsPass"),
+            ("Normal", "Decided"),
+        ]
         assert status_of(cp, shop, "shop-flows") == {
             "observedGeneration": 1,
             "lastVerified": NOW_TEXT,
@@ -243,6 +283,8 @@ async def test_status_is_written_per_object_and_follows_its_flows(
         changed = status_of(cp, shop, "shop-flows")
         assert changed["counts"] == {**ZERO, "POLICY_MISMATCH": 1}
         assert "lastVerified" not in changed, "a flow waiting for its first probe has none"
+        turned = condition(cp, shop, "shop-flows", "Verified")
+        assert (turned["status"], turned["observedGeneration"]) == ("False", 2)
         assert {p["code"] for p in patches(cp, shop, "shop-flows")} == {200}
 
 
@@ -340,6 +382,13 @@ async def test_an_object_deleted_meanwhile_gets_no_status_and_a_namesake_not_the
 
         loop.resume()
         await until(lambda: f"{shop}/gone" not in loop.source.expectation_objects())
+        # The namesake's flows planned (plans are built off the loop, the newest snapshot wins).
+        await until(
+            lambda: any(
+                f.expectation == f"{shop}/again" and f.flow == "other"
+                for f in loop.collector.state.declared()
+            )
+        )
         await publish_statuses(loop.collector, loop.source, written)
         status = status_of(cp, shop, "again")
         assert status["observedGeneration"] == 1

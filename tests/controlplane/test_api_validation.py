@@ -189,6 +189,9 @@ CASES: list[Any] = [
     pytest.param(document(to={"cidr": "10.0.0.0/33"}), False, id="a prefix too long"),
     pytest.param(document(to={"cidr": "10.0.0.0"}), False, id="a cidr without a prefix"),
     pytest.param(document(to={"cidr": "eleven"}), False, id="not a cidr"),
+    pytest.param(document(to={"cidr": "ten.0.0.0/8"}), False, id="not an address before the /"),
+    pytest.param(document(to={"cidr": "fe80::1%eth0/64"}), False, id="a cidr with a zone"),
+    pytest.param(document(to={"cidr": "010.0.0.0/8"}), False, id="leading zeros in a cidr"),
     pytest.param(document(to={"cidr": "2001:db8::1/64"}), False, id="an IPv6 cidr with host bits"),
     pytest.param(
         document(**selector(matchLabels={"a b": "x"})), False, id="a label key with a space"

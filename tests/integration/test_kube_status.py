@@ -145,15 +145,6 @@ def full_status_of(server: FakeApiServer, name: str) -> dict[str, Any]:
     return dict(found.get("status") or {})
 
 
-def condition(server: FakeApiServer, name: str, kind: str) -> dict[str, Any]:
-    [found] = [c for c in full_status_of(server, name).get("conditions", []) if c["type"] == kind]
-    return dict(found)
-
-
-def events_about(server: FakeApiServer, name: str) -> list[dict[str, Any]]:
-    return [e for e in server.objects("Event") if e["regarding"]["name"] == name]
-
-
 def patches_of(server: FakeApiServer, name: str) -> list[dict[str, Any]]:
     return [body["status"] for _, path, body in server.patches if path == STATUS_PATH.format(name)]
 
@@ -180,103 +171,6 @@ def probe_everything(collector: Collector, outcome: Outcome) -> None:
 
 
 # --- through the API ------------------------------------------------------------------------------
-
-
-async def test_status_is_written_per_object_and_follows_its_flows(
-    server: FakeApiServer, kubeconfig: str
-) -> None:
-    server.create(make_expectations("shop-flows"))
-    server.create(make_expectations("wrong-flows", flows=[make_flow("web-not-api", expect="deny")]))
-    async with publishing(kubeconfig, interval=60) as loop:
-        await eventually(
-            lambda: status_of(server, "shop-flows") and status_of(server, "wrong-flows")
-        )
-        assert status_of(server, "shop-flows") == {
-            "observedGeneration": 1,
-            "flows": 1,
-            "failing": 0,
-            "counts": {**ZERO, "PENDING": 1},
-            "failures": [],
-        }
-        [first] = patches_of(server, "shop-flows")
-        assert first["lastVerified"] is None and first["problem"] is None, (
-            "fields the status does not have are removed by the merge patch"
-        )
-        assert condition(server, "shop-flows", "Verified")["reason"] == "Pending"
-        assert condition(server, "shop-flows", "Ready")["status"] == "False"
-        assert events_about(server, "shop-flows") == [], "a first Pending is no transition"
-        assert condition(server, "wrong-flows", "Verified")["status"] == "False"
-        wrong = status_of(server, "wrong-flows")
-        assert wrong["failing"] == 1
-        assert wrong["counts"] == {**ZERO, "POLICY_MISMATCH": 1}
-        [failure] = wrong["failures"]
-        assert failure["name"] == "web-not-api" and failure["status"] == "POLICY_MISMATCH"
-        assert "intent deny" in failure["reason"]
-
-        await eventually(lambda: len(events_about(server, "wrong-flows")) == 2)
-        [warning] = [e for e in events_about(server, "wrong-flows") if e["type"] == "Warning"]
-        assert (warning["type"], warning["reason"]) == ("Warning", "FlowsFailing")
-        assert "web-not-api (POLICY_MISMATCH)" in warning["note"]
-        assert (
-            warning["regarding"]["uid"]
-            == server.get("FlowExpectations", "shop", "wrong-flows")["metadata"]["uid"]
-        )
-        assert warning["reportingController"] == "flowproof.dev/collector"
-
-        probe_everything(loop.collector, Outcome.CONNECTED)  # a status change: written soon
-        await eventually(lambda: status_of(server, "shop-flows")["counts"]["PASS"] == 1)
-        verified = condition(server, "shop-flows", "Verified")
-        assert (verified["status"], verified["reason"]) == ("True", "AllFlowsPass")
-        assert verified["observedGeneration"] == 1
-        assert verified["lastTransitionTime"] == NOW_TEXT
-        assert condition(server, "shop-flows", "Ready")["reason"] == "Decided"
-        await eventually(lambda: len(events_about(server, "shop-flows")) == 2)
-        assert sorted((e["type"], e["reason"]) for e in events_about(server, "shop-flows")) == [
-            ("Normal", "AllFlowsPass"),
-            ("Normal", "Decided"),
-        ]
-        assert status_of(server, "shop-flows") == {
-            "observedGeneration": 1,
-            "lastVerified": NOW_TEXT,
-            "flows": 1,
-            "failing": 0,
-            "counts": {**ZERO, "PASS": 1},
-            "failures": [],
-        }
-
-        server.update(make_expectations("shop-flows", flows=[make_flow(port="9090/TCP")]))
-        await eventually(lambda: status_of(server, "shop-flows")["observedGeneration"] == 2)
-        changed = status_of(server, "shop-flows")
-        assert changed["counts"] == {**ZERO, "POLICY_MISMATCH": 1}
-        assert changed["failures"][0]["status"] == "POLICY_MISMATCH"
-        assert "lastVerified" not in changed, "a flow waiting for its first probe has none"
-        turned = condition(server, "shop-flows", "Verified")
-        assert (turned["status"], turned["observedGeneration"]) == ("False", 2)
-
-
-async def test_an_unchanged_status_is_not_written_again(
-    server: FakeApiServer, kubeconfig: str
-) -> None:
-    server.create(make_expectations("shop-flows"))
-    async with publishing(kubeconfig, interval=0.05) as loop:
-        await eventually(lambda: len(patches_of(server, "shop-flows")) == 1)
-        written = status_of(server, "shop-flows")
-        await asyncio.sleep(0.5)  # ten intervals
-        assert len(patches_of(server, "shop-flows")) == 1
-        assert loop.source.snapshot is loop.collector.snapshot, (
-            "our own status write is no new snapshot"
-        )
-
-        # A restarted collector finds the status in place and writes nothing either.
-        again = asyncio.Event()
-        restarted = asyncio.create_task(
-            status_publisher(loop.collector, loop.source, again, debounce_seconds=0.05)
-        )
-        await asyncio.sleep(0.3)
-        again.set()
-        await asyncio.wait_for(restarted, 5)
-        assert len(patches_of(server, "shop-flows")) == 1
-        assert status_of(server, "shop-flows") == written
 
 
 async def test_a_rejected_object_gets_a_problem_that_goes_when_it_is_fixed(

@@ -288,7 +288,8 @@ async def test_one_concrete_flow_and_a_witness_by_key(served: Served) -> None:
     conforms(detail, "FlowDetail")
     assert [f["key"] for f in detail["flows"]] == [key]
     assert detail["flows"][0]["explanation"]["deciding"] == [
-        "shop/api-to-db ingress[0] (from[0] podSelector app=api; ports[0] 5432/TCP)"
+        "NetworkPolicy tier: shop/api-to-db ingress[0] (from[0] podSelector app=api; "
+        "ports[0] 5432/TCP) -> Allow"
     ]
     assert detail["declared"]["id"] == "shop/shop/api-to-db"
     witness = served.loop.state.flows("witness")[0].key

@@ -185,7 +185,9 @@ async def test_the_explanation_opens_and_closes_from_the_keyboard(view: View) ->
     await page.wait_for_function(f"() => window.flowproof.loads > {loads}", timeout=3000)
     assert (await view.focused())["key"] == second["key"], "a reload keeps the focused row"
     await page.keyboard.press("Enter")
-    await page.wait_for_selector("#explain:not([hidden]) >> text=Deciding policy and rule")
+    await page.wait_for_selector(
+        "#explain:not([hidden]) >> text=Deciding tier, policy, rule and action"
+    )
     text = (await page.inner_text("#explain")).lower()  # headings are shown in capitals
     for part in (
         "declared allow",

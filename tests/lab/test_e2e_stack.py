@@ -238,7 +238,9 @@ async def test_a_break_in_the_lab_turns_its_cell_red_live_and_explains_itself(la
             row = "#drill tr.flowrow[data-key^='shop/shop/api-to-db:']"
             await page.focus(row)
             await page.keyboard.press("Enter")
-            await page.wait_for_selector("#explain:not([hidden]) >> text=Deciding policy and rule")
+            await page.wait_for_selector(
+                "#explain:not([hidden]) >> text=Deciding tier, policy, rule and action"
+            )
             text = (await page.inner_text("#explain")).lower()
             for part in (
                 "api-to-db",

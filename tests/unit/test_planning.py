@@ -532,7 +532,9 @@ def test_touched_flows_go_first_and_untouched_ones_keep_their_schedule() -> None
 
 
 def test_a_touched_flow_is_probed_again_once_the_change_has_settled() -> None:
-    settings = PlannerSettings(drift_sample_size=0, settle_seconds=1.0, interval_seconds=10.0)
+    settings = PlannerSettings(
+        witnesses=False, sweep_probes_per_second=0.0, settle_seconds=1.0, interval_seconds=10.0
+    )
     snapshot = two_flows()
     planner = start(snapshot, settings)
     for a in planner.due(1000.0):
@@ -557,7 +559,9 @@ def test_a_touched_flow_is_probed_again_once_the_change_has_settled() -> None:
 
 
 def test_the_settle_probe_waits_for_a_retry_in_flight_then_goes() -> None:
-    settings = PlannerSettings(drift_sample_size=0, settle_seconds=1.0, interval_seconds=10.0)
+    settings = PlannerSettings(
+        witnesses=False, sweep_probes_per_second=0.0, settle_seconds=1.0, interval_seconds=10.0
+    )
     snapshot = two_flows()
     planner = start(snapshot, settings)
     for a in planner.due(1000.0):
@@ -579,7 +583,9 @@ def test_the_settle_probe_waits_for_a_retry_in_flight_then_goes() -> None:
 
 
 def test_without_settling_a_touched_flow_waits_for_its_cadence() -> None:
-    settings = PlannerSettings(drift_sample_size=0, settle_seconds=0.0, interval_seconds=10.0)
+    settings = PlannerSettings(
+        witnesses=False, sweep_probes_per_second=0.0, settle_seconds=0.0, interval_seconds=10.0
+    )
     snapshot = two_flows()
     planner = start(snapshot, settings)
     for a in planner.due(1000.0):
