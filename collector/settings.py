@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         CollectorSettings,
         prog="flowproof collector",
         description="The flowproof collector: inventory, engine, planner, agents' streams.",
-        secrets=("token",),
+        secrets=("token", "verify_token"),
         epilog=examples(
         ("in a cluster, as the Deployment runs it (python -m collector in the image)",
          "flowproof collector --source kubernetes --token-file /var/run/secrets/flowproof/token"),

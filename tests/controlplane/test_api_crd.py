@@ -101,6 +101,24 @@ def test_every_printer_column_shows_in_kubectl_get_fe(cp: ControlPlane, ns: str)
         "problem": "a problem for the wide column",
         "counts": {"REQUIRED_BLOCKED": 1},
         "failures": [{"name": "web-to-api", "status": "REQUIRED_BLOCKED"}],
+        "conditions": [
+            {
+                "type": "Verified",
+                "status": "False",
+                "reason": "FlowsFailing",
+                "message": "1 of 1 flows fail: web-to-api (REQUIRED_BLOCKED)",
+                "observedGeneration": 1,
+                "lastTransitionTime": "2026-12-06T12:00:00Z",
+            },
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "Decided",
+                "message": "every flow has a verdict",
+                "observedGeneration": 1,
+                "lastTransitionTime": "2026-12-06T12:00:00Z",
+            },
+        ],
     }
     stored = ok(
         cp.request(
@@ -122,7 +140,15 @@ def test_every_printer_column_shows_in_kubectl_get_fe(cp: ControlPlane, ns: str)
     for column in columns:
         if column["type"] == "date" or column["name"] == "Age":
             continue  # printed as an age ("5s"), not as the value
-        value = _column_value(listed, column["jsonPath"])
+        if "?(" in column["jsonPath"]:  # a filter: as kubectl's own JSONPath reads it
+            value = (
+                kubectl(
+                    cp, "get", "fe", "shop", "-n", ns, "-o", f"jsonpath={{{column['jsonPath']}}}"
+                ).stdout
+                or None
+            )
+        else:
+            value = _column_value(listed, column["jsonPath"])
         assert value is not None, f"{column['name']}: {column['jsonPath']} is empty"
         assert str(value) in row, f"{column['name']} = {value!r} is not in {row!r}"
     assert stored["status"] == status

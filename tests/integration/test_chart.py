@@ -240,26 +240,22 @@ def test_a_given_token_is_the_secret_s(tmp_path: Path) -> None:
     assert base64.b64decode(secret["data"]["token"]) == b"s3cret"
 
 
-def test_the_tls_secret_is_mounted_in_both_pods(tmp_path: Path) -> None:
-    docs = template(
-        tmp_path,
-        {
-            "tls": {"existingSecret": "flowproof-tls"},
-            "agent": {"extraArgs": ["--tls-ca-file=/var/run/secrets/flowproof/tls/ca.crt"]},
-        },
+def test_the_collector_gets_its_tls_secret_and_the_agents_only_its_ca(tmp_path: Path) -> None:
+    docs = template(tmp_path, {"tls": {"existingSecret": "flowproof-tls"}})
+    collector = _pod(docs, "Deployment")
+    [volume] = [v for v in collector["volumes"] if v["name"] == "tls"]
+    assert volume["secret"] == {"secretName": "flowproof-tls", "defaultMode": 0o440}
+    container = collector["containers"][0]
+    assert {"name": "tls", "mountPath": "/var/run/secrets/flowproof-tls", "readOnly": True} in (
+        container["volumeMounts"]
     )
-    for kind in ("Deployment", "DaemonSet"):
-        spec = _pod(docs, kind)
-        [volume] = [v for v in spec["volumes"] if v["name"] == "tls"]
-        assert volume["secret"]["secretName"] == "flowproof-tls"
-        [mount] = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "tls"]
-        assert mount == {
-            "name": "tls",
-            "mountPath": "/var/run/secrets/flowproof/tls",
-            "readOnly": True,
-        }
-    agent = _pod(docs, "DaemonSet")["containers"][0]
-    assert agent["args"][-1] == "--tls-ca-file=/var/run/secrets/flowproof/tls/ca.crt"
+    assert "--tls-cert-file=/var/run/secrets/flowproof-tls/tls.crt" in container["args"]
+    assert "--tls-key-file=/var/run/secrets/flowproof-tls/tls.key" in container["args"]
+    agents = _pod(docs, "DaemonSet")
+    [volume] = [v for v in agents["volumes"] if v["name"] == "collector-ca"]
+    assert volume["secret"]["secretName"] == "flowproof-tls"
+    assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}], "never the key"
+    assert "--ca-file=/var/run/secrets/flowproof-tls/ca.crt" in agents["containers"][0]["args"]
 
 
 def test_images_come_from_your_registry_by_tag_or_digest(tmp_path: Path) -> None:

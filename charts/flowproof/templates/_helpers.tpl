@@ -39,26 +39,6 @@ release: {{ .root.Values.monitoring.release | quote }}
 {{- end -}}
 
 {{/* The token and TLS volumes and mounts, the same in both pods. */}}
-{{- define "flowproof.secretMounts" -}}
-- name: token
-  mountPath: /var/run/secrets/flowproof
-  readOnly: true
-{{- if .Values.tls.existingSecret }}
-- name: tls
-  mountPath: {{ .Values.tls.mountPath }}
-  readOnly: true
-{{- end }}
-{{- end -}}
-
-{{- define "flowproof.secretVolumes" -}}
-- name: token
-  secret:
-    secretName: {{ include "flowproof.tokenSecret" .root }}
-    defaultMode: {{ .mode }}
-{{- if .root.Values.tls.existingSecret }}
-- name: tls
-  secret:
-    secretName: {{ .root.Values.tls.existingSecret }}
-    defaultMode: {{ .mode }}
-{{- end }}
+{{- define "flowproof.tlsSecret" -}}
+{{- .Values.tls.existingSecret | default "flowproof-collector-tls" -}}
 {{- end -}}
