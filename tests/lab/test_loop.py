@@ -624,6 +624,16 @@ def settle(lab: Lab, seconds: float = 3.0) -> None:
     time.sleep(seconds)
 
 
+def snapshot_of_delivery(lab: Lab) -> tuple[Delivered, AgentRecord]:
+    """The collector's ledger and the agents' record, consistent although the loop goes on: the
+    acks read before the ledger (an ack follows its ledger line), the measurements after it (an
+    agent logs a result before it sends it)."""
+    before = agent_record(lab)
+    ledger = delivered(lab)
+    after = agent_record(lab)
+    return ledger, AgentRecord(after.measured, before.acked, after.by_node)
+
+
 def assert_every_result_once(lab: Lab, record: AgentRecord, ledger: Delivered) -> None:
     recorded = ledger.result_ids()
     assert len(recorded) == len(set(recorded)), "a result was delivered twice"
@@ -654,7 +664,7 @@ def test_restarting_an_agent_mid_run_loses_no_result_and_counts_none_twice(lab: 
     assert answer["decided"], answer["reasons"]
     assert_statuses(answer)
     settle(lab)
-    record, ledger = agent_record(lab), delivered(lab)
+    ledger, record = snapshot_of_delivery(lab)
     after = counters(lab)
     assert after["lost_total"] == before["lost_total"] == 0, after
     instance = {a["node"]: a["instance_id"] for a in after["agents"]}
@@ -689,7 +699,7 @@ def test_restarting_the_collector_mid_run_loses_no_result_and_counts_none_twice(
     answer = post_verify(lab)
     assert_statuses(answer)
     settle(lab)
-    record, ledger = agent_record(lab), delivered(lab)
+    ledger, record = snapshot_of_delivery(lab)
     assert ledger.runs == runs_before + 1
     assert_every_result_once(lab, record, ledger)
     # What the agents measured while the collector was down reached the new one: delivered
