@@ -692,52 +692,10 @@ def _unmodelled(r: Reader, doc: Document, kind: str, group: str, version: str) -
 
 @dataclass(frozen=True)
 class _Ignored:
-    """A document of a kind flowproof does not read: why, and the field the warning names.
-    `quiet`: a built-in Kubernetes kind that never affects a flow (a Service, a ConfigMap): no
-    warning, or every real manifest directory would warn."""
+    """A document of a kind flowproof does not read: why, and the field the warning names."""
 
     reason: str
     field: str
-    quiet: bool = False
-
-
-QUIET_KINDS: Final[Mapping[str, frozenset[str]]] = {
-    "": frozenset(
-        {
-            "ConfigMap",
-            "Endpoints",
-            "LimitRange",
-            "PersistentVolume",
-            "PersistentVolumeClaim",
-            "ResourceQuota",
-            "Secret",
-            "Service",
-            "ServiceAccount",
-        }
-    ),
-    "apiextensions.k8s.io": frozenset({"CustomResourceDefinition"}),
-    "admissionregistration.k8s.io": frozenset(
-        {
-            "MutatingWebhookConfiguration",
-            "ValidatingAdmissionPolicy",
-            "ValidatingAdmissionPolicyBinding",
-            "ValidatingWebhookConfiguration",
-        }
-    ),
-    "autoscaling": frozenset({"HorizontalPodAutoscaler"}),
-    "coordination.k8s.io": frozenset({"Lease"}),
-    "discovery.k8s.io": frozenset({"EndpointSlice"}),
-    "networking.k8s.io": frozenset({"Ingress", "IngressClass"}),
-    "policy": frozenset({"PodDisruptionBudget"}),
-    "rbac.authorization.k8s.io": frozenset(
-        {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
-    ),
-    "scheduling.k8s.io": frozenset({"PriorityClass"}),
-    "storage.k8s.io": frozenset({"StorageClass"}),
-}
-"""Built-in kinds (by API group) that never change what a packet may do: ignored without a
-warning. Any other kind flowproof does not read is warned about (a misspelt `Networkpolicy`
-would otherwise vanish in silence)."""
 
 
 _SHOWN_PER_KIND: Final = 3  # ignored objects of one kind warned about one by one; then counted
@@ -756,8 +714,7 @@ def _check_header(r: Reader, doc: Document) -> str | UnmodelledPolicy | _Ignored
         return _unmodelled(r, doc, kind, group, version)
     known = KINDS.get(kind)
     if known is None:
-        quiet = kind in QUIET_KINDS.get(group, frozenset())
-        return _Ignored(_ignored_reason(kind, group), "kind", quiet=quiet)
+        return _Ignored(_ignored_reason(kind, group), "kind")
     want_group, versions = known
     if group == want_group and version not in versions:
         served = ", ".join(f"{want_group}/{v}".lstrip("/") for v in versions)
@@ -784,8 +741,6 @@ class _IgnoredKinds:
         self._seen: dict[str, int] = {}
 
     def add(self, what: _Ignored, doc: Document) -> None:
-        if what.quiet:
-            return
         count = self._seen[what.reason] = self._seen.get(what.reason, 0) + 1
         if count <= _SHOWN_PER_KIND:
             self._warnings.append(doc.where.warning((what.field,), what.reason))

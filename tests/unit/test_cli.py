@@ -257,7 +257,9 @@ def _into_a_closed_pipe(*argv: str) -> subprocess.CompletedProcess[bytes]:
 )
 def test_no_traceback_when_the_reader_closes_the_pipe(argv: tuple[str, ...]) -> None:
     done = _into_a_closed_pipe(*argv)
-    assert done.stderr == b"", done.stderr.decode()
+    # Only the reader's warnings (the shop's Services are ignored kinds), never a traceback.
+    lines = done.stderr.decode().splitlines()
+    assert all(": warning: " in line for line in lines), done.stderr.decode()
     assert done.returncode == 141  # 128 + SIGPIPE, as a shell shows a writer killed by it
 
 

@@ -1313,8 +1313,10 @@ def test_kustomize_build_output(tmp_path: Path) -> None:
         "NetworkPolicy.crd.projectcalico.org shop/calico"
     ]
     lines = path.read_text().splitlines()
+    service = lines.index("kind: Service") + 1
     calico = lines.index("apiVersion: crd.projectcalico.org/v1") + 2
-    assert snapshot.warnings == (  # a Service never changes a verdict: ignored without a word
+    assert snapshot.warnings == (
+        f"{path}:{service}: kind: 'Service' is ignored: flowproof does not read this kind",
         f"{path}:{calico}: kind: NetworkPolicy shop/calico (crd.projectcalico.org/v1) is a policy "
         "of Calico that flowproof does not model: flows of pods of namespace shop get an unknown "
         "model (MODEL_INCOMPLETE), never drift",
@@ -1467,37 +1469,3 @@ def test_ten_thousand_pods_and_five_hundred_policies_read_in_seconds(tmp_path: P
     elapsed = time.perf_counter() - started
     assert (len(snapshot.pods), len(snapshot.policies)) == (10_000, 500)
     assert elapsed < 10, f"reading took {elapsed:.1f}s"
-
-
-def test_built_in_kinds_that_never_change_a_verdict_are_ignored_quietly_others_are_named(
-    tmp_path: Path,
-) -> None:
-    text = """
-    apiVersion: v1
-    kind: Service
-    metadata: {name: api, namespace: shop}
-    ---
-    apiVersion: v1
-    kind: ConfigMap
-    metadata: {name: settings, namespace: shop}
-    ---
-    apiVersion: rbac.authorization.k8s.io/v1
-    kind: RoleBinding
-    metadata: {name: readers, namespace: shop}
-    ---
-    apiVersion: cert-manager.io/v1
-    kind: Certificate
-    metadata: {name: api-tls, namespace: shop}
-    ---
-    apiVersion: example.com/v1
-    kind: Service
-    metadata: {name: not-the-core-one, namespace: shop}
-    """
-    path = write(tmp_path, text)
-    lines = path.read_text().splitlines()
-    certificate = lines.index("kind: Certificate") + 1
-    other = lines.index("apiVersion: example.com/v1") + 2  # its kind line
-    assert load_snapshot([path]).warnings == (
-        f"{path}:{certificate}: kind: 'Certificate' is ignored: flowproof does not read this kind",
-        f"{path}:{other}: kind: 'Service' is ignored: flowproof does not read this kind",
-    )
