@@ -183,7 +183,13 @@ async def run_one(
 ) -> list[Sample]:
     loop = lab.state().loop
     assert loop is not None
-    async with session.post(f"{loop.url}/api/v1/verify", json={"timeout_seconds": 30}) as response:
+    token = (await asyncio.to_thread(Path(loop.token_file).read_text)).strip()
+    async with session.post(
+        f"{loop.url}/api/v1/verify",
+        json={"timeout_seconds": 30, "evidence": False},
+        headers={"Authorization": f"Bearer {token}"},
+    ) as response:
+        response.raise_for_status()
         answer = await response.json()
     bad = [r for r in answer["rows"] if r["status"] != "PASS"]
     if bad or not answer["decided"]:
