@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -1439,7 +1438,8 @@ def test_example_shop_expectations_all_hold() -> None:
 
 
 @pytest.mark.slow
-def test_ten_thousand_pods_and_five_hundred_policies_read_in_seconds(tmp_path: Path) -> None:
+def test_ten_thousand_pods_and_five_hundred_policies_are_all_read(tmp_path: Path) -> None:
+    # How fast: bench/engine_bench.py (docs/benchmarks.md), never a timed test.
     pod_text = (
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: app{a}-{i}\n  namespace: ns{n}\n"
         "  uid: uid-{i}\n  labels: {{app: app{a}, pod-template-hash: h{a}}}\nspec:\n"
@@ -1464,8 +1464,7 @@ def test_ten_thousand_pods_and_five_hundred_policies_read_in_seconds(tmp_path: P
     policies = "---\n".join(policy_text.format(i=i, n=i % 50, j=(i + 1) % 500) for i in range(500))
     (tmp_path / "pods.yaml").write_text(pods)
     (tmp_path / "policies.yaml").write_text(policies)
-    started = time.perf_counter()
     snapshot = load_snapshot([tmp_path])
-    elapsed = time.perf_counter() - started
     assert (len(snapshot.pods), len(snapshot.policies)) == (10_000, 500)
-    assert elapsed < 10, f"reading took {elapsed:.1f}s"
+    assert snapshot.pod("ns7/app457-9957") is not None
+    assert {p.namespace for p in snapshot.policies} == {f"ns{n}" for n in range(50)}
