@@ -372,6 +372,39 @@ class Dispatcher:
             if pending.assignment.responder is not None:
                 self._send_cancel(pending.assignment.responder.node, aid)
 
+    def forget(self, assignment_ids: Iterable[str]) -> None:
+        """Drop assignments the planner gave up on (it issues their flows again under new ids).
+
+        A queued one is never sent (its node's queue is compacted, so a node without an agent
+        does not pile up ids); one already sent is no longer awaited, but its probe runs on, and
+        a late result is still delivered once (as one the planner no longer expects). Unlike
+        `cancel`, nothing is refused later and no agent is told to stop.
+        """
+        nodes: set[str] = set()
+        for aid in assignment_ids:
+            pending = self._pending.pop(aid, None)
+            if pending is None:
+                continue
+            if pending.responder_timer is not None:
+                pending.responder_timer.cancel()
+            if pending.session is not None:
+                pending.session.in_flight.discard(aid)
+                pending.session.poke()
+            if pending.state == "awaiting_responder" and pending.assignment.responder is not None:
+                nodes.add(pending.assignment.responder.node)
+            elif pending.state == "queued":
+                nodes.add(pending.assignment.source_node)
+            # A responder already opened stays until its own TTL: a probe still running needs it.
+        for node in nodes:
+            queue = self._queues.get(node)
+            if queue:
+                self._queues[node] = deque(a for a in queue if a in self._pending)
+            requests = self._responder_queues.get(node)
+            if requests:
+                self._responder_queues[node] = deque(
+                    r for r in requests if r.assignment_id in self._pending
+                )
+
     def agents(self) -> list[AgentInfo]:
         """The connected agents, by node name."""
         now_wall = time.time()

@@ -38,6 +38,8 @@ Sender = Callable[[Sequence[Assignment]], None]
 """Takes due assignments and sends them to the agents (never blocks)."""
 Announcer = Callable[[DestinationPolicy], None]
 """Tells the agents where they may probe (the dispatcher's, before any assignment needs it)."""
+Canceller = Callable[[Sequence[str]], None]
+"""Forgets assignments the planner gave up on (the dispatcher's `cancel`; never blocks)."""
 
 
 # --- events ---------------------------------------------------------------------------------------
@@ -112,6 +114,10 @@ def _ignore(_: DestinationPolicy) -> None:
     """The announcer of a loop that nothing dispatches for."""
 
 
+def _forget(_: Sequence[str]) -> None:
+    """The canceller of a loop that nothing dispatches for."""
+
+
 class Collector:
     """The live loop of one collector. Use it from one event loop.
 
@@ -126,6 +132,7 @@ class Collector:
         *,
         send: Sender = _drop,
         announce: Announcer = _ignore,
+        cancel: Canceller = _forget,
         clock: Clock = SYSTEM_CLOCK,
         probe_pods: ProbePodManager | None = None,
     ) -> None:
@@ -135,6 +142,7 @@ class Collector:
         self.state = FlowState(settings.planner, clock=clock)
         self.send = send
         self.announce = announce
+        self.cancel = cancel
         self.snapshot: Snapshot | None = None
         self.generation = 0
         self.started_at = clock.time()
@@ -293,6 +301,9 @@ class Collector:
                 if rotated is not None:
                     self._emit_changes(self.state.sync(rotated))
             due = self.planner.due(now)
+            lost = self.planner.take_lost()
+            if lost:
+                self.cancel(lost)
             if due:
                 self.send(due)
             wake_at = self.planner.next_wakeup(now)
@@ -324,6 +335,7 @@ class Collector:
 
 __all__ = [
     "Announcer",
+    "Canceller",
     "Collector",
     "LatencyMeasured",
     "Listener",

@@ -200,6 +200,10 @@ async def _serve(
         log.error("collector cannot start: %s", exc)
         return 2
 
+    def forget(assignment_ids: Sequence[str]) -> None:
+        assert dispatcher is not None
+        dispatcher.forget(assignment_ids)
+
     def announce(policy: DestinationPolicy) -> None:
         assert dispatcher is not None
         dispatcher.set_destination_policy(policy)
@@ -214,7 +218,9 @@ async def _serve(
     except ConfigurationError as exc:
         log.error("collector cannot start: %s", exc)
         return 2
-    collector = Collector(settings, send=send, announce=announce, probe_pods=probe_pods)
+    collector = Collector(
+        settings, send=send, announce=announce, cancel=forget, probe_pods=probe_pods
+    )
     dispatcher = Dispatcher(
         token=settings.token,
         tls=tls,

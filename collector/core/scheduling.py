@@ -128,6 +128,7 @@ class Planner:
         self._urgent_keys: dict[str, _Urgent] = {}
         self._in_flight: dict[str, _InFlight] = {}
         self._keys_in_flight: dict[str, int] = defaultdict(int)
+        self._lost: list[str] = []  # given up on since the last take_lost()
         self._settling: set[str] = set()  # touched by a change, its first probe not sent yet
         self._settle_at: dict[str, float] = {}  # first probe sent: once more at this time
         self._nodes: dict[str, _TokenBucket] = {}
@@ -308,6 +309,13 @@ class Planner:
         self._release(entry.key)
         return entry.key
 
+    def take_lost(self) -> list[str]:
+        """The assignments given up on (past their deadline, redone under a new id) since the
+        last call: the dispatcher must forget them, or one whose node has no agent (or a queue
+        that never drains) would be kept and sent late, without bound."""
+        lost, self._lost = self._lost, []
+        return lost
+
     # -- due ---------------------------------------------------------------------------------------
 
     def due(self, now: float) -> list[Assignment]:
@@ -482,5 +490,6 @@ class Planner:
             entry = self._in_flight.pop(assignment_id)
             self._release(entry.key)
             self.stats.lost_total += 1
+            self._lost.append(assignment_id)
             if entry.key in self.plan.flows:
                 self._schedule(entry.key, now)

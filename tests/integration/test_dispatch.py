@@ -413,6 +413,42 @@ async def test_sigterm_path_finishes_running_probes_and_delivers_them(loop_: Loo
 # --- the contract, spoken by hand ------------------------------------------------------------------
 
 
+async def test_forgotten_assignments_of_a_node_without_agent_are_never_sent_nor_kept(
+    loop_: Loop,
+) -> None:
+    """What the planner gave up on (lost: no agent on the node) leaves the dispatcher: nothing
+    of it is kept, and an agent that comes later is sent only what is still wanted."""
+    given_up = make_assignments(loop_.bed, 50, node="node-z")
+    loop_.dispatcher.submit(given_up)
+    assert loop_.dispatcher.pending_count() == 50
+    loop_.dispatcher.forget([a.id for a in given_up])
+    assert loop_.dispatcher.pending_count() == 0
+    assert loop_.dispatcher.agents() == []
+    [wanted] = make_assignments(loop_.bed, 1, node="node-z")
+    loop_.dispatcher.submit([wanted])
+    async with raw_stream(loop_.port) as call:
+        await call.write(hello("node-z"))
+        msg = await read_until(call, "assignments")
+        assert [a.id for a in msg.assignments.assignments] == [wanted.id]
+
+
+async def test_a_forgotten_assignment_already_sent_still_delivers_its_result_once(
+    loop_: Loop,
+) -> None:
+    [a] = make_assignments(loop_.bed, 1, node="node-y")
+    loop_.dispatcher.submit([a])
+    async with raw_stream(loop_.port) as call:
+        await call.write(hello("node-y"))
+        msg = await read_until(call, "assignments")
+        [received] = msg.assignments.assignments
+        loop_.dispatcher.forget([a.id])
+        assert loop_.dispatcher.pending_count() == 0
+        await call.write(result_for(received, "late-1"))
+        ack = await read_until(call, "result_ack")
+        assert list(ack.result_ack.result_ids) == ["late-1"]
+    assert [r.id for r in loop_.results] == ["late-1"]
+
+
 def secure_channel(port: int) -> grpc.aio.Channel:
     """A channel to the dispatcher that checks its certificate against the test CA."""
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem())

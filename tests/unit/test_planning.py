@@ -624,6 +624,8 @@ def test_a_flow_in_flight_is_not_sent_again_until_its_result_or_its_deadline() -
     assert sorted(a.flow_key for a in again) == sorted(a.flow_key for a in first)
     assert planner.stats.lost_total == 2
     assert planner.completed(first[0].id) is None, "a lost assignment's late result is unknown"
+    assert sorted(planner.take_lost()) == sorted(a.id for a in first), "handed on to forget"
+    assert planner.take_lost() == [], "each lost id is handed on once"
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,9 @@ from collector.core.settings import PlannerSettings
 from collector.loop import Collector
 from collector.settings import CollectorSettings
 from flowproof.aio import event_loop_lag
+from tests.support.clock import ManualClock
 from tests.unit.make import make_pod, make_snapshot
+from tests.unit.test_planning import two_flows
 
 
 def _snapshot(version: str) -> Snapshot:
@@ -89,3 +91,42 @@ async def test_without_the_replanner_a_snapshot_is_planned_before_on_snapshot_re
     await collector.on_snapshot(snapshot, diff_snapshots(None, snapshot, generation=1, at=1.0))
     assert collector.planner.plan.generation == 1
     assert collector.replans_total == 1
+
+
+@pytest.mark.asyncio
+async def test_the_plan_sender_hands_assignments_lost_past_their_deadline_to_cancel() -> None:
+    """A lost assignment is issued again under a new id, and the old one is handed to `cancel`
+    (the dispatcher forgets it) once: nothing piles up for a node whose agent never comes."""
+    clock = ManualClock(1000.0)
+    sent: list[str] = []
+    forgotten: list[str] = []
+    planner_settings = PlannerSettings(
+        witnesses=False, sweep_probes_per_second=0, result_grace_seconds=5.0, freshness_seconds=60
+    )
+    collector = Collector(
+        CollectorSettings(token="t", planner=planner_settings),
+        send=lambda batch: sent.extend(a.id for a in batch),
+        cancel=forgotten.extend,
+        clock=clock,
+    )
+    snapshot = two_flows()
+    stop = asyncio.Event()
+    replanner = asyncio.create_task(collector.replanner(stop))
+    await collector.on_snapshot(snapshot, diff_snapshots(None, snapshot, generation=1, at=1000.0))
+    sender = asyncio.create_task(collector.plan_sender(stop))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if len(sent) >= 2:
+            break
+    first = list(sent)
+    assert len(first) == 2 and forgotten == []
+    clock.advance(30.0)  # past timeout + grace: both lost, both issued again
+    collector.wake()
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if len(sent) >= 4:
+            break
+    stop.set()
+    await asyncio.gather(replanner, sender)
+    assert sorted(forgotten) == sorted(first)
+    assert len(set(sent)) == 4 and not set(sent[2:]) & set(first)
