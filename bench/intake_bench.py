@@ -32,6 +32,13 @@ import aiohttp
 import grpc
 import grpc.aio
 
+from bench.collector_process import (
+    ROOT,
+    channel,
+    rss_mib,
+    start_collector,
+    stop_collector,
+)
 from flowproof import convert
 from flowproof.probes import (
     PROTOCOL_VERSION,
@@ -45,26 +52,8 @@ from flowproof.probes import (
 )
 from flowproof.v1 import agent_pb2 as pb
 from flowproof.v1.agent_pb2_grpc import AgentServiceStub
-from lab.certs import issue
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "intake-bench-token"
-
-
-def rss_mib(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process, MiB."""
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def results(count: int, flow_key: str, *, sealed: bool = False) -> list[pb.ProbeResult]:
@@ -120,17 +109,6 @@ async def scraping(url: str, stop_file: Path) -> asyncio.subprocess.Process:
     )
 
 
-def channel(port: int, ca: bytes | None) -> grpc.aio.Channel:
-    options = (
-        ("grpc.max_send_message_length", 64 << 20),
-        ("grpc.max_receive_message_length", 64 << 20),
-    )
-    if ca is None:
-        return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
-    credentials = grpc.ssl_channel_credentials(root_certificates=ca)
-    return grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options=options)
-
-
 async def burst(
     port: int, ca: bytes | None, messages: list[list[pb.ProbeResult]], limit_seconds: float
 ) -> float:
@@ -172,24 +150,16 @@ async def burst(
 
 async def run(count: int, root: Path, plaintext: bool) -> dict[str, Any]:
     directory = Path(tempfile.mkdtemp(prefix="fp-intake-"))
-    issued = issue(["127.0.0.1"])
-    (directory / "c.crt").write_bytes(issued.certificate)
-    (directory / "c.key").write_bytes(issued.key)
-    grpc_port, http_port = free_port(), free_port()
-    tls = [] if plaintext else [
-        "--tls-cert-file", str(directory / "c.crt"), "--tls-key-file", str(directory / "c.key"),
-    ]  # fmt: skip
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "flowproof.cli", "collector",
-        "--source", "manifests", "--manifests", str(ROOT / "examples" / "shop"),
-        "--listen-address", "127.0.0.1", "--grpc-port", str(grpc_port),
-        "--http-port", str(http_port), *tls, "--log-level", "WARNING",
-        cwd=root, env={**os.environ, "PYTHONPATH": str(root), "FLOWPROOF_TOKEN": TOKEN},
-        stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{http_port}"
+    collector = await start_collector(
+        manifests=ROOT / "examples" / "shop",
+        directory=directory,
+        token=TOKEN,
+        root=root,
+        plaintext=plaintext,
+    )
+    base = collector.base
     url = f"{base}/metrics"
-    ca = None if plaintext else issued.ca
+    grpc_port, ca, process = collector.grpc_port, collector.ca, collector.process
     figures: dict[str, Any] = {"results": count, "root": str(root)}
     try:
         async with aiohttp.ClientSession() as session:
@@ -234,8 +204,7 @@ async def run(count: int, root: Path, plaintext: bool) -> dict[str, Any]:
                 "rss_peak_mib": round(peak, 1),
             }
     finally:
-        process.terminate()
-        await process.wait()
+        await stop_collector(collector)
     return figures
 
 
