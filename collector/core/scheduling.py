@@ -127,6 +127,7 @@ class Planner:
         self._urgent: list[_Urgent] = []
         self._urgent_keys: dict[str, _Urgent] = {}
         self._in_flight: dict[str, _InFlight] = {}
+        self._deadlines: list[tuple[float, str]] = []  # (deadline, id), answered ones popped late
         self._keys_in_flight: dict[str, int] = defaultdict(int)
         self._lost: list[str] = []  # given up on since the last take_lost()
         self._settling: set[str] = set()  # touched by a change, its first probe not sent yet
@@ -465,6 +466,7 @@ class Planner:
         )
         deadline = now + template.timeout_seconds + self.settings.result_grace_seconds
         self._in_flight[assignment.id] = _InFlight(template.flow_key, now, deadline)
+        heapq.heappush(self._deadlines, (deadline, assignment.id))
         self._keys_in_flight[template.flow_key] += 1
         key = template.flow_key
         self._schedule(key, now + self._interval())
@@ -482,12 +484,19 @@ class Planner:
             self._keys_in_flight.pop(key, None)
 
     def _earliest_deadline(self) -> float:
-        return min((e.deadline for e in self._in_flight.values()), default=math.inf)
+        """The first deadline of an assignment still in flight (the heap's answered tops go)."""
+        while self._deadlines and self._deadlines[0][1] not in self._in_flight:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else math.inf
 
     def _expire(self, now: float) -> None:
-        lost = [aid for aid, e in self._in_flight.items() if e.deadline <= now]
-        for assignment_id in lost:
-            entry = self._in_flight.pop(assignment_id)
+        """Give up on assignments past their deadline: from the heap's top, never a scan of all
+        in flight (`due` runs on every wake-up of the plan sender)."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, assignment_id = heapq.heappop(self._deadlines)
+            entry = self._in_flight.pop(assignment_id, None)
+            if entry is None:
+                continue  # answered in time
             self._release(entry.key)
             self.stats.lost_total += 1
             self._lost.append(assignment_id)
