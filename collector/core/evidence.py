@@ -30,7 +30,6 @@ Decisions:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -63,6 +62,8 @@ EVIDENCE_STATUSES: tuple[EvidenceStatus, ...] = ("NOT_ENFORCED", "PENDING", "UNP
 WitnessKind = Literal["isolation", "removal", "allow"]
 WITNESS_KEY_PREFIX = "witness:"
 """Every witness flow's key starts so."""
+PORTS_CACHED = 256
+"""Ports whose matrices one plan's evidence keeps at most."""
 FALLBACK_PORT: tuple[int, Protocol] = (80, "TCP")
 """The port of an isolation witness to a pod that declares none (a responder answers it)."""
 
@@ -213,6 +214,10 @@ class _Matrices:
         self.model = model
         self.k = model.classes
         self.declared_ports = declared_ports
+        # Caches of this instance only: a cache on the method would be the class's and keep
+        # every plan's matrices (and class model) alive after the plan is gone.
+        self._peers: dict[tuple[Direction, int], BoolArray] = {}
+        self._at: dict[tuple[int, Protocol], _PortMatrices] = {}
         self.rows: dict[Direction, list[tuple[int, int, Rule]]] = {"ingress": [], "egress": []}
         # ClassModel lists the rules of the directions in each policy's policyTypes, in order.
         for pi, policy in enumerate(model.policies):
@@ -239,13 +244,18 @@ class _Matrices:
                 peer[j] = self.peers(d, j)
             self._base[d] = (sel, peer)
 
-    @functools.cache  # noqa: B019 - one _Matrices per plan, dropped with it
     def peers(self, direction: Direction, row: int) -> BoolArray:
-        rows = self.model.rules_in if direction == "ingress" else self.model.rules_eg
-        cols = rows[row].peers
-        if cols is None:
-            return np.ones(self.k, dtype=np.bool_)
-        return np.asarray(self.model.peer_match[:, list(cols)].any(axis=1), dtype=np.bool_)
+        """Per class: does it match a peer of rule `row` of `direction`? (cached)"""
+        found = self._peers.get((direction, row))
+        if found is None:
+            rows = self.model.rules_in if direction == "ingress" else self.model.rules_eg
+            cols = rows[row].peers
+            if cols is None:
+                found = np.ones(self.k, dtype=np.bool_)
+            else:
+                found = np.asarray(self.model.peer_match[:, list(cols)].any(axis=1), dtype=np.bool_)
+            self._peers[(direction, row)] = found
+        return found
 
     def port_ok(self, rule: Rule, port: int, protocol: Protocol) -> BoolArray:
         """Per class as the destination: does some port entry of `rule` admit the port?"""
@@ -270,8 +280,16 @@ class _Matrices:
                 out[i] = entry.port == port
         return out
 
-    @functools.lru_cache(maxsize=256)  # noqa: B019 - one _Matrices per plan, dropped with it
     def at(self, port: int, protocol: Protocol) -> _PortMatrices:
+        """The matrices of one port (cached: the last PORTS_CACHED ports asked for)."""
+        found = self._at.get((port, protocol))
+        if found is None:
+            if len(self._at) >= PORTS_CACHED:
+                del self._at[next(iter(self._at))]
+            found = self._at[(port, protocol)] = self._port_matrices(port, protocol)
+        return found
+
+    def _port_matrices(self, port: int, protocol: Protocol) -> _PortMatrices:
         m = self.model
         out: dict[Direction, tuple[FloatArray, FloatArray]] = {}
         for d in ("ingress", "egress"):

@@ -8,6 +8,8 @@ policy whose removal changes the matrix gets at least one witness.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import weakref
 from collections.abc import Iterable
 
 import pytest
@@ -15,6 +17,7 @@ from hypothesis import given
 from make import make_pod, make_policy, make_snapshot, peer, port, rule, sel
 from test_properties import PROPERTY_SETTINGS, snapshot_st
 
+from collector.core.classes import ClassModel
 from collector.core.engine import Engine, suspects
 from collector.core.evidence import (
     EvidencePlan,
@@ -381,3 +384,17 @@ def test_a_dropped_flow_that_witnesses_both_sides_names_both_as_suspects() -> No
     for other in ("shop/api-out", "shop/job-out"):
         assert by_policy[other].status == "NOT_ENFORCED", by_policy[other]
         assert "or shop/db-in is not: the probe cannot tell which side" in by_policy[other].reason
+
+
+def test_a_plan_s_evidence_keeps_nothing_of_it_alive_once_it_is_dropped() -> None:
+    """The per-port matrices are cached on the plan's own objects: once a plan is replaced (every
+    policy change in the loop), its class model and matrices go with it (the soak's collector
+    grew by every old plan while a method-level cache held them)."""
+    snapshot = snap(DB_FROM_API)
+    model = ClassModel(snapshot)
+    plan = plan_evidence(snapshot, model=model, running_only=False)
+    assert list(plan.witnesses()), "the matrices were used"
+    gone = weakref.ref(model)
+    del plan, model
+    gc.collect()
+    assert gone() is None, "an old plan's class model is still referenced"
