@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from tabulate import tabulate  # noqa: E402
 
+from bench.collector_process import cpu_seconds, rss_mib  # noqa: E402
 from collector.dispatching import Dispatcher, ServerTLS  # noqa: E402
 from flowproof.probes import (  # noqa: E402
     Assignment,
@@ -190,19 +191,6 @@ def _children_cpu() -> float:
 
 
 # --- the agent ------------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> tuple[float, float]:
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 @dataclass

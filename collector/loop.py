@@ -38,8 +38,8 @@ Sender = Callable[[Sequence[Assignment]], None]
 """Takes due assignments and sends them to the agents (never blocks)."""
 Announcer = Callable[[DestinationPolicy], None]
 """Tells the agents where they may probe (the dispatcher's, before any assignment needs it)."""
-Canceller = Callable[[Sequence[str]], None]
-"""Forgets assignments the planner gave up on (the dispatcher's `cancel`; never blocks)."""
+Forgetter = Callable[[Sequence[str]], None]
+"""Forgets assignments the planner gave up on (the dispatcher's `forget`; never blocks)."""
 
 
 # --- events ---------------------------------------------------------------------------------------
@@ -114,8 +114,8 @@ def _ignore(_: DestinationPolicy) -> None:
     """The announcer of a loop that nothing dispatches for."""
 
 
-def _forget(_: Sequence[str]) -> None:
-    """The canceller of a loop that nothing dispatches for."""
+def _keep(_: Sequence[str]) -> None:
+    """The forgetter of a loop that nothing dispatches for."""
 
 
 class Collector:
@@ -132,7 +132,7 @@ class Collector:
         *,
         send: Sender = _drop,
         announce: Announcer = _ignore,
-        cancel: Canceller = _forget,
+        forget: Forgetter = _keep,
         clock: Clock = SYSTEM_CLOCK,
         probe_pods: ProbePodManager | None = None,
     ) -> None:
@@ -142,7 +142,7 @@ class Collector:
         self.state = FlowState(settings.planner, clock=clock)
         self.send = send
         self.announce = announce
-        self.cancel = cancel
+        self.forget = forget
         self.snapshot: Snapshot | None = None
         self.generation = 0
         self.started_at = clock.time()
@@ -303,7 +303,7 @@ class Collector:
             due = self.planner.due(now)
             lost = self.planner.take_lost()
             if lost:
-                self.cancel(lost)
+                self.forget(lost)
             if due:
                 self.send(due)
             wake_at = self.planner.next_wakeup(now)
@@ -335,8 +335,8 @@ class Collector:
 
 __all__ = [
     "Announcer",
-    "Canceller",
     "Collector",
+    "Forgetter",
     "LatencyMeasured",
     "Listener",
     "LoopEvent",

@@ -219,7 +219,7 @@ async def _serve(
         log.error("collector cannot start: %s", exc)
         return 2
     collector = Collector(
-        settings, send=send, announce=announce, cancel=forget, probe_pods=probe_pods
+        settings, send=send, announce=announce, forget=forget, probe_pods=probe_pods
     )
     dispatcher = Dispatcher(
         token=settings.token,

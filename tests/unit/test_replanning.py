@@ -94,9 +94,9 @@ async def test_without_the_replanner_a_snapshot_is_planned_before_on_snapshot_re
 
 
 @pytest.mark.asyncio
-async def test_the_plan_sender_hands_assignments_lost_past_their_deadline_to_cancel() -> None:
-    """A lost assignment is issued again under a new id, and the old one is handed to `cancel`
-    (the dispatcher forgets it) once: nothing piles up for a node whose agent never comes."""
+async def test_the_plan_sender_hands_assignments_lost_past_their_deadline_to_forget() -> None:
+    """A lost assignment is issued again under a new id, and the old one is handed to `forget`
+    (the dispatcher drops it) once: nothing piles up for a node whose agent never comes."""
     clock = ManualClock(1000.0)
     sent: list[str] = []
     forgotten: list[str] = []
@@ -106,7 +106,7 @@ async def test_the_plan_sender_hands_assignments_lost_past_their_deadline_to_can
     collector = Collector(
         CollectorSettings(token="t", planner=planner_settings),
         send=lambda batch: sent.extend(a.id for a in batch),
-        cancel=forgotten.extend,
+        forget=forgotten.extend,
         clock=clock,
     )
     snapshot = two_flows()
