@@ -116,7 +116,8 @@ async def test_api_errors_are_retried_and_never_end_the_loop(
     server.fail_next(2, status=500, path_contains=PODS_PATH)  # two creates
     async with managing(kubeconfig) as (manager, _):
         await manager([WEB])
-        await eventually(lambda: probe_pods(server) == [WEB.key])
+        # The fake stores the pod before the create's answer reaches the manager: wait for both.
+        await eventually(lambda: probe_pods(server) == [WEB.key] and not manager.problems)
         assert manager.problems == {}
         server.forbid(PODS_PATH, method="POST")
         await tell(manager, [WEB, CACHE])
