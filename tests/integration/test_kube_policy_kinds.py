@@ -20,8 +20,13 @@ from typing import Any
 import pytest
 
 from collector.core.engine import Engine
-from collector.kube import PARTIAL_METADATA_ACCEPT, KubernetesSource, load_kube_config
-from tests.fakeapi import FakeApiServer
+from collector.kube import (
+    PARTIAL_METADATA_ACCEPT,
+    PARTIAL_METADATA_WATCH_ACCEPT,
+    KubernetesSource,
+    load_kube_config,
+)
+from tests.fakeapi import FakeApiServer, RequestRecord
 from tests.integration.test_kube_source import (
     FAST,
     TOKEN,
@@ -147,12 +152,19 @@ async def test_other_plugins_policies_are_watched_for_their_presence_only(
             "shop",
             "l7",
         )
-        lists = [
-            r
-            for r in server.requests
-            if r.path.endswith("/ciliumnetworkpolicies") and r.method == "GET"
-        ]
+
+        def cilium_reads() -> list[RequestRecord]:
+            return [
+                r
+                for r in server.requests
+                if r.path.endswith("/ciliumnetworkpolicies") and r.method == "GET"
+            ]
+
+        await eventually(lambda: any(r.is_watch for r in cilium_reads()))
+        lists = [r for r in cilium_reads() if not r.is_watch]
+        watches = [r for r in cilium_reads() if r.is_watch]
         assert lists and all(r.accept == PARTIAL_METADATA_ACCEPT for r in lists)
+        assert all(r.accept == PARTIAL_METADATA_WATCH_ACCEPT for r in watches)
         assert not any("ciliumendpoints" in r.path for r in server.requests), "not a policy kind"
 
         snapshot = source.snapshot
