@@ -16,6 +16,10 @@ from typing import Literal
 
 PROTOCOL_VERSION = 1
 """The contract version of proto/flowproof/v1 that both sides speak."""
+STANDBY_REFUSAL = "standby: this collector is not the leader"
+"""The details of the UNAVAILABLE status a standby collector (one not holding the Lease) ends an
+agent's stream with at once: the agent tries again soon, without backing off further (through a
+Service the next connection may reach the leader)."""
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 
