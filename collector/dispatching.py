@@ -45,6 +45,7 @@ from flowproof.errors import ConfigurationError, bounded
 from flowproof.logs import LogLimiter
 from flowproof.probes import (
     PROTOCOL_VERSION,
+    STANDBY_REFUSAL,
     AgentCapabilities,
     AgentHello,
     Assignment,
@@ -134,6 +135,7 @@ class IntakeCounters:
     timestamps_adjusted_total: int
     streams_refused_total: int
     duplicates_total: int
+    standby_refusals_total: int = 0
 
 
 REFUSAL_REASONS = (
@@ -190,6 +192,11 @@ class _Session:
 class Dispatcher:
     """The collector's side of the agent streams. Use it from one event loop.
 
+    `serving()`, when given, says whether to take agents' streams at all: a standby collector
+    (one not holding the Lease) ends each at once with UNAVAILABLE and `STANDBY_REFUSAL`, before
+    the hello, so agents try again (through a Service, maybe reaching the leader) and no result
+    reaches a collector that issued nothing.
+
     `on_result(result)` is called exactly once per result (and at most once per assignment), on the
     event loop, with `result.responder` set when the assignment asked for a responder. It must not
     block; an exception it raises is logged and the result still counts as delivered.
@@ -214,6 +221,7 @@ class Dispatcher:
         clock_tolerance_seconds: float = 2.0,
         wall: Callable[[], float] = time.time,
         collector_version: str = __version__,
+        serving: Callable[[], bool] | None = None,
     ) -> None:
         if not token:
             raise ValueError("the dispatcher needs a non-empty token")
@@ -257,6 +265,9 @@ class Dispatcher:
         received the result (beyond the tolerance), brought back within it."""
         self._limiter = LogLimiter()
         self._policy = DestinationPolicy()
+        self._serving = serving
+        self.standby_refusals_total = 0
+        """Streams ended at once because this collector was a standby (`serving()` false)."""
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -433,6 +444,7 @@ class Dispatcher:
             timestamps_adjusted_total=self.timestamps_adjusted_total,
             streams_refused_total=self.refused_total,
             duplicates_total=self.duplicates_total,
+            standby_refusals_total=self.standby_refusals_total,
         )
 
     def pending_count(self) -> int:
@@ -450,6 +462,9 @@ class Dispatcher:
         auth_bytes = auth.encode() if isinstance(auth, str) else auth
         if not hmac.compare_digest(auth_bytes, self._expected_auth):
             await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "bad or missing token")
+        if self._serving is not None and not self._serving():
+            self.standby_refusals_total += 1  # not a bad stream: not counted as refused
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STANDBY_REFUSAL)
         try:
             async with asyncio.timeout(self._hello_timeout):
                 first = await anext(aiter(requests))

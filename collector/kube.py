@@ -42,6 +42,7 @@ from kubernetes.client import (
     ApiClient,
     ApisApi,
     Configuration,
+    CoordinationV1Api,
     CoreV1Api,
     CustomObjectsApi,
     EventsV1Api,
@@ -98,6 +99,7 @@ KubeConfiguration = Configuration
 
 SERVICE_TOKEN_PATH: Final = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 SERVICE_CA_PATH: Final = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+SERVICE_ACCOUNT_NAMESPACE: Final = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 FLOWEXPECTATIONS_GROUP: Final = "flowproof.dev"
 FLOWEXPECTATIONS_VERSION: Final = "v1alpha1"
 FLOWEXPECTATIONS_PLURAL: Final = "flowexpectations"
@@ -1464,6 +1466,69 @@ class PodSummary:
 OwnerKind = Literal["Namespace", "FlowExpectations"]
 
 
+@dataclass(frozen=True)
+class LeaseRecord:
+    """The spec of a coordination.k8s.io/v1 Lease, and the version it was read at."""
+
+    holder: str
+    """`holderIdentity`; empty: released (anyone may take it at once)."""
+    duration_seconds: int
+    acquired_at: str
+    """`acquireTime` as the API writes a MicroTime (RFC 3339, microseconds); "" when unset."""
+    renewed_at: str
+    transitions: int
+    resource_version: str = ""
+
+    def body(self, namespace: str, name: str) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+        if self.resource_version:
+            metadata["resourceVersion"] = self.resource_version
+        spec: dict[str, Any] = {
+            "holderIdentity": self.holder,
+            "leaseDurationSeconds": self.duration_seconds,
+            "leaseTransitions": self.transitions,
+        }
+        if self.acquired_at:
+            spec["acquireTime"] = self.acquired_at
+        if self.renewed_at:
+            spec["renewTime"] = self.renewed_at
+        return {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": metadata,
+            "spec": spec,
+        }
+
+
+def micro_time(at: float) -> str:
+    """A MicroTime as the API writes it, for `at` seconds since the epoch."""
+    moment = datetime.datetime.fromtimestamp(at, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _lease_record(body: Mapping[str, Any]) -> LeaseRecord:
+    spec = body.get("spec")
+    spec = spec if isinstance(spec, Mapping) else {}
+
+    def text(key: str) -> str:
+        value = spec.get(key)
+        return value if isinstance(value, str) else ""
+
+    def number(key: str) -> int:
+        value = spec.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    version = _metadata(body).get("resourceVersion")
+    return LeaseRecord(
+        holder=text("holderIdentity"),
+        duration_seconds=number("leaseDurationSeconds"),
+        acquired_at=text("acquireTime"),
+        renewed_at=text("renewTime"),
+        transitions=number("leaseTransitions"),
+        resource_version=version if isinstance(version, str) else "",
+    )
+
+
 class KubeClient:
     """Single requests for the objects the collector itself manages (probe pods) and for the
     owners it names in them. The blocking client runs in this object's worker threads; a refused
@@ -1482,6 +1547,7 @@ class KubeClient:
         self._api = ApiClient(configuration)
         self._core = CoreV1Api(self._api)
         self._custom = CustomObjectsApi(self._api)
+        self._coordination = CoordinationV1Api(self._api)
         self._timeout = (request_timeout_seconds, request_timeout_seconds)
         self._page_size = list_page_size
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -1690,6 +1756,66 @@ class KubeClient:
             return uid if isinstance(uid, str) and uid else None
 
         return await self._call(f"reading {kind} {_key_text(namespace, name)}", run)
+
+    async def read_lease(self, namespace: str, name: str) -> LeaseRecord | None:
+        """The Lease's record; None when there is none."""
+
+        def run() -> LeaseRecord | None:
+            try:
+                response = self._coordination.read_namespaced_lease(
+                    name, namespace, _preload_content=False, _request_timeout=self._timeout
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            return _lease_record(self._json(response))
+
+        return await self._call(f"reading lease {namespace}/{name}", run)
+
+    async def create_lease(
+        self, namespace: str, name: str, record: LeaseRecord
+    ) -> LeaseRecord | None:
+        """Create the Lease with `record`; None when one of that name exists already."""
+
+        def run() -> LeaseRecord | None:
+            try:
+                response = self._coordination.create_namespaced_lease(
+                    namespace,
+                    cast(Any, record.body(namespace, name)),
+                    _preload_content=False,
+                    _request_timeout=self._timeout,
+                )
+            except ApiException as exc:
+                if exc.status == 409:
+                    return None
+                raise
+            return _lease_record(self._json(response))
+
+        return await self._call(f"creating lease {namespace}/{name}", run)
+
+    async def replace_lease(
+        self, namespace: str, name: str, record: LeaseRecord
+    ) -> LeaseRecord | None:
+        """Write `record` over the Lease at `record.resource_version`; None when it changed
+        since (409: another replica wrote first)."""
+
+        def run() -> LeaseRecord | None:
+            try:
+                response = self._coordination.replace_namespaced_lease(
+                    name,
+                    namespace,
+                    cast(Any, record.body(namespace, name)),
+                    _preload_content=False,
+                    _request_timeout=self._timeout,
+                )
+            except ApiException as exc:
+                if exc.status == 409:
+                    return None
+                raise
+            return _lease_record(self._json(response))
+
+        return await self._call(f"writing lease {namespace}/{name}", run)
 
     async def aclose(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -82,6 +82,10 @@ class _ScrapeView:
     evidence: list[PolicyEvidence] = field(default_factory=list)
     coverage: Coverage | None = None
 
+    @property
+    def standby(self) -> bool:
+        return not self.loop.leading
+
 
 # (help, type) of the per-declared-flow families; their samples are written by `render_flows`.
 _FLOW_FAMILIES: dict[str, tuple[str, str]] = {
@@ -133,9 +137,12 @@ class FlowStateCollector(Collector):
         return iter(())  # computed at scrape time: nothing to check for name clashes up front
 
     def view(self) -> _ScrapeView:
+        loop = self.loop_status()
+        if not loop.leading:  # a standby has no results: its flow series would only mislead
+            return _ScrapeView(declared=[], loop=loop, needed_nodes=frozenset())
         view = _ScrapeView(
             declared=self.state.declared(),
-            loop=self.loop_status(),
+            loop=loop,
             needed_nodes=nodes_needing_agents(self.state),
         )
         for kind in FLOW_KINDS:
@@ -147,6 +154,14 @@ class FlowStateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         skip = _SKIP_FLOW_FAMILIES.get()
         view = skip if skip is not None else self.view()
+        yield _gauge(
+            "flowproof_collector_leader",
+            "1 when this collector acts (holds the Lease, or runs without leader election); 0 "
+            "for a standby, which exports no flow, evidence or agent series.",
+            0 if view.standby else 1,
+        )
+        if view.standby:
+            return
         if skip is None:
             yield from self._flow_families(view.declared)
         yield from self._loop_families(view)
@@ -394,6 +409,12 @@ class IntakeCollector(Collector):
                 counters.streams_refused_total,
             ),
             (
+                "flowproof_streams_refused_standby",
+                "Agent streams ended at once because this collector was a standby (it did not "
+                "hold the Lease); the agent tried again.",
+                counters.standby_refusals_total,
+            ),
+            (
                 "flowproof_results_duplicate",
                 "Results received again (after a reconnect) and dropped as delivered already.",
                 counters.duplicates_total,
@@ -510,6 +531,8 @@ class CollectorMetrics:
             head = generate_latest(self.registry)
         finally:
             _SKIP_FLOW_FAMILIES.reset(token)
+        if view.standby:
+            return head
         return head + self.flow_state.render_flows(view.declared).encode()
 
 

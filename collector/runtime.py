@@ -19,7 +19,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -37,7 +39,14 @@ from collector.core.changes import diff_snapshots
 from collector.core.model import Snapshot
 from collector.core.views import LoopStatus
 from collector.dispatching import MAX_RESULT_AGE_SECONDS, Dispatcher, ServerTLS
-from collector.kube import InventoryUpdate, KubeClient, KubernetesSource, load_kube_config
+from collector.kube import (
+    SERVICE_ACCOUNT_NAMESPACE,
+    InventoryUpdate,
+    KubeClient,
+    KubernetesSource,
+    load_kube_config,
+)
+from collector.leading import LeaseElector, LeaseTiming, when_leading
 from collector.ledger import DeliveryLedger, assignment_key, ledger_path
 from collector.loop import Collector, ProbePodManager
 from collector.metrics import CollectorMetrics
@@ -61,10 +70,14 @@ ProbePodProviders = dict[str, Callable[[CollectorSettings], ProbePodManager]]
 front door hands in the lab's for `--probe-pods lab`)."""
 
 
-def loop_status(collector: Collector, dispatcher: Dispatcher) -> LoopStatus:
+def loop_status(
+    collector: Collector, dispatcher: Dispatcher, elector: LeaseElector | None = None
+) -> LoopStatus:
     """The loop numbers only the runtime knows (for /metrics and the web view)."""
     stats = collector.planner.stats
     return LoopStatus(
+        leading=elector is None or elector.leading.is_set(),
+        leader=elector.holder if elector is not None else "",
         agent_nodes=frozenset(a.node for a in dispatcher.agents()),
         assignments_queued=dispatcher.pending_count(),
         assignments_in_flight=collector.planner.in_flight,
@@ -75,12 +88,14 @@ def loop_status(collector: Collector, dispatcher: Dispatcher) -> LoopStatus:
     )
 
 
-def collector_metrics(collector: Collector, dispatcher: Dispatcher) -> CollectorMetrics:
+def collector_metrics(
+    collector: Collector, dispatcher: Dispatcher, elector: LeaseElector | None = None
+) -> CollectorMetrics:
     """The collector's metrics, subscribed to its events."""
     metrics = CollectorMetrics(
         CollectorRegistry(),
         state=collector.state,
-        loop_status=lambda: loop_status(collector, dispatcher),
+        loop_status=lambda: loop_status(collector, dispatcher, elector),
         intake=dispatcher.intake_counters,
     )
     collector.subscribe(metrics.on_loop_event)
@@ -93,14 +108,15 @@ def build_http_app(
     *,
     verify_tokens: Sequence[str],
     metrics: CollectorMetrics | None = None,
+    elector: LeaseElector | None = None,
 ) -> web.Application:
     """Health, readiness, verify, the web view, the JSON API and /metrics."""
 
     def status() -> LoopStatus:
-        return loop_status(collector, dispatcher)
+        return loop_status(collector, dispatcher, elector)
 
     if metrics is None:
-        metrics = collector_metrics(collector, dispatcher)
+        metrics = collector_metrics(collector, dispatcher, elector)
     broadcaster = Broadcaster()
     collector.subscribe(broadcaster.on_loop_event)
     app = build_web_app(
@@ -114,7 +130,13 @@ def build_http_app(
         metrics=metrics,
         broadcaster=broadcaster,
     )
-    add_verify_routes(app, collector, dispatcher, tokens=verify_tokens)
+    add_verify_routes(
+        app,
+        collector,
+        dispatcher,
+        tokens=verify_tokens,
+        leader=None if elector is None else lambda: (elector.leading.is_set(), elector.holder),
+    )
     return app
 
 
@@ -218,6 +240,18 @@ async def _serve(
     except ConfigurationError as exc:
         log.error("collector cannot start: %s", exc)
         return 2
+    elector: LeaseElector | None = None
+    lease_client: KubeClient | None = None
+    if settings.leader_election:
+        try:
+            lease_client = KubeClient(load_kube_config(settings.kubeconfig or None))
+            elector = lease_elector(settings, lease_client)
+        except ConfigurationError as exc:
+            ledger.close()
+            if lease_client is not None:
+                await lease_client.aclose()
+            log.error("collector cannot start: %s", exc)
+            return 2
     collector = Collector(
         settings, send=send, announce=announce, forget=forget, probe_pods=probe_pods
     )
@@ -227,11 +261,44 @@ async def _serve(
         on_result=collector.on_result,
         ledger=ledger,
         assignment_key=key,
+        serving=None if elector is None else elector.leading.is_set,
     )
     try:
-        return await _run(settings, stop, started, collector, dispatcher, cluster_probe_pods)
+        return await _run(
+            settings, stop, started, collector, dispatcher, cluster_probe_pods, elector
+        )
     finally:
         ledger.close()
+        if lease_client is not None:
+            await lease_client.aclose()
+
+
+def lease_elector(settings: CollectorSettings, client: KubeClient) -> LeaseElector:
+    """The elector `--leader-election` asks for; ConfigurationError when its namespace cannot
+    be found."""
+    namespace = settings.leader_election_namespace or _own_namespace()
+    identity = settings.leader_election_identity or socket.gethostname()
+    return LeaseElector(
+        client,
+        namespace=namespace,
+        name=settings.lease_name,
+        identity=identity,
+        timing=LeaseTiming(
+            duration_seconds=settings.lease_duration_seconds,
+            renew_deadline_seconds=settings.lease_renew_deadline_seconds,
+            retry_period_seconds=settings.lease_retry_period_seconds,
+        ),
+    )
+
+
+def _own_namespace() -> str:
+    try:
+        return Path(SERVICE_ACCOUNT_NAMESPACE).read_text().strip()
+    except OSError as exc:
+        raise ConfigurationError(
+            "leader_election_namespace: required outside a pod (cannot read "
+            f"{SERVICE_ACCOUNT_NAMESPACE}: {exc.strerror})"
+        ) from exc
 
 
 async def _run(
@@ -241,13 +308,18 @@ async def _run(
     collector: Collector,
     dispatcher: Dispatcher,
     cluster_probe_pods: KubernetesProbePods | None,
+    elector: LeaseElector | None,
 ) -> int:
     if cluster_probe_pods is not None:
         cluster_probe_pods.needed_by = expectations_needing(collector)
-    metrics = collector_metrics(collector, dispatcher)
+    metrics = collector_metrics(collector, dispatcher, elector)
     runner = web.AppRunner(
         build_http_app(
-            collector, dispatcher, verify_tokens=settings.verify_tokens, metrics=metrics
+            collector,
+            dispatcher,
+            verify_tokens=settings.verify_tokens,
+            metrics=metrics,
+            elector=elector,
         ),
         access_log=None,
     )
@@ -261,6 +333,11 @@ async def _run(
     log.info("collector serving: grpc %d, http %d", grpc_port, http_port)
     async with contextlib.AsyncExitStack() as resources:
         roots: dict[str, Coroutine[Any, Any, None]] = {}
+
+        def acting(start: Callable[[], Coroutine[Any, Any, None]]) -> Coroutine[Any, Any, None]:
+            """A root task only the leader runs (with leader election)."""
+            return start() if elector is None else when_leading(elector, stop, start)
+
         try:
             if settings.source == "manifests":
                 manifests = ManifestSource(list(settings.manifests), clock=collector.clock)
@@ -276,18 +353,22 @@ async def _run(
                     )
                 )
                 roots["inventory_watcher"] = kubernetes_inventory(source, stop)
-                roots["status_publisher"] = status_publisher(collector, source, stop)
+                roots["status_publisher"] = acting(
+                    functools.partial(status_publisher, collector, source, stop)
+                )
+            if elector is not None:
+                roots["leader_elector"] = elector.run(stop)
             roots["replanner"] = collector.replanner(stop)
             roots["loop_lag_probe"] = event_loop_lag(metrics.observe_loop_lag, stop)
-            roots["plan_sender"] = collector.plan_sender(stop)
+            roots["plan_sender"] = acting(functools.partial(collector.plan_sender, stop))
             roots["state_refresher"] = collector.state_refresher(stop)
             if cluster_probe_pods is not None:
-                roots["probe_pod_manager"] = cluster_probe_pods.run(stop)
+                roots["probe_pod_manager"] = acting(functools.partial(cluster_probe_pods.run, stop))
             if settings.policy_reports:
                 reports = PolicyReports(
                     KubeClient(load_kube_config(settings.kubeconfig or None)), collector
                 )
-                roots["policy_report_publisher"] = reports.run(stop)
+                roots["policy_report_publisher"] = acting(functools.partial(reports.run, stop))
             if started is not None:
                 started(collector, grpc_port, http_port)
             code = await run_root_tasks(

@@ -22,6 +22,11 @@ ENV_PREFIX = "FLOWPROOF_"
 SOURCES = ("kubernetes", "manifests")
 PROBE_POD_MODES = ("off", "lab", "kubernetes")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(
+    r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+)
+JITTER = 1.2
+"""A standby waits between one and this many retry periods between tries (as client-go)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,23 @@ class CollectorSettings:
     status_interval_seconds: float = 15.0
     """With `--source kubernetes`: write each FlowExpectations' status this often (and soon after
     a status changes), only when it changed; 0 writes none."""
+    leader_election: bool = False
+    """With `--source kubernetes`: run as one of several replicas. Only the holder of the Lease
+    `lease_name` plans, takes agents' streams and writes statuses, reports and probe pods; the
+    others watch the cluster, stay ready and refuse agents' streams (UNAVAILABLE) until they
+    lead. A leader that cannot renew within `lease_renew_deadline_seconds` exits (1)."""
+    leader_election_namespace: str = ""
+    """The Lease's namespace; empty: the pod's own (its service account's namespace file)."""
+    leader_election_identity: str = ""
+    """This replica's name in the Lease (`holderIdentity`); empty: the host name (the pod's)."""
+    lease_name: str = "flowproof-collector"
+    """The coordination.k8s.io/v1 Lease the replicas compete for."""
+    lease_duration_seconds: float = 15.0
+    """How long a standby waits after it last saw the Lease renewed before it takes it over."""
+    lease_renew_deadline_seconds: float = 10.0
+    """How long the leader keeps trying to renew before it gives up leading (and exits)."""
+    lease_retry_period_seconds: float = 2.0
+    """How often the leader renews and a standby tries to acquire."""
     state_refresh_seconds: float = 1.0
     """How often staleness is re-evaluated and feedback-latency samples are collected."""
     shutdown_grace_seconds: float = 5.0
@@ -128,10 +150,49 @@ class CollectorSettings:
                 problems.append(f"{name}: required (agents authenticate the collector by it)")
             elif not os.access(path, os.R_OK):
                 problems.append(f"{name}: {path!r} cannot be read")
+        if self.leader_election:
+            problems.extend(self._leader_election_problems())
         if self.state_refresh_seconds <= 0:
             problems.append("state_refresh_seconds: must be positive")
         if problems:
             raise ConfigurationError("; ".join(problems))
+
+    def _leader_election_problems(self) -> list[str]:
+        problems = []
+        if self.source != "kubernetes":
+            problems.append("leader_election: needs --source kubernetes")
+        if not _DNS_SUBDOMAIN.fullmatch(self.lease_name):
+            problems.append(f"lease_name: {self.lease_name!r} is not an object name")
+        if self.leader_election_namespace and not _DNS_LABEL.fullmatch(
+            self.leader_election_namespace
+        ):
+            problems.append(
+                f"leader_election_namespace: {self.leader_election_namespace!r} "
+                "is not a namespace name"
+            )
+        identity = self.leader_election_identity
+        if identity and (len(identity) > 253 or not identity.isprintable() or " " in identity):
+            problems.append(f"leader_election_identity: {identity!r} is not a usable identity")
+        duration = self.lease_duration_seconds
+        deadline = self.lease_renew_deadline_seconds
+        retry = self.lease_retry_period_seconds
+        if retry <= 0:
+            problems.append("lease_retry_period_seconds: must be positive")
+        elif deadline <= retry * JITTER:
+            problems.append(
+                f"lease_renew_deadline_seconds: {deadline:g} must exceed "
+                f"{JITTER:g} × lease_retry_period_seconds ({retry * JITTER:g})"
+            )
+        if duration <= deadline:
+            problems.append(
+                f"lease_duration_seconds: {duration:g} must exceed "
+                f"lease_renew_deadline_seconds ({deadline:g})"
+            )
+        if duration != int(duration) or duration < 1:
+            problems.append(
+                "lease_duration_seconds: whole seconds, at least 1 (the Lease stores an integer)"
+            )
+        return problems
 
     def describe(self) -> str:
         return loader.describe(self, secrets=("token", "verify_token"))

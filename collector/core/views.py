@@ -568,6 +568,10 @@ class LoopStatus:
     assignment_retries_total: int = 0
     assignments_lost_total: int = 0
     assignments_rate_limited_total: int = 0
+    leading: bool = True
+    """False on a standby collector (leader election on, the Lease held by another)."""
+    leader: str = ""
+    """With leader election: the Lease's holder as last seen ("" when unknown or released)."""
 
 
 def nodes_needing_agents(state: FlowState) -> frozenset[str]:

@@ -199,6 +199,8 @@ class _Api:
                 "version": __version__,
                 "now": time.time(),
                 "ready": self.view.ready(),
+                "role": "leader" if loop.leading else "standby",
+                "leader": loop.leader,
                 "generation": self.view.generation(),
                 "declared": {"total": len(declared), "byStatus": counts},
                 "flows": {

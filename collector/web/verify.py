@@ -42,9 +42,18 @@ def authorized(request: web.Request, tokens: Sequence[str]) -> bool:
 
 
 def add_verify_routes(
-    app: web.Application, collector: Collector, dispatcher: Dispatcher, *, tokens: Sequence[str]
+    app: web.Application,
+    collector: Collector,
+    dispatcher: Dispatcher,
+    *,
+    tokens: Sequence[str],
+    leader: Callable[[], tuple[bool, str]] | None = None,
 ) -> None:
-    """`POST /api/v1/verify` (bearer token) and `GET /api/v1/debug/loop` on `app`."""
+    """`POST /api/v1/verify` (bearer token) and `GET /api/v1/debug/loop` on `app`.
+
+    `leader()`, with leader election, says whether this collector leads and who holds the Lease:
+    a standby answers verify with 503 (it has no agents), naming the leader.
+    """
     if not any(tokens):
         raise ValueError("the verify route needs a token")
 
@@ -57,6 +66,18 @@ def add_verify_routes(
                 status=401,
                 headers={"WWW-Authenticate": 'Bearer realm="flowproof verify"'},
             )
+        if leader is not None:
+            leading, holder = leader()
+            if not leading:
+                return web.json_response(
+                    {
+                        "error": "this collector is a standby (it does not hold the Lease; "
+                        f"the leader is {holder or 'not known yet'}): it has no agents; "
+                        "retry, through the Service or on the leader's pod"
+                    },
+                    status=503,
+                    headers={"Retry-After": "2"},
+                )
         try:
             body = await request.json() if request.can_read_body else {}
             timeout = float(body.get("timeout_seconds", 60.0))

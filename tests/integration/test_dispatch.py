@@ -32,6 +32,7 @@ from collector.dispatching import Dispatcher
 from flowproof import convert
 from flowproof.probes import (
     PROTOCOL_VERSION,
+    STANDBY_REFUSAL,
     AgentCapabilities,
     AgentHello,
     Assignment,
@@ -607,3 +608,38 @@ async def test_the_standard_health_service_answers_without_a_token(loop_: Loop) 
         for service in ("", "flowproof.v1.AgentService"):
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_standby_refuses_every_stream_until_it_leads_then_serves_it(tmp_path: Path) -> None:
+    leading = False
+    results: list[ProbeResult] = []
+    dispatcher = Dispatcher(
+        token=TOKEN, tls=server_tls(), on_result=results.append, serving=lambda: leading
+    )
+    port = await dispatcher.start("127.0.0.1:0")
+    try:
+        for _ in range(3):
+            async with raw_stream(port) as call:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await call.write(hello("node-s"))
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call.read()
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert caught.value.details() == STANDBY_REFUSAL
+        assert dispatcher.agents() == []
+        counters = dispatcher.intake_counters()
+        assert (counters.standby_refusals_total, counters.streams_refused_total) == (3, 0)
+        async with raw_stream(port, token="wrong") as call:  # a bad token still hears so
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call.write(hello("node-s"))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call.read()
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        leading = True
+        async with raw_stream(port) as call:
+            await call.write(hello("node-s"))
+            await read_until(call, "hello_ack")
+            assert [a.node for a in dispatcher.agents()] == ["node-s"]
+    finally:
+        await dispatcher.stop(grace_seconds=0)

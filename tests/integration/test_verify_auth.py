@@ -4,12 +4,13 @@ HTTP route stays read-only and open to whoever may reach the port."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from collector.dispatching import Dispatcher
+from collector.leading import LeaseElector, LeaseStore
 from collector.loop import Collector
 from collector.runtime import build_http_app
 from collector.settings import CollectorSettings
@@ -87,3 +88,42 @@ def test_the_verify_client_finds_its_token_in_order(tmp_path: Any) -> None:
     assert read_token(None, {"FLOWPROOF_TOKEN": "t"}, str(lab_file)) == "t"
     assert read_token(None, {}, str(lab_file)) == "from-lab"
     assert read_token(None, {}, None) == ""
+
+
+async def test_a_standby_refuses_verify_naming_the_leader_and_says_so_in_its_summary() -> None:
+    settings = CollectorSettings(token="agents-token", leader_election=True)
+    collector = Collector(settings)
+    dispatcher = Dispatcher(token=settings.token, tls=server_tls(), on_result=collector.on_result)
+    elector = LeaseElector(
+        cast(LeaseStore, None), namespace="flowproof", name="flowproof-collector", identity="me"
+    )
+    elector.holder = "collector-0"
+    app = build_http_app(
+        collector, dispatcher, verify_tokens=settings.verify_tokens, elector=elector
+    )
+    async with TestClient(TestServer(app)) as client:
+        response = await client.post(
+            "/api/v1/verify",
+            json={"timeout_seconds": 0.1},
+            headers={"Authorization": "Bearer agents-token"},
+        )
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "2"
+        assert "standby" in (error := (await response.json())["error"])
+        assert "the leader is collector-0" in error
+        summary = await (await client.get("/api/v1/summary")).json()
+        assert (summary["role"], summary["leader"]) == ("standby", "collector-0")
+        metrics = await (await client.get("/metrics")).text()
+        assert "flowproof_collector_leader 0.0" in metrics
+        assert "flowproof_flows{" not in metrics
+
+        elector.leading.set()
+        elector.holder = "me"
+        summary = await (await client.get("/api/v1/summary")).json()
+        assert (summary["role"], summary["leader"]) == ("leader", "me")
+        response = await client.post(
+            "/api/v1/verify",
+            json={"timeout_seconds": 0.1},
+            headers={"Authorization": "Bearer agents-token"},
+        )
+        assert response.status == 200

@@ -297,3 +297,21 @@ def test_promtool_accepts_a_real_scrape() -> None:
     assert bad.returncode != 0, (
         "promtool must reject a counter without _total, or this test proves nothing"
     )
+
+
+def test_a_standby_exports_its_role_and_no_flow_evidence_or_agent_series() -> None:
+    _, leader_registry, leader = loaded()
+    _, standby_registry, standby = loaded(LoopStatus(leading=False, leader="collector-0"))
+    leading_names = {name for name, _, _ in samples(leader.exposition())}
+    assert ("flowproof_collector_leader", (), 1.0) in samples(leader.exposition())
+    assert {"flowproof_flow_status", "flowproof_nodes_without_agent"} <= leading_names
+    for exposition in (standby.exposition(), generate_latest(standby_registry)):
+        found = samples(exposition)
+        names = {name for name, _, _ in found}
+        assert ("flowproof_collector_leader", (), 0.0) in found
+        # Nothing a standby could only get wrong: no flows, compliance, evidence or agents.
+        for prefix in ("flowproof_flow", "flowproof_compliance", "flowproof_polic",
+                       "flowproof_nodes", "flowproof_agents", "flowproof_declared"):  # fmt: skip
+            assert not {n for n in names if n.startswith(prefix)}, prefix
+        assert "flowproof_probes_total" in names, "its own counters stay (all zero)"
+    assert generate_latest(leader_registry)

@@ -98,6 +98,42 @@ def test_token_from_a_file(tmp_path):
             id="freshness must exceed the cadence",
         ),
         pytest.param(
+            ["--leader-election=true", "--source", "manifests", "--manifests", "x"],
+            {"FLOWPROOF_TOKEN": "t"},
+            "leader_election: needs --source kubernetes",
+            id="leader election needs the API",
+        ),
+        pytest.param(
+            ["--leader-election=true", "--lease-renew-deadline-seconds", "20"],
+            {"FLOWPROOF_TOKEN": "t"},
+            r"lease_duration_seconds: 15 must exceed lease_renew_deadline_seconds \(20\)",
+            id="the lease outlasts the renew deadline",
+        ),
+        pytest.param(
+            ["--leader-election=true", "--lease-retry-period-seconds", "9"],
+            {"FLOWPROOF_TOKEN": "t"},
+            r"lease_renew_deadline_seconds: 10 must exceed 1.2 × lease_retry_period_seconds",
+            id="the renew deadline allows retries",
+        ),
+        pytest.param(
+            ["--leader-election=true", "--lease-duration-seconds", "15.5"],
+            {"FLOWPROOF_TOKEN": "t"},
+            "lease_duration_seconds: whole seconds",
+            id="the lease duration is whole seconds",
+        ),
+        pytest.param(
+            ["--leader-election=true", "--lease-name", "Not_A_Name"],
+            {"FLOWPROOF_TOKEN": "t"},
+            "lease_name: 'Not_A_Name' is not an object name",
+            id="the lease name is an object name",
+        ),
+        pytest.param(
+            ["--leader-election=true", "--leader-election-namespace", "a.b"],
+            {"FLOWPROOF_TOKEN": "t"},
+            "leader_election_namespace: 'a.b' is not a namespace name",
+            id="the lease namespace is a namespace name",
+        ),
+        pytest.param(
             ["--token-file", "/nonexistent/token"],
             {},
             "token file",
@@ -115,3 +151,26 @@ def test_the_collector_needs_its_certificate_and_key(tmp_path):
         load_settings([], {"FLOWPROOF_TOKEN": "t"})
     with pytest.raises(ConfigurationError, match="tls_key_file: '/nonexistent' cannot be read"):
         load_settings(["--tls-key-file", "/nonexistent"], env(FLOWPROOF_TOKEN="t"))
+
+
+def test_leader_election_settings_are_read_with_their_defaults():
+    settings = load_settings(["--leader-election=true"], env(FLOWPROOF_TOKEN="t"))
+    assert settings.leader_election
+    assert (settings.lease_name, settings.leader_election_namespace) == ("flowproof-collector", "")
+    timing = (
+        settings.lease_duration_seconds,
+        settings.lease_renew_deadline_seconds,
+        settings.lease_retry_period_seconds,
+    )
+    assert timing == (15.0, 10.0, 2.0)
+    named = load_settings(
+        [],
+        env(
+            FLOWPROOF_TOKEN="t",
+            FLOWPROOF_LEADER_ELECTION="true",
+            FLOWPROOF_LEADER_ELECTION_NAMESPACE="flowproof",
+            FLOWPROOF_LEADER_ELECTION_IDENTITY="flowproof-collector-7d9f-x2",
+        ),
+    )
+    assert named.leader_election_identity == "flowproof-collector-7d9f-x2"
+    assert named.leader_election_namespace == "flowproof"

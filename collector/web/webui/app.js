@@ -510,7 +510,9 @@
       $("evidence").textContent = `policies ${ev.byStatus.PROVEN}/${ev.total} proven${broken}${sweep}`;
     }
     const missing = s.agents.missing.length ? ` · missing on ${s.agents.missing.join(", ")}` : "";
-    $("agents").textContent = `agents ${s.agents.connected}/${s.agents.nodes} nodes${missing}`;
+    $("agents").textContent = s.role === "standby"
+      ? `standby collector: no agents, no results here · the leader is ${s.leader || "not known yet"}`
+      : `agents ${s.agents.connected}/${s.agents.nodes} nodes${missing}`;
   }
 
   async function loadSummary() {
