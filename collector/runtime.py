@@ -11,6 +11,11 @@ cannot work) and serves until SIGTERM (exit 0 after a bounded graceful stop); if
 or fails on its own, the collector stops and exits 1 so Kubernetes restarts it. No module-level
 mutable state. A probe-pod provider the collector does not own (the lab's) comes in through
 `serve(probe_pods=...)`; the collector never imports the lab.
+
+With `--leader-election` a `leader_elector` root competes for the Lease (collector.leading):
+`plan_sender`, `status_publisher`, `probe_pod_manager` and `policy_report_publisher` start only
+once this replica leads, the dispatcher refuses agents' streams until then, and losing the
+Lease ends the elector with an error (exit 1: Kubernetes restarts the pod as a standby).
 """
 
 from __future__ import annotations
