@@ -25,7 +25,8 @@ class AgentSettings:
     node_name: str = ""
     """The Kubernetes node this agent serves (also NODE_NAME, e.g. from the downward API)."""
     collector_address: str = ""
-    """host:port of the collector's gRPC endpoint (also FLOWPROOF_COLLECTOR)."""
+    """host:port of the collector's gRPC endpoint (also FLOWPROOF_COLLECTOR); several, comma-
+    separated, are tried in turn, each new stream on the next (replicas without a Service)."""
     token: str = field(default="", repr=False)
     """Shared secret sent as `authorization: Bearer ...`; from FLOWPROOF_TOKEN or --token-file."""
     ca_file: str = ""
@@ -73,16 +74,24 @@ class AgentSettings:
     log_level: str = "INFO"
     """Python logging level name."""
 
+    @property
+    def collector_addresses(self) -> tuple[str, ...]:
+        """Each host:port of `collector_address`, in the order they are tried."""
+        return tuple(a.strip() for a in self.collector_address.split(",") if a.strip())
+
     def validate(self) -> None:
         """Raise ConfigurationError naming the first setting that cannot work."""
         if not self.node_name:
             raise ConfigurationError("node_name: required (--node-name or NODE_NAME)")
-        host, sep, port = self.collector_address.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ConfigurationError(
-                f"collector_address: {self.collector_address!r} is not host:port "
-                "(--collector-address or FLOWPROOF_COLLECTOR)"
-            )
+        entries = self.collector_address.split(",")
+        for entry in entries:
+            host, sep, port = entry.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                which = f"{entry!r} in {self.collector_address!r}" if len(entries) > 1 else ""
+                raise ConfigurationError(
+                    f"collector_address: {which or repr(self.collector_address)} is not "
+                    "host:port (--collector-address or FLOWPROOF_COLLECTOR)"
+                )
         if not self.token:
             raise ConfigurationError("token: required (FLOWPROOF_TOKEN or --token-file)")
         if not self.ca_file:

@@ -4,7 +4,8 @@
 still holds), waits for the hello-ack, re-sends every result not yet acked, then serves: it starts a
 probe for each assignment, opens and releases responders, sends result batches and heartbeats, and
 forgets a result only when the collector acks its id. On any break it reconnects with exponential
-backoff and full jitter; probes keep running meanwhile and their results wait in a bounded buffer
+backoff and full jitter (a standby collector's refusal is no failure: it tries again soon, each
+stream on a new connection, and on the next address when several are given); probes keep running meanwhile and their results wait in a bounded buffer
 (the oldest dropped and counted when it overflows). It probes only what the collector assigned and
 never listens for connections.
 """
@@ -31,6 +32,7 @@ from flowproof.aio import Backoff
 from flowproof.logs import LogLimiter
 from flowproof.probes import (
     PROTOCOL_VERSION,
+    STANDBY_REFUSAL,
     AgentCapabilities,
     AgentHello,
     Assignment,
@@ -171,16 +173,26 @@ class CollectorLink:
         """Set while a stream is up (after the hello-ack); for tests and the runtime's log."""
         self.sessions = 0
         """How many streams were established so far."""
+        self.standby_refusals = 0
+        """Streams a standby collector ended at once (it did not hold the Lease)."""
+        self._addresses = settings.collector_addresses or (settings.collector_address,)
+        self._address_index = 0
 
     @property
     def in_flight(self) -> int:
         return len(self._probes)
+
+    @property
+    def address(self) -> str:
+        """The collector address the current (or next) stream uses."""
+        return self._addresses[self._address_index % len(self._addresses)]
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the stream up until `stop` is set, then drain gracefully (bounded) and return."""
         try:
             while not stop.is_set():
                 self._raise_if_fatal()
+                standby = False
                 try:
                     await self._session(stop)
                 except (
@@ -189,12 +201,33 @@ class CollectorLink:
                     TimeoutError,
                     asyncio.InvalidStateError,  # a write after the call ended
                 ) as exc:
-                    self._log_break(exc)
+                    standby = _is_standby_refusal(exc)
+                    if not standby:
+                        self._log_break(exc)
                 self._raise_if_fatal()
                 if stop.is_set():
                     break
+                refused = self.address
+                self._address_index += 1  # the next stream goes to the next address, if several
+                if standby:
+                    # Not a failure: another replica leads. No escalation: try again soon on a
+                    # new connection (each session opens its own channel, so a Service may route
+                    # it to another replica) or the next address.
+                    self._backoff.reset()
+                    self.standby_refusals += 1
                 delay = self._backoff.next_delay()
-                log.info("reconnecting to %s in %.2f s", self._settings.collector_address, delay)
+                if standby:
+                    suffix = self._limiter.admit("standby refusal")
+                    if suffix is not None:
+                        log.info(
+                            "the collector at %s is a standby; trying %s in %.2f s%s",
+                            refused,
+                            self.address,
+                            delay,
+                            suffix,
+                        )
+                else:
+                    log.info("reconnecting to %s in %.2f s", self.address, delay)
                 await _wait(stop, delay)
         finally:
             await self._shutdown()
@@ -206,7 +239,7 @@ class CollectorLink:
                 log.error(
                     "the collector at %s was not authenticated (its certificate does not verify "
                     "against ca_file, or carries another name): no token was sent; %s",
-                    self._settings.collector_address,
+                    self.address,
                     details,
                 )
                 return
@@ -239,9 +272,7 @@ class CollectorLink:
 
     async def _session(self, stop: asyncio.Event) -> None:
         credentials, options = self._credentials()
-        async with grpc.aio.secure_channel(
-            self._settings.collector_address, credentials, options=options
-        ) as channel:
+        async with grpc.aio.secure_channel(self.address, credentials, options=options) as channel:
             stub = AgentServiceStub(channel)
             call = stub.Connect()
             try:
@@ -252,7 +283,7 @@ class CollectorLink:
                 self.outbox.rewind()
                 log.info(
                     "connected to %s (%d results to re-send, %d probes running)",
-                    self._settings.collector_address,
+                    self.address,
                     len(self.outbox),
                     len(self._probes),
                 )
@@ -520,6 +551,15 @@ class CollectorLink:
         self._responders.close_all()
         if len(self.outbox):
             log.warning("%d results were never acked by the collector", len(self.outbox))
+
+
+def _is_standby_refusal(exc: BaseException) -> bool:
+    """Whether a standby collector ended the stream (it does so before its hello-ack)."""
+    return (
+        isinstance(exc, grpc.aio.AioRpcError)
+        and exc.code() == grpc.StatusCode.UNAVAILABLE
+        and (exc.details() or "").startswith(STANDBY_REFUSAL)
+    )
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
