@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from aiohttp import ClientError, ClientResponseError, ClientSession, ClientTimeout
+from aiohttp import ClientError, ClientResponseError, ClientSession, ClientTimeout, TCPConnector
 
 from collector.core.reporting import (
     render_json,
@@ -130,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser,
         ("the CI gate against the running lab (or $FLOWPROOF_COLLECTOR_URL)",
          "flowproof verify --once --junit verify.xml"),
-        ("in a cluster, from inside the collector's pod",
-         "kubectl -n flowproof exec deploy/flowproof-collector -- flowproof verify --once"),
+        ("in a cluster, from inside the leading collector's pod (the Lease's holder)",
+         "kubectl -n flowproof exec pod/$(kubectl -n flowproof get lease flowproof-collector "
+         "-o jsonpath='{.spec.holderIdentity}') -- flowproof verify --once"),
         ("through a port-forward, as a pull-request comment",
          "flowproof verify --once --collector http://localhost:8080 -o markdown"),
         ("the lab named demo, failing on a policy that is not enforced",
@@ -216,6 +218,14 @@ class ProgressLine:
             self.shown = False
 
 
+STANDBY_TRIES: Final = 10
+"""Answers from standby collectors taken before giving up (each try on a new connection)."""
+
+
+class CollectorStandby(Exception):
+    """Every try reached a standby collector (leader election: another replica leads)."""
+
+
 async def request_verification(
     url: str,
     timeout_seconds: float,
@@ -225,11 +235,40 @@ async def request_verification(
     on_progress: Callable[[Mapping[str, Any]], None] | None = None,
     token: str = "",
 ) -> dict[str, Any]:
-    """The collector's answer; with `on_progress`, asked as a stream of progress lines."""
+    """The collector's answer; with `on_progress`, asked as a stream of progress lines.
+
+    A standby collector answers 503: asked again (at most STANDBY_TRIES times, within the
+    timeout) on a new connection each time, which a Service may route to the leader;
+    CollectorStandby when every try reached a standby.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    why = ""
+    for _ in range(STANDBY_TRIES):
+        answer, why = await _request_once(
+            url, timeout_seconds, evidence, require_evidence, on_progress, token
+        )
+        if answer is not None:
+            return answer
+        wait = min(2.0, max(deadline - time.monotonic(), 0.0))
+        if wait <= 0:
+            break
+        await asyncio.sleep(wait)
+    raise CollectorStandby(why)
+
+
+async def _request_once(
+    url: str,
+    timeout_seconds: float,
+    evidence: bool,
+    require_evidence: bool,
+    on_progress: Callable[[Mapping[str, Any]], None] | None,
+    token: str,
+) -> tuple[dict[str, Any] | None, str]:
+    """(the answer, "") or, from a standby, (None, what it said)."""
     client_timeout = ClientTimeout(total=timeout_seconds + 30)
     headers = {"Accept": NDJSON} if on_progress is not None else {}
     async with (
-        ClientSession(timeout=client_timeout) as session,
+        ClientSession(timeout=client_timeout, connector=TCPConnector(force_close=True)) as session,
         session.post(
             f"{url.rstrip('/')}/api/v1/verify",
             json={
@@ -240,10 +279,15 @@ async def request_verification(
             headers=headers | ({"Authorization": f"Bearer {token}"} if token else {}),
         ) as resp,
     ):
+        if resp.status == 503:
+            with contextlib.suppress(ValueError, ClientError):
+                error = str((await resp.json(content_type=None)).get("error", ""))
+                if "standby" in error:
+                    return None, error
         resp.raise_for_status()
         if on_progress is None or NDJSON not in resp.headers.get("Content-Type", ""):
             answer: dict[str, Any] = await resp.json(content_type=None)
-            return answer
+            return answer, ""
         async for raw in resp.content:
             if not raw.strip():
                 continue
@@ -252,7 +296,7 @@ async def request_verification(
                 on_progress(line["progress"])
             elif "answer" in line:
                 found: dict[str, Any] = line["answer"]
-                return found
+                return found, ""
         raise json.JSONDecodeError("the stream ended without an answer", "", 0)
 
 
@@ -378,6 +422,16 @@ def fetch_answer(
             )
         else:
             print(f"flowproof verify: the collector at {url} answered {exc}", file=sys.stderr)
+    except CollectorStandby as exc:
+        if line is not None:
+            line.clear()
+        print(
+            f"flowproof verify: every answer from {url} came from a standby collector ({exc}); "
+            "run verify on the leader: kubectl -n flowproof exec pod/$(kubectl -n flowproof get "
+            "lease flowproof-collector -o jsonpath='{.spec.holderIdentity}') -- flowproof verify "
+            "--once",
+            file=sys.stderr,
+        )
     except (ClientError, OSError, TimeoutError) as exc:
         if line is not None:
             line.clear()

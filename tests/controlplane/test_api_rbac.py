@@ -9,7 +9,9 @@ the Kubernetes source (list, watch, ConfigMap expectations; the policy kinds in
 test_api_rbac_policy_kinds.py), the status publisher's patch and Events, and the
 probe-pod manager (create, delete, the owners it names). With all grants everything works; with any
 one taken away, the part that needs it stops working, in the way the table says. Then the
-collector's identity is shown not to be able to write anything else.
+collector's identity is shown not to be able to write anything else. The lease Role (leader
+election) the same way: the elector leads and renews with it, and with any verb taken away it
+cannot; no other Lease can be read or written.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import pytest
 from collector.cluster import KubernetesProbePods
 from collector.core.probepods import ProbePodRequest
 from collector.kube import KubeClient, KubernetesSource, load_kube_config
+from collector.leading import LeadershipLost, LeaseElector, LeaseTiming
 from collector.reading.objects import WATCHED_POLICY_RESOURCES
 from lab.controlplane import ControlPlane
 from tests.support.apiobjects import make_configmap, make_expectations, make_policy
@@ -380,3 +383,104 @@ def test_a_write_the_collector_has_no_grant_for_is_forbidden(
     )
     assert answer.status == 403, f"{method} {path}: {answer.status} {answer.body}"
     assert "flowproof:flowproof-collector" in answer.body["message"]
+
+
+# --- the Lease (leader election) ---------------------------------------------------------------
+
+LEASES = "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"
+
+
+def _lease_identity(cp: ControlPlane, tmp: Path, without: str | None) -> tuple[str, str, str]:
+    """A namespace of its own with the collector's ServiceAccount bound to the shipped lease Role
+    (minus one verb): (namespace, token, kubeconfig)."""
+    home = unique("lease")
+    namespace(cp, home)
+    cp.create_service_account(home, "flowproof-collector")
+    for doc in render("overlays/plain"):
+        if doc["kind"] == "Role" and doc["metadata"]["name"] == "flowproof-collector-leader":
+            doc["metadata"]["namespace"] = home
+            doc["rules"] = [
+                {**rule, "verbs": [v for v in rule["verbs"] if v != without]}
+                for rule in doc["rules"]
+                if [v for v in rule["verbs"] if v != without]
+            ]
+            ok(apply(cp, doc), "lease role")
+        elif (
+            doc["kind"] == "RoleBinding" and doc["metadata"]["name"] == "flowproof-collector-leader"
+        ):
+            doc["metadata"]["namespace"] = home
+            doc["subjects"] = [{**s, "namespace": home} for s in doc["subjects"]]
+            ok(apply(cp, doc), "lease role binding")
+    token = cp.service_account_token(home, "flowproof-collector", create=False)
+    kubeconfig = cp.write_kubeconfig(tmp / f"{home}.kubeconfig", token, "flowproof-collector")
+    return home, token, str(kubeconfig)
+
+
+async def _leads_and_renews(home: str, kubeconfig: str) -> tuple[bool, bool]:
+    """(took the Lease, still held it after several renewals), as the collector's elector."""
+    async with KubeClient(load_kube_config(kubeconfig)) as client:
+        elector = LeaseElector(
+            client,
+            namespace=home,
+            name="flowproof-collector",
+            identity="collector-0",
+            timing=LeaseTiming(
+                duration_seconds=3, renew_deadline_seconds=1, retry_period_seconds=0.2
+            ),
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(elector.run(stop))
+        took = False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3):
+                await elector.leading.wait()
+                took = True
+        held = False
+        if took:
+            await asyncio.sleep(2.0)  # ten renewals, past the renew deadline
+            held = elector.leading.is_set() and not task.done()
+        stop.set()
+        with contextlib.suppress(LeadershipLost):
+            await asyncio.wait_for(task, 10)
+        return took, held
+
+
+@pytest.mark.parametrize(
+    ("without", "took", "held"),
+    [
+        pytest.param(None, True, True, id="the shipped grants lead and renew"),
+        pytest.param("create", False, False, id="without create no Lease is made"),
+        pytest.param("get", False, False, id="without get none is read"),
+        pytest.param("update", True, False, id="without update it is made but never renewed"),
+    ],
+)
+async def test_each_lease_grant_is_needed_and_they_are_enough(
+    controlplane: ControlPlane, tmp_path: Path, without: str | None, took: bool, held: bool
+) -> None:
+    home, _, kubeconfig = _lease_identity(controlplane, tmp_path, without)
+    assert await _leads_and_renews(home, kubeconfig) == (took, held)
+
+
+def test_the_collector_may_touch_no_other_lease(controlplane: ControlPlane, tmp_path: Path) -> None:
+    home, token, _ = _lease_identity(controlplane, tmp_path, None)
+    other = unique("other")
+    namespace(controlplane, other)
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "kube-controller-manager"},
+        "spec": {"holderIdentity": "someone", "leaseDurationSeconds": 15},
+    }
+    for ns in (home, other):
+        ok(controlplane.request("POST", LEASES.format(ns=ns), lease), "someone's lease")
+    forbidden = [
+        ("GET", f"{LEASES.format(ns=home)}/kube-controller-manager", None),
+        ("PUT", f"{LEASES.format(ns=home)}/kube-controller-manager", lease),
+        ("DELETE", f"{LEASES.format(ns=home)}/kube-controller-manager", None),
+        ("GET", LEASES.format(ns=home), None),  # no list either
+        ("GET", f"{LEASES.format(ns=other)}/kube-controller-manager", None),
+        ("POST", LEASES.format(ns=other), {**lease, "metadata": {"name": "flowproof-collector"}}),
+    ]
+    for method, path, body in forbidden:
+        answer = controlplane.request(method, path, body, token=token)
+        assert answer.status == 403, (method, path, answer.status)

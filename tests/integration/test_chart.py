@@ -341,3 +341,41 @@ def test_probe_pods_need_a_namespace(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "probePods.namespaces" in done.stderr
+
+
+def test_one_replica_without_leader_election_is_recreated_and_grants_no_lease(
+    tmp_path: Path,
+) -> None:
+    values = {"collector": {"replicas": 1, "leaderElection": {"enabled": False}}}
+    docs = normalized(template(tmp_path, values))
+    deployment = docs[("Deployment", NAMESPACE, "flowproof-collector")]["spec"]
+    assert deployment["replicas"] == 1
+    assert deployment["strategy"] == {"type": "Recreate"}
+    [c] = deployment["template"]["spec"]["containers"]
+    assert not [a for a in c["args"] if a.startswith("--leader-election")]
+    assert not [e for e in c["env"] if e["name"].startswith("FLOWPROOF_LEADER_ELECTION")]
+    assert "--state-dir=/var/lib/flowproof" in c["args"], "the ledger is kept either way"
+    assert ("Role", NAMESPACE, "flowproof-collector-leader") not in docs
+    assert ("PodDisruptionBudget", NAMESPACE, "flowproof-collector") not in docs
+
+
+def test_two_replicas_without_leader_election_are_refused(tmp_path: Path) -> None:
+    done = run_helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--values",
+        values_file(tmp_path, {"collector": {"leaderElection": {"enabled": False}}}),
+    )
+    assert done.returncode != 0
+    assert "collector.replicas > 1 needs collector.leaderElection.enabled" in done.stderr
+
+
+def test_one_replica_with_leader_election_has_no_disruption_budget(tmp_path: Path) -> None:
+    docs = normalized(template(tmp_path, {"collector": {"replicas": 1}}))
+    assert ("PodDisruptionBudget", NAMESPACE, "flowproof-collector") not in docs, (
+        "minAvailable 1 of 1 would block every drain"
+    )
+    assert ("Role", NAMESPACE, "flowproof-collector-leader") in docs
+    deployment = docs[("Deployment", NAMESPACE, "flowproof-collector")]["spec"]
+    assert deployment["strategy"]["type"] == "RollingUpdate"

@@ -390,7 +390,66 @@ def test_the_collector_runs_unprivileged_and_bounded() -> None:
         "capabilities": {"drop": ["ALL"]},
     }
     assert set(c["resources"]) == {"requests", "limits"}
-    assert one(docs, "Deployment", "flowproof-collector")["spec"]["replicas"] == 1
+    assert one(docs, "Deployment", "flowproof-collector")["spec"]["replicas"] == 2
+
+
+def test_two_collector_replicas_elect_a_leader_and_a_drain_takes_one_at_a_time(
+    token_file: Path,
+) -> None:
+    from collector.settings import load_settings
+
+    docs = render("base")
+    deployment = one(docs, "Deployment", "flowproof-collector")["spec"]
+    assert deployment["replicas"] == 2
+    assert deployment["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    labels = deployment["template"]["metadata"]["labels"]
+    pdb = one(docs, "PodDisruptionBudget", "flowproof-collector")["spec"]
+    assert pdb["minAvailable"] == 1
+    assert pdb["selector"]["matchLabels"] == deployment["selector"]["matchLabels"]
+    assert _selects(pdb["selector"], labels)
+    agent_labels = one(docs, "DaemonSet", "flowproof-agent")["spec"]["template"]["metadata"]
+    assert not _selects(pdb["selector"], agent_labels["labels"])
+    [term] = deployment["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert _selects(term["podAffinityTerm"]["labelSelector"], labels)
+
+    c = container(docs, "Deployment", "flowproof-collector")
+    settings = load_settings(_argv(c, token_file), _environment(c, COLLECTOR_FIELDS))
+    assert settings.leader_election
+    assert settings.leader_election_namespace == "flowproof"
+    assert settings.leader_election_identity == COLLECTOR_FIELDS["metadata.name"]
+    assert settings.state_dir == str(token_file.parent / "state")
+    [state] = [m for m in c["volumeMounts"] if m["mountPath"] == STATE_DIR]
+    [volume] = [v for v in pod_spec(docs, "Deployment", "flowproof-collector")["volumes"]
+                if v["name"] == state["name"]]  # fmt: skip
+    assert "emptyDir" in volume, "kept across container restarts, not across pods"
+
+    # The Lease: created by name in the collector's namespace, read and renewed only by name.
+    role = one(docs, "Role", "flowproof-collector-leader")
+    assert role["metadata"]["namespace"] == "flowproof"
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [settings.lease_name],
+            "verbs": ["get", "update"],
+        },
+    ]
+    binding = one(docs, "RoleBinding", "flowproof-collector-leader")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "flowproof-collector-leader",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "flowproof-collector", "namespace": "flowproof"}
+    ]
 
 
 AGENT_CAPABILITIES = {"SYS_ADMIN", "SYS_PTRACE", "NET_BIND_SERVICE"}
@@ -557,7 +616,7 @@ def test_the_probe_pods_overlay_turns_the_feature_on_where_it_grants_the_rights(
 
     docs = render("overlays/probe-pods")
     c = container(docs, "Deployment", "flowproof-collector")
-    settings = load_settings(_argv(c, token_file), _environment(c, {}))
+    settings = load_settings(_argv(c, token_file), _environment(c, COLLECTOR_FIELDS))
     assert settings.probe_pods == "kubernetes"
     granted = {
         d["metadata"]["namespace"]
@@ -566,7 +625,10 @@ def test_the_probe_pods_overlay_turns_the_feature_on_where_it_grants_the_rights(
     }
     assert set(settings.probe_pod_namespaces) == granted
     plain = container(render("overlays/plain"), "Deployment", "flowproof-collector")
-    assert load_settings(_argv(plain, token_file), _environment(plain, {})).probe_pods == "off"
+    assert (
+        load_settings(_argv(plain, token_file), _environment(plain, COLLECTOR_FIELDS)).probe_pods
+        == "off"
+    )
 
 
 # --- the NetworkPolicies select the pods they are about -----------------------------------------
@@ -626,6 +688,11 @@ def test_the_service_routes_to_the_collector_ports_by_name() -> None:
 # --- the manifests say what the code reads ------------------------------------------------------
 
 
+COLLECTOR_FIELDS = {"metadata.namespace": "flowproof", "metadata.name": "flowproof-collector-x2k4p"}
+"""What the downward API gives the collector's pod."""
+STATE_DIR = "/var/lib/flowproof"
+
+
 def _environment(c: Mapping[str, Any], field_values: Mapping[str, str]) -> dict[str, str]:
     env: dict[str, str] = {}
     for item in c.get("env", []):
@@ -645,6 +712,7 @@ def _argv(c: Mapping[str, Any], token_file: Path) -> list[str]:
         f"{TLS_DIR}/tls.crt": str(tls / "collector.crt"),
         f"{TLS_DIR}/tls.key": str(tls / "collector.key"),
         f"{TLS_DIR}/ca.crt": str(tls / "ca.crt"),
+        STATE_DIR: str(token_file.parent / "state"),
     }
     args = []
     for arg in c["args"]:
@@ -702,7 +770,7 @@ def test_the_collector_manifest_is_accepted_by_the_collector_settings(token_file
     docs = render("base")
     c = container(docs, "Deployment", "flowproof-collector")
     assert c["image"].startswith("localhost/flowproof-collector:")
-    settings = load_settings(_argv(c, token_file), _environment(c, {}))
+    settings = load_settings(_argv(c, token_file), _environment(c, COLLECTOR_FIELDS))
     assert settings.source == "kubernetes"
     assert settings.token == "a-test-token"
     assert settings.grpc_port == named_port(c, "grpc")
@@ -842,12 +910,13 @@ async def test_a_collector_started_from_the_manifest_answers_every_probe(token_f
     docs = render("overlays/plain")
     c = container(docs, "Deployment", "flowproof-collector")
     settings = dataclasses.replace(
-        load_settings(_argv(c, token_file), _environment(c, {})),
+        load_settings(_argv(c, token_file), _environment(c, COLLECTOR_FIELDS)),
         source="manifests",
         manifests=(str(ROOT / "examples" / "shop"),),
         listen_address="127.0.0.1",
         grpc_port=0,
         http_port=0,
+        leader_election=False,  # from files: no API to hold a Lease in
     )
     annotations = one(docs, "Service", "flowproof-collector")["metadata"]["annotations"]
     scrape_path = annotations["prometheus.io/path"]
@@ -1078,7 +1147,7 @@ def test_the_policy_reports_overlay_turns_them_on_and_grants_only_their_writes(
 
     docs = render("overlays/policy-reports")
     c = container(docs, "Deployment", "flowproof-collector")
-    settings = load_settings(_argv(c, token_file), _environment(c, {}))
+    settings = load_settings(_argv(c, token_file), _environment(c, COLLECTOR_FIELDS))
     assert settings.policy_reports is True
     [role] = [
         d

@@ -3,6 +3,8 @@ HTTP route stays read-only and open to whoever may reach the port."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -14,7 +16,7 @@ from collector.leading import LeaseElector, LeaseStore
 from collector.loop import Collector
 from collector.runtime import build_http_app
 from collector.settings import CollectorSettings
-from flowproof.verifying import read_token
+from flowproof.verifying import CollectorStandby, read_token, request_verification
 from tests.support.tls import server_tls
 
 
@@ -127,3 +129,25 @@ async def test_a_standby_refuses_verify_naming_the_leader_and_says_so_in_its_sum
             headers={"Authorization": "Bearer agents-token"},
         )
         assert response.status == 200
+
+
+async def test_verify_asks_again_past_a_standby_and_says_so_when_none_leads() -> None:
+    settings = CollectorSettings(token="agents-token", leader_election=True)
+    collector = Collector(settings)
+    dispatcher = Dispatcher(token=settings.token, tls=server_tls(), on_result=collector.on_result)
+    elector = LeaseElector(
+        cast(LeaseStore, None), namespace="flowproof", name="flowproof-collector", identity="me"
+    )
+    elector.holder = "collector-0"
+    app = build_http_app(
+        collector, dispatcher, verify_tokens=settings.verify_tokens, elector=elector
+    )
+    async with TestServer(app) as server:
+        url = str(server.make_url("/"))
+        with pytest.raises(CollectorStandby, match="the leader is collector-0"):
+            await request_verification(url, 2.5, token="agents-token")
+        asyncio.get_running_loop().call_later(1.0, elector.leading.set)
+        started = time.monotonic()
+        answer = await request_verification(url, 4.0, token="agents-token")
+        assert answer["reasons"] == ["the collector has no inventory yet"]
+        assert time.monotonic() - started >= 1.0, "the first answers came from the standby"

@@ -34,6 +34,7 @@ REQUIRED_ALERTS = {
     "FlowproofProbeErrorsHigh",
     "FlowproofPolicyNotEnforced",
     "FlowproofCollectorDown",
+    "FlowproofNoLeader",
     "FlowproofScrapeStale",
     "FlowproofAgentDown",
 }
