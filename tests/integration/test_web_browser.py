@@ -5,6 +5,7 @@ to test-artifacts/web/."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -67,6 +68,13 @@ class View:
 
 @pytest.fixture
 async def view() -> AsyncIterator[View]:
+    async with opened(LoopStatus(agent_nodes=frozenset({"node-1", "node-2"}))) as found:
+        yield found
+
+
+@contextlib.asynccontextmanager
+async def opened(status: LoopStatus) -> AsyncIterator[View]:
+    """The sample loop's web view, served with `status` and open in Chromium."""
     if not HAVE_CHROMIUM:
         pytest.skip("needs chromium: apt-get install -y chromium")
     broadcaster = Broadcaster()
@@ -74,7 +82,7 @@ async def view() -> AsyncIterator[View]:
     loop.probe_all()
     state_view = StateView(
         state=loop.state,
-        loop_status=lambda: LoopStatus(agent_nodes=frozenset({"node-1", "node-2"})),
+        loop_status=lambda: status,
         generation=lambda: loop.generation,
     )
     metrics = CollectorMetrics(CollectorRegistry(), state=loop.state)
@@ -315,3 +323,17 @@ async def test_the_policies_view_lists_each_policy_and_opens_its_witnesses(view:
     assert not await page.locator("#policy").is_hidden(), "Esc closes the topmost panel only"
     await page.keyboard.press("Escape")
     assert await page.locator("#policy").is_hidden()
+
+
+async def test_a_standby_says_so_and_names_the_leader_in_its_header() -> None:
+    status = LoopStatus(leading=False, leader="flowproof-collector-5d8c-x2k4p")
+    async with opened(status) as view:
+        await view.page.wait_for_function(
+            "() => document.querySelector('#agents').innerText.includes('standby')", timeout=3000
+        )
+        header = await view.page.inner_text("#agents")
+        assert header == (
+            "standby collector: no agents, no results here · "
+            "the leader is flowproof-collector-5d8c-x2k4p"
+        )
+        await view.shot("standby")
