@@ -21,6 +21,7 @@ BENCHES = {
     "apiserver": "bench.apiserver_bench",
     "watch": "bench.watch_bench",
     "intake": "bench.intake_bench",
+    "failover": "bench.failover_bench",
 }
 
 
