@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -205,6 +206,7 @@ async def run(count: int, root: Path, plaintext: bool) -> dict[str, Any]:
             }
     finally:
         await stop_collector(collector)
+        shutil.rmtree(directory, ignore_errors=True)
     return figures
 
 

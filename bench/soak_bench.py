@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -140,6 +141,7 @@ def run(minutes: float, flip_seconds: float, warmup_minutes: float) -> dict[str,
         if lab.exists():
             lab.down()
     left = leftovers(lab.name, state)
+    shutil.rmtree(state_dir, ignore_errors=True)  # after the leftovers check read it
     warm = [s for s in samples if s["seconds"] >= warmup_minutes * 60]
     series: dict[str, dict[str, float]] = {}
     for role in pids:

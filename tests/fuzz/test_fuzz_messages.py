@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -315,5 +316,6 @@ def test_the_agent_survives_any_collector_stream(messages: list[pb.CollectorMess
             stop.set()
             await link._shutdown()
             sockets.close()
+            shutil.rmtree(proc, ignore_errors=True)  # one per example: never left behind
 
     asyncio.run(run())
