@@ -181,7 +181,15 @@ def test_the_collector_runs_as_its_service_account_with_the_rbac_of_deploy(lab: 
     roles = api_get(lab, "roles", "-n", "shop")["items"]
     assert [
         grants(r["rules"]) for r in roles if r["metadata"]["name"] == "flowproof-probe-pods"
-    ] == [grants(next(d for d in render("overlays/probe-pods") if d["kind"] == "Role")["rules"])]
+    ] == [
+        grants(
+            next(
+                d
+                for d in render("overlays/probe-pods")
+                if d["kind"] == "Role" and d["metadata"]["name"] == "flowproof-probe-pods"
+            )["rules"]
+        )
+    ]
 
 
 def test_the_shop_passes_and_the_collector_writes_its_status(lab: Lab) -> None:
