@@ -462,14 +462,16 @@ class Dispatcher:
         auth_bytes = auth.encode() if isinstance(auth, str) else auth
         if not hmac.compare_digest(auth_bytes, self._expected_auth):
             await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "bad or missing token")
-        if self._serving is not None and not self._serving():
-            self.standby_refusals_total += 1  # not a bad stream: not counted as refused
-            await context.abort(grpc.StatusCode.UNAVAILABLE, STANDBY_REFUSAL)
         try:
             async with asyncio.timeout(self._hello_timeout):
                 first = await anext(aiter(requests))
         except (TimeoutError, StopAsyncIteration):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "expected a hello first")
+        if self._serving is not None and not self._serving():
+            # After the hello was read: an abort that crossed the agent's write of it would reach
+            # the agent as INTERNAL ("Internal error from Core"), not as this refusal.
+            self.standby_refusals_total += 1  # not a bad stream: not counted as refused
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STANDBY_REFUSAL)
         if first.WhichOneof("body") != "hello":
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "expected a hello first")
         try:
