@@ -161,6 +161,9 @@ def test_the_cluster_is_of_the_size_the_issue_asks_for() -> None:
 
 
 def test_every_policy_is_proven_or_says_why_not(cluster: Lab, manifest: Path) -> None:
+    # Settled again: evidence is live, and on a loaded host a witness result may go stale (the
+    # policy PENDING until its next probe) between the fixture's wait and this reading.
+    wait_all_settled(cluster, 60)
     listing = get(cluster, "/api/v1/policies")
     by_id = {p["id"]: p for p in listing["policies"]}
     effective = effective_policies(manifest)
