@@ -221,10 +221,21 @@ async def test_a_break_in_the_lab_turns_its_cell_red_live_and_explains_itself(la
                 timeout=RED_WITHIN_SECONDS * 1000,
             )
             took = time.monotonic() - started
-            colour = await page.eval_on_selector(
-                API_TO_DB_CELL, "td => getComputedStyle(td).backgroundColor"
-            )
-            assert colour == RED
+            # The matrix may repaint the cell right after the status lands: read its colour
+            # from the cell in the page as it is then (a replaced node reads as no colour).
+            try:
+                await page.wait_for_function(
+                    """([selector, red]) => { const td = document.querySelector(selector);
+                        return td !== null && td.isConnected
+                            && getComputedStyle(td).backgroundColor === red; }""",
+                    arg=[f"{API_TO_DB_CELL}[data-status='REQUIRED_BLOCKED']", RED],
+                    timeout=3000,
+                )
+            except Exception as exc:
+                colour = await page.eval_on_selector(
+                    API_TO_DB_CELL, "td => getComputedStyle(td).backgroundColor"
+                )
+                raise AssertionError(f"the blocked cell is {colour!r}, not {RED}") from exc
             assert await page.evaluate("() => window.notReloaded === true"), "the page reloaded"
             first = await page.inner_text("#mismatches li:first-child")
             assert "blocked" in first and "api-to-db" in first, first
