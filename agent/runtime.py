@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from agent.settings import AgentSettings, load_settings
 from agent.streaming import CollectorLink
 from flowproof import __version__
 from flowproof.aio import run_root_tasks, run_service, stop_event
-from flowproof.probes import AgentCapabilities, ProbeKind
+from flowproof.probes import AgentCapabilities, ProbeKind, ProbeResult
 
 log = logging.getLogger("agent")
 
@@ -31,6 +31,53 @@ log = logging.getLogger("agent")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent until SIGTERM; the process exit code."""
     return run_service("agent", argv, load_settings, serve, log)
+
+
+def collector_link(
+    settings: AgentSettings,
+    *,
+    sockets: NetnsSockets,
+    sctp: bool,
+    ca_certificates: bytes,
+    observe: Callable[[ProbeResult], None] | None = None,
+) -> CollectorLink:
+    """The agent's stream to the collector with its prober and responders, from the settings;
+    `observe(result)` sees each result as it is measured."""
+    resolver = PodResolver(settings.proc_root)
+    prober = Prober(
+        node_name=settings.node_name,
+        resolver=resolver,
+        sockets=sockets,
+        max_concurrency=settings.max_concurrency,
+        destination_rate_per_second=settings.destination_rate_per_second,
+        destination_burst=settings.destination_burst,
+        max_timeout_seconds=settings.max_probe_timeout_seconds,
+        sctp_supported=sctp,
+    )
+    responders = Responders(
+        resolver=resolver,
+        sockets=sockets,
+        max_open=settings.max_responders,
+        max_lifetime_seconds=settings.responder_max_lifetime_seconds,
+        sctp_supported=sctp,
+    )
+    kinds = tuple(k for k in ProbeKind if sctp or k is not ProbeKind.SCTP)
+    return CollectorLink(
+        settings=settings,
+        prober=prober,
+        responders=responders,
+        capabilities=AgentCapabilities(
+            sctp_supported=sctp,
+            probe_kinds=kinds,
+            responders_supported=True,
+            # Never more assignments than results the buffer can keep: then nothing measured is
+            # dropped, even across a disconnect (every held assignment has room for its result).
+            max_in_flight=min(settings.max_in_flight, settings.result_buffer_size),
+        ),
+        agent_version=__version__,
+        ca_certificates=ca_certificates,
+        observe=observe,
+    )
 
 
 async def serve(settings: AgentSettings, stop: asyncio.Event | None = None) -> int:
@@ -51,40 +98,12 @@ async def _serve(settings: AgentSettings, stop: asyncio.Event) -> int:
     sctp = sctp_supported()
     if not sctp:
         log.info("kernel has no SCTP module: SCTP probes report ERROR")
-    resolver = PodResolver(settings.proc_root)
     sockets = NetnsSockets(batch_size=settings.socket_batch_size)
-    prober = Prober(
-        node_name=settings.node_name,
-        resolver=resolver,
-        sockets=sockets,
-        max_concurrency=settings.max_concurrency,
-        destination_rate_per_second=settings.destination_rate_per_second,
-        destination_burst=settings.destination_burst,
-        max_timeout_seconds=settings.max_probe_timeout_seconds,
-        sctp_supported=sctp,
-    )
-    responders = Responders(
-        resolver=resolver,
-        sockets=sockets,
-        max_open=settings.max_responders,
-        max_lifetime_seconds=settings.responder_max_lifetime_seconds,
-        sctp_supported=sctp,
-    )
     metrics = AgentMetrics(node=settings.node_name)
-    kinds = tuple(k for k in ProbeKind if sctp or k is not ProbeKind.SCTP)
-    link = CollectorLink(
-        settings=settings,
-        prober=prober,
-        responders=responders,
-        capabilities=AgentCapabilities(
-            sctp_supported=sctp,
-            probe_kinds=kinds,
-            responders_supported=True,
-            # Never more assignments than results the buffer can keep: then nothing measured is
-            # dropped, even across a disconnect (every held assignment has room for its result).
-            max_in_flight=min(settings.max_in_flight, settings.result_buffer_size),
-        ),
-        agent_version=__version__,
+    link = collector_link(
+        settings,
+        sockets=sockets,
+        sctp=sctp,
         ca_certificates=ca_certificates,
         observe=metrics.observe,
     )

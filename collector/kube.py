@@ -1759,63 +1759,55 @@ class KubeClient:
 
     async def read_lease(self, namespace: str, name: str) -> LeaseRecord | None:
         """The Lease's record; None when there is none."""
-
-        def run() -> LeaseRecord | None:
-            try:
-                response = self._coordination.read_namespaced_lease(
-                    name, namespace, _preload_content=False, _request_timeout=self._timeout
-                )
-            except ApiException as exc:
-                if exc.status == 404:
-                    return None
-                raise
-            return _lease_record(self._json(response))
-
-        return await self._call(f"reading lease {namespace}/{name}", run)
+        return await self._lease_request(
+            f"reading lease {namespace}/{name}",
+            404,
+            self._coordination.read_namespaced_lease,
+            name,
+            namespace,
+        )
 
     async def create_lease(
         self, namespace: str, name: str, record: LeaseRecord
     ) -> LeaseRecord | None:
         """Create the Lease with `record`; None when one of that name exists already."""
-
-        def run() -> LeaseRecord | None:
-            try:
-                response = self._coordination.create_namespaced_lease(
-                    namespace,
-                    cast(Any, record.body(namespace, name)),
-                    _preload_content=False,
-                    _request_timeout=self._timeout,
-                )
-            except ApiException as exc:
-                if exc.status == 409:
-                    return None
-                raise
-            return _lease_record(self._json(response))
-
-        return await self._call(f"creating lease {namespace}/{name}", run)
+        return await self._lease_request(
+            f"creating lease {namespace}/{name}",
+            409,
+            self._coordination.create_namespaced_lease,
+            namespace,
+            record.body(namespace, name),
+        )
 
     async def replace_lease(
         self, namespace: str, name: str, record: LeaseRecord
     ) -> LeaseRecord | None:
         """Write `record` over the Lease at `record.resource_version`; None when it changed
         since (409: another replica wrote first)."""
+        return await self._lease_request(
+            f"writing lease {namespace}/{name}",
+            409,
+            self._coordination.replace_namespaced_lease,
+            name,
+            namespace,
+            record.body(namespace, name),
+        )
+
+    async def _lease_request(
+        self, what: str, absent: int, request: Callable[..., object], *args: Any
+    ) -> LeaseRecord | None:
+        """One Lease request: the record the API answers, or None when it answers `absent`."""
 
         def run() -> LeaseRecord | None:
             try:
-                response = self._coordination.replace_namespaced_lease(
-                    name,
-                    namespace,
-                    cast(Any, record.body(namespace, name)),
-                    _preload_content=False,
-                    _request_timeout=self._timeout,
-                )
+                response = request(*args, _preload_content=False, _request_timeout=self._timeout)
             except ApiException as exc:
-                if exc.status == 409:
+                if exc.status == absent:
                     return None
                 raise
             return _lease_record(self._json(response))
 
-        return await self._call(f"writing lease {namespace}/{name}", run)
+        return await self._call(what, run)
 
     async def aclose(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

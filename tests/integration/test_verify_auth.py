@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from collector.dispatching import Dispatcher
@@ -92,7 +93,9 @@ def test_the_verify_client_finds_its_token_in_order(tmp_path: Any) -> None:
     assert read_token(None, {}, None) == ""
 
 
-async def test_a_standby_refuses_verify_naming_the_leader_and_says_so_in_its_summary() -> None:
+def standby_app() -> tuple[web.Application, LeaseElector]:
+    """A collector's HTTP app with leader election on, a standby while the Lease is held by
+    collector-0 (its elector, to make it lead)."""
     settings = CollectorSettings(token="agents-token", leader_election=True)
     collector = Collector(settings)
     dispatcher = Dispatcher(token=settings.token, tls=server_tls(), on_result=collector.on_result)
@@ -103,6 +106,11 @@ async def test_a_standby_refuses_verify_naming_the_leader_and_says_so_in_its_sum
     app = build_http_app(
         collector, dispatcher, verify_tokens=settings.verify_tokens, elector=elector
     )
+    return app, elector
+
+
+async def test_a_standby_refuses_verify_naming_the_leader_and_says_so_in_its_summary() -> None:
+    app, elector = standby_app()
     async with TestClient(TestServer(app)) as client:
         response = await client.post(
             "/api/v1/verify",
@@ -132,16 +140,7 @@ async def test_a_standby_refuses_verify_naming_the_leader_and_says_so_in_its_sum
 
 
 async def test_verify_asks_again_past_a_standby_and_says_so_when_none_leads() -> None:
-    settings = CollectorSettings(token="agents-token", leader_election=True)
-    collector = Collector(settings)
-    dispatcher = Dispatcher(token=settings.token, tls=server_tls(), on_result=collector.on_result)
-    elector = LeaseElector(
-        cast(LeaseStore, None), namespace="flowproof", name="flowproof-collector", identity="me"
-    )
-    elector.holder = "collector-0"
-    app = build_http_app(
-        collector, dispatcher, verify_tokens=settings.verify_tokens, elector=elector
-    )
+    app, elector = standby_app()
     async with TestServer(app) as server:
         url = str(server.make_url("/"))
         with pytest.raises(CollectorStandby, match="the leader is collector-0"):

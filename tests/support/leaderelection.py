@@ -27,13 +27,11 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.netns import NetnsSockets
-from agent.probing import Prober
-from agent.resolving import PodResolver
-from agent.responders import Responders
+from agent.runtime import collector_link
 from agent.settings import AgentSettings
 from agent.streaming import CollectorLink
 from collector.ledger import LEDGER_FILE
-from flowproof.probes import AgentCapabilities, ProbeKind, ProbeResult
+from flowproof.probes import ProbeResult
 from lab.controlplane import ControlPlane
 from tests.support.apiobjects import make_expectations, make_pod, make_policy
 from tests.support.kubetools import apply, apply_all, create_pod, install_crd, namespace, ok, render
@@ -218,36 +216,10 @@ async def agents(
             proc_root=str(tmp),  # no pod is found here: a result for each, no packet sent
             health_port=0,
             metrics_port=0,
+            max_in_flight=64,
         )
-        resolver = PodResolver(settings.proc_root)
-        link = CollectorLink(
-            settings=settings,
-            prober=Prober(
-                node_name=node,
-                resolver=resolver,
-                sockets=sockets,
-                max_concurrency=settings.max_concurrency,
-                destination_rate_per_second=settings.destination_rate_per_second,
-                destination_burst=settings.destination_burst,
-                max_timeout_seconds=settings.max_probe_timeout_seconds,
-                sctp_supported=False,
-            ),
-            responders=Responders(
-                resolver=resolver,
-                sockets=sockets,
-                max_open=settings.max_responders,
-                max_lifetime_seconds=settings.responder_max_lifetime_seconds,
-                sctp_supported=False,
-            ),
-            capabilities=AgentCapabilities(
-                sctp_supported=False,
-                probe_kinds=(ProbeKind.TCP, ProbeKind.UDP, ProbeKind.HTTP, ProbeKind.DNS),
-                responders_supported=True,
-                max_in_flight=64,
-            ),
-            agent_version="test",
-            ca_certificates=ca,
-            observe=observe,
+        link = collector_link(
+            settings, sockets=sockets, sctp=False, ca_certificates=ca, observe=observe
         )
         found.links.append(link)
         tasks.append(asyncio.create_task(link.run(stop), name=f"agent {node}"))

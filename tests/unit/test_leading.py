@@ -166,9 +166,7 @@ async def test_a_released_lease_is_taken_at_once() -> None:
 async def test_a_leader_that_cannot_renew_stops_leading_at_the_renew_deadline() -> None:
     store = Store()
     a = elector(store, "a")
-    stop = asyncio.Event()
-    task = asyncio.create_task(a.run(stop))
-    try:
+    async with running(a) as task:
         await until(a.leading.is_set)
         store.failing = True
         cut = time.monotonic()
@@ -178,30 +176,18 @@ async def test_a_leader_that_cannot_renew_stops_leading_at_the_renew_deadline() 
         assert not a.leading.is_set()
         # Before the lease runs out for a standby (1 s after the last renewal it saw).
         assert 0.4 <= lost_after < TIMING.duration_seconds
-    finally:
-        stop.set()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
 
 
 async def test_a_leader_that_finds_the_lease_held_by_another_stops_at_once() -> None:
     store = Store()
     a = elector(store, "a")
-    stop = asyncio.Event()
-    task = asyncio.create_task(a.run(stop))
-    try:
+    async with running(a) as task:
         await until(a.leading.is_set)
         store.hold("intruder", duration=60)
         with pytest.raises(LeadershipLost, match="held by 'intruder'"):
             await asyncio.wait_for(task, 2)
         assert not a.leading.is_set()
         assert store.record is not None and store.record.holder == "intruder", "not released"
-    finally:
-        stop.set()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
 
 
 async def test_a_leader_rides_out_api_failures_shorter_than_the_renew_deadline() -> None:
