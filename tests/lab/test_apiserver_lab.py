@@ -302,7 +302,13 @@ def test_pods_deleted_and_created_with_kubectl_come_and_go_in_lab_and_verdict(la
     }
     kubectl(lab, "apply", "-f", "-", input=json.dumps(manifest))
     created = wait_for(lambda: lab.state().pod("shop/frontend-extra"), 10, "the lab to run it")
-    pod = api_get(lab, "pod", "frontend-extra", "-n", "shop")
+
+    def reported() -> dict[str, Any] | None:
+        found: dict[str, Any] = api_get(lab, "pod", "frontend-extra", "-n", "shop")
+        return found if found.get("status", {}).get("podIP") else None
+
+    # The lab runs the pod first, then reports its status to the API as a kubelet does.
+    pod = wait_for(reported, 10, "its status in the API")
     assert pod["spec"]["nodeName"] == f"node-{created.node}", "bound to the node the lab chose"
     assert pod["status"]["podIP"] == created.ip
 
