@@ -13,6 +13,7 @@ it also prints the mutation score and detection times the lab test wrote
 (tests/lab/test_lab_evidence.py: test-artifacts/evidence-mutations.json).
 
     python -m bench.evidence_bench [--pods 10000] [--namespaces 100] [--policies 500] [--repeat 3]
+        [--generator repeating|distinct] [--no-whole]
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import resource
 import statistics
 import time
 from collections import Counter
 from pathlib import Path
 
-from bench.synthetic import make_cluster
+from bench.synthetic import make_cluster, make_distinct_cluster
 from collector.core.classes import ClassModel
 from collector.core.evidence import plan_evidence
 from collector.core.model import Pod, Snapshot
@@ -54,8 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--mutations", type=Path, default=DEFAULT_MUTATIONS)
+    parser.add_argument(
+        "--generator",
+        choices=["repeating", "distinct"],
+        default="repeating",
+        help="distinct: make_distinct_cluster, selectors of their own per namespace",
+    )
+    parser.add_argument("--no-whole", action="store_true", help="skip the whole build_plan")
     args = parser.parse_args(argv)
-    snapshot = running(make_cluster(args.pods, args.namespaces, args.policies, 7))
+    make = make_cluster if args.generator == "repeating" else make_distinct_cluster
+    snapshot = running(make(args.pods, args.namespaces, args.policies, 7))
     model_s, plan_s, whole_s = [], [], []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
@@ -63,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         plan = plan_evidence(snapshot, model=model)
         t2 = time.perf_counter()
-        build_plan(snapshot, PlannerSettings())
+        if not args.no_whole:
+            build_plan(snapshot, PlannerSettings())
         t3 = time.perf_counter()
         model_s.append(t1 - t0)
         plan_s.append(t2 - t1)
@@ -95,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if table.size
         else None,
         "sweep_full_turn_minutes": round(table.size / budget / 60, 1) if table.size else None,
+        "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
     print(json.dumps(result, indent=2))
     if args.mutations.exists():

@@ -64,6 +64,11 @@ WITNESS_KEY_PREFIX = "witness:"
 """Every witness flow's key starts so."""
 PORTS_CACHED = 256
 """Ports whose matrices one plan's evidence keeps at most."""
+PORT_CACHE_BYTES = 512 << 20
+"""Bytes of port matrices one plan's evidence keeps at most (the newest port is always kept)."""
+FULL_COUNT_CELLS = 1 << 20
+"""Class pairs up to which a port's rule counts are computed whole once and sliced; above, each
+block multiplies only its own rows (or columns) by the rules that touch them."""
 FALLBACK_PORT: tuple[int, Protocol] = (80, "TCP")
 """The port of an isolation witness to a pod that declares none (a responder answers it)."""
 
@@ -171,25 +176,45 @@ class EvidencePlan:
 
 class _Counts:
     """counts[a, b] = sum over rules r of left[a, r] * right[r, b], computed on first use (a port
-    that no block needs costs nothing but its rule columns)."""
+    that no block needs costs nothing but its rule columns).
+
+    While the table is small (`FULL_COUNT_CELLS`) it is computed whole once and sliced. Above, a
+    block is computed from its own rows (or columns) and only the rules that touch them: a
+    policy's block is the few classes it selects against every class, never classes².
+    """
 
     def __init__(self, left: FloatArray, right: FloatArray) -> None:
         self.left = left
         self.right = right
         self._values: FloatArray | None = None
 
+    @property
+    def nbytes(self) -> int:
+        held = self._values.nbytes if self._values is not None else 0
+        return int(self.left.nbytes + self.right.nbytes + held)
+
     def block(self, rows: IntArray, cols: IntArray, *, whole_rows: bool) -> FloatArray:
         """values[rows][:, cols]; `whole_rows` when `cols` is every class (else `rows` is)."""
-        if self._values is None:
+        if self._values is None and self.left.shape[0] * self.right.shape[1] <= FULL_COUNT_CELLS:
             self._values = self.left @ self.right
-        values = self._values
-        return values[rows, :] if whole_rows else values[:, cols]
+        if self._values is not None:
+            values = self._values
+            return values[rows, :] if whole_rows else values[:, cols]
+        if whole_rows:
+            left = self.left[rows]
+            used = np.flatnonzero(left.any(axis=0))
+            return np.asarray(left[:, used] @ self.right[used], dtype=np.float32)
+        right = self.right[:, cols]
+        used = np.flatnonzero(right.any(axis=1))
+        return np.asarray(self.left[:, used] @ right[used], dtype=np.float32)
 
 
 @dataclass
 class _PortMatrices:
     """For one port: rule and isolation counts per class pair; verdicts computed per block."""
 
+    # Rule columns are only the rules that can admit the port (the others count nothing):
+    # `local_in[j]` / `local_eg[j]` is rule row j's column, or -1.
     s_in: FloatArray  # [class d, ingress rule] the rule's policy selects d and admits the port on d
     p_in: FloatArray  # [ingress rule, class s] a peer of the rule matches s
     s_eg: FloatArray  # [class s, egress rule] the rule's policy selects s
@@ -199,6 +224,84 @@ class _PortMatrices:
     iso_in: FloatArray  # [d] policies isolating d for ingress
     iso_eg: FloatArray  # [s] policies isolating s for egress
     declares: BoolArray  # [d] the class declares this port
+    local_in: IntArray
+    local_eg: IntArray
+
+    @property
+    def nbytes(self) -> int:
+        return int(
+            self.s_in.nbytes
+            + self.p_in.nbytes
+            + self.s_eg.nbytes
+            + self.p_eg.nbytes
+            + self.cnt_in.nbytes
+            + self.cnt_eg.nbytes
+        )
+
+    def columns(self, direction: Direction, rows: IntArray) -> IntArray:
+        """The columns of these rule rows that can admit the port (the others are all zero)."""
+        local = (self.local_in if direction == "ingress" else self.local_eg)[rows]
+        return np.asarray(local[local >= 0], dtype=np.intp)
+
+
+def _admits_number(entries: Sequence[PolicyPort], port: int, protocol: Protocol) -> bool:
+    """Whether an entry without a named port admits the port."""
+    for entry in entries:
+        if entry.protocol != protocol or isinstance(entry.port, str):
+            continue
+        if entry.port is None or entry.port == port:
+            return True
+        if entry.end_port is not None and entry.port <= port <= entry.end_port:
+            return True
+    return False
+
+
+class _RuleEntries:
+    """The rules of one direction indexed by the ports their entries can admit, so that a port's
+    matrices look only at the rules that may admit it (and at those without `ports`)."""
+
+    def __init__(self, model: ClassModel, rows: Sequence[tuple[int, int, Rule]]) -> None:
+        self.every: list[int] = []  # no `ports`: every port
+        self.shape_of: dict[int, int] = {}  # rows with a named port entry -> their entries' id
+        shapes: dict[tuple[PolicyPort, ...], int] = {}
+        self.whole: dict[Protocol, list[int]] = {}  # an entry of the protocol without a port
+        spans: dict[Protocol, list[tuple[int, int, int]]] = {}  # (first, last, row)
+        named: dict[tuple[Protocol, int], set[int]] = {}  # (protocol, number) -> rows
+        for j, (_, _, rule) in enumerate(rows):
+            if not rule.ports:
+                self.every.append(j)
+            for entry in rule.ports:
+                if entry.port is None:
+                    self.whole.setdefault(entry.protocol, []).append(j)
+                elif isinstance(entry.port, str):
+                    self.shape_of[j] = shapes.setdefault(tuple(rule.ports), len(shapes))
+                    col = model.named.get((entry.port, entry.protocol))
+                    if col is None:
+                        continue
+                    for number in np.unique(model.named_ports[:, col]):
+                        if number >= 0:
+                            named.setdefault((entry.protocol, int(number)), set()).add(j)
+                else:
+                    last = entry.end_port if entry.end_port is not None else entry.port
+                    spans.setdefault(entry.protocol, []).append((entry.port, last, j))
+        self.named = named
+        self.spans = {
+            protocol: (
+                np.array([a for a, _, _ in found], dtype=np.int64),
+                np.array([b for _, b, _ in found], dtype=np.int64),
+                np.array([j for _, _, j in found], dtype=np.intp),
+            )
+            for protocol, found in spans.items()
+        }
+
+    def candidates(self, port: int, protocol: Protocol) -> list[int]:
+        """Rule rows that may admit the port, in order (a superset: `port_ok` decides)."""
+        found = set(self.every) | set(self.whole.get(protocol, ()))
+        found |= self.named.get((protocol, port), set())
+        if protocol in self.spans:
+            first, last, rows = self.spans[protocol]
+            found.update(int(j) for j in rows[(first <= port) & (port <= last)])
+        return sorted(found)
 
 
 class _Matrices:
@@ -233,16 +336,20 @@ class _Matrices:
             )
             for d in ("ingress", "egress")
         }
-        k = self.k
-        self._base: dict[Direction, tuple[FloatArray, FloatArray]] = {}
-        for d in ("ingress", "egress"):
-            n = len(self.rows[d])
-            sel = np.zeros((k, n), dtype=np.float32)
-            peer = np.zeros((n, k), dtype=np.float32)
-            for j, (pi, _, _) in enumerate(self.rows[d]):
-                sel[:, j] = model.selected[:, pi]
-                peer[j] = self.peers(d, j)
-            self._base[d] = (sel, peer)
+        self.policy_of: dict[Direction, IntArray] = {
+            d: np.array([pi for pi, _, _ in self.rows[d]], dtype=np.intp) for d in self.rows
+        }
+        self._cached_bytes = 0
+        self._entries = {d: _RuleEntries(model, self.rows[d]) for d in self.rows}
+        # The same for every port: policies isolating each class, classes declaring each port.
+        self._isolating = tuple(
+            np.asarray(model.selected[:, self.isolates[d]].sum(axis=1), dtype=np.float32)
+            for d in ("ingress", "egress")
+        )
+        self._declaring: dict[tuple[int, Protocol], list[int]] = {}
+        for cls, ports in declared_ports.items():
+            for pp in ports:
+                self._declaring.setdefault(pp, []).append(cls)
 
     def peers(self, direction: Direction, row: int) -> BoolArray:
         """Per class: does it match a peer of rule `row` of `direction`? (cached)"""
@@ -281,36 +388,65 @@ class _Matrices:
         return out
 
     def at(self, port: int, protocol: Protocol) -> _PortMatrices:
-        """The matrices of one port (cached: the last PORTS_CACHED ports asked for)."""
+        """The matrices of one port (cached: the last ports asked for, up to PORTS_CACHED of them
+        and PORT_CACHE_BYTES; the newest is always kept)."""
         found = self._at.get((port, protocol))
         if found is None:
-            if len(self._at) >= PORTS_CACHED:
-                del self._at[next(iter(self._at))]
-            found = self._at[(port, protocol)] = self._port_matrices(port, protocol)
+            found = self._port_matrices(port, protocol)
+            # Counts computed whole grow the older entries: measured again as a port is added.
+            self._cached_bytes = sum(m.nbytes for m in self._at.values()) + found.nbytes
+            while self._at and (
+                len(self._at) >= PORTS_CACHED or self._cached_bytes > PORT_CACHE_BYTES
+            ):
+                self._cached_bytes -= self._at.pop(next(iter(self._at))).nbytes
+            self._at[(port, protocol)] = found
         return found
 
     def _port_matrices(self, port: int, protocol: Protocol) -> _PortMatrices:
         m = self.model
-        out: dict[Direction, tuple[FloatArray, FloatArray]] = {}
+        out: dict[Direction, tuple[FloatArray, FloatArray, IntArray]] = {}
         for d in ("ingress", "egress"):
-            sel, peer = self._base[d]
-            sel, peer = sel.copy(), peer.copy()
-            for j, (_, _, rule) in enumerate(self.rows[d]):
-                if not rule.ports:
+            rows = self.rows[d]
+            kept: list[int] = []
+            admits: list[BoolArray | None] = []
+            entries = self._entries[d]
+            admitted: dict[int, BoolArray] = {}
+            for j in entries.candidates(port, protocol):
+                rule = rows[j][2]
+                shape = entries.shape_of.get(j)
+                if shape is None:
+                    # No named port: the rule admits the port on every class or on none.
+                    if not rule.ports or _admits_number(rule.ports, port, protocol):
+                        kept.append(j)
+                        admits.append(None)
                     continue
-                ok = self.port_ok(rule, port, protocol)  # per destination class
+                ok = admitted.get(shape)  # many rules share their entries: once per port each
+                if ok is None:
+                    ok = admitted[shape] = self.port_ok(rule, port, protocol)
+                if ok.any():
+                    kept.append(j)
+                    admits.append(ok)
+            columns = np.array(kept, dtype=np.intp)
+            sel = np.asarray(m.selected[:, self.policy_of[d][columns]], dtype=np.float32)
+            sel = sel.reshape(self.k, len(kept))
+            peer = np.zeros((len(kept), self.k), dtype=np.float32)
+            if kept:
+                peer[:] = np.stack([self.peers(d, j) for j in kept])
+            ones = np.ones(self.k, dtype=np.bool_)
+            ports_ok = np.stack([ones if ok is None else ok for ok in admits]) if kept else None
+            if ports_ok is not None and any(ok is not None for ok in admits):
                 if d == "ingress":
-                    sel[:, j] *= ok
+                    sel *= ports_ok.T
                 else:
-                    peer[j] *= ok
-            out[d] = (sel, peer)
-        iso_in = (m.selected[:, self.isolates["ingress"]]).sum(axis=1).astype(np.float32)
-        iso_eg = (m.selected[:, self.isolates["egress"]]).sum(axis=1).astype(np.float32)
+                    peer *= ports_ok
+            local = np.full(len(rows), -1, dtype=np.intp)
+            local[columns] = np.arange(len(kept), dtype=np.intp)
+            out[d] = (sel, peer, local)
+        iso_in, iso_eg = self._isolating
         declares = np.zeros(self.k, dtype=np.bool_)
-        for cls, ports in self.declared_ports.items():
-            declares[cls] = (port, protocol) in ports
-        s_in, p_in = out["ingress"]
-        s_eg, p_eg = out["egress"]
+        declares[self._declaring.get((port, protocol), [])] = True
+        s_in, p_in, local_in = out["ingress"]
+        s_eg, p_eg, local_eg = out["egress"]
         return _PortMatrices(
             s_in,
             p_in,
@@ -321,6 +457,8 @@ class _Matrices:
             iso_in,
             iso_eg,
             declares,
+            local_in,
+            local_eg,
         )
 
 
@@ -489,7 +627,7 @@ class _Planner:
             j = self.policy_rows["ingress"].get(pi)
             inside = self.model.selected[cols, pi]  # destinations of the block P selects
             cnt = self._cnt_in(m, cols, rows)
-            if j is not None:
+            if j is not None and len(j := m.columns("ingress", j)):
                 cnt = cnt - m.s_in[np.ix_(cols, j)] @ self._sub(m.p_in, j, rows)
             iso = m.iso_in[cols] - inside.astype(np.float32)
             ingress = (iso[:, None] == 0) | (cnt > 0)
@@ -497,7 +635,7 @@ class _Planner:
             j = self.policy_rows["egress"].get(pi)
             inside = self.model.selected[rows, pi]
             cnt = self._cnt_eg(m, rows, cols)
-            if j is not None:
+            if j is not None and len(j := m.columns("egress", j)):
                 cnt = cnt - m.s_eg[np.ix_(rows, j)] @ self._sub(m.p_eg, j, cols)
             iso = m.iso_eg[rows] - inside.astype(np.float32)
             egress = (iso[:, None] == 0) | (cnt > 0)
@@ -534,14 +672,18 @@ class _Planner:
         """Pairs only rule row `j` allows on this port (its policy still isolates without it)."""
         if direction == "ingress":
             rows, cols = self.everyone, sel
-            cnt = self._cnt_in(m, cols, rows) - np.outer(m.s_in[cols, j], m.p_in[j, rows])
+            cnt = self._cnt_in(m, cols, rows)
+            if (c := m.local_in[j]) >= 0:
+                cnt = cnt - np.outer(m.s_in[cols, c], m.p_in[c, rows])
             ingress = (m.iso_in[cols][:, None] == 0) | (cnt > 0)
             egress_now = self._egress(m, rows, cols)
             without = egress_now & ingress.T
             allowed = egress_now & self._ingress(m, cols, rows).T
         else:
             rows, cols = sel, self.everyone
-            cnt = self._cnt_eg(m, rows, cols) - np.outer(m.s_eg[rows, j], m.p_eg[j, cols])
+            cnt = self._cnt_eg(m, rows, cols)
+            if (c := m.local_eg[j]) >= 0:
+                cnt = cnt - np.outer(m.s_eg[rows, c], m.p_eg[c, cols])
             egress = (m.iso_eg[rows][:, None] == 0) | (cnt > 0)
             ingress_now = self._ingress(m, cols, rows)
             without = egress & ingress_now.T

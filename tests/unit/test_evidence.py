@@ -17,6 +17,8 @@ from hypothesis import given
 from make import make_pod, make_policy, make_snapshot, peer, port, rule, sel
 from test_properties import PROPERTY_SETTINGS, snapshot_st
 
+from bench.synthetic import make_distinct_cluster, with_expectations
+from collector.core import evidence as evidence_module
 from collector.core.classes import ClassModel
 from collector.core.engine import Engine, suspects
 from collector.core.evidence import (
@@ -398,3 +400,22 @@ def test_a_plan_s_evidence_keeps_nothing_of_it_alive_once_it_is_dropped() -> Non
     del plan, model
     gc.collect()
     assert gone() is None, "an old plan's class model is still referenced"
+
+
+@pytest.mark.parametrize(
+    ("full_cells", "cache_bytes"),
+    [(0, evidence_module.PORT_CACHE_BYTES), (1 << 40, 1), (0, 1)],
+    ids=["counts-per-block", "one-port-cached", "both"],
+)
+def test_counts_per_block_and_a_small_port_cache_choose_the_same_witnesses(
+    monkeypatch: pytest.MonkeyPatch, full_cells: int, cache_bytes: int
+) -> None:
+    """Large class tables are counted per block over the rules that touch it, and the port cache
+    is bounded in bytes: neither may change a single witness (a cluster whose selectors do not
+    repeat, with named ports, endPort ranges and ipBlocks)."""
+    snapshot = with_expectations(make_distinct_cluster(400, 40, 160, 5), 20, 2)
+    expected = plan_evidence(snapshot)
+    assert len(expected.witnesses()) > 100
+    monkeypatch.setattr(evidence_module, "FULL_COUNT_CELLS", full_cells)
+    monkeypatch.setattr(evidence_module, "PORT_CACHE_BYTES", cache_bytes)
+    assert plan_evidence(snapshot) == expected
