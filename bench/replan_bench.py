@@ -20,7 +20,7 @@ import json
 import statistics
 import time
 
-from bench.synthetic import make_distinct_cluster, with_expectations
+from bench.synthetic import make_cluster, make_distinct_cluster, with_expectations
 from collector.core.changes import diff_snapshots
 from collector.core.model import Snapshot
 from collector.loop import Collector
@@ -72,6 +72,7 @@ async def run(
         "mode": mode,
         "snapshots": len(snapshots),
         "plans_built": collector.replans_total if mode == "thread" else len(snapshots),
+        "of_them_updates": collector.updates_total,
         "coalesced": collector.snapshots_coalesced_total,
         "flows": len(collector.planner.plan.flows),
         "seconds": round(elapsed, 1),
@@ -91,10 +92,13 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=40)
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--modes", nargs="+", default=["thread", "loop"])
+    parser.add_argument("--generator", choices=["distinct", "repeating"], default="distinct")
     args = parser.parse_args()
-    initial = with_expectations(
-        make_distinct_cluster(args.pods, args.namespaces, args.policies, 7), args.flows, 1
-    )
+    make = make_distinct_cluster if args.generator == "distinct" else make_cluster
+    cluster = make(args.pods, args.namespaces, args.policies, 7)
+    # Pods in key order, as the Kubernetes source publishes them.
+    cluster = dataclasses.replace(cluster, pods=tuple(sorted(cluster.pods, key=lambda p: p.key)))
+    initial = with_expectations(cluster, args.flows, 1)
     changed = churn(initial, args.changes)
     for mode in args.modes:
         print(json.dumps(asyncio.run(run(mode, initial, changed, args.rate))), flush=True)

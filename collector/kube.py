@@ -620,6 +620,9 @@ class KubernetesSource:
         self._discovered_once = False
         self._inbox: asyncio.Queue[_Replace | _Event | _Discovered] = asyncio.Queue()
         self._store: dict[str, dict[str, _Model]] = {r.key: {} for r in _RESOURCES}
+        # Per store, its keys in order, kept while no key is added or removed (a pod's label
+        # change then costs the snapshot a pass over the pods, not a sort of them).
+        self._sorted_keys: dict[str, list[str]] = {}
         self._labels: dict[str, _Resource] = {r.key: r for r in _RESOURCES}
         self._objects: dict[str, ExpectationsObject] = {}
         self._listed: set[str] = set()
@@ -1293,6 +1296,7 @@ class KubernetesSource:
             if label == resource.label and key not in listed:
                 del self._problems[(label, key)]
         self._store[resource.key] = new
+        self._sorted_keys.pop(resource.key, None)
         if resource.key in self._states:
             self._listed.add(resource.key)
         if resource.kind == "FlowExpectations":
@@ -1310,6 +1314,7 @@ class KubernetesSource:
                 self._objects.pop(key, None)
             else:
                 self._objects[key] = entry.item.object
+        had = key in store
         if entry.deleted:
             store.pop(key, None)
             self._problems.pop((resource.label, key), None)
@@ -1318,6 +1323,8 @@ class KubernetesSource:
             store[key] = entry.item.value
         else:
             store.pop(key, None)  # its current state is not understood; an old one would mislead
+        if had != (key in store):
+            self._sorted_keys.pop(resource.key, None)
 
     def _readable(self, resource: _Resource, item: _Converted) -> bool:
         """True if the item has a value; log its problem and warnings, once each."""
@@ -1365,7 +1372,10 @@ class KubernetesSource:
             for resource_key in sorted(self._store):
                 if self._labels[resource_key].kind == kind:
                     store = self._store[resource_key]
-                    found += [store[key] for key in sorted(store)]
+                    keys = self._sorted_keys.get(resource_key)
+                    if keys is None or len(keys) != len(store):
+                        keys = self._sorted_keys[resource_key] = sorted(store)
+                    found += [store[key] for key in keys]
             return found
 
         namespaces = [n for n in ordered("Namespace") if isinstance(n, Namespace)]

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from collector.core.changes import ChangeEvent, merge_changes
-from collector.core.destinations import destination_policy
+from collector.core.destinations import destination_policy, still_covers
 from collector.core.flowstate import FlowState, LatencySample, StatusChange
 from collector.core.model import Snapshot
-from collector.core.planning import needed_probe_pods
+from collector.core.planning import Plan, needed_probe_pods
 from collector.core.probepods import ProbePodRequest
-from collector.core.scheduling import Planner, PreparedPlan, prepare_plan
+from collector.core.scheduling import Planner, PreparedPlan, prepare_plan, prepare_update
 from collector.settings import CollectorSettings
 from flowproof.aio import SYSTEM_CLOCK, Clock, first_of
 from flowproof.probes import Assignment, DestinationPolicy, ProbeResult
@@ -160,6 +162,10 @@ class Collector:
         self._replan_wake = asyncio.Event()
         self._replanner_running = False
         self._planning = asyncio.Lock()
+        self._prepared: PreparedPlan | None = None  # the plan last applied, before sweep cells
+        self._destinations: DestinationPolicy | None = None  # the policy last announced
+        self._whole_at = -math.inf  # when the last whole plan was applied
+        self.updates_total = 0  # plans made by updating the one before for a few pods
 
     # -- inputs ------------------------------------------------------------------------------------
 
@@ -212,29 +218,98 @@ class Collector:
             self._pending_waiters = []
 
     async def _replan(self, snapshot: Snapshot, change: ChangeEvent) -> None:
+        """Plan one snapshot: first an update of the plan before for the pods that changed
+        (`prepare_update`: declared flows at once), then the whole plan (new witnesses and sweep
+        table) unless a newer snapshot already waits and the last whole plan is recent."""
         async with self._planning:  # callers without the replanner: one plan at a time, in order
-            prepared = await asyncio.to_thread(
-                prepare_plan, snapshot, self.settings.planner, generation=change.generation
+            prepared = self._prepared
+            if prepared is not None and not change.initial:
+                done = await asyncio.to_thread(
+                    self._prepare, snapshot, change, prepared, self.planner.plan, self._destinations
+                )
+                if done is not None:
+                    self._apply(snapshot, change, *done)
+                    self.updates_total += 1
+                    await self._reconcile_probe_pods()
+                    self._synced.set()
+                    self._wake.set()
+                    recent = (
+                        self.clock.time() - self._whole_at < self.settings.planner.interval_seconds
+                    )
+                    if self._pending is not None and recent:
+                        return  # the newer snapshot is updated next; a whole plan follows
+                    # The whole plan of the same snapshot: only what it chooses anew is touched.
+                    change = dataclasses.replace(
+                        change,
+                        pods_added=frozenset(),
+                        pods_removed=frozenset(),
+                        pods_changed=frozenset(),
+                    )
+            whole = await asyncio.to_thread(
+                self._prepare, snapshot, change, None, self.planner.plan, self._destinations
             )
-            self._apply(snapshot, change, prepared)
+            assert whole is not None
+            self._apply(snapshot, change, *whole)
+            self._whole_at = self.clock.time()
             await self._reconcile_probe_pods()
         self._synced.set()
         self._wake.set()
 
-    def _apply(self, snapshot: Snapshot, change: ChangeEvent, prepared: PreparedPlan) -> None:
+    def _prepare(
+        self,
+        snapshot: Snapshot,
+        change: ChangeEvent,
+        previous: PreparedPlan | None,
+        current: Plan,
+        policy: DestinationPolicy | None,
+    ) -> tuple[PreparedPlan, DestinationPolicy] | None:
+        """In the worker thread, from what the loop held when it was called (`current`: its plan,
+        `policy`: the destination policy it announced): the plan (an update of `previous`, or
+        whole when it is None; None when it cannot be updated) and the policy to announce."""
+        settings = self.settings.planner
+        if previous is None:
+            prepared = prepare_plan(snapshot, settings, generation=change.generation)
+        else:
+            update = prepare_update(
+                previous, snapshot, change, settings, generation=change.generation
+            )
+            if update is None:
+                return None
+            prepared = update
+        plan = prepared.plan
+        snapshot.pods_by_key  # noqa: B018 - built here, not on the loop (the sweep reads it)
+        # A sweep rotation may replace `current` before this plan is applied; its cells are pods
+        # of the snapshot before, which the policy also admits.
+        before = current.engine.snapshot if current.engine is not None else None
+        changed = [p for key in change.pods_added | change.pods_changed if (p := snapshot.pod(key))]
+        if (
+            previous is None
+            or policy is None
+            or not still_covers(policy, plan, previous.plan.flows, changed)
+        ):
+            policy = destination_policy(
+                (current, plan), snapshot, settings.cluster_dns_ip, earlier=before
+            )
+        return prepared, policy
+
+    def _apply(
+        self,
+        snapshot: Snapshot,
+        change: ChangeEvent,
+        prepared: PreparedPlan,
+        destinations: DestinationPolicy,
+    ) -> None:
         """The planner's and the flow state's half of a replan: on the loop, no await inside."""
         now = self.clock.time()
         self.snapshot = snapshot
         self.generation = change.generation
         self.replans_total += 1
-        previous = self.planner.plan
         update = self.planner.apply(prepared, change, now)
+        self._prepared = prepared
         # Before any assignment of the new plan is due; the previous plan's may still be queued.
-        self.announce(
-            destination_policy(
-                (previous, update.plan), snapshot, self.settings.planner.cluster_dns_ip
-            )
-        )
+        if destinations != self._destinations:
+            self.announce(destinations)
+            self._destinations = destinations
         self._emit_changes(self.state.sync(update))
         self._emit(SnapshotApplied(change.generation, change.describe()))
 

@@ -560,6 +560,11 @@ class ClassModel:
     def representative(self, cls: int) -> Pod:
         return self.snapshot.pods[int(self.first[cls])]
 
+    @cached_property
+    def pod_index(self) -> Mapping[str, int]:
+        """Pod key -> its index in the snapshot (and in `class_of`), built on first use."""
+        return {pod.key: i for i, pod in enumerate(self.snapshot.pods)}
+
     # -- one port query ------------------------------------------------------------------------------
 
     def _port_status(self, row: _RuleRow, port: int, protocol: Protocol) -> bool | BoolArray:

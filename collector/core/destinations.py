@@ -10,9 +10,9 @@ collector that is not what it should be still cannot make agents probe elsewhere
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from collector.core.model import ExternalTarget, Snapshot
+from collector.core.model import ExternalTarget, Pod, Snapshot
 from collector.core.planning import Plan
 from flowproof.probes import DestinationPolicy
 
@@ -40,14 +40,21 @@ def _collapsed(texts: Iterable[str]) -> tuple[str, ...]:
 
 
 def destination_policy(
-    plans: Iterable[Plan], snapshot: Snapshot, cluster_dns_ip: str
+    plans: Iterable[Plan],
+    snapshot: Snapshot,
+    cluster_dns_ip: str,
+    *,
+    earlier: Snapshot | None = None,
 ) -> DestinationPolicy:
     """The policy for the current plan (and the ones before it whose assignments may still be
-    queued): the union of what they probe, collapsed into as few networks as it takes."""
+    queued): the union of what they probe, collapsed into as few networks as it takes. The pods
+    of an `earlier` snapshot are in it too (the sweep may still probe them until this plan is
+    applied)."""
     networks: set[str] = set()
     declared: set[str] = set()
-    for pod in snapshot.pods:
-        networks.update(n for n in map(_host_network, pod.ips) if n)
+    for shot in (snapshot,) if earlier is None else (snapshot, earlier):
+        for pod in shot.pods:
+            networks.update(n for n in map(_host_network, pod.ips) if n)
     dns = _host_network(cluster_dns_ip)
     if dns:
         networks.add(dns)
@@ -73,4 +80,24 @@ def destination_policy(
     return DestinationPolicy(networks=_collapsed(networks), declared=tuple(sorted(declared)))
 
 
-__all__ = ["destination_policy"]
+def still_covers(
+    policy: DestinationPolicy, plan: Plan, kept: Mapping[str, object], pods: Iterable[Pod]
+) -> bool:
+    """Whether `policy` already lets agents probe everything `plan` adds: the addresses of its
+    flows that are not in `kept` (a flow kept as it was), and of `pods`. A plan updated for a few
+    pods then keeps the policy it had (computing it costs a pass over every pod)."""
+    for pod in pods:
+        if any(policy.refusal(ip) is not None for ip in pod.ips):
+            return False
+    for key, planned in plan.flows.items():
+        if kept.get(key) is planned or planned.template is None:
+            continue
+        address = planned.template.destination_ip
+        if policy.refusal(address) is not None:
+            return False
+        if planned.template.destination is None and _host_network(address) not in policy.declared:
+            return False  # a `cidr`, `host` or `dns` target is declared as its own network
+    return True
+
+
+__all__ = ["destination_policy", "still_covers"]

@@ -270,6 +270,14 @@ class Engine:
             unmodelled[item.namespace].append(item)
         self._unmodelled: Mapping[str, Sequence[UnmodelledPolicy]] = dict(unmodelled)
 
+    def with_pods(self, snapshot: Snapshot) -> Engine:
+        """An engine for `snapshot`, which has this one's policies and namespaces and other
+        pods: the policy indices are shared (they depend on no pod), nothing is rebuilt."""
+        engine = object.__new__(Engine)
+        engine.__dict__.update(self.__dict__)
+        engine.snapshot = snapshot
+        return engine
+
     # -- selection and isolation ------------------------------------------------------------------
 
     def selecting_policies(self, pod: Pod) -> list[NetworkPolicy]:

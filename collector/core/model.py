@@ -9,9 +9,11 @@ objects the model does not know, and label-selector matching. It must never do I
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
@@ -106,8 +108,9 @@ class Pod:
     replicas: int = 1  # how many pods a workload template stands for (the lab starts that many)
     phase: str = "Running"
 
-    @property
+    @cached_property
     def key(self) -> str:
+        """`namespace/name`, made once per pod object (planning reads it for every pod)."""
         return f"{self.namespace}/{self.name}"
 
     def named_port(self, name: str, protocol: Protocol) -> int | None:
@@ -458,6 +461,10 @@ class Expectations:
         return f"{self.namespace}/{self.name}"
 
 
+def _pod_key(pod: Pod) -> str:
+    return pod.key
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything the engine and planner know about the cluster at one moment."""
@@ -477,7 +484,36 @@ class Snapshot:
         return ns.labels
 
     def pod(self, key: str) -> Pod | None:
+        return self.pods_by_key.get(key)
+
+    @cached_property
+    def pods_by_key(self) -> Mapping[str, Pod]:
+        """Every pod by `namespace/name` (built once per snapshot, on first use)."""
+        return {pod.key: pod for pod in self.pods}
+
+    def index_after(self, earlier: Snapshot, changed: Iterable[str]) -> None:
+        """Make `pods_by_key` from `earlier`'s when only the `changed` pods differ (added,
+        removed or altered): a copy and a binary search per changed key in pods sorted by key,
+        as the Kubernetes source publishes them. When the pods are not in that order, or the
+        count does not add up, nothing is made here: `pods_by_key` is built whole on first use."""
+        if "pods_by_key" in self.__dict__:
+            return
+        known = earlier.pods_by_key
+        pods = self.pods
+        found = dict(known)
+        for key in changed:
+            i = bisect.bisect_left(pods, key, key=_pod_key)
+            if i < len(pods) and pods[i].key == key:
+                found[key] = pods[i]
+            else:
+                found.pop(key, None)
+        if len(found) == len(pods):
+            self.__dict__["pods_by_key"] = found
+
+    @cached_property
+    def pods_by_namespace(self) -> Mapping[str, tuple[Pod, ...]]:
+        """The pods of each namespace, in snapshot order (built once per snapshot)."""
+        found: dict[str, list[Pod]] = {}
         for pod in self.pods:
-            if pod.key == key:
-                return pod
-        return None
+            found.setdefault(pod.namespace, []).append(pod)
+        return {name: tuple(pods) for name, pods in found.items()}

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from collector.core.changes import FlowFacts
+from collector.core.changes import ChangeEvent, FlowFacts
 from collector.core.classes import ClassModel
 from collector.core.engine import Endpoint, Engine, Verdict, endpoint_name
 from collector.core.evidence import EvidencePlan, plan_evidence
@@ -33,6 +33,7 @@ from collector.core.model import (
     Expectations,
     FlowExpectation,
     Pod,
+    PodTarget,
     Protocol,
     Snapshot,
 )
@@ -42,7 +43,14 @@ from collector.core.probepods import (
     is_probe_pod,
     probe_pod_request,
 )
-from collector.core.resolving import ConcreteFlow, resolve, select_pods
+from collector.core.resolving import (
+    CLUSTER_DNS_NAMESPACE,
+    DNS_TARGET,
+    ConcreteFlow,
+    resolve,
+    select_pods,
+    target_selects,
+)
 from collector.core.settings import PlannerSettings
 from collector.core.sweeping import SWEEP_EXPECTATION, SweepCell, SweepTable
 from flowproof.probes import (
@@ -148,6 +156,13 @@ class Plan:
     evidence: EvidencePlan = field(default_factory=EvidencePlan)
     sweep: SweepTable | None = field(default=None, compare=False, repr=False)
     engine: Engine | None = field(default=None, compare=False, repr=False)
+    basis: int | None = None
+    """The generation whose whole plan this one's evidence and sweep table come from: None when
+    they are this plan's own (`build_plan`), else an earlier one's (`update_plan`)."""
+    classes: ClassModel | None = field(default=None, compare=False, repr=False)
+    """The classes of the whole plan's snapshot (the basis), for updates of this plan."""
+    moved: frozenset[str] = frozenset()
+    """Pods added, removed or changed since that snapshot (their class there is not theirs)."""
 
     def facts(self) -> dict[str, FlowFacts]:
         return {key: flow.facts() for key, flow in self.flows.items()}
@@ -224,24 +239,74 @@ def _template(
     return template, "", listener
 
 
-class _Classes:
-    """Equivalence classes of the snapshot's pods, computed once, when first needed."""
+class NeedsClasses(Exception):
+    """An update cannot re-plan without the snapshot's classes: only a whole plan can."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+
+class _Classes:
+    """Equivalence classes of the snapshot's pods, computed once, when first needed (never when
+    `allowed` is false: an update that would need them gives up)."""
+
+    def __init__(
+        self, snapshot: Snapshot, *, basis: Plan | None = None, moved: frozenset[str] = frozenset()
+    ) -> None:
         self._snapshot = snapshot
+        self._basis = basis
+        self._moved = moved
         self._model: ClassModel | None = None
-        self._index = {pod.key: i for i, pod in enumerate(snapshot.pods)}
+        self._index: dict[str, int] | None = None
         self._known: dict[str, tuple[str, int | str]] = {}
 
     def model(self) -> ClassModel:
         if self._model is None:
+            if self._basis is not None:
+                raise NeedsClasses()
             self._model = ClassModel(self._snapshot)
         return self._model
+
+    def keys(self, endpoints: Mapping[str, Endpoint]) -> dict[str, tuple[str, int | str]]:
+        """`of` for every endpoint; in an update, from the basis plan's classes.
+
+        A pod unchanged since the basis snapshot has its class there. A pod changed since is
+        classed with its peers by a model of a few pods: the changed ones and one pod of each
+        basis class among the others (a class depends only on the pod, its namespace and the
+        policies, so pods share a class there exactly when they would in a whole model).
+        """
+        basis = self._basis
+        if basis is None:
+            return {name: self.of(name, endpoint) for name, endpoint in endpoints.items()}
+        model = basis.classes
+        if model is None:
+            raise NeedsClasses()
+        index = model.pod_index
+        found: dict[str, tuple[str, int | str]] = {}
+        moved: list[Pod] = []
+        for name, endpoint in endpoints.items():
+            if not isinstance(endpoint, Pod):
+                found[name] = ("address", endpoint)
+            elif name in self._moved or name not in index:
+                if self._snapshot.pods_by_key.get(name) is endpoint:
+                    moved.append(endpoint)
+                else:
+                    found[name] = ("pod", name)  # a planned probe pod: a class of its own
+            else:
+                found[name] = ("class", int(model.class_of[index[name]]))
+        if moved:
+            olds = sorted({int(c) for kind, c in found.values() if kind == "class"})
+            members = [model.representative(c) for c in olds]
+            few = ClassModel(dataclasses.replace(self._snapshot, pods=(*members, *moved)))
+            basis_of = {int(few.class_of[i]): c for i, c in enumerate(olds)}
+            for i, pod in enumerate(moved, start=len(members)):
+                cls = int(few.class_of[i])
+                found[pod.key] = ("class", basis_of[cls]) if cls in basis_of else ("new", cls)
+        return found
 
     def of(self, name: str, endpoint: Endpoint) -> tuple[str, int | str]:
         known = self._known.get(name)
         if known is not None:
             return known
+        if self._index is None:
+            self._index = {pod.key: i for i, pod in enumerate(self._snapshot.pods)}
         index = self._index.get(name) if isinstance(endpoint, Pod) else None
         if not isinstance(endpoint, Pod):
             known = ("address", endpoint)
@@ -261,9 +326,10 @@ def _representatives(
 ) -> set[tuple[str, str]]:
     """The first pairs (in sorted order) of each (source class, destination class)."""
     groups: dict[tuple[object, object], list[tuple[str, str]]] = defaultdict(list)
+    keys = classes.keys(endpoints)
     for pair in sorted(pairs):
         src, dst = pair
-        groups[(classes.of(src, endpoints[src]), classes.of(dst, endpoints[dst]))].append(pair)
+        groups[(keys[src], keys[dst])].append(pair)
     chosen: set[tuple[str, str]] = set()
     for members in groups.values():
         chosen.update(members[:per_class_pair])
@@ -473,6 +539,140 @@ def build_plan(snapshot: Snapshot, settings: PlannerSettings, *, generation: int
         evidence=evidence,
         sweep=SweepTable(snapshot, model),
         engine=engine,
+        classes=model,
+    )
+
+
+MAX_UPDATE_PODS = 64
+"""Pods a change may add, remove or alter for `update_plan`; more, and the plan is built whole."""
+MAX_MOVED_PODS = 512
+"""Pods changed since the last whole plan that updates may carry; more, and it is built whole."""
+_NOT_PODS = tuple(
+    f"{kind}_{verb}"
+    for kind in ("namespaces", "policies", "expectations")
+    for verb in ("added", "removed", "changed")
+)
+
+
+def _targets(document: Expectations, declared: FlowExpectation) -> list[tuple[PodTarget, str]]:
+    """The pod targets a declared flow selects pods with: `from`, and `to` when it names pods."""
+    found = [(declared.source, document.namespace)]
+    if isinstance(declared.destination, PodTarget):
+        found.append((declared.destination, document.namespace))
+    elif declared.destination.dns is not None:
+        found.append((DNS_TARGET, CLUSTER_DNS_NAMESPACE))
+    return found
+
+
+def _rejudged(
+    flow: PlannedFlow, snapshot: Snapshot, engine: Engine, settings: PlannerSettings
+) -> PlannedFlow | None:
+    """A witness flow whose pod changed, on the new snapshot; None when it is gone or no longer
+    has the verdict it was chosen for (the next whole plan chooses again)."""
+    source = snapshot.pods_by_key.get(flow.source.key)
+    destination: Endpoint | None = flow.destination
+    if isinstance(flow.destination, Pod):
+        destination = snapshot.pods_by_key.get(flow.destination.key)
+    if source is None or destination is None:
+        return None
+    verdict = engine.evaluate(source, destination, flow.port, flow.protocol)
+    if not verdict.known or verdict.allowed != flow.intent:
+        return None
+    concrete = ConcreteFlow(
+        flow.expectation, flow.flow, source, destination, flow.port, flow.protocol, flow.intent
+    )
+    template, unprobeable, listener = _template(concrete, flow.key, settings)
+    return dataclasses.replace(
+        flow,
+        source=source,
+        destination=destination,
+        verdict=verdict,
+        template=template,
+        unprobeable=unprobeable,
+        listener_declared=listener,
+    )
+
+
+def update_plan(
+    previous: Plan,
+    snapshot: Snapshot,
+    change: ChangeEvent,
+    settings: PlannerSettings,
+    *,
+    generation: int,
+) -> Plan | None:
+    """The plan of `snapshot` made from `previous` (the plan of the snapshot `change` starts
+    from) when only pods changed, a few of them; None when it must be built whole.
+
+    Declared flows that select none of the changed pods (before or after the change) are kept
+    as they are; the others are planned again, exactly as `build_plan` would (one that would
+    need the snapshot's classes, a flow sampled by class pair, gives up: None). The evidence and
+    the sweep's truth table are carried over from the previous whole plan (`basis`): a witness
+    flow with a changed pod is judged again on the new snapshot and left out when it no longer
+    has the verdict it was chosen for. The next whole plan chooses witnesses afresh.
+    """
+    if previous.engine is None or change.initial or any(getattr(change, f) for f in _NOT_PODS):
+        return None
+    before = previous.engine.snapshot
+    changed = change.pods_added | change.pods_removed | change.pods_changed
+    moved = previous.moved | changed
+    if len(changed) > MAX_UPDATE_PODS or len(moved) > MAX_MOVED_PODS:
+        return None
+    snapshot.index_after(before, changed)
+    versions = [
+        (shot, pod)
+        for shot in (before, snapshot)
+        for key in sorted(changed)
+        if (pod := shot.pods_by_key.get(key)) is not None
+    ]
+    engine = previous.engine.with_pods(snapshot)  # only pods changed: the same policies
+    classes = _Classes(snapshot, basis=previous, moved=moved)
+    kept = {(d.expectation, d.flow): d for d in previous.declared}
+    flows: dict[str, PlannedFlow] = {}
+    declared: list[DeclaredFlowPlan] = []
+    requests: dict[str, ProbePodRequest] = {}
+    for document in snapshot.expectations:
+        for item in document.flows:
+            old = kept.get((document.key, item.name))
+            touched = old is None or any(
+                target_selects(shot, target, namespace, pod)
+                for target, namespace in _targets(document, item)
+                for shot, pod in versions
+            )
+            if old is not None and not touched:
+                plan, planned = old, [previous.flows[key] for key in old.keys]
+            else:
+                try:
+                    plan, planned = _plan_declared(
+                        snapshot, engine, classes, document, item, settings
+                    )
+                except NeedsClasses:
+                    return None
+            declared.append(plan)
+            if plan.probe_pod is not None:
+                requests.setdefault(plan.probe_pod.key, plan.probe_pod)
+            for flow in planned:
+                flows.setdefault(flow.key, flow)
+    for key, flow in previous.flows.items():
+        if flow.kind != "witness":
+            continue
+        if flow.source.key in changed or flow.destination_name in changed:
+            redone = _rejudged(flow, snapshot, engine, settings)
+            if redone is not None:
+                flows.setdefault(key, redone)
+        else:
+            flows.setdefault(key, flow)
+    return Plan(
+        generation=generation,
+        flows=flows,
+        declared=tuple(declared),
+        probe_pods=tuple(requests.values()),
+        evidence=previous.evidence,
+        sweep=previous.sweep,
+        engine=engine,
+        basis=previous.generation if previous.basis is None else previous.basis,
+        classes=previous.classes,
+        moved=moved,
     )
 
 
@@ -497,14 +697,17 @@ def needed_probe_pods(plan: Plan) -> list[ProbePodRequest]:
 
 __all__ = [
     "FLOW_KINDS",
+    "MAX_UPDATE_PODS",
     "SWEEP_EXPECTATION",
     "WITNESS_EXPECTATION",
     "DeclaredFlowPlan",
+    "NeedsClasses",
     "Plan",
     "PlannedFlow",
     "build_plan",
     "is_running",
     "needed_probe_pods",
     "sweep_flow",
+    "update_plan",
     "witness_flows",
 ]

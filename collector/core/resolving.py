@@ -7,6 +7,7 @@ I/O; what does not resolve is returned as a problem in words, never raised.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from collector.core.engine import Endpoint, endpoint_name
@@ -56,18 +57,31 @@ class ConcreteFlow:
         )
 
 
+def target_selects(snapshot: Snapshot, target: PodTarget, default_namespace: str, pod: Pod) -> bool:
+    """Whether a `from`/`to` pod target selects `pod` (its namespace's labels from `snapshot`)."""
+    if target.namespace_selector is not None:
+        if not target.namespace_selector.matches(snapshot.namespace_labels(pod.namespace)):
+            return False
+    elif pod.namespace != (target.namespace or default_namespace):
+        return False
+    return target.pod_selector.matches(pod.labels)
+
+
 def select_pods(snapshot: Snapshot, target: PodTarget, default_namespace: str) -> list[Pod]:
     """Pods a `from`/`to` pod target selects, in snapshot order."""
-    pods = []
-    for pod in snapshot.pods:
-        if target.namespace_selector is not None:
-            if not target.namespace_selector.matches(snapshot.namespace_labels(pod.namespace)):
-                continue
-        elif pod.namespace != (target.namespace or default_namespace):
-            continue
-        if target.pod_selector.matches(pod.labels):
-            pods.append(pod)
-    return pods
+    if target.namespace_selector is None:
+        # One namespace: only its pods (snapshot order is kept within a namespace, and the
+        # order across namespaces does not matter when there is one).
+        namespace = target.namespace or default_namespace
+        candidates: Sequence[Pod] = snapshot.pods_by_namespace.get(namespace, ())
+        return [pod for pod in candidates if target.pod_selector.matches(pod.labels)]
+    return [
+        pod for pod in snapshot.pods if target_selects(snapshot, target, default_namespace, pod)
+    ]
+
+
+DNS_TARGET = PodTarget(namespace=CLUSTER_DNS_NAMESPACE, pod_selector=CLUSTER_DNS_SELECTOR)
+"""The cluster DNS pods, the destinations of a `dns: cluster` flow."""
 
 
 def external_address(target: ExternalTarget) -> str | None:
@@ -121,11 +135,7 @@ def resolve(
         if not destinations:
             problems.append(f"{where}: `to` ({target.describe()}) matches no pod")
     elif target.dns is not None:
-        dns_pods = select_pods(
-            snapshot,
-            PodTarget(namespace=CLUSTER_DNS_NAMESPACE, pod_selector=CLUSTER_DNS_SELECTOR),
-            CLUSTER_DNS_NAMESPACE,
-        )
+        dns_pods = select_pods(snapshot, DNS_TARGET, CLUSTER_DNS_NAMESPACE)
         destinations = list(dns_pods) or [cluster_dns_ip]
         dns_name = "kubernetes.default.svc.cluster.local"
     elif target.cidr is not None:

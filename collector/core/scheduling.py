@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from collector.core.changes import ChangeEvent, FlowFacts, touched_flows
 from collector.core.model import Snapshot
-from collector.core.planning import Plan, PlannedFlow, build_plan, sweep_flow
+from collector.core.planning import Plan, PlannedFlow, build_plan, sweep_flow, update_plan
 from collector.core.settings import PlannerSettings
 from collector.core.sweeping import SweepCell, SweepOrder
 from flowproof.probes import Assignment
@@ -41,7 +41,8 @@ class PlanUpdate:
 @dataclass(frozen=True)
 class PreparedPlan:
     """A plan built from a snapshot, with its flows' facts: the pure, slow half of an update,
-    which may be built in another thread (it reads only the snapshot and the settings)."""
+    which may be built in another thread (it reads only the snapshot, the settings and, for an
+    update, the plan before)."""
 
     plan: Plan
     facts: dict[str, FlowFacts]
@@ -51,6 +52,27 @@ def prepare_plan(snapshot: Snapshot, settings: PlannerSettings, *, generation: i
     """`build_plan` and the facts `Planner.apply` compares; touches no planner state."""
     plan = build_plan(snapshot, settings, generation=generation)
     return PreparedPlan(plan, plan.facts())
+
+
+def prepare_update(
+    previous: PreparedPlan,
+    snapshot: Snapshot,
+    change: ChangeEvent,
+    settings: PlannerSettings,
+    *,
+    generation: int,
+) -> PreparedPlan | None:
+    """`update_plan` from the plan prepared before, with facts computed only for the flows it
+    made anew (a kept flow keeps its facts); None when the plan must be built whole."""
+    plan = update_plan(previous.plan, snapshot, change, settings, generation=generation)
+    if plan is None:
+        return None
+    before = previous.plan.flows
+    facts = {
+        key: previous.facts[key] if before.get(key) is flow else flow.facts()
+        for key, flow in plan.flows.items()
+    }
+    return PreparedPlan(plan, facts)
 
 
 class _TokenBucket:
@@ -212,7 +234,7 @@ class Planner:
             position = self._sweep_order.position if self._sweep_order is not None else 0
             self._sweep_order = SweepOrder(table.size, self.settings.sweep_seed)
             self._sweep_order.position = position % table.size
-        pods = {pod.key: pod for pod in plan.engine.snapshot.pods}
+        pods = plan.engine.snapshot.pods_by_key
         kept: dict[str, PlannedFlow] = {}
         for key, cell in list(self._sweep_cells.items()):
             source, destination = pods.get(cell.source.key), pods.get(cell.destination.key)
@@ -253,9 +275,17 @@ class Planner:
         removed -= cells.keys()
         flows = {k: f for k, f in plan.flows.items() if k not in removed}
         added: set[str] = set()
+        pods = engine.snapshot.pods_by_key
         for key, cell in cells.items():
             if key in flows or key in plan.flows:
                 continue
+            # A table carried over from an earlier snapshot (`Plan.basis`) holds its pods: the
+            # cell is judged between the pods as they are now, and left out when one is gone.
+            source, destination = pods.get(cell.source.key), pods.get(cell.destination.key)
+            if source is None or destination is None:
+                continue
+            if source is not cell.source or destination is not cell.destination:
+                cell = dataclasses.replace(cell, source=source, destination=destination)
             self._sweep_cells[key] = cell
             flows[key] = flow = sweep_flow(cell, engine, settings)
             self._facts[key] = flow.facts()

@@ -130,3 +130,49 @@ async def test_the_plan_sender_hands_assignments_lost_past_their_deadline_to_for
     await asyncio.gather(replanner, sender)
     assert sorted(forgotten) == sorted(first)
     assert len(set(sent)) == 4 and not set(sent[2:]) & set(first)
+
+
+@pytest.mark.asyncio
+async def test_a_pod_change_reaches_the_plan_by_an_update_before_the_whole_plan_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The update (declared flows, the witnesses of the plan before) is applied at once; the
+    whole plan of the same snapshot, slow in its thread, replaces it when it is done."""
+    wholes: list[int] = []
+
+    def slow_prepare(
+        snapshot: Snapshot, settings: PlannerSettings, *, generation: int
+    ) -> PreparedPlan:
+        if generation > 1:
+            time.sleep(0.5)  # a large cluster's whole plan
+        wholes.append(generation)
+        return prepare_plan(snapshot, settings, generation=generation)
+
+    monkeypatch.setattr(loop_module, "prepare_plan", slow_prepare)
+    announced: list[object] = []
+    collector = Collector(CollectorSettings(token="t"), announce=announced.append)
+    stop = asyncio.Event()
+    replanner = asyncio.create_task(collector.replanner(stop))
+    first, second = _snapshot("0"), _snapshot("1")
+    await collector.on_snapshot(first, diff_snapshots(None, first, generation=1, at=1.0))
+    assert collector.planner.plan.basis is None and len(announced) == 1
+    await collector.on_snapshot(
+        second, diff_snapshots(first, second, generation=2, at=2.0), wait=False
+    )
+    for _ in range(40):
+        await asyncio.sleep(0.01)
+        if collector.planner.plan.generation == 2:
+            break
+    plan = collector.planner.plan
+    assert plan.generation == 2 and plan.basis == 1, "the update came first"
+    assert collector.updates_total == 1 and wholes == [1]
+    assert collector.snapshot is second
+    assert len(announced) == 1, "the pods' addresses did not change: the policy is kept"
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if wholes == [1, 2] and collector.planner.plan.basis is None:
+            break
+    stop.set()
+    await replanner
+    assert wholes == [1, 2]
+    assert collector.planner.plan.generation == 2 and collector.planner.plan.basis is None

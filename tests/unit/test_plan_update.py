@@ -1,0 +1,216 @@
+"""Updating a plan for a few changed pods (`update_plan`): its declared flows are exactly those a
+whole plan of the new snapshot has; its witnesses are the previous plan's, judged again where a
+changed pod is an end; and what it cannot update exactly it leaves to a whole plan."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from bench.synthetic import make_cluster, make_distinct_cluster, with_expectations
+from collector.core.changes import diff_snapshots
+from collector.core.engine import Engine
+from collector.core.model import Pod, Snapshot
+from collector.core.planning import (
+    MAX_UPDATE_PODS,
+    Plan,
+    PlannedFlow,
+    build_plan,
+    update_plan,
+)
+from collector.core.scheduling import prepare_plan, prepare_update
+from collector.core.settings import PlannerSettings
+
+SETTINGS = PlannerSettings()
+
+
+def _declared(plan: Plan) -> tuple[object, dict[str, PlannedFlow]]:
+    return plan.declared, {k: f for k, f in plan.flows.items() if f.kind == "declared"}
+
+
+def _changed(snapshot: Snapshot, rng: random.Random, count: int) -> Snapshot:
+    """`count` pods changed at random: relabelled (to another pod's labels or a new version),
+    stopped, removed, or added as a copy of another pod with a new name and address."""
+    pods = list(snapshot.pods)
+    for i in range(count):
+        j = rng.randrange(len(pods))
+        pod = pods[j]
+        what = rng.choice(["relabel", "copy-labels", "stop", "remove", "add"])
+        if what == "relabel":
+            pods[j] = dataclasses.replace(pod, labels={**pod.labels, "version": f"u{i}"})
+        elif what == "copy-labels":
+            other = pods[rng.randrange(len(pods))]
+            pods[j] = dataclasses.replace(pod, labels=dict(other.labels))
+        elif what == "stop":
+            pods[j] = dataclasses.replace(pod, phase="Pending", ips=())
+        elif what == "remove":
+            del pods[j]
+        else:
+            pods.append(
+                dataclasses.replace(
+                    pod, name=f"{pod.name}-n{i}", uid=f"{pod.uid}-n{i}", ips=(f"10.250.{i}.7",)
+                )
+            )
+    return dataclasses.replace(snapshot, pods=tuple(sorted(pods, key=lambda p: p.key)))
+
+
+def _sorted(snapshot: Snapshot) -> Snapshot:
+    """Pods in key order, as the Kubernetes source publishes them (a kept flow keeps the order of
+    its pods in the snapshot it was planned on)."""
+    return dataclasses.replace(snapshot, pods=tuple(sorted(snapshot.pods, key=lambda p: p.key)))
+
+
+CLUSTERS = {
+    "repeating": lambda: _sorted(with_expectations(make_cluster(600, 12, 48, 3), 40, 2)),
+    "distinct": lambda: _sorted(with_expectations(make_distinct_cluster(500, 50, 200, 5), 40, 2)),
+}
+
+
+@pytest.mark.parametrize("cluster", sorted(CLUSTERS))
+def test_an_updated_plan_has_exactly_the_declared_flows_of_a_whole_plan(cluster: str) -> None:
+    rng = random.Random(11)
+    first = CLUSTERS[cluster]()
+    previous = build_plan(first, SETTINGS, generation=1)
+    updated = 0
+    for generation in range(2, 14):
+        snapshot = _changed(first, rng, rng.choice([1, 1, 2, 5]))
+        change = diff_snapshots(first, snapshot, generation=generation, at=0.0)
+        plan = update_plan(previous, snapshot, change, SETTINGS, generation=generation)
+        whole = build_plan(snapshot, SETTINGS, generation=generation)
+        if plan is None:
+            continue  # a flow sampled by class pair was touched: only a whole plan can say
+        updated += 1
+        assert _declared(plan) == _declared(whole)
+        assert plan.probe_pods == whole.probe_pods
+        assert plan.basis == 1
+        assert plan.evidence is previous.evidence
+        # Witnesses: the previous plan's, as they stand on the new snapshot.
+        engine = Engine(snapshot)
+        witnesses = {k: f for k, f in plan.flows.items() if f.kind == "witness"}
+        before = {k: f for k, f in previous.flows.items() if f.kind == "witness"}
+        assert witnesses.keys() <= before.keys()
+        for flow in witnesses.values():
+            assert snapshot.pod(flow.source.key) is flow.source
+            if isinstance(flow.destination, Pod):
+                assert snapshot.pod(flow.destination.key) is flow.destination
+            verdict = engine.evaluate(flow.source, flow.destination, flow.port, flow.protocol)
+            assert flow.verdict == verdict and verdict.known and verdict.allowed == flow.intent
+        moved = change.pods_added | change.pods_removed | change.pods_changed
+        for key in before.keys() - witnesses.keys():
+            gone = before[key]
+            assert gone.source.key in moved or gone.destination_name in moved, key
+    assert updated >= 6, f"only {updated} of 12 changes could be updated"
+
+
+def test_declared_flows_no_changed_pod_selects_are_kept_as_they_were() -> None:
+    first = CLUSTERS["repeating"]()
+    previous = build_plan(first, SETTINGS, generation=1)
+    pod = first.pods[0]
+    snapshot = dataclasses.replace(
+        first,
+        pods=(dataclasses.replace(pod, labels={**pod.labels, "version": "other"}), *first.pods[1:]),
+    )
+    change = diff_snapshots(first, snapshot, generation=2, at=0.0)
+    plan = update_plan(previous, snapshot, change, SETTINGS, generation=2)
+    assert plan is not None
+    kept = [d for d in plan.declared if any(d is old for old in previous.declared)]
+    remade = [d for d in plan.declared if not any(d is old for old in previous.declared)]
+    assert kept and len(kept) + len(remade) == len(plan.declared)
+    for declared in kept:
+        assert all(plan.flows[k] is previous.flows[k] for k in declared.keys)
+        assert all(pod.key not in k for k in declared.keys)
+    # Facts are computed only for the flows made anew.
+    before = prepare_plan(first, SETTINGS, generation=1)
+    prepared = prepare_update(before, snapshot, change, SETTINGS, generation=2)
+    assert prepared is not None
+    assert prepared.facts == prepared.plan.facts()
+
+
+def test_what_an_update_cannot_do_exactly_is_left_to_a_whole_plan() -> None:
+    first = CLUSTERS["repeating"]()
+    previous = build_plan(first, SETTINGS, generation=1)
+    policy = first.policies[0]
+    fewer = dataclasses.replace(first, policies=first.policies[1:])
+    assert (
+        update_plan(
+            previous,
+            fewer,
+            diff_snapshots(first, fewer, generation=2, at=0.0),
+            SETTINGS,
+            generation=2,
+        )
+        is None
+    ), f"a policy change ({policy.key} removed) needs a whole plan"
+    many = dataclasses.replace(
+        first,
+        pods=tuple(
+            dataclasses.replace(p, labels={**p.labels, "version": "m"})
+            for p in first.pods[: MAX_UPDATE_PODS + 1]
+        )
+        + first.pods[MAX_UPDATE_PODS + 1 :],
+    )
+    change = diff_snapshots(first, many, generation=2, at=0.0)
+    assert len(change.pods_changed) == MAX_UPDATE_PODS + 1
+    assert update_plan(previous, many, change, SETTINGS, generation=2) is None
+    initial = diff_snapshots(None, first, generation=1, at=0.0)
+    assert update_plan(previous, first, initial, SETTINGS, generation=1) is None
+
+
+@pytest.mark.parametrize("cluster", sorted(CLUSTERS))
+def test_updates_of_updates_still_have_the_declared_flows_of_a_whole_plan(cluster: str) -> None:
+    """Each update starts from the one before (pods changed since the whole plan accumulate), and
+    flows sampled by class pair are sampled exactly as a whole plan samples them."""
+    rng = random.Random(5)
+    snapshot = CLUSTERS[cluster]()
+    plan: Plan | None = build_plan(snapshot, SETTINGS, generation=1)
+    updates = sampled = 0
+    for generation in range(2, 16):
+        assert plan is not None
+        after = _changed(snapshot, rng, rng.choice([1, 2, 3]))
+        change = diff_snapshots(snapshot, after, generation=generation, at=0.0)
+        updated = update_plan(plan, after, change, SETTINGS, generation=generation)
+        whole = build_plan(after, SETTINGS, generation=generation)
+        if updated is None:
+            plan = whole
+        else:
+            updates += 1
+            assert _declared(updated) == _declared(whole)
+            assert updated.moved >= change.pods_added | change.pods_changed
+            sampled += sum(d.pairs_total > d.pairs_covered for d in updated.declared)
+            plan = updated
+        snapshot = after
+    assert updates >= 10
+    assert sampled, "no updated plan held a flow sampled by class pair"
+
+
+@pytest.mark.parametrize("order", ["sorted", "reversed"])
+def test_a_snapshot_s_pod_index_is_made_from_the_one_before_only_when_it_adds_up(
+    order: str,
+) -> None:
+    rng = random.Random(2)
+    first = CLUSTERS["repeating"]()
+    if order == "reversed":
+        first = dataclasses.replace(first, pods=first.pods[::-1])
+    first.pods_by_key  # noqa: B018 - the earlier snapshot's index, built
+    derived = 0
+    for _ in range(20):
+        pods = list(first.pods)
+        j = rng.randrange(len(pods))
+        pods[j] = dataclasses.replace(pods[j], labels={"app": "moved"})
+        del pods[rng.randrange(len(pods))]
+        k = rng.randrange(len(pods))
+        pods.insert(k, dataclasses.replace(pods[k], name=f"{pods[k].name}-new", uid="new"))
+        after = dataclasses.replace(first, pods=tuple(pods))
+        if order == "sorted":
+            after = _sorted(after)
+        change = diff_snapshots(first, after, generation=2, at=0.0)
+        after.index_after(first, change.pods_added | change.pods_removed | change.pods_changed)
+        if "pods_by_key" in after.__dict__:
+            derived += 1
+            made = dict(after.pods_by_key)
+            assert made == {p.key: p for p in after.pods}
+            assert all(made[p.key] is p for p in after.pods)
+    if order == "sorted":
+        assert derived == 20
