@@ -124,6 +124,9 @@ def main() -> int:
         "fell_back_to_whole": fallbacks,
         "destination_policy_kept": kept_policy,
         "update_median_ms": round(1000 * statistics.median(updates), 1) if updates else None,
+        "update_p95_ms": round(1000 * sorted(updates)[int(0.95 * (len(updates) - 1))], 1)
+        if updates
+        else None,
         "update_max_ms": round(1000 * max(updates), 1) if updates else None,
         "whole_median_ms": round(1000 * statistics.median(wholes), 1) if wholes else None,
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

@@ -108,6 +108,14 @@ def _settle(
             waiter.set_result(None)
 
 
+def _whole_change(change: ChangeEvent) -> ChangeEvent:
+    """The change a whole plan after an update of the same snapshot is applied with: no pod is
+    new to it, so only the flows it chooses anew (witnesses, samples) are touched."""
+    return dataclasses.replace(
+        change, pods_added=frozenset(), pods_removed=frozenset(), pods_changed=frozenset()
+    )
+
+
 def _drop(_: Sequence[Assignment]) -> None:
     """The sender of a loop that nothing dispatches for (tests that only plan and judge)."""
 
@@ -165,6 +173,7 @@ class Collector:
         self._prepared: PreparedPlan | None = None  # the plan last applied, before sweep cells
         self._destinations: DestinationPolicy | None = None  # the policy last announced
         self._whole_at = -math.inf  # when the last whole plan was applied
+        self._applied_change: ChangeEvent | None = None
         self.updates_total = 0  # plans made by updating the one before for a few pods
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -199,7 +208,16 @@ class Collector:
             while not stop.is_set():
                 if self._pending is None:
                     self._replan_wake.clear()
-                    await first_of(self._replan_wake, stop)
+                    due = self._whole_due()
+                    if due is None:
+                        await first_of(self._replan_wake, stop)
+                    elif due > self.clock.time():
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(
+                                first_of(self._replan_wake, stop), due - self.clock.time()
+                            )
+                    else:
+                        await self._replan_whole()
                     continue
                 (snapshot, change), self._pending = self._pending, None
                 waiters, self._pending_waiters = self._pending_waiters, []
@@ -218,9 +236,12 @@ class Collector:
             self._pending_waiters = []
 
     async def _replan(self, snapshot: Snapshot, change: ChangeEvent) -> None:
-        """Plan one snapshot: first an update of the plan before for the pods that changed
-        (`prepare_update`: declared flows at once), then the whole plan (new witnesses and sweep
-        table) unless a newer snapshot already waits and the last whole plan is recent."""
+        """Plan one snapshot: an update of the plan before when a few pods changed
+        (`prepare_update`: the declared flows they touch, at once), else the whole plan.
+
+        After an update the whole plan (new witnesses and sweep table) follows: at once without
+        the replanner, else when the replanner is idle and the last whole plan is at least
+        `interval_seconds` old (so that under churn, updates are not held up by whole plans)."""
         async with self._planning:  # callers without the replanner: one plan at a time, in order
             prepared = self._prepared
             if prepared is not None and not change.initial:
@@ -233,27 +254,36 @@ class Collector:
                     await self._reconcile_probe_pods()
                     self._synced.set()
                     self._wake.set()
-                    recent = (
-                        self.clock.time() - self._whole_at < self.settings.planner.interval_seconds
-                    )
-                    if self._pending is not None and recent:
-                        return  # the newer snapshot is updated next; a whole plan follows
-                    # The whole plan of the same snapshot: only what it chooses anew is touched.
-                    change = dataclasses.replace(
-                        change,
-                        pods_added=frozenset(),
-                        pods_removed=frozenset(),
-                        pods_changed=frozenset(),
-                    )
-            whole = await asyncio.to_thread(
-                self._prepare, snapshot, change, None, self.planner.plan, self._destinations
-            )
-            assert whole is not None
-            self._apply(snapshot, change, *whole)
-            self._whole_at = self.clock.time()
-            await self._reconcile_probe_pods()
+                    if self._replanner_running:
+                        return  # the replanner builds the whole plan when it is due
+                    change = _whole_change(change)
+            await self._build_whole(snapshot, change)
         self._synced.set()
         self._wake.set()
+
+    def _whole_due(self) -> float | None:
+        """When the whole plan of the applied snapshot is due; None when the plan is whole."""
+        if self._prepared is None or self._prepared.plan.basis is None:
+            return None
+        return self._whole_at + self.settings.planner.interval_seconds
+
+    async def _replan_whole(self) -> None:
+        """The whole plan of the snapshot the applied update was made for."""
+        async with self._planning:
+            if self.snapshot is None or self._applied_change is None or self._whole_due() is None:
+                return
+            await self._build_whole(self.snapshot, _whole_change(self._applied_change))
+        self._synced.set()
+        self._wake.set()
+
+    async def _build_whole(self, snapshot: Snapshot, change: ChangeEvent) -> None:
+        whole = await asyncio.to_thread(
+            self._prepare, snapshot, change, None, self.planner.plan, self._destinations
+        )
+        assert whole is not None
+        self._apply(snapshot, change, *whole)
+        self._whole_at = self.clock.time()
+        await self._reconcile_probe_pods()
 
     def _prepare(
         self,
@@ -277,7 +307,12 @@ class Collector:
                 return None
             prepared = update
         plan = prepared.plan
-        snapshot.pods_by_key  # noqa: B018 - built here, not on the loop (the sweep reads it)
+        # Built here, not on the loop (the sweep reads the pods by key), nor in the next update.
+        snapshot.pods_by_key  # noqa: B018
+        if previous is None:
+            snapshot.pods_by_namespace  # noqa: B018
+            if plan.classes is not None:
+                plan.classes.pod_index  # noqa: B018
         # A sweep rotation may replace `current` before this plan is applied; its cells are pods
         # of the snapshot before, which the policy also admits.
         before = current.engine.snapshot if current.engine is not None else None
@@ -306,6 +341,7 @@ class Collector:
         self.replans_total += 1
         update = self.planner.apply(prepared, change, now)
         self._prepared = prepared
+        self._applied_change = change
         # Before any assignment of the new plan is due; the previous plan's may still be queued.
         if destinations != self._destinations:
             self.announce(destinations)

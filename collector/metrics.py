@@ -324,6 +324,14 @@ class FlowStateCollector(Collector):
             counter = CounterMetricFamily(name, help_text)
             counter.add_metric([], total)
             yield counter
+        plans = CounterMetricFamily(
+            "flowproof_plans",
+            "Plans applied: built whole, or updated from the one before for a few changed pods.",
+            labels=["how"],
+        )
+        plans.add_metric(["whole"], loop.plans_whole_total)
+        plans.add_metric(["update"], loop.plans_updated_total)
+        yield plans
 
     # -- fast path ---------------------------------------------------------------------------------
 

@@ -90,6 +90,8 @@ def loop_status(
         assignment_retries_total=stats.retries_total,
         assignments_lost_total=stats.lost_total,
         assignments_rate_limited_total=stats.rate_limited_total,
+        plans_whole_total=collector.replans_total - collector.updates_total,
+        plans_updated_total=collector.updates_total,
     )
 
 

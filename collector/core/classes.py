@@ -457,11 +457,14 @@ class ClassModel:
     tables (at 100,000 pods they would be gigabytes that counting never needs).
     """
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, *, like: ClassModel | None = None) -> None:
+        """`like`: a model of a snapshot with the same policies, whose policy tables are reused
+        (a model of a few pods then costs only those pods)."""
         self.snapshot = snapshot
         pods = snapshot.pods
         self.pod_count = len(pods)
-        tables = _Tables(snapshot.policies)
+        tables: _Tables = like._tables if like is not None else _Tables(snapshot.policies)
+        self._tables: _Tables = tables
         self.policies = snapshot.policies
         self.rules_in = tables.rules_in
         self.rules_eg = tables.rules_eg

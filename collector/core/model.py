@@ -494,8 +494,9 @@ class Snapshot:
     def index_after(self, earlier: Snapshot, changed: Iterable[str]) -> None:
         """Make `pods_by_key` from `earlier`'s when only the `changed` pods differ (added,
         removed or altered): a copy and a binary search per changed key in pods sorted by key,
-        as the Kubernetes source publishes them. When the pods are not in that order, or the
-        count does not add up, nothing is made here: `pods_by_key` is built whole on first use."""
+        as the Kubernetes source publishes them; `pods_by_namespace` too, cutting the changed
+        namespaces' runs again. When the pods are not in that order, or a count does not add up,
+        nothing more is made here: the rest is built whole on first use."""
         if "pods_by_key" in self.__dict__:
             return
         known = earlier.pods_by_key
@@ -507,8 +508,30 @@ class Snapshot:
                 found[key] = pods[i]
             else:
                 found.pop(key, None)
-        if len(found) == len(pods):
-            self.__dict__["pods_by_key"] = found
+        if len(found) != len(pods):
+            return
+        self.__dict__["pods_by_key"] = found
+        grouped = earlier.__dict__.get("pods_by_namespace")
+        if grouped is None:
+            return
+        # In key order a namespace's pods are one run: only the changed namespaces are cut again.
+        by_namespace = dict(grouped)
+        counts: dict[str, int] = {}
+        for key in changed:
+            namespace = key.partition("/")[0]
+            counts.setdefault(namespace, len(grouped.get(namespace, ())))
+            counts[namespace] += (key in found) - (key in known)
+        for namespace, count in counts.items():
+            first = bisect.bisect_left(pods, namespace + "/", key=_pod_key)
+            last = bisect.bisect_left(pods, namespace + "0", key=_pod_key)  # "0" follows "/"
+            run = pods[first:last]
+            if len(run) != count or any(pod.namespace != namespace for pod in run):
+                return  # not one run in key order: built whole on first use
+            if run:
+                by_namespace[namespace] = run
+            else:
+                by_namespace.pop(namespace, None)
+        self.__dict__["pods_by_namespace"] = by_namespace
 
     @cached_property
     def pods_by_namespace(self) -> Mapping[str, tuple[Pod, ...]]:

@@ -19,9 +19,10 @@ is never a witness, and a sweep cell whose model is unknown is not probed.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -294,7 +295,9 @@ class _Classes:
         if moved:
             olds = sorted({int(c) for kind, c in found.values() if kind == "class"})
             members = [model.representative(c) for c in olds]
-            few = ClassModel(dataclasses.replace(self._snapshot, pods=(*members, *moved)))
+            few = ClassModel(
+                dataclasses.replace(self._snapshot, pods=(*members, *moved)), like=model
+            )
             basis_of = {int(few.class_of[i]): c for i, c in enumerate(olds)}
             for i, pod in enumerate(moved, start=len(members)):
                 cls = int(few.class_of[i])
@@ -319,20 +322,27 @@ class _Classes:
 
 
 def _representatives(
-    pairs: Sequence[tuple[str, str]],
+    pairs: Iterable[tuple[str, str]],
     endpoints: Mapping[str, Endpoint],
     classes: _Classes,
     per_class_pair: int,
 ) -> set[tuple[str, str]]:
-    """The first pairs (in sorted order) of each (source class, destination class)."""
+    """The first pairs (in sorted order) of each (source class, destination class).
+
+    Grouped first, in Python, and only each group's smallest pairs taken: one sort of every pair
+    of a large flow is one C call that holds the GIL (and the event loop) for its whole length.
+    """
     groups: dict[tuple[object, object], list[tuple[str, str]]] = defaultdict(list)
     keys = classes.keys(endpoints)
-    for pair in sorted(pairs):
+    for pair in pairs:
         src, dst = pair
         groups[(keys[src], keys[dst])].append(pair)
     chosen: set[tuple[str, str]] = set()
     for members in groups.values():
-        chosen.update(members[:per_class_pair])
+        if per_class_pair == 1:
+            chosen.add(min(members))
+        else:
+            chosen.update(heapq.nsmallest(per_class_pair, members))
     return chosen
 
 
@@ -391,7 +401,7 @@ def _plan_declared(
     chosen = pairs
     if len(pairs) > settings.max_pairs_per_flow:
         chosen = _representatives(
-            sorted(pairs), endpoints, classes, settings.representatives_per_class_pair
+            pairs, endpoints, classes, settings.representatives_per_class_pair
         )
     expect_status = declared.http.expect_status if declared.http else ()
     flows: list[PlannedFlow] = []

@@ -568,6 +568,10 @@ class LoopStatus:
     assignment_retries_total: int = 0
     assignments_lost_total: int = 0
     assignments_rate_limited_total: int = 0
+    plans_whole_total: int = 0
+    """Plans built whole (`build_plan`) and applied."""
+    plans_updated_total: int = 0
+    """Plans made by updating the one before for a few changed pods (`update_plan`)."""
     leading: bool = True
     """False on a standby collector (leader election on, the Lease held by another)."""
     leader: str = ""

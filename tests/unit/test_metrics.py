@@ -165,6 +165,8 @@ def test_nodes_agents_and_the_queue(connected: frozenset[str], without_agent: in
         assignment_retries_total=2,
         assignments_lost_total=1,
         assignments_rate_limited_total=7,
+        plans_whole_total=4,
+        plans_updated_total=9,
     )
     loop, registry, _ = loaded(status)
     assert nodes_needing_agents(loop.state) == {"node-1", "node-2"}
@@ -178,6 +180,8 @@ def test_nodes_agents_and_the_queue(connected: frozenset[str], without_agent: in
     assert value("flowproof_assignment_retries_total") == 2.0
     assert value("flowproof_assignments_lost_total") == 1.0
     assert value("flowproof_assignments_rate_limited_total") == 7.0
+    assert value("flowproof_plans_total", {"how": "whole"}) == 4.0
+    assert value("flowproof_plans_total", {"how": "update"}) == 9.0
 
 
 def test_probe_results_are_counted_by_protocol_and_outcome(registry: CollectorRegistry) -> None:

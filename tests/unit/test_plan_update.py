@@ -5,6 +5,7 @@ changed pod is an end; and what it cannot update exactly it leaves to a whole pl
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 
 import pytest
@@ -193,7 +194,8 @@ def test_a_snapshot_s_pod_index_is_made_from_the_one_before_only_when_it_adds_up
     first = CLUSTERS["repeating"]()
     if order == "reversed":
         first = dataclasses.replace(first, pods=first.pods[::-1])
-    first.pods_by_key  # noqa: B018 - the earlier snapshot's index, built
+    first.pods_by_key  # noqa: B018 - the earlier snapshot's indexes, built
+    first.pods_by_namespace  # noqa: B018
     derived = 0
     for _ in range(20):
         pods = list(first.pods)
@@ -212,5 +214,28 @@ def test_a_snapshot_s_pod_index_is_made_from_the_one_before_only_when_it_adds_up
             made = dict(after.pods_by_key)
             assert made == {p.key: p for p in after.pods}
             assert all(made[p.key] is p for p in after.pods)
+        if "pods_by_namespace" in after.__dict__:
+            grouped = dict(after.pods_by_namespace)
+            fresh: dict[str, list[Pod]] = {}
+            for pod in after.pods:
+                fresh.setdefault(pod.namespace, []).append(pod)
+            assert grouped == {ns: tuple(pods) for ns, pods in fresh.items()}
     if order == "sorted":
         assert derived == 20
+
+
+def test_the_update_benchmark_compares_updates_with_whole_plans(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/update_bench.py at a small size: every change updated, each compared with a whole
+    plan (the bench fails on a difference)."""
+    from bench import update_bench
+
+    argv = ["update_bench", "--pods", "400", "--flows", "20", "--changes", "4", "--whole", "4"]
+    monkeypatch.setattr("sys.argv", argv)
+    assert update_bench.main() == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows[0]["pods"] == 400
+    compared = [r for r in rows[1:-1] if "declared_equal" in r]
+    assert len(compared) == 4 and all(r["declared_equal"] for r in compared)
+    assert rows[-1]["updates"] == 4 and rows[-1]["fell_back_to_whole"] == 0

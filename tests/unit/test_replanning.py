@@ -63,7 +63,10 @@ async def test_snapshots_queued_during_a_replan_collapse_into_the_newest(
     await collector.on_snapshot(snapshots[3], changes[3])  # waits until it (or newer) is applied
     stop.set()
     await asyncio.gather(replanner, probe)
-    assert planned == [1, 4], "generations 2 and 3 were replaced by 4 before planning"
+    # 2 and 3 were replaced by 4 before planning; 4 (three pods changed) was planned by an
+    # update of 1's plan, its whole plan due only an interval after 1's.
+    assert planned == [1]
+    assert collector.updates_total == 1
     assert collector.snapshots_coalesced_total == 2
     assert collector.generation == 4 and collector.snapshot is snapshots[3]
     assert collector.planner.plan.generation == 4
@@ -137,20 +140,25 @@ async def test_a_pod_change_reaches_the_plan_by_an_update_before_the_whole_plan_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The update (declared flows, the witnesses of the plan before) is applied at once; the
-    whole plan of the same snapshot, slow in its thread, replaces it when it is done."""
-    wholes: list[int] = []
+    whole plan of the same snapshot follows once the last whole plan is `interval_seconds` old,
+    and replaces the update when it is done (slow, in its thread)."""
+    wholes: list[tuple[int, float]] = []
 
     def slow_prepare(
         snapshot: Snapshot, settings: PlannerSettings, *, generation: int
     ) -> PreparedPlan:
+        wholes.append((generation, time.monotonic()))
         if generation > 1:
-            time.sleep(0.5)  # a large cluster's whole plan
-        wholes.append(generation)
+            time.sleep(0.3)  # a large cluster's whole plan
         return prepare_plan(snapshot, settings, generation=generation)
 
     monkeypatch.setattr(loop_module, "prepare_plan", slow_prepare)
     announced: list[object] = []
-    collector = Collector(CollectorSettings(token="t"), announce=announced.append)
+    interval = 0.8
+    collector = Collector(
+        CollectorSettings(token="t", planner=PlannerSettings(interval_seconds=interval)),
+        announce=announced.append,
+    )
     stop = asyncio.Event()
     replanner = asyncio.create_task(collector.replanner(stop))
     first, second = _snapshot("0"), _snapshot("1")
@@ -165,14 +173,15 @@ async def test_a_pod_change_reaches_the_plan_by_an_update_before_the_whole_plan_
             break
     plan = collector.planner.plan
     assert plan.generation == 2 and plan.basis == 1, "the update came first"
-    assert collector.updates_total == 1 and wholes == [1]
+    assert collector.updates_total == 1 and [g for g, _ in wholes] == [1]
     assert collector.snapshot is second
     assert len(announced) == 1, "the pods' addresses did not change: the policy is kept"
-    for _ in range(200):
+    for _ in range(300):
         await asyncio.sleep(0.01)
-        if wholes == [1, 2] and collector.planner.plan.basis is None:
+        if len(wholes) == 2 and collector.planner.plan.basis is None:
             break
     stop.set()
     await replanner
-    assert wholes == [1, 2]
+    assert [g for g, _ in wholes] == [1, 2]
+    assert wholes[1][1] - wholes[0][1] >= interval * 0.9, "not before the interval"
     assert collector.planner.plan.generation == 2 and collector.planner.plan.basis is None
