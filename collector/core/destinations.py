@@ -52,7 +52,7 @@ def destination_policy(
     applied)."""
     networks: set[str] = set()
     declared: set[str] = set()
-    for shot in (snapshot,) if earlier is None else (snapshot, earlier):
+    for shot in (snapshot,) if earlier is None or earlier is snapshot else (snapshot, earlier):
         for pod in shot.pods:
             networks.update(n for n in map(_host_network, pod.ips) if n)
     dns = _host_network(cluster_dns_ip)

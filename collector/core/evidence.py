@@ -316,7 +316,6 @@ class _Matrices:
     ) -> None:
         self.model = model
         self.k = model.classes
-        self.declared_ports = declared_ports
         # Caches of this instance only: a cache on the method would be the class's and keep
         # every plan's matrices (and class model) alive after the plan is gone.
         self._peers: dict[tuple[Direction, int], BoolArray] = {}
@@ -339,13 +338,12 @@ class _Matrices:
         self.policy_of: dict[Direction, IntArray] = {
             d: np.array([pi for pi, _, _ in self.rows[d]], dtype=np.intp) for d in self.rows
         }
-        self._cached_bytes = 0
         self._entries = {d: _RuleEntries(model, self.rows[d]) for d in self.rows}
         # The same for every port: policies isolating each class, classes declaring each port.
-        self._isolating = tuple(
-            np.asarray(model.selected[:, self.isolates[d]].sum(axis=1), dtype=np.float32)
+        self.isolating: dict[Direction, FloatArray] = {
+            d: np.asarray(model.selected[:, self.isolates[d]].sum(axis=1), dtype=np.float32)
             for d in ("ingress", "egress")
-        )
+        }
         self._declaring: dict[tuple[int, Protocol], list[int]] = {}
         for cls, ports in declared_ports.items():
             for pp in ports:
@@ -394,11 +392,9 @@ class _Matrices:
         if found is None:
             found = self._port_matrices(port, protocol)
             # Counts computed whole grow the older entries: measured again as a port is added.
-            self._cached_bytes = sum(m.nbytes for m in self._at.values()) + found.nbytes
-            while self._at and (
-                len(self._at) >= PORTS_CACHED or self._cached_bytes > PORT_CACHE_BYTES
-            ):
-                self._cached_bytes -= self._at.pop(next(iter(self._at))).nbytes
+            held = sum(m.nbytes for m in self._at.values()) + found.nbytes
+            while self._at and (len(self._at) >= PORTS_CACHED or held > PORT_CACHE_BYTES):
+                held -= self._at.pop(next(iter(self._at))).nbytes
             self._at[(port, protocol)] = found
         return found
 
@@ -431,10 +427,10 @@ class _Matrices:
             sel = sel.reshape(self.k, len(kept))
             peer = np.zeros((len(kept), self.k), dtype=np.float32)
             if kept:
-                peer[:] = np.stack([self.peers(d, j) for j in kept])
-            ones = np.ones(self.k, dtype=np.bool_)
-            ports_ok = np.stack([ones if ok is None else ok for ok in admits]) if kept else None
-            if ports_ok is not None and any(ok is not None for ok in admits):
+                np.stack([self.peers(d, j) for j in kept], out=peer, casting="unsafe")
+            if any(ok is not None for ok in admits):
+                ones = np.ones(self.k, dtype=np.bool_)
+                ports_ok = np.stack([ones if ok is None else ok for ok in admits])
                 if d == "ingress":
                     sel *= ports_ok.T
                 else:
@@ -442,7 +438,7 @@ class _Matrices:
             local = np.full(len(rows), -1, dtype=np.intp)
             local[columns] = np.arange(len(kept), dtype=np.intp)
             out[d] = (sel, peer, local)
-        iso_in, iso_eg = self._isolating
+        iso_in, iso_eg = self.isolating["ingress"], self.isolating["egress"]
         declares = np.zeros(self.k, dtype=np.bool_)
         declares[self._declaring.get((port, protocol), [])] = True
         s_in, p_in, local_in = out["ingress"]
@@ -550,10 +546,7 @@ class _Planner:
                     ports.append((cp.port, cp.protocol))
         self.mats = _Matrices(model, self.declared_ports)
         self.everyone = np.arange(model.classes)
-        self.isolators: dict[Direction, IntArray] = {
-            d: np.asarray(model.selected[:, self.mats.isolates[d]].sum(axis=1), dtype=np.intp)
-            for d in ("ingress", "egress")
-        }
+        self.isolators = self.mats.isolating  # policies isolating each class, per direction
         self.all_declared = sorted(
             {pp for ports in self.declared_ports.values() for pp in ports},
             key=lambda pp: (pp[1], pp[0]),

@@ -14,6 +14,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from operator import attrgetter
 from typing import Literal
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
@@ -461,10 +462,6 @@ class Expectations:
         return f"{self.namespace}/{self.name}"
 
 
-def _pod_key(pod: Pod) -> str:
-    return pod.key
-
-
 @dataclass(frozen=True)
 class Snapshot:
     """Everything the engine and planner know about the cluster at one moment."""
@@ -503,7 +500,7 @@ class Snapshot:
         pods = self.pods
         found = dict(known)
         for key in changed:
-            i = bisect.bisect_left(pods, key, key=_pod_key)
+            i = bisect.bisect_left(pods, key, key=attrgetter("key"))
             if i < len(pods) and pods[i].key == key:
                 found[key] = pods[i]
             else:
@@ -522,8 +519,10 @@ class Snapshot:
             counts.setdefault(namespace, len(grouped.get(namespace, ())))
             counts[namespace] += (key in found) - (key in known)
         for namespace, count in counts.items():
-            first = bisect.bisect_left(pods, namespace + "/", key=_pod_key)
-            last = bisect.bisect_left(pods, namespace + "0", key=_pod_key)  # "0" follows "/"
+            first = bisect.bisect_left(pods, namespace + "/", key=attrgetter("key"))
+            last = bisect.bisect_left(
+                pods, namespace + "0", key=attrgetter("key")
+            )  # "0" follows "/"
             run = pods[first:last]
             if len(run) != count or any(pod.namespace != namespace for pod in run):
                 return  # not one run in key order: built whole on first use

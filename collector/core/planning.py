@@ -245,8 +245,8 @@ class NeedsClasses(Exception):
 
 
 class _Classes:
-    """Equivalence classes of the snapshot's pods, computed once, when first needed (never when
-    `allowed` is false: an update that would need them gives up)."""
+    """Equivalence classes of the snapshot's pods, computed once, when first needed; in an
+    update (`basis`) the basis plan's, and never the snapshot's own (NeedsClasses)."""
 
     def __init__(
         self, snapshot: Snapshot, *, basis: Plan | None = None, moved: frozenset[str] = frozenset()
@@ -255,7 +255,6 @@ class _Classes:
         self._basis = basis
         self._moved = moved
         self._model: ClassModel | None = None
-        self._index: dict[str, int] | None = None
         self._known: dict[str, tuple[str, int | str]] = {}
 
     def model(self) -> ClassModel:
@@ -308,9 +307,7 @@ class _Classes:
         known = self._known.get(name)
         if known is not None:
             return known
-        if self._index is None:
-            self._index = {pod.key: i for i, pod in enumerate(self._snapshot.pods)}
-        index = self._index.get(name) if isinstance(endpoint, Pod) else None
+        index = self.model().pod_index.get(name) if isinstance(endpoint, Pod) else None
         if not isinstance(endpoint, Pod):
             known = ("address", endpoint)
         elif index is None:  # a planned probe pod: a class of its own
