@@ -6,12 +6,13 @@ namespaces, 4,000 policies; `repeating`: `make_cluster`) with 100 declared flows
 label changes at `--rate` per second (bounded in count and time). The loop-lag probe
 (`flowproof.aio.event_loop_lag`, 10 ms period) records the event loop's scheduling delay from the
 first plan on (the churn). Mode `thread`: the collector as it runs (replanner root task; updates
-for a few changed pods and whole plans in a worker thread, newest snapshot wins). Mode `loop`: the
+for a few changed pods and whole plans in a worker thread, newest snapshot wins; the heap frozen
+after each plan, `collector.runtime.keep_heap_frozen`). Mode `loop`: the
 same snapshots planned whole with `Planner.update` on the event loop, as the collector did before.
 Both run in one process, one after the other.
 
     python -m bench.replan_bench [--generator distinct] [--pods 10000] [--flows 100]
-        [--changes 40] [--rate 20] [--modes thread loop]
+        [--changes 40] [--rate 20] [--modes thread loop] [--interval 10] [--no-witnesses]
 """
 
 from __future__ import annotations
@@ -24,53 +25,56 @@ import statistics
 import time
 
 from bench.synthetic import make_cluster, make_distinct_cluster, with_expectations
-from collector.core.changes import diff_snapshots
+from collector.core.changes import ChangeEvent, diff_snapshots
 from collector.core.model import Snapshot
+from collector.core.settings import PlannerSettings
 from collector.loop import Collector
+from collector.runtime import keep_heap_frozen
 from collector.settings import CollectorSettings
 from flowproof.aio import event_loop_lag
 
 
-def churn(snapshot: Snapshot, count: int) -> list[Snapshot]:
-    """`count` successive snapshots, each with one more pod's `version` label changed."""
-    out = []
+def churned(snapshot: Snapshot, i: int, count: int) -> tuple[Snapshot, str]:
+    """The snapshot after change `i` of `count` (one more pod's `version` label changed), and
+    that pod's key."""
     pods = list(snapshot.pods)
-    step = max(1, len(pods) // max(count, 1))
-    for i in range(count):
-        j = (i * step) % len(pods)
-        pods[j] = dataclasses.replace(pods[j], labels={**pods[j].labels, "version": f"c{i}"})
-        out.append(dataclasses.replace(snapshot, pods=tuple(pods)))
-    return out
+    j = (i * max(1, len(pods) // max(count, 1))) % len(pods)
+    pods[j] = dataclasses.replace(pods[j], labels={**pods[j].labels, "version": f"c{i}"})
+    return dataclasses.replace(snapshot, pods=tuple(pods)), pods[j].key
 
 
 async def run(
-    mode: str, initial: Snapshot, changed: list[Snapshot], rate: float
+    mode: str, initial: Snapshot, changes: int, rate: float, planner: PlannerSettings
 ) -> dict[str, object]:
-    snapshots = [initial, *changed]
-    # The source diffs snapshots off the loop (ManifestSource in its poll thread, the Kubernetes
-    # feeder in asyncio.to_thread); here they are diffed before the clock starts.
-    changes = [
-        diff_snapshots(before, after, generation=i + 1, at=0.0)
-        for i, (before, after) in enumerate(zip([None, *snapshots], snapshots, strict=False))
-    ]
-    collector = Collector(CollectorSettings(token="bench", source="manifests"))
+    # Each snapshot is made when it is due, and its change says which pod changed, as the
+    # Kubernetes source says it (`InventoryUpdate.pods_change`): the process holds the snapshots
+    # a collector holds, not every one of the run, and diffs none.
+    collector = Collector(CollectorSettings(token="bench", source="manifests", planner=planner))
+    if mode == "thread":
+        keep_heap_frozen(collector)  # as collector.runtime wires it
     stop = asyncio.Event()
     lags: list[float] = []
     probe = asyncio.create_task(event_loop_lag(lags.append, stop, interval_seconds=0.01))
     replanner = asyncio.create_task(collector.replanner(stop)) if mode == "thread" else None
     await asyncio.sleep(0)
     started = time.perf_counter()
-    first_plans = 0
-    for generation, (snapshot, dated) in enumerate(zip(snapshots, changes, strict=True), start=1):
-        change = dataclasses.replace(dated, at=time.time(), observed_at=time.time())
+    first_plans = first_updates = 0
+    snapshot = initial
+    change = diff_snapshots(None, initial, generation=1, at=time.time())
+    for generation in range(1, changes + 2):
+        if generation > 1:
+            snapshot, key = churned(snapshot, generation - 2, changes)
+            now = time.time()
+            change = ChangeEvent(generation, now, now, pods_changed=frozenset({key}))
         if mode == "thread":
-            await collector.on_snapshot(snapshot, change, wait=generation in (1, len(snapshots)))
+            await collector.on_snapshot(snapshot, change, wait=generation in (1, changes + 1))
         else:
             collector.planner.update(snapshot, change, collector.clock.time())  # the old way
         if generation == 1:  # the churn is measured from the first plan on
             lags.clear()
             started = time.perf_counter()
             first_plans = collector.replans_total
+            first_updates = collector.updates_total
             continue
         await asyncio.sleep(1 / rate)
     elapsed = time.perf_counter() - started
@@ -79,11 +83,9 @@ async def run(
     lags.sort()
     return {
         "mode": mode,
-        "snapshots": len(snapshots),
-        "plans_in_churn": collector.replans_total - first_plans
-        if mode == "thread"
-        else len(changed),
-        "of_them_updates": collector.updates_total,
+        "snapshots": changes + 1,
+        "plans_in_churn": collector.replans_total - first_plans if mode == "thread" else changes,
+        "of_them_updates": collector.updates_total - first_updates,
         "coalesced": collector.snapshots_coalesced_total,
         "flows": len(collector.planner.plan.flows),
         "seconds": round(elapsed, 1),
@@ -104,15 +106,25 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--modes", nargs="+", default=["thread", "loop"])
     parser.add_argument("--generator", choices=["distinct", "repeating"], default="distinct")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=PlannerSettings.interval_seconds,
+        help="the planner's interval_seconds: a whole plan follows updates at most this often",
+    )
+    parser.add_argument("--no-witnesses", action="store_true", help="plan without evidence")
     args = parser.parse_args()
+    planner = PlannerSettings(interval_seconds=args.interval, witnesses=not args.no_witnesses)
     make = make_distinct_cluster if args.generator == "distinct" else make_cluster
     cluster = make(args.pods, args.namespaces, args.policies, 7)
     # Pods in key order, as the Kubernetes source publishes them.
     cluster = dataclasses.replace(cluster, pods=tuple(sorted(cluster.pods, key=lambda p: p.key)))
     initial = with_expectations(cluster, args.flows, 1)
-    changed = churn(initial, args.changes)
     for mode in args.modes:
-        print(json.dumps(asyncio.run(run(mode, initial, changed, args.rate))), flush=True)
+        print(
+            json.dumps(asyncio.run(run(mode, initial, args.changes, args.rate, planner))),
+            flush=True,
+        )
     return 0
 
 

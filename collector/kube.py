@@ -53,6 +53,7 @@ from kubernetes.config import kube_config
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 
+from collector.core.changes import ChangeEvent
 from collector.core.model import (
     ClusterNetworkPolicy,
     Expectations,
@@ -275,6 +276,25 @@ class InventoryUpdate:
     snapshot: Snapshot
     changes: tuple[ObjectChange, ...] = ()
     initial: bool = False
+
+    def pods_change(self, *, generation: int, at: float) -> ChangeEvent | None:
+        """What changed, made from the update's own changes when they are all pods (the churn
+        of a cluster), as `diff_snapshots` of the two snapshots would say it; None for the first
+        update or one that changed anything else (then diff the snapshots). A diff compares
+        every pod: 30 ms at 10,000 pods, of the GIL the event loop needs."""
+        if self.initial or not self.changes or any(c.kind != "Pod" for c in self.changes):
+            return None
+        keys: dict[Action, set[str]] = {"added": set(), "deleted": set(), "modified": set()}
+        for change in self.changes:
+            keys[change.action].add(change.key)
+        return ChangeEvent(
+            generation=generation,
+            at=at,
+            observed_at=at,
+            pods_added=frozenset(keys["added"]),
+            pods_removed=frozenset(keys["deleted"]),
+            pods_changed=frozenset(keys["modified"]),
+        )
 
 
 OnUpdate = Callable[[InventoryUpdate], Awaitable[None]]

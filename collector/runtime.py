@@ -53,14 +53,14 @@ from collector.kube import (
 )
 from collector.leading import LeaseElector, LeaseTiming, when_leading
 from collector.ledger import DeliveryLedger, assignment_key, ledger_path
-from collector.loop import Collector, ProbePodManager
+from collector.loop import Collector, LoopEvent, ProbePodManager
 from collector.metrics import CollectorMetrics
 from collector.settings import CollectorSettings, load_settings
 from collector.sources import ManifestSource
 from collector.web.app import StateView, build_web_app
 from collector.web.events import Broadcaster
 from collector.web.verify import add_verify_routes
-from flowproof.aio import event_loop_lag, run_root_tasks, run_service, stop_event
+from flowproof.aio import FrozenHeap, event_loop_lag, run_root_tasks, run_service, stop_event
 from flowproof.errors import ConfigurationError
 from flowproof.probes import DestinationPolicy
 
@@ -147,17 +147,35 @@ def build_http_app(
     return app
 
 
+def keep_heap_frozen(collector: Collector) -> FrozenHeap:
+    """Freeze the heap each time a plan is applied (`FrozenHeap`): the snapshot, the plan and
+    the engine are then out of the garbage collector's full scans, which held the event loop
+    100-200 ms each under churn (docs/scaling.md)."""
+    heap = FrozenHeap(collector.clock)
+
+    def on_event(event: LoopEvent) -> None:
+        if event.kind == "snapshot":
+            heap.settled()
+
+    collector.subscribe(on_event)
+    return heap
+
+
 def snapshot_feeder(collector: Collector) -> Callable[[InventoryUpdate], Awaitable[None]]:
-    """What the Kubernetes source calls with each new snapshot: dated, diffed, fed in."""
+    """What the Kubernetes source calls with each new snapshot: dated, diffed, fed in (a change
+    of pods only is read from the update, never diffed; any other is diffed in a thread)."""
     previous: Snapshot | None = None
     generation = 0
 
     async def on_update(update: InventoryUpdate) -> None:
         nonlocal previous, generation
         generation += 1
-        change = diff_snapshots(
-            previous, update.snapshot, generation=generation, at=collector.clock.time()
-        )
+        at = collector.clock.time()
+        change = update.pods_change(generation=generation, at=at)
+        if change is None:  # not only pods: every object compared, off the loop
+            change = await asyncio.to_thread(
+                diff_snapshots, previous, update.snapshot, generation=generation, at=at
+            )
         previous = update.snapshot
         await collector.on_snapshot(update.snapshot, change)
 
@@ -262,6 +280,7 @@ async def _serve(
     collector = Collector(
         settings, send=send, announce=announce, forget=forget, probe_pods=probe_pods
     )
+    keep_heap_frozen(collector)
     dispatcher = Dispatcher(
         token=settings.token,
         tls=tls,

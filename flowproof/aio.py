@@ -2,7 +2,8 @@
 
 Owns `Clock` (wall and monotonic time, injected so tests do not sleep), `Backoff` (exponential with
 jitter, for reconnects and relists), `first_of` (wait for any of several events) and
-`run_root_tasks`, the one way a service runs its named root tasks: a task that ends or fails on its
+`FrozenHeap` (long-lived objects kept out of the garbage collector's full scans, which
+hold the event loop) and `run_root_tasks`, the one way a service runs its named root tasks: a task that ends or fails on its
 own is logged the moment it does and stops the service with exit code 1; `stop` starts a bounded
 graceful stop. It knows no service and does no I/O of its own.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -119,6 +121,36 @@ async def event_loop_lag(
         observe(max(0.0, loop.time() - started - interval_seconds))
 
 
+class FrozenHeap:
+    """Keeps a service's long-lived objects out of the cyclic garbage collector's full scans.
+
+    Call `settled()` once the service has replaced its long-lived state (the collector: when a
+    plan is applied). Everything alive then is frozen (`gc.freeze`): a full collection, which
+    holds the GIL and so the event loop for as long as it walks every object (100-200 ms at
+    10,000 pods), then walks only what is newer. What dies frozen is still freed by its
+    reference count; only reference cycles that die frozen wait, until the next `settled()` at
+    least `full_every_seconds` after the last full collection, which unfreezes everything and
+    collects it once (one bounded stall per period, in place of one per few plans).
+    """
+
+    def __init__(self, clock: Clock = SYSTEM_CLOCK, *, full_every_seconds: float = 600.0) -> None:
+        self._clock = clock
+        self._every = full_every_seconds
+        self._full_at = clock.monotonic()
+        self.freezes = 0
+        self.full_collections = 0
+
+    def settled(self) -> None:
+        now = self._clock.monotonic()
+        if now - self._full_at >= self._every:
+            gc.unfreeze()
+            gc.collect()
+            self._full_at = now
+            self.full_collections += 1
+        gc.freeze()
+        self.freezes += 1
+
+
 @contextlib.contextmanager
 def stop_event(stop: asyncio.Event | None = None) -> Iterator[asyncio.Event]:
     """The event a service stops on: `stop` as given (tests pass their own), else a new one that
@@ -204,6 +236,7 @@ __all__ = [
     "SYSTEM_CLOCK",
     "Backoff",
     "Clock",
+    "FrozenHeap",
     "SystemClock",
     "event_loop_lag",
     "first_of",

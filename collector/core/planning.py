@@ -22,7 +22,7 @@ import dataclasses
 import heapq
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -48,7 +48,7 @@ from collector.core.resolving import (
     CLUSTER_DNS_NAMESPACE,
     DNS_TARGET,
     ConcreteFlow,
-    resolve,
+    resolution,
     select_pods,
     target_selects,
 )
@@ -319,28 +319,43 @@ class _Classes:
 
 
 def _representatives(
-    pairs: Iterable[tuple[str, str]],
-    endpoints: Mapping[str, Endpoint],
+    sources: Sequence[Pod],
+    destinations: Mapping[str, Endpoint],
     classes: _Classes,
     per_class_pair: int,
-) -> set[tuple[str, str]]:
-    """The first pairs (in sorted order) of each (source class, destination class).
+) -> dict[str, list[str]]:
+    """The first pairs (in sorted order) of each (source class, destination class), by source.
 
-    Grouped first, in Python, and only each group's smallest pairs taken: one sort of every pair
-    of a large flow is one C call that holds the GIL (and the event loop) for its whole length.
+    A flow's pairs are every source x destination, so the first pairs of a class pair are among
+    its first sources and first destinations: the pairs themselves are never made (a large flow
+    has millions; one list of them held the GIL, and the event loop, in every collection).
     """
-    groups: dict[tuple[object, object], list[tuple[str, str]]] = defaultdict(list)
+    endpoints: dict[str, Endpoint] = {pod.key: pod for pod in sources}
+    endpoints.update(destinations)
     keys = classes.keys(endpoints)
-    for pair in pairs:
-        src, dst = pair
-        groups[(keys[src], keys[dst])].append(pair)
-    chosen: set[tuple[str, str]] = set()
-    for members in groups.values():
-        if per_class_pair == 1:
-            chosen.add(min(members))
-        else:
-            chosen.update(heapq.nsmallest(per_class_pair, members))
+    first_sources = _first_by_class((p.key for p in sources), keys, per_class_pair)
+    first_destinations = _first_by_class(destinations, keys, per_class_pair)
+    chosen: dict[str, list[str]] = defaultdict(list)
+    for src in first_sources:
+        for dst in first_destinations:
+            pairs = [(s, d) for s in src for d in dst]
+            for s, d in (
+                pairs if len(pairs) <= per_class_pair else heapq.nsmallest(per_class_pair, pairs)
+            ):
+                chosen[s].append(d)
     return chosen
+
+
+def _first_by_class(
+    names: Iterable[str], keys: Mapping[str, tuple[str, int | str]], count: int
+) -> list[list[str]]:
+    """The `count` smallest names of each class, in sorted order."""
+    groups: dict[tuple[str, int | str], list[str]] = defaultdict(list)
+    for name in names:
+        groups[keys[name]].append(name)
+    if count == 1:
+        return [[min(members)] for members in groups.values()]
+    return [heapq.nsmallest(count, members) for members in groups.values()]
 
 
 def _plan_declared(
@@ -371,40 +386,40 @@ def _plan_declared(
             planned_pod = made.as_pod()
             sources = [planned_pod]
             resolving = dataclasses.replace(snapshot, pods=(*snapshot.pods, planned_pod))
-    concrete, resolve_problems = resolve(
-        resolving, document, declared, cluster_dns_ip=settings.cluster_dns_ip
-    )
-    problems += resolve_problems if sources else []
+    found = resolution(resolving, document, declared, cluster_dns_ip=settings.cluster_dns_ip)
+    problems += found.problems() if sources else []
     source_keys = {p.key for p in sources}
-    concrete = [
-        c
-        for c in concrete
-        if c.source.key in source_keys
-        and not (isinstance(c.destination, Pod) and is_probe_pod(c.destination))
-    ]
-    if sources and not concrete and not problems and not declared.allow_empty:
+    froms = [p for p in found.sources if p.key in source_keys]
+    tos = {
+        endpoint_name(d): i
+        for i, d in enumerate(found.destinations)
+        if found.ports[i] and not (isinstance(d, Pod) and is_probe_pod(d))
+    }
+    if sources and not (froms and tos) and not problems and not declared.allow_empty:
         problems.append(
             f"{document.source or document.key}: flow {declared.name!r}: `to` matches no pod "
             "that can be probed"
         )
-    endpoints: dict[str, Endpoint] = {}
-    pair_of: list[tuple[str, str]] = []
-    for c in concrete:
-        src, dst = c.source.key, endpoint_name(c.destination)
-        endpoints[src] = c.source
-        endpoints[dst] = c.destination
-        pair_of.append((src, dst))
-    pairs = set(pair_of)
-    chosen = pairs
-    if len(pairs) > settings.max_pairs_per_flow:
+    pairs_total = len(froms) * len(tos)
+    if pairs_total > settings.max_pairs_per_flow:
+        destinations = {name: found.destinations[i] for name, i in tos.items()}
         chosen = _representatives(
-            pairs, endpoints, classes, settings.representatives_per_class_pair
+            froms, destinations, classes, settings.representatives_per_class_pair
         )
+        pairs_covered = sum(map(len, chosen.values()))
+        concrete = [
+            c
+            for source in froms
+            if source.key in chosen
+            for i in sorted(tos[name] for name in chosen[source.key])
+            for c in found.between(source, i)
+        ]
+    else:
+        pairs_covered = pairs_total
+        concrete = [c for source in froms for i in tos.values() for c in found.between(source, i)]
     expect_status = declared.http.expect_status if declared.http else ()
     flows: list[PlannedFlow] = []
-    for c, pair in zip(concrete, pair_of, strict=True):
-        if pair not in chosen:
-            continue
+    for c in concrete:
         template, unprobeable, listener = _template(c, c.key, settings)
         flows.append(
             PlannedFlow(
@@ -432,8 +447,8 @@ def _plan_declared(
         source_text=declared.source.describe(),
         destination_text=declared.destination.describe(),
         keys=tuple(dict.fromkeys(f.key for f in flows)),
-        pairs_total=len(pairs),
-        pairs_covered=len(chosen),
+        pairs_total=pairs_total,
+        pairs_covered=pairs_covered,
         problems=tuple(problems),
         allow_empty=declared.allow_empty,
         probe_pod=request,

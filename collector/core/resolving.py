@@ -114,14 +114,77 @@ def expand_ports(spec: PortSpec, destination: Endpoint) -> list[tuple[int, Proto
     return [(p, spec.protocol) for p in span]
 
 
-def resolve(
+@dataclass(frozen=True)
+class Resolution:
+    """A declared flow's sources, destinations and each destination's ports, before they are
+    multiplied out: its concrete flows are every source x destination x port, in that order.
+
+    A planner that samples a large flow picks its pairs here and makes only their concrete
+    flows (`between`), where `flows()` makes every one."""
+
+    document: Expectations
+    flow: FlowExpectation
+    sources: tuple[Pod, ...]
+    destinations: tuple[Endpoint, ...]
+    ports: tuple[tuple[tuple[int, Protocol], ...], ...]
+    """Per destination (same index): its concrete ports, in the order of the flow's specs."""
+    errors: tuple[tuple[str, ...], ...]
+    """Per destination (same index): why some of the flow's port specs do not resolve on it."""
+    targets: tuple[str, ...]
+    """Problems of `from` and `to` themselves (no pod matches, a host that is never offline)."""
+    dns_name: str | None = None
+
+    def between(self, source: Pod, index: int) -> list[ConcreteFlow]:
+        """The concrete flows from `source` to destination `index`, one per port."""
+        destination = self.destinations[index]
+        flow = self.flow
+        intent = flow.expect == "allow"
+        http_path = flow.http.path if flow.http else None
+        return [
+            ConcreteFlow(
+                expectation=self.document.key,
+                flow=flow.name,
+                source=source,
+                destination=destination,
+                port=port,
+                protocol=protocol,
+                intent=intent,
+                http_path=http_path,
+                dns_name=self.dns_name,
+            )
+            for port, protocol in self.ports[index]
+        ]
+
+    def flows(self) -> list[ConcreteFlow]:
+        """Every concrete flow: source x destination x port."""
+        return [
+            c
+            for source in self.sources
+            for index in range(len(self.destinations))
+            for c in self.between(source, index)
+        ]
+
+    def problems(self) -> list[str]:
+        """What kept some concrete flows from resolving, as `resolve` reports it: the targets'
+        problems, then a port's once per source and destination it fails on."""
+        where = f"{self.document.source or self.document.key}: flow {self.flow.name!r}"
+        problems = list(self.targets)
+        if any(self.errors):
+            per_source = [f"{where}: {e}" for errors in self.errors for e in errors]
+            problems += per_source * len(self.sources)
+        if self.flow.allow_empty and not (self.sources and any(self.ports)):
+            return []
+        return problems
+
+
+def resolution(
     snapshot: Snapshot,
     document: Expectations,
     flow: FlowExpectation,
     *,
     cluster_dns_ip: str = DEFAULT_CLUSTER_DNS_IP,
-) -> tuple[list[ConcreteFlow], list[str]]:
-    """Concrete flows of one declared flow, and the problems that kept some from resolving."""
+) -> Resolution:
+    """What one declared flow selects: its sources, destinations and their ports."""
     problems: list[str] = []
     where = f"{document.source or document.key}: flow {flow.name!r}"
     sources = select_pods(snapshot, flow.source, document.namespace)
@@ -147,28 +210,38 @@ def resolve(
         problems.append(
             f"{where}: host {target.host!r} is resolved when probed; offline it cannot be checked"
         )
-    flows: list[ConcreteFlow] = []
-    for source in sources:
-        for destination in destinations:
-            for spec in flow.ports:
-                ports = expand_ports(spec, destination)
-                if isinstance(ports, str):
-                    problems.append(f"{where}: {ports}")
-                    continue
-                for port, protocol in ports:
-                    flows.append(
-                        ConcreteFlow(
-                            expectation=document.key,
-                            flow=flow.name,
-                            source=source,
-                            destination=destination,
-                            port=port,
-                            protocol=protocol,
-                            intent=flow.expect == "allow",
-                            http_path=flow.http.path if flow.http else None,
-                            dns_name=dns_name,
-                        )
-                    )
-    if flow.allow_empty and not flows:
-        problems = []
-    return flows, problems
+    ports: list[tuple[tuple[int, Protocol], ...]] = []
+    errors: list[tuple[str, ...]] = []
+    for destination in destinations:
+        found: list[tuple[int, Protocol]] = []
+        failed: list[str] = []
+        for spec in flow.ports:
+            expanded = expand_ports(spec, destination)
+            if isinstance(expanded, str):
+                failed.append(expanded)
+            else:
+                found += expanded
+        ports.append(tuple(found))
+        errors.append(tuple(failed))
+    return Resolution(
+        document,
+        flow,
+        tuple(sources),
+        tuple(destinations),
+        tuple(ports),
+        tuple(errors),
+        tuple(problems),
+        dns_name,
+    )
+
+
+def resolve(
+    snapshot: Snapshot,
+    document: Expectations,
+    flow: FlowExpectation,
+    *,
+    cluster_dns_ip: str = DEFAULT_CLUSTER_DNS_IP,
+) -> tuple[list[ConcreteFlow], list[str]]:
+    """Concrete flows of one declared flow, and the problems that kept some from resolving."""
+    found = resolution(snapshot, document, flow, cluster_dns_ip=cluster_dns_ip)
+    return found.flows(), found.problems()

@@ -26,15 +26,14 @@ import trustme
 
 from collector.core.model import Snapshot
 from collector.kube import (
-    InventoryUpdate,
     KubernetesSource,
     KubeSourceSettings,
-    ObjectChange,
     load_kube_config,
 )
 from flowproof.aio import Backoff
 from flowproof.errors import ConfigurationError
 from tests.fakeapi import FakeApiServer
+from tests.support.sourcetools import Updates, changed
 
 TOKEN = "fake-sa-token"
 FAST = KubeSourceSettings(
@@ -149,43 +148,6 @@ def seed(server: FakeApiServer) -> None:
 # --- harness --------------------------------------------------------------------------------------
 
 
-class Updates:
-    """The on_update callback of the tests: records every update and lets a test wait for one."""
-
-    def __init__(self) -> None:
-        self.items: list[InventoryUpdate] = []
-        self._arrived = asyncio.Event()
-
-    async def __call__(self, update: InventoryUpdate) -> None:
-        self.items.append(update)
-        self._arrived.set()
-
-    @property
-    def mark(self) -> int:
-        return len(self.items)
-
-    async def after(
-        self, mark: int, predicate: Callable[[InventoryUpdate], bool], within: float = 1.0
-    ) -> InventoryUpdate:
-        """The first update after `mark` that satisfies `predicate`, within `within` seconds."""
-        i = mark
-        async with asyncio.timeout(within):
-            while True:
-                while i < len(self.items):
-                    if predicate(self.items[i]):
-                        return self.items[i]
-                    i += 1
-                self._arrived.clear()
-                await self._arrived.wait()
-
-    def changes_since(self, mark: int) -> list[ObjectChange]:
-        return [c for u in self.items[mark:] for c in u.changes]
-
-
-def changed(kind: str, key: str, action: str) -> Callable[[InventoryUpdate], bool]:
-    return lambda u: any(c.kind == kind and c.key == key and c.action == action for c in u.changes)
-
-
 async def eventually(condition: Callable[[], bool], within: float = 2.0) -> None:
     """Poll `condition` (state of the fake server or the source) until it holds."""
     async with asyncio.timeout(within):
@@ -275,6 +237,7 @@ async def test_dropped_connections_reconnect_and_catch_up_without_relisting(
         if update.snapshot.pod("other/db") is not None:
             update = await updates.after(mark, changed("Pod", "other/db", "deleted"))
         assert pod_keys(update.snapshot) == ["shop/api", "shop/late", "shop/web"]
+        assert updates.pods_changes >= 1, "pods only: checked against a diff of the snapshots"
         assert server.requests_for("Pod", watch=True)[1].query["resourceVersion"] == resume_from
         assert len(server.requests_for("Pod", watch=False)) == 1
 
@@ -292,6 +255,7 @@ async def test_resync_relists_and_repairs_a_missed_event(
         update = await updates.after(mark, changed("Pod", "shop/web", "modified"), within=3)
         web = update.snapshot.pod("shop/web")
         assert web is not None and web.labels.get("missed") == "yes"
+        assert updates.pods_changes >= 1, "a relist's changes too: checked against a diff"
         assert len(server.requests_for("Pod", watch=False)) >= 2
 
 

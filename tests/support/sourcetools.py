@@ -1,7 +1,7 @@
 """Harness of the KubernetesSource tests, against the real API server or the fake one.
 
-`Updates` is the source's on_update callback that records every update and lets a test wait for
-one; `running` starts a source from a kubeconfig, waits for its first snapshot and stops it at the
+`Updates` is the source's on_update callback that records every update (checking that an update
+of pods only says what a diff of its snapshots says) and lets a test wait for one; `running` starts a source from a kubeconfig, waits for its first snapshot and stops it at the
 end; `changed` matches an update that holds one change.
 """
 
@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from collector.core.changes import diff_snapshots
 from collector.kube import (
     InventoryUpdate,
     KubeConfiguration,
@@ -38,9 +39,20 @@ class Updates:
 
     def __init__(self) -> None:
         self.items: list[InventoryUpdate] = []
+        self.pods_changes = 0  # updates of pods only, checked against a diff of the snapshots
         self._arrived = asyncio.Event()
 
     async def __call__(self, update: InventoryUpdate) -> None:
+        if self.items:
+            # Every update of pods only says what changed as a diff of the snapshots would (the
+            # collector reads it from the update, never diffing them).
+            change = update.pods_change(generation=len(self.items) + 1, at=0.0)
+            if change is not None:
+                diffed = diff_snapshots(
+                    self.items[-1].snapshot, update.snapshot, generation=change.generation, at=0.0
+                )
+                assert change == diffed, f"{update.changes}: {change} but diffed {diffed}"
+                self.pods_changes += 1
         self.items.append(update)
         self._arrived.set()
 

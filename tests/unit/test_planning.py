@@ -12,7 +12,10 @@ from dataclasses import replace
 import pytest
 from make import make_policy, peer, port, rule, sel
 
+from bench.synthetic import make_cluster, make_distinct_cluster, with_expectations
 from collector.core.changes import diff_snapshots
+from collector.core.classes import ClassModel
+from collector.core.engine import Endpoint, endpoint_name
 from collector.core.model import (
     ContainerPort,
     Expectations,
@@ -27,8 +30,14 @@ from collector.core.model import (
     PortSpec,
     Snapshot,
 )
-from collector.core.planning import build_plan
-from collector.core.probepods import PROBE_POD_LABEL, ProbePodRequest, probe_pod_labels
+from collector.core.planning import build_plan, is_running
+from collector.core.probepods import (
+    PROBE_POD_LABEL,
+    ProbePodRequest,
+    is_probe_pod,
+    probe_pod_labels,
+)
+from collector.core.resolving import resolve, select_pods
 from collector.core.scheduling import Planner
 from collector.core.settings import PlannerSettings
 from flowproof.errors import ConfigurationError
@@ -158,6 +167,76 @@ def test_representatives_per_class_pair_can_be_raised() -> None:
         cluster(pods, [flow("fe-api", {"app": "frontend"}, {"app": "api"})]), settings
     )
     assert (plan.declared[0].pairs_total, plan.declared[0].pairs_covered) == (25, 3)
+
+
+def _oracle(snapshot: Snapshot, settings: PlannerSettings) -> list[tuple[object, ...]]:
+    """Every declared flow's keys, pair counts and problems as sorting every pair would give
+    them: each concrete flow resolved, the pairs grouped by (source class, destination class),
+    the `representatives_per_class_pair` smallest of each kept."""
+    model = ClassModel(snapshot)
+    index = model.pod_index
+
+    def class_of(endpoint: Endpoint) -> object:
+        if not isinstance(endpoint, Pod):
+            return ("address", endpoint)
+        return ("class", int(model.class_of[index[endpoint.key]]))
+
+    out: list[tuple[object, ...]] = []
+    for document in snapshot.expectations:
+        for declared in document.flows:
+            concrete, problems = resolve(snapshot, document, declared)
+            running_sources = {
+                p.key
+                for p in select_pods(snapshot, declared.source, document.namespace)
+                if is_running(p) and not is_probe_pod(p)
+            }
+            concrete = [
+                c
+                for c in concrete
+                if c.source.key in running_sources
+                and not (isinstance(c.destination, Pod) and is_probe_pod(c.destination))
+            ]
+            pairs = {(c.source.key, endpoint_name(c.destination)): c for c in concrete}
+            chosen = set(pairs)
+            if len(pairs) > settings.max_pairs_per_flow:
+                groups: dict[tuple[object, object], list[tuple[str, str]]] = {}
+                for pair, c in pairs.items():
+                    groups.setdefault((class_of(c.source), class_of(c.destination)), []).append(
+                        pair
+                    )
+                k = settings.representatives_per_class_pair
+                chosen = {pair for members in groups.values() for pair in sorted(members)[:k]}
+            keys = tuple(
+                dict.fromkeys(
+                    c.key
+                    for c in concrete
+                    if (c.source.key, endpoint_name(c.destination)) in chosen
+                )
+            )
+            out.append((document.key, declared.name, keys, len(pairs), len(chosen), problems))
+    return out
+
+
+@pytest.mark.parametrize("per_class_pair", [1, 2, 3])
+@pytest.mark.parametrize("generator", ["repeating", "distinct"])
+def test_representatives_are_the_first_pairs_of_each_class_pair_as_sorting_every_pair_gives(
+    generator: str, per_class_pair: int
+) -> None:
+    make = make_cluster if generator == "repeating" else make_distinct_cluster
+    snapshot = with_expectations(
+        make(400, 8, 40, 5) if generator == "repeating" else make(300, 10, 120, 5), 40, 2
+    )
+    settings = PlannerSettings(
+        witnesses=False, sweep_probes_per_second=0, representatives_per_class_pair=per_class_pair
+    )
+    plan = build_plan(snapshot, settings)
+    got = [
+        (d.expectation, d.flow, d.keys, d.pairs_total, d.pairs_covered, list(d.problems))
+        for d in plan.declared
+    ]
+    expected = _oracle(snapshot, settings)
+    assert got == expected
+    assert sum(1 for d in plan.declared if d.pairs_covered < d.pairs_total) >= 10, "sampled"
 
 
 DNS_POD = running("kube-system/coredns", {"k8s-app": "kube-dns"}, ports=((53, "UDP"), (53, "TCP")))
