@@ -4,13 +4,15 @@ A synthetic cluster (`--generator repeating`: `make_cluster`, selectors shared a
 `distinct`: `make_distinct_cluster`) with `--flows` declared flows is planned whole once
 (`prepare_plan`). Then `--changes` single-pod changes, each on the snapshot before, alternate
 between a label no selector reads (`version`) and a move to another workload's labels (the pod
-leaves its declared flows and joins others'). Each is planned by `prepare_update` from the plan
+leaves its declared flows and joins others'); with `--change policies`, each change removes a
+random policy or puts the policies back (every declared flow planned again, witnesses
+pending). Each is planned by `prepare_update` from the plan
 before (timed, with the loop's destination-policy check), and the first `--whole` of them also
 whole, side by side in the same process. Every updated plan's declared flows are compared with the
 whole plan's where both were built. Bounded: the changes are a fixed count.
 
     python -m bench.update_bench [--generator repeating] [--pods 100000] [--flows 100]
-        [--changes 20] [--whole 1] [--no-witnesses]
+        [--changes 20] [--whole 1] [--no-witnesses] [--change pods|policies]
 """
 
 from __future__ import annotations
@@ -44,6 +46,17 @@ def _changed(snapshot: Snapshot, rng: random.Random, i: int) -> Snapshot:
     return dataclasses.replace(snapshot, pods=tuple(pods))
 
 
+def _policy_changed(snapshot: Snapshot, rng: random.Random, i: int, first: Snapshot) -> Snapshot:
+    """Change `i` of the policies: a random policy removed (even), the policies as they were
+    first (odd)."""
+    if i % 2 == 1:
+        return dataclasses.replace(snapshot, policies=first.policies)
+    j = rng.randrange(len(snapshot.policies))
+    return dataclasses.replace(
+        snapshot, policies=snapshot.policies[:j] + snapshot.policies[j + 1 :]
+    )
+
+
 def _declared(prepared: PreparedPlan) -> object:
     plan = prepared.plan
     return plan.declared, {k: f for k, f in plan.flows.items() if f.kind == "declared"}
@@ -57,6 +70,12 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=20)
     parser.add_argument("--whole", type=int, default=1)
     parser.add_argument("--no-witnesses", action="store_true")
+    parser.add_argument(
+        "--change",
+        choices=["pods", "policies"],
+        default="pods",
+        help="what each change alters: one pod, or the policies (one removed, then put back)",
+    )
     args = parser.parse_args()
     settings = PlannerSettings(witnesses=not args.no_witnesses)
     make = make_cluster if args.generator == "repeating" else make_distinct_cluster
@@ -79,17 +98,22 @@ def main() -> int:
                 "declared": len(prepared.plan.declared),
                 "flows": len(prepared.plan.flows),
                 "witnesses": settings.witnesses,
+                "change": args.change,
                 "whole_plan_s": round(first, 2),
             }
         ),
         flush=True,
     )
     rng = random.Random(3)
+    initial = snapshot
     updates: list[float] = []
     wholes: list[float] = []
     kept_policy = fallbacks = 0
     for i in range(args.changes):
-        after = _changed(snapshot, rng, i)
+        if args.change == "pods":
+            after = _changed(snapshot, rng, i)
+        else:
+            after = _policy_changed(snapshot, rng, i, initial)
         change = diff_snapshots(snapshot, after, generation=i + 2, at=0.0)
         started = time.perf_counter()
         updated = prepare_update(prepared, after, change, settings, generation=i + 2)

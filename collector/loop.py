@@ -175,6 +175,8 @@ class Collector:
         self._whole_at = -math.inf  # when the last whole plan was applied
         self._applied_change: ChangeEvent | None = None
         self.updates_total = 0  # plans made by updating the one before for a few pods
+        self._whole_asked = False  # someone waits for the whole plan (verify): build it now
+        self._whole = asyncio.Event()  # the plan applied is whole (evidence chosen)
 
     # -- inputs ------------------------------------------------------------------------------------
 
@@ -265,7 +267,23 @@ class Collector:
         """When the whole plan of the applied snapshot is due; None when the plan is whole."""
         if self._prepared is None or self._prepared.plan.basis is None:
             return None
+        if self._whole_asked:
+            return -math.inf
         return self._whole_at + self.settings.planner.interval_seconds
+
+    async def wait_whole(self, timeout_seconds: float) -> bool:
+        """Until the plan applied is whole (its witnesses chosen for its own snapshot, not kept
+        from an earlier one or pending after a change of policies), built at once rather than
+        when due; False if it is not within the timeout."""
+        if self._whole.is_set():
+            return True
+        self._whole_asked = True
+        self._replan_wake.set()
+        try:
+            await asyncio.wait_for(self._whole.wait(), timeout_seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def _replan_whole(self) -> None:
         """The whole plan of the snapshot the applied update was made for."""
@@ -283,6 +301,7 @@ class Collector:
         assert whole is not None
         self._apply(snapshot, change, *whole)
         self._whole_at = self.clock.time()
+        self._whole_asked = False
         await self._reconcile_probe_pods()
 
     def _prepare(
@@ -342,6 +361,10 @@ class Collector:
         update = self.planner.apply(prepared, change, now)
         self._prepared = prepared
         self._applied_change = change
+        if prepared.plan.basis is None:
+            self._whole.set()
+        else:
+            self._whole.clear()
         # Before any assignment of the new plan is due; the previous plan's may still be queued.
         if destinations != self._destinations:
             self.announce(destinations)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,15 @@ def _loop_scope(item: pytest.Item) -> str | None:
     if marker is None:
         return None
     return str(marker.kwargs.get("loop_scope") or marker.kwargs.get("scope") or "function")
+
+
+@pytest.fixture(autouse=True)
+def heap_unfrozen() -> Iterator[None]:
+    """A collector run in the test process freezes the heap on every plan (FrozenHeap); each test
+    starts and ends with nothing frozen, as a process of its own would."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(autouse=True)

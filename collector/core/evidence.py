@@ -156,6 +156,9 @@ class PolicyEvidencePlan:
 @dataclass(frozen=True)
 class EvidencePlan:
     policies: tuple[PolicyEvidencePlan, ...] = ()
+    pending: str = ""
+    """Why the witnesses are not chosen yet (a plan updated for changed policies, before its
+    whole plan): then every policy is PENDING, for this reason."""
 
     def witnesses(self) -> list[Witness]:
         return [w for p in self.policies for w in p.all_witnesses()]
@@ -1085,6 +1088,17 @@ def plan_evidence(
     return EvidencePlan(tuple(plans))
 
 
+def pending_evidence(snapshot: Snapshot, reason: str) -> EvidencePlan:
+    """Every policy of `snapshot`, its witnesses not chosen yet (PENDING, for `reason`)."""
+    return EvidencePlan(
+        tuple(
+            PolicyEvidencePlan(p.key, p.namespace, p.name, p.source, (), ())
+            for p in snapshot.policies
+        ),
+        pending=reason,
+    )
+
+
 # --- the status of a policy from its witnesses' flows ---------------------------------------------
 
 
@@ -1153,6 +1167,21 @@ def evidence_of(plan: EvidencePlan, flows: Mapping[str, FlowOutcome]) -> list[Po
     """Every policy's evidence status from the statuses of its witnesses' flows (by flow key)."""
     out = []
     for policy in plan.policies:
+        if plan.pending:
+            out.append(
+                PolicyEvidence(
+                    policy.policy,
+                    policy.namespace,
+                    policy.name,
+                    "PENDING",
+                    plan.pending,
+                    (),
+                    (),
+                    policy.lint,
+                    policy.source,
+                )
+            )
+            continue
 
         def results(witnesses: Sequence[Witness]) -> tuple[WitnessResult, ...]:
             found = []
@@ -1213,5 +1242,6 @@ __all__ = [
     "Witness",
     "WitnessResult",
     "evidence_of",
+    "pending_evidence",
     "plan_evidence",
 ]

@@ -29,7 +29,7 @@ from typing import Literal
 from collector.core.changes import ChangeEvent, FlowFacts
 from collector.core.classes import ClassModel
 from collector.core.engine import Endpoint, Engine, Verdict, endpoint_name
-from collector.core.evidence import EvidencePlan, plan_evidence
+from collector.core.evidence import EvidencePlan, pending_evidence, plan_evidence
 from collector.core.model import (
     Expectations,
     FlowExpectation,
@@ -161,7 +161,8 @@ class Plan:
     """The generation whose whole plan this one's evidence and sweep table come from: None when
     they are this plan's own (`build_plan`), else an earlier one's (`update_plan`)."""
     classes: ClassModel | None = field(default=None, compare=False, repr=False)
-    """The classes of the whole plan's snapshot (the basis), for updates of this plan."""
+    """The classes of a snapshot before (the basis's, or those an update for changed policies
+    made of its own), for updates of this plan; None when that update needed none."""
     moved: frozenset[str] = frozenset()
     """Pods added, removed or changed since that snapshot (their class there is not theirs)."""
 
@@ -256,6 +257,11 @@ class _Classes:
         self._moved = moved
         self._model: ClassModel | None = None
         self._known: dict[str, tuple[str, int | str]] = {}
+
+    @property
+    def built(self) -> ClassModel | None:
+        """The snapshot's own classes if something needed them (never the basis plan's)."""
+        return self._model
 
     def model(self) -> ClassModel:
         if self._model is None:
@@ -533,11 +539,11 @@ def sweep_flow(cell: SweepCell, engine: Engine, settings: PlannerSettings) -> Pl
     )
 
 
-def build_plan(snapshot: Snapshot, settings: PlannerSettings, *, generation: int = 0) -> Plan:
-    """Every flow to verify for `snapshot`: declared flows, every policy's witnesses, and the
-    truth table the sweep walks (its flows are added by the scheduler, a batch at a time)."""
-    engine = Engine(snapshot)
-    classes = _Classes(snapshot)
+def _plan_every_declared(
+    snapshot: Snapshot, engine: Engine, classes: _Classes, settings: PlannerSettings
+) -> tuple[dict[str, PlannedFlow], list[DeclaredFlowPlan], dict[str, ProbePodRequest]]:
+    """Every declared flow of the snapshot: (planned flows by key, the declared flows, the probe
+    pods they request)."""
     flows: dict[str, PlannedFlow] = {}
     declared: list[DeclaredFlowPlan] = []
     requests: dict[str, ProbePodRequest] = {}
@@ -549,6 +555,15 @@ def build_plan(snapshot: Snapshot, settings: PlannerSettings, *, generation: int
                 requests.setdefault(plan.probe_pod.key, plan.probe_pod)
             for flow in planned:
                 flows.setdefault(flow.key, flow)
+    return flows, declared, requests
+
+
+def build_plan(snapshot: Snapshot, settings: PlannerSettings, *, generation: int = 0) -> Plan:
+    """Every flow to verify for `snapshot`: declared flows, every policy's witnesses, and the
+    truth table the sweep walks (its flows are added by the scheduler, a batch at a time)."""
+    engine = Engine(snapshot)
+    classes = _Classes(snapshot)
+    flows, declared, requests = _plan_every_declared(snapshot, engine, classes, settings)
     model = classes.model()
     evidence = plan_evidence(snapshot, model=model) if settings.witnesses else EvidencePlan()
     for flow in witness_flows(snapshot, engine, evidence, settings):
@@ -624,7 +639,10 @@ def update_plan(
     generation: int,
 ) -> Plan | None:
     """The plan of `snapshot` made from `previous` (the plan of the snapshot `change` starts
-    from) when only pods changed, a few of them; None when it must be built whole.
+    from) before its whole plan; None when it must be built whole.
+
+    When policies, namespaces or expectations changed, every declared flow is planned again
+    without the evidence (`_rules_update`). When only pods changed, a few of them:
 
     Declared flows that select none of the changed pods (before or after the change) are kept
     as they are; the others are planned again, exactly as `build_plan` would (one that would
@@ -633,8 +651,10 @@ def update_plan(
     flow with a changed pod is judged again on the new snapshot and left out when it no longer
     has the verdict it was chosen for. The next whole plan chooses witnesses afresh.
     """
-    if previous.engine is None or change.initial or any(getattr(change, f) for f in _NOT_PODS):
+    if previous.engine is None or change.initial:
         return None
+    if any(getattr(change, f) for f in _NOT_PODS):
+        return _rules_update(previous, snapshot, settings, generation=generation)
     before = previous.engine.snapshot
     changed = change.pods_added | change.pods_removed | change.pods_changed
     moved = previous.moved | changed
@@ -698,6 +718,37 @@ def update_plan(
     )
 
 
+RULES_CHANGED = "the policies, namespaces or expectations changed: witnesses are chosen again"
+
+
+def _rules_update(
+    previous: Plan, snapshot: Snapshot, settings: PlannerSettings, *, generation: int
+) -> Plan:
+    """The plan of a snapshot whose policies, namespaces or expectations changed, before its
+    evidence (the slow part of a whole plan): every declared flow planned exactly as
+    `build_plan` plans it (a new engine; the snapshot's own classes, made only when a large
+    flow needs them), no witness flows (every policy PENDING until the whole plan chooses
+    them: a witness chosen before may no longer depend on its policy alone), the sweep's table
+    kept (its cells are judged by this plan's engine when they are probed)."""
+    engine = Engine(snapshot)
+    classes = _Classes(snapshot)
+    flows, declared, requests = _plan_every_declared(snapshot, engine, classes, settings)
+    return Plan(
+        generation=generation,
+        flows=flows,
+        declared=tuple(declared),
+        probe_pods=tuple(requests.values()),
+        evidence=pending_evidence(snapshot, RULES_CHANGED)
+        if settings.witnesses
+        else EvidencePlan(),
+        sweep=previous.sweep,
+        engine=engine,
+        basis=previous.generation if previous.basis is None else previous.basis,
+        classes=classes.built,
+        moved=frozenset(),
+    )
+
+
 def needed_probe_pods(plan: Plan) -> list[ProbePodRequest]:
     """Every probe pod the plan needs: those it requests and those it already probes from.
 
@@ -720,6 +771,7 @@ def needed_probe_pods(plan: Plan) -> list[ProbePodRequest]:
 __all__ = [
     "FLOW_KINDS",
     "MAX_UPDATE_PODS",
+    "RULES_CHANGED",
     "SWEEP_EXPECTATION",
     "WITNESS_EXPECTATION",
     "DeclaredFlowPlan",

@@ -193,6 +193,9 @@ async def run_verification(
     await tell("inventory", now=True)
     if not await collector.wait_synced(max(0.0, deadline - time.monotonic())):
         return _undecided(collector, dispatcher, "the collector has no inventory yet")
+    # The witnesses of the snapshot itself: after a change they are chosen again by the whole
+    # plan, built now rather than when due.
+    chosen = await collector.wait_whole(max(0.0, deadline - time.monotonic())) if evidence else True
     await tell("agents", now=True)
     starting = await _wait_for_probe_pods(collector, deadline)
     missing = await _wait_for_agents(collector, dispatcher, deadline)
@@ -221,6 +224,8 @@ async def run_verification(
     if waiting:
         reasons.append(f"{len(waiting)} flow(s) had no settled result within {timeout:g} s")
     items = sort_evidence(collector.state.evidence()) if evidence else []
+    if require_evidence and not chosen:
+        reasons.append(f"the policies' witnesses were not chosen within {timeout:g} s")
     if require_evidence and witnesses:
         reasons.append(
             f"{len(witnesses)} witness flow(s) of the policies had no settled result within "

@@ -33,10 +33,10 @@ def cycle() -> weakref.ref[Node]:
 
 
 @pytest.fixture(autouse=True)
-def unfrozen() -> Iterator[None]:
+def collected() -> Iterator[None]:
+    """Nothing frozen (tests/conftest.py) and no garbage left from before."""
     gc.collect()
     yield
-    gc.unfreeze()
     gc.collect()
 
 

@@ -13,9 +13,11 @@ import pytest
 from bench.synthetic import make_cluster, make_distinct_cluster, with_expectations
 from collector.core.changes import diff_snapshots
 from collector.core.engine import Engine
-from collector.core.model import Pod, Snapshot
+from collector.core.evidence import evidence_of
+from collector.core.model import LabelSelector, Pod, Snapshot
 from collector.core.planning import (
     MAX_UPDATE_PODS,
+    RULES_CHANGED,
     Plan,
     PlannedFlow,
     build_plan,
@@ -132,18 +134,6 @@ def test_declared_flows_no_changed_pod_selects_are_kept_as_they_were() -> None:
 def test_what_an_update_cannot_do_exactly_is_left_to_a_whole_plan() -> None:
     first = CLUSTERS["repeating"]()
     previous = build_plan(first, SETTINGS, generation=1)
-    policy = first.policies[0]
-    fewer = dataclasses.replace(first, policies=first.policies[1:])
-    assert (
-        update_plan(
-            previous,
-            fewer,
-            diff_snapshots(first, fewer, generation=2, at=0.0),
-            SETTINGS,
-            generation=2,
-        )
-        is None
-    ), f"a policy change ({policy.key} removed) needs a whole plan"
     many = dataclasses.replace(
         first,
         pods=tuple(
@@ -157,6 +147,69 @@ def test_what_an_update_cannot_do_exactly_is_left_to_a_whole_plan() -> None:
     assert update_plan(previous, many, change, SETTINGS, generation=2) is None
     initial = diff_snapshots(None, first, generation=1, at=0.0)
     assert update_plan(previous, first, initial, SETTINGS, generation=1) is None
+
+
+def _rules_changed(snapshot: Snapshot, rng: random.Random) -> Snapshot:
+    """One change of the rules at random: a policy removed, a policy added (a copy of another
+    under a new name, its pod selector emptied: every pod of its namespace), a namespace's
+    labels changed, or an expectations document's last flow removed."""
+    what = rng.choice(["remove-policy", "add-policy", "relabel-namespace", "drop-flow"])
+    if what == "remove-policy":
+        j = rng.randrange(len(snapshot.policies))
+        return dataclasses.replace(
+            snapshot, policies=snapshot.policies[:j] + snapshot.policies[j + 1 :]
+        )
+    if what == "add-policy":
+        policy = rng.choice(snapshot.policies)
+        added = dataclasses.replace(
+            policy, name=f"{policy.name}-copy", pod_selector=LabelSelector()
+        )
+        return dataclasses.replace(snapshot, policies=(*snapshot.policies, added))
+    if what == "relabel-namespace":
+        name = rng.choice(sorted(snapshot.namespaces))
+        namespace = snapshot.namespaces[name]
+        relabelled = dataclasses.replace(
+            namespace, labels={**namespace.labels, "team": f"moved-{rng.randrange(99)}"}
+        )
+        return dataclasses.replace(snapshot, namespaces={**snapshot.namespaces, name: relabelled})
+    j = rng.randrange(len(snapshot.expectations))
+    document = snapshot.expectations[j]
+    shorter = dataclasses.replace(document, flows=document.flows[:-1])
+    return dataclasses.replace(
+        snapshot,
+        expectations=snapshot.expectations[:j] + (shorter,) + snapshot.expectations[j + 1 :],
+    )
+
+
+@pytest.mark.parametrize("cluster", sorted(CLUSTERS))
+def test_an_update_for_changed_rules_has_the_declared_flows_of_a_whole_plan_and_no_witnesses(
+    cluster: str,
+) -> None:
+    """Policies, namespaces or expectations changed (with pods or not): every declared flow as a
+    whole plan has it, no witness flow (a witness chosen before may not depend on its policy
+    alone any more), every policy of the new snapshot PENDING; pod updates after it too."""
+    rng = random.Random(3)
+    snapshot = CLUSTERS[cluster]()
+    plan = build_plan(snapshot, SETTINGS, generation=1)
+    assert any(f.kind == "witness" for f in plan.flows.values())
+    kinds = set()
+    for generation in range(2, 14):
+        after = _rules_changed(snapshot, rng) if generation % 3 != 1 else snapshot
+        if generation % 2 == 0 or generation % 3 == 1:
+            after = _changed(after, rng, rng.choice([1, 2]))
+        change = diff_snapshots(snapshot, after, generation=generation, at=0.0)
+        updated = update_plan(plan, after, change, SETTINGS, generation=generation)
+        assert updated is not None
+        whole = build_plan(after, SETTINGS, generation=generation)
+        assert _declared(updated) == _declared(whole)
+        assert not any(f.kind == "witness" for f in updated.flows.values())
+        evidence = evidence_of(updated.evidence, {})
+        assert [e.policy for e in evidence] == [p.key for p in after.policies]
+        assert {(e.status, e.reason) for e in evidence} == {("PENDING", RULES_CHANGED)}
+        assert updated.basis == 1 and updated.sweep is plan.sweep
+        kinds.add("rules" if change.policies_added or change.policies_removed else "other")
+        plan, snapshot = updated, after
+    assert kinds == {"rules", "other"}
 
 
 @pytest.mark.parametrize("cluster", sorted(CLUSTERS))
@@ -224,15 +277,16 @@ def test_a_snapshot_s_pod_index_is_made_from_the_one_before_only_when_it_adds_up
         assert derived == 20
 
 
+@pytest.mark.parametrize("what", ["pods", "policies"])
 def test_the_update_benchmark_compares_updates_with_whole_plans(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    what: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """bench/update_bench.py at a small size: every change updated, each compared with a whole
     plan (the bench fails on a difference)."""
     from bench import update_bench
 
     argv = ["update_bench", "--pods", "400", "--flows", "20", "--changes", "4", "--whole", "4"]
-    monkeypatch.setattr("sys.argv", argv)
+    monkeypatch.setattr("sys.argv", [*argv, "--change", what])
     assert update_bench.main() == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rows[0]["pods"] == 400

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
+import json
 import time
 
 import pytest
@@ -12,13 +14,14 @@ import pytest
 from collector import loop as loop_module
 from collector.core.changes import diff_snapshots
 from collector.core.model import Snapshot
+from collector.core.planning import RULES_CHANGED
 from collector.core.scheduling import PreparedPlan, prepare_plan
 from collector.core.settings import PlannerSettings
 from collector.loop import Collector
 from collector.settings import CollectorSettings
 from flowproof.aio import event_loop_lag
 from tests.support.clock import ManualClock
-from tests.unit.make import make_pod, make_snapshot
+from tests.unit.make import make_pod, make_policy, make_snapshot, sel
 from tests.unit.test_planning import two_flows
 
 
@@ -185,3 +188,62 @@ async def test_a_pod_change_reaches_the_plan_by_an_update_before_the_whole_plan_
     assert [g for g, _ in wholes] == [1, 2]
     assert wholes[1][1] - wholes[0][1] >= interval * 0.9, "not before the interval"
     assert collector.planner.plan.generation == 2 and collector.planner.plan.basis is None
+
+
+@pytest.mark.asyncio
+async def test_a_policy_change_reaches_the_plan_at_once_and_verify_gets_the_whole_plan_on_asking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A changed policy: the declared flows are planned again at once (an update, every
+    policy PENDING); `wait_whole` (what verify calls) has the whole plan built now, not
+    `interval_seconds` after the last one."""
+    wholes: list[int] = []
+
+    def counted(snapshot: Snapshot, settings: PlannerSettings, *, generation: int) -> PreparedPlan:
+        wholes.append(generation)
+        return prepare_plan(snapshot, settings, generation=generation)
+
+    monkeypatch.setattr(loop_module, "prepare_plan", counted)
+    collector = Collector(
+        CollectorSettings(
+            token="t", planner=PlannerSettings(interval_seconds=3600, freshness_seconds=9000)
+        )
+    )
+    stop = asyncio.Event()
+    replanner = asyncio.create_task(collector.replanner(stop))
+    first = _snapshot("0")
+    deny = make_policy("deny-a", "x", selector=sel({"app": "a"}), ingress=[])
+    second = dataclasses.replace(first, policies=(deny,))
+    await collector.on_snapshot(first, diff_snapshots(None, first, generation=1, at=1.0))
+    assert await collector.wait_whole(0.1), "a first plan is whole"
+    await collector.on_snapshot(second, diff_snapshots(first, second, generation=2, at=2.0))
+    plan = collector.planner.plan
+    assert (plan.generation, plan.basis, wholes) == (2, 1, [1]), "an update, no whole plan yet"
+    assert [(e.policy, e.status) for e in collector.state.evidence()] == [("x/deny-a", "PENDING")]
+    assert await collector.wait_whole(5.0)
+    stop.set()
+    await replanner
+    assert wholes == [1, 2] and collector.planner.plan.basis is None
+    (evidence,) = collector.state.evidence()
+    assert evidence.status != "PENDING" or evidence.reason != RULES_CHANGED
+
+
+def test_the_replan_benchmark_measures_the_loop_through_updates_and_whole_plans(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/replan_bench.py at a small size, so it cannot rot: the churn is planned by updates,
+    with whole plans among them (`--interval`), and the loop-lag probe sampled throughout."""
+    from bench import replan_bench
+
+    argv = ["replan_bench", "--generator", "repeating", "--pods", "300", "--namespaces", "6"]
+    argv += ["--policies", "24", "--flows", "10", "--changes", "30", "--rate", "50"]
+    monkeypatch.setattr("sys.argv", [*argv, "--modes", "thread", "--interval", "0.1"])
+    try:
+        assert replan_bench.main() == 0
+    finally:
+        gc.unfreeze()  # the bench freezes the heap as the collector does
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["snapshots"] == 31
+    assert row["of_them_updates"] >= 1
+    assert row["plans_in_churn"] > row["of_them_updates"], "whole plans in the churn"
+    assert row["lag_samples"] > 10
