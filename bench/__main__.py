@@ -22,6 +22,7 @@ BENCHES = {
     "watch": "bench.watch_bench",
     "intake": "bench.intake_bench",
     "failover": "bench.failover_bench",
+    "manifest-poll": "bench.manifest_poll_bench",
 }
 
 

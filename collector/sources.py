@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from collector.core.changes import ChangeEvent, diff_snapshots
 from collector.core.model import Snapshot
-from collector.reading.manifests import load_snapshot
+from collector.reading.manifests import DocumentCache, load_snapshot
 from flowproof.aio import SYSTEM_CLOCK, Clock
 from flowproof.errors import InputError
 
@@ -69,14 +70,15 @@ class ManifestSource:
         *,
         clock: Clock = SYSTEM_CLOCK,
         poll_interval_seconds: float = 0.2,
-        loader: Loader = load_snapshot,
+        loader: Loader | None = None,
     ) -> None:
         if not paths:
             raise ValueError("ManifestSource needs at least one path")
         self.paths = [Path(p) for p in paths]
         self.clock = clock
         self.poll_interval_seconds = poll_interval_seconds
-        self.loader = loader
+        self.documents = DocumentCache()  # a change re-parses only the files it changed
+        self.loader = loader or functools.partial(load_snapshot, cache=self.documents)
         self.snapshot: Snapshot | None = None
         self.generation = 0
         self.last_error: InputError | None = None

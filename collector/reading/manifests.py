@@ -254,11 +254,41 @@ def _inputs(
     return inputs
 
 
+class DocumentCache:
+    """The documents of each input as last read, by its label and its bytes, so that reading
+    every manifest again (the collector's manifest source, on any change) parses only the inputs
+    whose bytes changed; an input's problems are kept with it and reported again. Holds the
+    bytes and documents of the inputs last read; inputs no longer read are dropped."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[bytes, list[Document], list[InputError]]] = {}
+        self.parsed_total = 0  # inputs parsed (not found unchanged)
+
+    def read(self, data: bytes, label: str, problems: list[InputError]) -> list[Document]:
+        entry = self._entries.get(label)
+        if entry is not None and entry[0] == data:
+            problems += entry[2]
+            return entry[1]
+        found: list[InputError] = []
+        documents = read_documents(data, label, found)
+        self.parsed_total += 1
+        self._entries[label] = (data, documents, found)
+        problems += found
+        return documents
+
+    def keep(self, labels: Sequence[str]) -> None:
+        """Forget every input but these (the ones just read)."""
+        wanted = set(labels)
+        for label in [k for k in self._entries if k not in wanted]:
+            del self._entries[label]
+
+
 def _load_documents(
     paths: Sequence[str | os.PathLike[str]],
     problems: list[InputError],
     files: list[str],
     stdin: BinaryIO | None = None,
+    cache: DocumentCache | None = None,
 ) -> list[Document]:
     documents: list[Document] = []
     for item in _inputs(paths, problems, stdin):
@@ -268,7 +298,12 @@ def _load_documents(
         except InputError as exc:
             problems.append(exc)
             continue
-        documents += read_documents(data, item.label, problems)
+        if cache is None:
+            documents += read_documents(data, item.label, problems)
+        else:
+            documents += cache.read(data, item.label, problems)
+    if cache is not None:
+        cache.keep(files)
     return documents
 
 
@@ -293,17 +328,21 @@ def load_documents(
 
 
 def load_snapshot(
-    paths: Sequence[str | os.PathLike[str]], *, stdin: BinaryIO | None = None
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    stdin: BinaryIO | None = None,
+    cache: DocumentCache | None = None,
 ) -> Snapshot:
     """Read manifests (files, directories, kustomizations, `-`, multi-document YAML, Lists) into
-    a snapshot.
+    a snapshot; with `cache`, an input whose bytes did not change since it last read it is not
+    parsed again.
 
     Raises one InputError carrying every problem of every input; no snapshot is made from a
     partly bad input.
     """
     problems: list[InputError] = []
     files: list[str] = []
-    documents = _load_documents(paths, problems, files, stdin)
+    documents = _load_documents(paths, problems, files, stdin, cache)
     snapshot = build_snapshot(documents, problems)
     raise_problems(problems, files)
     return snapshot

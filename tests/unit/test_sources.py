@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from collector.core.changes import ChangeEvent
 from collector.core.model import Snapshot
+from collector.reading.manifests import load_snapshot
 from collector.sources import ManifestSource, fingerprint
 from tests.support.clock import ManualClock
 
@@ -131,6 +133,27 @@ def test_a_bad_version_keeps_the_last_good_snapshot_and_is_logged_once(
     assert (change.generation, snapshot.pods) == (2, good.pods)
 
 
+def test_a_change_parses_only_the_files_it_changed_and_keeps_the_others_problems(
+    state: Path,
+) -> None:
+    source = ManifestSource([state], clock=ManualClock(1000.0))
+    assert source.poll() is not None and source.documents.parsed_total == 2
+    write_atomically(state / "pods.yaml", pod("api", "{app: web}"))
+    found = source.poll()
+    assert found is not None and source.documents.parsed_total == 3, "pods.yaml only"
+    assert found[0] == load_snapshot([state]), "as a fresh read of every file says"
+    write_atomically(state / "policies.yaml", "kind: NetworkPolicy\nspec: [oops\n")
+    assert source.poll() is None and source.documents.parsed_total == 4
+    write_atomically(state / "pods.yaml", pod("api", "{app: db}"))
+    assert source.poll() is None, "the unchanged bad file is still bad"
+    assert source.documents.parsed_total == 5
+    assert source.last_error is not None and "policies.yaml" in str(source.last_error)
+    (state / "policies.yaml").unlink()
+    found = source.poll()
+    assert found is not None and found[0] == load_snapshot([state])
+    assert found[1].policies_removed == {"shop/deny"}
+
+
 def test_a_bad_first_read_gives_no_snapshot_until_it_is_fixed(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
     path.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: shop}\nspec: 3\n")
@@ -179,3 +202,16 @@ async def test_run_hands_each_new_snapshot_to_the_consumer_until_stopped(state: 
     assert [c.generation for _, c in seen] == [1, 2]
     assert seen[1][1].pods_added == {"shop/db"}
     assert seen[1][1].at <= seen[1][1].observed_at
+
+
+def test_the_manifest_poll_benchmark_compares_the_cached_read_with_every_file(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/manifest_poll_bench.py at a small size, so it cannot rot."""
+    from bench import manifest_poll_bench
+
+    argv = ["manifest_poll_bench", "--pods", "300", "--per-file", "20", "--changes", "2"]
+    monkeypatch.setattr("sys.argv", argv)
+    assert manifest_poll_bench.main() == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["files"] > 15 and len(row["poll_cached_s"]) == len(row["poll_every_file_s"]) == 2
