@@ -83,9 +83,11 @@ async def test_a_standbys_refusals_do_not_back_off_while_other_refusals_do(
         await asyncio.sleep(3.0)
         standby_tries = standby.intake_counters().standby_refusals_total
         refused_tries = leader.intake_counters().streams_refused_total
-    # Backing off from 0.05 s (doubling, full jitter, up to 5 s) allows about 7 tries in 3 s;
-    # never backing off allows one every 0.05 s at most (plus the TLS handshake).
-    assert refused_tries <= 9, refused_tries
+    # Backing off from 0.05 s (doubling, full jitter, up to 5 s) allows 7-9 tries in 3 s, more
+    # than 9 in about 1 run of 120 and more than 12 in about 1 of 200,000 (simulated with the
+    # same jitter; 10 once failed CI at a bound of 9); never backing off allows one every 0.05 s
+    # at most (plus the TLS handshake), 20 or more.
+    assert refused_tries <= 14, refused_tries
     assert standby_tries >= 20, standby_tries
     assert standby.agents() == [] and standby.intake_counters().streams_refused_total == 0
     # The standby reads the hello before it refuses: its refusal never crosses the agent's write
