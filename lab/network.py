@@ -8,6 +8,8 @@ Nothing here ever touches the host namespace.
 
 from __future__ import annotations
 
+import ipaddress
+
 from lab.config import POD_INTERFACE, AddressPlan, LabSettings, Names
 from lab.state import PodRecord
 
@@ -40,6 +42,13 @@ def fabric_commands(settings: LabSettings) -> list[str]:
     return commands
 
 
+def bridge_mac(gateway: str) -> str:
+    """The node bridge's own MAC: locally administered unicast `02:00` and the gateway's IPv4
+    address (10.244.3.1 -> 02:00:0a:f4:03:01), so it is fixed and differs between nodes."""
+    octets = ipaddress.IPv4Address(gateway).packed
+    return ":".join(f"{b:02x}" for b in (0x02, 0x00, *octets))
+
+
 def node_commands(settings: LabSettings, node: int) -> list[str]:
     """In node N's namespace: the bridge (the pods' gateway), the uplink and its default route."""
     names, plan = settings.names, AddressPlan(settings)
@@ -48,7 +57,10 @@ def node_commands(settings: LabSettings, node: int) -> list[str]:
     gateway = plan.gateway(node)
     return [
         "link set lo up",
-        f"link add {names.bridge} type bridge",
+        # A fixed address: a bridge without one takes the lowest address of its ports, so a pod
+        # whose veth has the lowest one would change the gateway's MAC when it comes and, when it
+        # goes, leave every pod that learned it sending to a MAC nobody has (CI saw this).
+        f"link add {names.bridge} address {bridge_mac(gateway)} type bridge",
         f"addr add {gateway}/{subnet.prefixlen} dev {names.bridge}",
         f"link set {names.bridge} up",
         f"addr add {far}/30 dev {names.node_uplink}",

@@ -108,6 +108,45 @@ def test_pods_reach_each_other_across_nodes_through_the_fabric(make_lab: MakeLab
     assert all(matrix(lab, ["x/a", "x/b", "x/c"], 80).values())
 
 
+def bridge_mac_of(lab: Lab, node: int) -> str:
+    names = lab.state().settings.names
+    out = subprocess.run(
+        ["ip", "-n", names.node_netns(node), "-j", "link", "show", names.bridge],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return str(json.loads(out)[0]["address"])
+
+
+def test_a_pod_that_comes_and_goes_leaves_its_nodes_gateway_mac_as_it_was(
+    make_lab: MakeLab,
+) -> None:
+    # A bridge left to itself takes the lowest MAC of its ports: a pod whose veth has the lowest
+    # one moves the gateway's MAC, and when it goes, the pods that learned that MAC lose their
+    # gateway until their neighbour entry fails (CI saw 20 s of timeouts after a probe pod went).
+    lab = make_lab(manifests_from(three_pods()))
+    gateway_mac = bridge_mac_of(lab, 1)
+    assert gateway_mac == "02:00:0a:f4:01:01"
+    lab.apply(manifests_from([pod("x", "d", ips=("10.244.1.12",))]))
+    state = lab.state()
+    newcomer, source = state.pod("x/d"), state.pod("x/a")
+    assert newcomer is not None and source is not None
+    node = state.settings.names.node_netns(1)
+    # The lowest unicast MAC there is, on the node's end of the new pod's veth.
+    subprocess.run(
+        ["ip", "-n", node, "link", "set", newcomer.veth, "address", "00:00:00:00:00:01"],
+        check=True,
+    )
+    assert bridge_mac_of(lab, 1) == gateway_mac
+    # x/a learns its gateway's MAC again now, with the newcomer there, then the newcomer goes.
+    subprocess.run(["ip", "-n", source.netns, "neigh", "flush", "all"], check=True)
+    assert run(fetch(lab, "x/a", "x/b", 80, send=b"", timeout=1.0))[0] == "CONNECTED"
+    lab.delete(manifests_from([pod("x", "d")]))
+    assert bridge_mac_of(lab, 1) == gateway_mac
+    assert run(fetch(lab, "x/a", "x/b", 80, send=b"", timeout=1.0))[0] == "CONNECTED"
+
+
 def test_pod_servers_run_in_kubelet_style_pod_cgroups_inside_the_pod_namespace(
     make_lab: MakeLab,
 ) -> None:
