@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -83,15 +84,21 @@ def matrix(
     return run(probe_matrix(lab, pairs, port, protocol, TIMEOUT))
 
 
-def fabric_packets(lab: Lab, node: int) -> int:
-    names = lab.state().settings.names
+def link_json(netns: str, device: str, *options: str) -> dict[str, Any]:
+    """`ip -j [options] link show device` in `netns`, parsed."""
     out = subprocess.run(
-        ["ip", "-n", names.fabric_netns, "-j", "-s", "link", "show", names.fabric_port(node)],
+        ["ip", "-n", netns, "-j", *options, "link", "show", device],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
+    return dict(json.loads(out)[0])
+
+
+def fabric_packets(lab: Lab, node: int) -> int:
+    names = lab.state().settings.names
+    link = link_json(names.fabric_netns, names.fabric_port(node), "-s")
+    return int(link["stats64"]["rx"]["packets"])
 
 
 # --- topology ---------------------------------------------------------------------------------------
@@ -110,13 +117,7 @@ def test_pods_reach_each_other_across_nodes_through_the_fabric(make_lab: MakeLab
 
 def bridge_mac_of(lab: Lab, node: int) -> str:
     names = lab.state().settings.names
-    out = subprocess.run(
-        ["ip", "-n", names.node_netns(node), "-j", "link", "show", names.bridge],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return str(json.loads(out)[0]["address"])
+    return str(link_json(names.node_netns(node), names.bridge)["address"])
 
 
 def test_a_pod_that_comes_and_goes_leaves_its_nodes_gateway_mac_as_it_was(
